@@ -1,0 +1,273 @@
+"""The CLI's command implementations: thin wrappers over :mod:`airflow_provider_pgplakar.store`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from ..store import check as check_mod
+from ..store import files, prune as prune_mod
+from ..store.errors import StoreError
+from ..store.forget import plan_forget, source_label
+from ..store.repo import Store
+from ..store.retention import Policy, parse_group_by
+from . import output
+from .main import UsageError, parse_duration, parse_labels
+from .secrets import passphrase as get_passphrase
+from .secrets import raw_key
+
+
+def _open(location: str, args: argparse.Namespace) -> Store:
+    key = raw_key(args.key_file)
+    pw = None if key else get_passphrase(args.passphrase_file)
+    return Store.open(location, pw, key=key, cache_dir=args.cache_dir)
+
+
+def _split_target(target: str) -> tuple[str, str | None]:
+    snap, sep, path = target.partition(":")
+    return snap, (path or "/") if sep else None
+
+
+def run(location: str, args: argparse.Namespace) -> int:
+    handler = globals()[f"cmd_{args.command}"]
+    return handler(location, args) or 0
+
+
+def cmd_create(location: str, args: argparse.Namespace) -> int:
+    pw = None if args.plaintext else get_passphrase(args.passphrase_file, confirm=True)
+    if not args.plaintext and not pw:
+        raise UsageError("an encrypted store needs a passphrase: set PGPLAKAR_PASSPHRASE, use --passphrase-file, "
+                         "or pass --plaintext")
+    st = Store.create(location, pw, plaintext=args.plaintext, compression_level=args.compression_level,
+                      cache_dir=args.cache_dir)
+    if args.json:
+        output.emit_json({"location": st.location, "repo_id": st.config.repo_id, "encryption": st.config.encryption})
+    else:
+        print(f"created {st.config.encryption} store {st.config.repo_id} at {st.location}")
+    return 0
+
+
+def cmd_backup(location: str, args: argparse.Namespace) -> int:
+    st = _open(location, args)
+    src = os.path.abspath(args.path)
+    with st.writer(source={"kind": "files", "origin": src}, tags=args.tag, labels=parse_labels(args.label),
+                   idempotency_key=args.idempotency_key) as w:
+        n = files.backup_path(w, src)
+    snap = st.load_snapshot(w.snapshot_id)
+    if args.json:
+        output.emit_json(snap.summary())
+    else:
+        s = snap.header["stats"]
+        print(f"snapshot {w.snapshot_id[:8]} created: {n} records, {output.human_bytes(s['bytes'])}, "
+              f"{output.human_bytes(s['new_stored_bytes'])} stored")
+    return 0
+
+
+def cmd_ls(location: str, args: argparse.Namespace) -> int:
+    st = _open(location, args)
+    if args.target:
+        snap_ref, path = _split_target(args.target)
+        recs = list(st.records(st.resolve(snap_ref), path))
+        if args.json:
+            output.emit_json([_record_view(r) for r in recs])
+        else:
+            output.table(["mode", "size", "kind", "path"],
+                         [[oct(r.get("m", 0)), r.get("s", ""), r.get("k"), r["p"]] for r in recs])
+        return 0
+    errors: list[str] = []
+    snaps = [s for s in st.snapshots(errors=errors) if not args.tag or args.tag in s.header["tags"]]
+    for e in errors:
+        print(f"pgplakar: warning: {e}", file=sys.stderr)
+    if args.json:
+        output.emit_json([s.summary() for s in snaps])
+    else:
+        output.table(
+            ["id", "time", "source", "size", "stored", "tags"],
+            [[s.short_id, s.time[:19].replace("T", " "), source_label(s.header["source"]),
+              output.human_bytes(s.header["stats"]["bytes"]), output.human_bytes(s.header["stats"]["new_stored_bytes"]),
+              ",".join(s.header["tags"])] for s in snaps],
+        )
+    return 0
+
+
+def _record_view(r: dict[str, Any]) -> dict[str, Any]:
+    out = {"path": r["p"], "kind": r.get("k"), "size": r.get("s"), "mode": r.get("m"), "mtime_ns": r.get("t"),
+           "uid": r.get("u"), "gid": r.get("g"), "link_target": r.get("lt"), "meta": r.get("x"), "error": r.get("e")}
+    if "d" in r:
+        out["sha256"] = r["d"].hex()
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def cmd_cat(location: str, args: argparse.Namespace) -> int:
+    st = _open(location, args)
+    snap_ref, path = _split_target(args.target)
+    if not path or path == "/":
+        raise UsageError("cat needs SNAPSHOT:/path")
+    rec = st.find_record(st.resolve(snap_ref), path)
+    out = sys.stdout.buffer
+    with st.open_record(rec) as src:
+        for piece in src.iter_chunks():
+            out.write(piece)
+    out.flush()
+    return 0
+
+
+def cmd_restore(location: str, args: argparse.Namespace) -> int:
+    st = _open(location, args)
+    snap_ref, path = _split_target(args.target)
+    sid = st.resolve(snap_ref)
+    n = files.restore_records(st, st.records(sid, path), args.to, overwrite=args.overwrite)
+    if args.json:
+        output.emit_json({"snapshot": sid, "files": n, "to": os.path.abspath(args.to)})
+    else:
+        print(f"restored {n} file(s) from {sid[:8]} to {args.to}")
+    return 0
+
+
+def cmd_check(location: str, args: argparse.Namespace) -> int:
+    st = _open(location, args)
+    rep = check_mod.check(st, read_data=args.read_data,
+                          progress=(lambda m: print(f"pgplakar: {m}", file=sys.stderr)) if args.verbose else None)
+    if args.json:
+        output.emit_json(rep.as_dict())
+    else:
+        for p in rep.problems:
+            print(f"ERROR {p}")
+        for n in rep.notes:
+            print(f"note: {n}")
+        print(f"{'ok' if rep.ok else 'FAILED'}: {rep.snapshots} snapshots, {rep.records} records, {rep.packs} packs"
+              + (f", {rep.blobs_read} blobs / {output.human_bytes(rep.bytes_read)} read" if args.read_data else ""))
+    return 0 if rep.ok else 3
+
+
+def cmd_forget(location: str, args: argparse.Namespace) -> int:
+    st = _open(location, args)
+    policy_given = any(getattr(args, f"keep_{r}") for r in ("last", "hourly", "daily", "weekly", "monthly", "yearly"))
+    policy_given = policy_given or bool(args.keep_within or args.keep_tag)
+    if args.ids and policy_given:
+        raise UsageError("give snapshot IDs or a --keep-* policy, not both")
+    if not args.ids and not policy_given:
+        raise UsageError("forget needs snapshot IDs or at least one --keep-* rule")
+    if args.ids:
+        remove = [st.resolve(i) for i in args.ids]
+        result: Any = {"removed": remove}
+    else:
+        policy = Policy(
+            keep_last=args.keep_last, keep_hourly=args.keep_hourly, keep_daily=args.keep_daily,
+            keep_weekly=args.keep_weekly, keep_monthly=args.keep_monthly, keep_yearly=args.keep_yearly,
+            keep_within=parse_duration(args.keep_within) if args.keep_within else None,
+            keep_tags=tuple(args.keep_tag), tz=args.tz,
+        )
+        decisions = plan_forget(st, policy, parse_group_by(args.group_by))
+        remove = [s.id for d in decisions for s in d.remove]
+        result = {"groups": [{"group": repr(d.group), "keep": [{"id": s.id, "reasons": r} for s, r in d.keep],
+                              "remove": [s.id for s in d.remove]} for d in decisions], "removed": remove}
+        if not args.json:
+            for d in decisions:
+                print(f"group {d.group}: keep {len(d.keep)}, remove {len(d.remove)}")
+                for s, reasons in d.keep:
+                    print(f"  keep   {s.id[:8]} {s.time.isoformat()}  ({', '.join(reasons)})")
+                for s in d.remove:
+                    print(f"  remove {s.id[:8]} {s.time.isoformat()}")
+    if not args.dry_run:
+        st.forget(remove)
+        if args.prune:
+            result["prune"] = prune_mod.prune(st).as_dict()
+    result["dry_run"] = args.dry_run
+    if args.json:
+        output.emit_json(result)
+    else:
+        print(f"{'would remove' if args.dry_run else 'removed'} {len(remove)} snapshot(s)")
+    return 0
+
+
+def cmd_prune(location: str, args: argparse.Namespace) -> int:
+    st = _open(location, args)
+    rep = prune_mod.prune(st, dry_run=args.dry_run, lock_wait=args.wait)
+    if args.json:
+        output.emit_json(rep.as_dict())
+    else:
+        verb = "would delete" if args.dry_run else "deleted"
+        print(f"{verb} {rep.packs_deleted} pack(s) ({rep.packs_repacked} repacked), "
+              f"{output.human_bytes(rep.bytes_freed)} freed; {rep.snapshots} snapshots kept")
+    return 0
+
+
+def cmd_info(location: str, args: argparse.Namespace) -> int:
+    st = _open(location, args)
+    if args.target:
+        snap = st.load_snapshot(st.resolve(args.target))
+        h = {k: v for k, v in snap.header.items() if k != "manifest"}
+        if args.json:
+            output.emit_json(h)
+        else:
+            for k, v in h.items():
+                print(f"{k:15} {v}")
+        return 0
+    c = st.config
+    info = {"location": st.location, "repo_id": c.repo_id, "encryption": c.encryption, "chunker": c.chunker,
+            "compression": c.compression, "pack_target": c.pack_target, "created": c.created,
+            "snapshots": len(st.snapshot_ids())}
+    if args.json:
+        output.emit_json(info)
+    else:
+        for k, v in info.items():
+            print(f"{k:12} {v}")
+    return 0
+
+
+def cmd_key(location: str, args: argparse.Namespace) -> int:
+    st = _open(location, args)
+    if args.action == "list":
+        keys = st.list_keys()
+        if args.json:
+            output.emit_json(keys)
+        else:
+            output.table(["id", "created", "host", "comment"],
+                         [[k["id"], k["created"][:19], k["host"], k["comment"]] for k in keys])
+        return 0
+    if args.action == "export":
+        print(st.export_key())
+        return 0
+    if args.action == "remove":
+        if not args.key_id:
+            raise UsageError("key remove needs a key ID (see `key list`)")
+        st.remove_key(args.key_id)
+        print(f"removed key {args.key_id}")
+        return 0
+    new = get_passphrase(args.new_passphrase_file, prompt="new passphrase", confirm=True,
+                         env="PGPLAKAR_NEW_PASSPHRASE")
+    if not new:
+        raise UsageError("no new passphrase: use --new-passphrase-file or $PGPLAKAR_NEW_PASSPHRASE")
+    key_id = st.add_key(new, comment=args.action)
+    if args.action == "passwd":
+        old = _unlocking_key(st, args)
+        if old and old != key_id:
+            st.remove_key(old)
+    print(f"added key {key_id}")
+    return 0
+
+
+def _unlocking_key(st: Store, args: argparse.Namespace) -> str | None:
+    """The key file that the current passphrase opens (removed by ``passwd``)."""
+    from ..store.keyfiles import unwrap_key_file
+
+    pw = get_passphrase(args.passphrase_file)
+    if not pw:
+        return None
+    for obj in st.backend.list("keys/"):
+        if unwrap_key_file(st.config, st.backend.get(obj.key), obj.key, pw.encode()) is not None:
+            return obj.key.rsplit("/", 1)[-1]
+    return None
+
+
+def cmd_repair(location: str, args: argparse.Namespace) -> int:
+    st = _open(location, args)
+    n = prune_mod.repair_index(st)
+    print(f"index rebuilt from {n} pack(s)")
+    return 0
+
+
+__all__ = ["run", "StoreError"]

@@ -1,0 +1,175 @@
+"""``pgplakar [options] at STORE COMMAND ...`` — Plakar's verbs on our store.
+
+Exit status: 0 on success, 1 on any failure (one line on stderr, no traceback unless ``--debug``), 2 on usage
+errors, 3 when ``check`` finds problems, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from datetime import timedelta
+from typing import Any, Sequence
+
+from ..store.errors import StoreError
+from . import output
+from .secrets import passphrase as get_passphrase
+from .secrets import raw_key
+
+DEFAULT_STORE = os.path.join(os.path.expanduser("~"), ".pgplakar")
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit status 2)."""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE (else "
+                   "$PGPLAKAR_PASSPHRASE, else a prompt on a terminal)")
+    p.add_argument("--key-file", metavar="FILE", help="raw store key (from `key export`) instead of a passphrase; "
+                   "also $PGPLAKAR_KEY")
+    p.add_argument("--cache-dir", metavar="DIR", help="local index cache (default $PGPLAKAR_CACHE_DIR or "
+                   "~/.cache/pgplakar)")
+    p.add_argument("-v", "--verbose", action="store_true", help="progress and details on stderr")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    _common(common)
+    parser = argparse.ArgumentParser(
+        prog="pgplakar", parents=[common],
+        description="Encrypted, deduplicated snapshots. Usage: pgplakar at STORE COMMAND (STORE: a directory, "
+                    "file:// URL or s3://bucket/prefix; default ~/.pgplakar or $PGPLAKAR_STORE).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common], description=help)
+
+    p = cmd("create", "create a new store (encrypted unless --plaintext)")
+    p.add_argument("--plaintext", action="store_true", help="no encryption (integrity checks remain)")
+    p.add_argument("--compression-level", type=int, default=3, help="zstd level 0..19 (0 = off; default 3)")
+
+    p = cmd("backup", "back up a local directory or file into a new snapshot")
+    p.add_argument("path")
+    p.add_argument("--tag", action="append", default=[], help="snapshot tag (repeatable)")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="snapshot label (repeatable)")
+    p.add_argument("--idempotency-key", help="retries with the same key end with one snapshot")
+
+    p = cmd("ls", "list snapshots, or the records of SNAPSHOT[:/path]")
+    p.add_argument("target", nargs="?")
+    p.add_argument("--tag", help="only snapshots with this tag")
+
+    p = cmd("cat", "write a record's content to stdout")
+    p.add_argument("target", metavar="SNAPSHOT:/path")
+
+    p = cmd("restore", "restore SNAPSHOT[:/path] into a directory")
+    p.add_argument("-to", "--to", dest="to", required=True, metavar="DIR")
+    p.add_argument("target", metavar="SNAPSHOT[:/path]")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+
+    p = cmd("check", "verify the store's metadata (and with --read-data every byte)")
+    p.add_argument("--read-data", action="store_true")
+
+    p = cmd("forget", "remove snapshots by ID or by a retention policy")
+    p.add_argument("ids", nargs="*", metavar="SNAPSHOT")
+    for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+        p.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N", help=f"keep N {rule} snapshots (-1: all)")
+    p.add_argument("--keep-within", metavar="DURATION", help="keep everything newer than e.g. 7d, 12h, 1d12h")
+    p.add_argument("--keep-tag", action="append", default=[], help="keep snapshots with this tag")
+    p.add_argument("--group-by", default="source,labels", help="source,labels | label:NAME,... | '' for one group")
+    p.add_argument("--tz", default="UTC", help="time zone of calendar buckets (default UTC)")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--prune", action="store_true", help="prune afterwards")
+
+    p = cmd("prune", "delete data no snapshot references (waits for no one: fails if a backup runs)")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait this long for running backups")
+
+    p = cmd("info", "show the store's settings, or a snapshot's header")
+    p.add_argument("target", nargs="?", metavar="SNAPSHOT")
+
+    p = cmd("key", "manage passphrases (key files)")
+    p.add_argument("action", choices=["list", "add", "remove", "passwd", "export"])
+    p.add_argument("key_id", nargs="?")
+    p.add_argument("--new-passphrase-file", metavar="FILE", help="the new passphrase for add/passwd (else "
+                   "$PGPLAKAR_NEW_PASSPHRASE, else a prompt)")
+
+    p = cmd("repair", "rebuild the index from pack headers")
+    p.add_argument("what", choices=["index"])
+    return parser
+
+
+def split_at(argv: Sequence[str]) -> tuple[str, list[str]]:
+    """``at STORE`` may appear first or after global options."""
+    args = list(argv)
+    for i, a in enumerate(args):
+        if a == "at":
+            if i + 1 >= len(args):
+                raise UsageError("`at` needs a store location")
+            return args[i + 1], args[:i] + args[i + 2 :]
+        if not a.startswith("-"):
+            break
+    return os.environ.get("PGPLAKAR_STORE", DEFAULT_STORE), args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        location, rest = split_at(argv)
+        args = build_parser().parse_args(rest)
+        if not args.command:
+            raise UsageError("no command given (try --help)")
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="pgplakar: %(message)s", stream=sys.stderr)
+        from .commands import run
+
+        return run(location, args)
+    except UsageError as e:
+        print(f"pgplakar: usage: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pgplakar: interrupted", file=sys.stderr)
+        return 130
+    except (StoreError, ValueError, OSError) as e:
+        if debug:
+            raise
+        print(f"pgplakar: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: still one line, the traceback with --debug
+        if debug:
+            raise
+        print(f"pgplakar: error: internal error {type(e).__name__}: {_one_line(e)} (rerun with --debug)",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
+def parse_duration(text: str) -> timedelta:
+    """``7d``, ``12h``, ``1d12h30m``, ``2w``, ``1y`` (365 days)."""
+    import re
+
+    units = {"y": 365 * 86400, "w": 7 * 86400, "d": 86400, "h": 3600, "m": 60}
+    parts = re.fullmatch(r"((\d+)[ywdhm])+", text or "")
+    if not parts:
+        raise UsageError(f"--keep-within: bad duration {text!r} (e.g. 7d, 12h, 1d12h)")
+    return timedelta(seconds=sum(int(n) * units[u] for n, u in re.findall(r"(\d+)([ywdhm])", text)))
+
+
+def parse_labels(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise UsageError(f"--label wants KEY=VALUE, got {item!r}")
+        out[k] = v
+    return out

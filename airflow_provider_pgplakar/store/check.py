@@ -1,0 +1,187 @@
+"""Integrity checks. ``check`` verifies metadata end to end; ``read_data`` also reads and verifies every byte.
+
+The report names each broken object (key in the store) and the snapshots and records it affects. The check never
+trusts the local cache: it builds a fresh index from ``index/`` in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import IntegrityError, StoreError
+from .index import IndexCache
+from .keyfiles import load_checked
+from .pack import decode_blob, pack_key, pack_object_name, parse_pack
+from .reader import chunk_refs, iter_records
+
+if TYPE_CHECKING:
+    from .repo import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Problem:
+    object: str
+    message: str
+    affects: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        tail = f" — affects {', '.join(self.affects[:10])}" if self.affects else ""
+        more = f" (+{len(self.affects) - 10} more)" if len(self.affects) > 10 else ""
+        return f"{self.object}: {self.message}{tail}{more}"
+
+
+@dataclass
+class CheckReport:
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    snapshots: int = 0
+    records: int = 0
+    packs: int = 0
+    blobs_read: int = 0
+    bytes_read: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "problems": [{"object": p.object, "message": p.message, "affects": p.affects} for p in self.problems],
+            "notes": self.notes,
+            "snapshots": self.snapshots, "records": self.records, "packs": self.packs,
+            "blobs_read": self.blobs_read, "bytes_read": self.bytes_read,
+        }
+
+
+def check(store: Store, read_data: bool = False, progress: Callable[[str], None] | None = None) -> CheckReport:
+    rep = CheckReport()
+    say = progress or (lambda msg: log.info("%s", msg))
+    for obj in store.backend.list("keys/"):
+        try:
+            load_checked(store.backend.get(obj.key), obj.key)
+        except IntegrityError as e:
+            rep.problems.append(Problem(obj.key, str(e).split(": ", 1)[-1]))
+    with tempfile.TemporaryDirectory(prefix="pgplakar-check-") as tmp:
+        fresh = IndexCache(Path(tmp) / "index.sqlite", store.config.repo_id)
+        own_cache, store.cache = store.cache, fresh
+        try:
+            say("loading index")
+            fresh.sync(store.backend, store.keys)
+            for seg_id, msg in fresh.bad_segments.items():
+                rep.problems.append(Problem(f"index/{seg_id}", msg.split(": ", 1)[-1]))
+            bad_packs = _check_packs(store, fresh, rep, read_data, say)
+            _check_snapshots(store, fresh, rep, bad_packs, say)
+        finally:
+            store.cache = own_cache
+            fresh.close()
+    return rep
+
+
+def _check_packs(store: Store, cache: IndexCache, rep: CheckReport, read_data: bool,
+                 say: Callable[[str], None]) -> dict[str, str]:
+    """Return {pack_id or blob_id hex: problem} for packs missing/short, and blobs unreadable (read_data)."""
+    listed = {o.key.rsplit("/", 1)[-1]: o.size for o in store.backend.list("packs/")}
+    bad: dict[str, str] = {}
+    indexed = cache.packs()
+    rep.packs = len(listed)
+    for pack_id, size, _kind, segment in indexed:
+        name = pack_object_name(pack_id)
+        if pack_id not in listed:
+            bad[pack_id] = "missing"
+            rep.problems.append(Problem(name, f"missing (listed by index/{segment[:16]})"))
+        elif listed[pack_id] != size:
+            bad[pack_id] = "wrong size"
+            rep.problems.append(Problem(name, f"size {listed[pack_id]} differs from indexed {size}"))
+    orphans = set(listed) - {p[0] for p in indexed}
+    if orphans:
+        rep.notes.append(f"{len(orphans)} pack(s) not in the index (left by interrupted backups; prune removes them)")
+    if not read_data:
+        return bad
+    for i, (pack_id, _size) in enumerate(sorted(listed.items()), 1):
+        if pack_id in bad:
+            continue
+        name = pack_object_name(pack_id)
+        if i % 50 == 0:
+            say(f"read {i}/{len(listed)} packs")
+        data = store.backend.get(name)
+        rep.bytes_read += len(data)
+        if hashlib.sha256(data).hexdigest() != pack_id:
+            rep.problems.append(Problem(name, "content does not match its name (SHA-256)"))
+        try:
+            salt, entries = parse_pack(store.keys, data, name)
+        except IntegrityError as e:
+            rep.problems.append(Problem(name, str(e).split(": ", 1)[-1]))
+            entries, salt = [], None
+        indexed_rows = cache.pack_entries(pack_id)
+        if salt is not None and entries and pack_id not in orphans:
+            header_set = {(e.blob_id, e.offset, e.length) for e in entries}
+            if {(r[0], r[1], r[2]) for r in indexed_rows} - header_set:
+                rep.problems.append(Problem(name, "index entries disagree with the pack header"))
+        okey_salt = salt if salt is not None else _indexed_salt(cache, pack_id)
+        if okey_salt is None:
+            continue
+        okey = pack_key(store.keys, okey_salt)
+        view = memoryview(data)
+        for blob_id, off, length, raw, btype in indexed_rows:
+            rep.blobs_read += 1
+            try:
+                decode_blob(okey, btype, blob_id, view[off : off + length], raw, store.keys, name)
+            except IntegrityError as e:
+                bad[blob_id.hex()] = str(e)
+                rep.problems.append(Problem(name, f"blob {blob_id.hex()[:16]} is corrupt ({str(e).split(': ')[-1]})"))
+    return bad
+
+
+def _indexed_salt(cache: IndexCache, pack_id: str) -> bytes | None:
+    row = cache.db.execute("SELECT salt FROM packs WHERE id=?", (pack_id,)).fetchone()
+    return row[0] if row else None
+
+
+def _check_snapshots(store: Store, cache: IndexCache, rep: CheckReport, bad: dict[str, str],
+                     say: Callable[[str], None]) -> None:
+    by_object: dict[str, Problem] = {}
+
+    def hit(obj: str, message: str, affected: str) -> None:
+        p = by_object.get(obj)
+        if p is None:
+            p = by_object[obj] = Problem(obj, message)
+            rep.problems.append(p)
+        p.affects.append(affected)
+
+    for sid in store.snapshot_ids():
+        short = sid[:8]
+        try:
+            snap = store.load_snapshot(sid, use_cache=False)
+        except StoreError as e:
+            rep.problems.append(Problem(f"snapshots/{sid}", str(e).split(": ", 1)[-1]))
+            continue
+        rep.snapshots += 1
+        say(f"checking snapshot {short}")
+        try:
+            for rec in iter_records(store, snap):
+                rep.records += 1
+                if rec.get("k") != "f":
+                    continue
+                where = f"snapshot {short} record {rec.get('p')!r}"
+                try:
+                    for blob_id, _raw in chunk_refs(store, rec):
+                        loc = cache.lookup(blob_id)
+                        if loc is None:
+                            hit(f"blob {blob_id.hex()[:16]}", "referenced but not in the index", where)
+                            break
+                        reason = bad.get(loc.pack_id) or bad.get(blob_id.hex())
+                        if reason:
+                            hit(pack_object_name(loc.pack_id), reason if len(reason) < 40 else "corrupt data", where)
+                            break
+                except IntegrityError as e:
+                    hit(f"chunk list of {rec.get('p')!r}", str(e), where)
+        except IntegrityError as e:
+            hit(f"manifest of snapshot {short}", str(e), f"snapshot {short} (all records)")

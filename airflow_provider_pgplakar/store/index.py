@@ -1,0 +1,201 @@
+"""Index segments and the local SQLite cache of them.
+
+``index/<sha256>`` segments (sealed msgpack) list packs and the blobs inside them. The cache mirrors them so that
+dedup lookups and reads are local. It is never authoritative (invariant): missing, corrupt, from another store or
+stale (a segment it applied has been removed by prune) means it is rebuilt from ``index/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from .backend import Backend
+from .crypto import Keys
+from .errors import IntegrityError, StoreError
+from .objects import open_object, seal_object
+
+log = logging.getLogger(__name__)
+
+SEGMENT_MAX_ENTRIES = 100_000
+SCHEMA_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT);
+CREATE TABLE IF NOT EXISTS packs(no INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, size INT, kind TEXT, salt BLOB,
+                                 segment TEXT);
+CREATE TABLE IF NOT EXISTS blobs(id BLOB NOT NULL, pack INT NOT NULL, off INT, len INT, raw INT, type INT,
+                                 PRIMARY KEY(id, pack)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);
+CREATE TABLE IF NOT EXISTS segments(id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS snapshots(id TEXT PRIMARY KEY, header BLOB);
+"""
+
+
+@dataclass(frozen=True)
+class Location:
+    pack_id: str
+    salt: bytes
+    offset: int
+    length: int
+    raw_len: int
+    blob_type: int
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("PGPLAKAR_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pgplakar"
+
+
+def segment_name(seg_id: str) -> str:
+    return f"index/{seg_id}"
+
+
+def write_segment(backend: Backend, keys: Keys, packs: list[dict[str, Any]], supersedes: Iterable[str] = ()) -> str:
+    """Write one segment (create-only, named by SHA-256 of its bytes) and return its ID."""
+    data = seal_object(keys, b"INDX", {"v": 1, "packs": packs, "supersedes": list(supersedes)})
+    seg_id = hashlib.sha256(data).hexdigest()
+    from .errors import AlreadyExists
+
+    try:
+        backend.put(segment_name(seg_id), data)
+    except AlreadyExists:
+        pass  # content-addressed: the identical segment is already there
+    return seg_id
+
+
+def read_segment(backend: Backend, keys: Keys, seg_id: str) -> dict[str, Any]:
+    name = segment_name(seg_id)
+    data = backend.get(name)
+    if hashlib.sha256(data).hexdigest() != seg_id:
+        raise IntegrityError(f"{name}: content does not match its name (corrupt index segment)")
+    return open_object(keys, b"INDX", data, name)
+
+
+class IndexCache:
+    """SQLite mirror of ``index/`` (plus decrypted snapshot headers, which are immutable)."""
+
+    def __init__(self, path: Path, repo_id: str) -> None:
+        self.path = path
+        self.repo_id = repo_id
+        self.bad_segments: dict[str, str] = {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = self._connect()
+        except (sqlite3.DatabaseError, StoreError) as e:
+            log.warning("index cache %s unusable (%s): rebuilding it", path, e)
+            self._remove_files()
+            self.db = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA cache_size=-65536")
+        db.executescript(_SCHEMA)
+        row = dict(db.execute("SELECT k, v FROM meta").fetchall())
+        if not row:
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('repo_id', ?), ('schema', ?)", (self.repo_id, SCHEMA_VERSION))
+        elif row.get("repo_id") != self.repo_id or row.get("schema") != SCHEMA_VERSION:
+            db.close()
+            raise StoreError(f"cache belongs to store {row.get('repo_id')}, not {self.repo_id}")
+        return db
+
+    def _remove_files(self) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(self.path) + suffix).unlink(missing_ok=True)
+
+    def reset(self) -> None:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            for table in ("blobs", "packs", "segments"):
+                self.db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
+
+    def sync(self, backend: Backend, keys: Keys) -> None:
+        """Bring the cache up to date with ``index/``; corrupt segments are skipped and remembered."""
+        try:
+            self._sync(backend, keys)
+        except sqlite3.DatabaseError as e:
+            log.warning("index cache %s is corrupt (%s): rebuilding it", self.path, e)
+            self.db.close()
+            self._remove_files()
+            self.db = self._connect()
+            self._sync(backend, keys)
+
+    def _sync(self, backend: Backend, keys: Keys) -> None:
+        listed = {o.key.rsplit("/", 1)[-1] for o in backend.list("index/")}
+        known = {r[0] for r in self.db.execute("SELECT id FROM segments")}
+        if known - listed:
+            log.info("index segments were consolidated by a prune: rebuilding the local index cache")
+            self.reset()
+            known = set()
+        self.bad_segments = {}
+        for seg_id in sorted(listed - known):
+            try:
+                seg = read_segment(backend, keys, seg_id)
+            except IntegrityError as e:
+                self.bad_segments[seg_id] = str(e)
+                log.warning("%s", e)
+                continue
+            self.apply_segment(seg_id, seg)
+
+    def apply_segment(self, seg_id: str, seg: dict[str, Any]) -> None:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            if self.db.execute("SELECT 1 FROM segments WHERE id=?", (seg_id,)).fetchone():
+                return
+            for p in seg["packs"]:
+                self.db.execute(
+                    "INSERT OR IGNORE INTO packs(id, size, kind, salt, segment) VALUES (?,?,?,?,?)",
+                    (p["id"], p["size"], p["kind"], p["salt"], seg_id),
+                )
+                (no,) = self.db.execute("SELECT no FROM packs WHERE id=?", (p["id"],)).fetchone()
+                self.db.executemany(
+                    "INSERT OR IGNORE INTO blobs VALUES (?,?,?,?,?,?)",
+                    ((b[1], no, b[2], b[3], b[4], b[0]) for b in p["blobs"]),
+                )
+            self.db.execute("INSERT INTO segments VALUES (?)", (seg_id,))
+
+    def has_blob(self, blob_id: bytes) -> bool:
+        return self.db.execute("SELECT 1 FROM blobs WHERE id=? LIMIT 1", (blob_id,)).fetchone() is not None
+
+    def lookup(self, blob_id: bytes) -> Location | None:
+        row = self.db.execute(
+            "SELECT p.id, p.salt, b.off, b.len, b.raw, b.type FROM blobs b JOIN packs p ON p.no=b.pack "
+            "WHERE b.id=? LIMIT 1",
+            (blob_id,),
+        ).fetchone()
+        return Location(*row) if row else None
+
+    def packs(self) -> list[tuple[str, int, str, str]]:
+        return self.db.execute("SELECT id, size, kind, segment FROM packs").fetchall()
+
+    def pack_entries(self, pack_id: str) -> list[tuple[bytes, int, int, int, int]]:
+        """(blob_id, off, len, raw, type) of every blob indexed in the pack."""
+        return self.db.execute(
+            "SELECT b.id, b.off, b.len, b.raw, b.type FROM blobs b JOIN packs p ON p.no=b.pack WHERE p.id=? "
+            "ORDER BY b.off",
+            (pack_id,),
+        ).fetchall()
+
+    def segments(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT id FROM segments")}
+
+    def cached_snapshot(self, snap_id: str) -> bytes | None:
+        row = self.db.execute("SELECT header FROM snapshots WHERE id=?", (snap_id,)).fetchone()
+        return row[0] if row else None
+
+    def cache_snapshot(self, snap_id: str, header: bytes) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?)", (snap_id, header))
+
+    def close(self) -> None:
+        self.db.close()

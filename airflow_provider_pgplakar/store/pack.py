@@ -1,0 +1,125 @@
+"""Pack files: many sealed blobs, then a sealed header listing them, then a fixed trailer.
+
+Layout (v1)::
+
+    "PGPPACK1" (8) | salt (32) | flags u32 LE (4)              44-byte plaintext prefix
+    blob 0 | blob 1 | ...                                     each: seal(codec byte + payload, aad=BLOB_AAD)
+    header = seal(msgpack([[type, blob_id, offset, stored_len, raw_len], ...]), aad="PGPH" + salt)
+    header_len u32 LE | "PGPE"
+
+The pack's name is the SHA-256 of its bytes, so a pack can be verified without the key; the per-blob header makes
+the index rebuildable from packs alone. Blob AAD = "PGPB" + type + blob_id, so a blob moved or relabelled fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import struct
+from dataclasses import dataclass
+
+import msgpack
+import zstandard
+
+from .crypto import SALT_LEN, AuthError, Keys, ObjectKey
+from .errors import IntegrityError
+
+MAGIC = b"PGPPACK1"
+END = b"PGPE"
+PREFIX_LEN = len(MAGIC) + SALT_LEN + 4
+TRAILER_LEN = 8
+
+DATA, TREE, CHUNKLIST = 0, 1, 2  # blob types: file content, manifest leaves, chunk-list blobs
+CODEC_RAW, CODEC_ZSTD = 0, 1
+
+
+def blob_aad(blob_type: int, blob_id: bytes) -> bytes:
+    return b"PGPB" + bytes([blob_type]) + blob_id
+
+
+def pack_key(keys: Keys, salt: bytes) -> ObjectKey:
+    return keys.object_key(salt, b"PACK")
+
+
+def pack_object_name(pack_id: str) -> str:
+    return f"packs/{pack_id[:2]}/{pack_id}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    blob_type: int
+    blob_id: bytes
+    offset: int
+    length: int
+    raw_len: int
+
+
+class PackBuilder:
+    """Accumulates sealed blobs for one pack. Not thread-safe: the caller serialises ``add``."""
+
+    def __init__(self, keys: Keys, kind: str) -> None:
+        self.kind = kind
+        self.salt = secrets.token_bytes(SALT_LEN)
+        self.okey = pack_key(keys, self.salt)
+        self.buf = bytearray(MAGIC + self.salt + struct.pack("<I", 0))
+        self.entries: list[Entry] = []
+
+    def __len__(self) -> int:
+        return len(self.buf)
+
+    def add(self, blob_type: int, blob_id: bytes, codec: int, payload: bytes, raw_len: int) -> None:
+        sealed = self.okey.seal(bytes([codec]) + payload, blob_aad(blob_type, blob_id))
+        self.entries.append(Entry(blob_type, blob_id, len(self.buf), len(sealed), raw_len))
+        self.buf += sealed
+
+    def finish(self) -> tuple[str, bytes]:
+        """Return (pack_id, bytes). The builder must not be used afterwards."""
+        table = [[e.blob_type, e.blob_id, e.offset, e.length, e.raw_len] for e in self.entries]
+        header = self.okey.seal(msgpack.packb(table, use_bin_type=True), b"PGPH" + self.salt)
+        self.buf += header
+        self.buf += struct.pack("<I", len(header)) + END
+        data = bytes(self.buf)
+        self.buf = bytearray()
+        return hashlib.sha256(data).hexdigest(), data
+
+
+_dctx_local = None
+
+
+def decode_blob(
+    okey: ObjectKey, blob_type: int, blob_id: bytes, sealed: bytes | memoryview, raw_len: int, keys: Keys, where: str
+) -> bytes:
+    """Open, decompress and verify one blob; any mismatch raises IntegrityError naming ``where``."""
+    try:
+        plain = okey.open(sealed, blob_aad(blob_type, blob_id))
+    except AuthError:
+        raise IntegrityError(f"blob {blob_id.hex()[:16]} in {where}: authentication failed") from None
+    codec, payload = plain[0], memoryview(plain)[1:]
+    if codec == CODEC_ZSTD:
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_len)
+        except zstandard.ZstdError as e:
+            raise IntegrityError(f"blob {blob_id.hex()[:16]} in {where}: bad compressed data ({e})") from None
+    elif codec == CODEC_RAW:
+        raw = bytes(payload)
+    else:
+        raise IntegrityError(f"blob {blob_id.hex()[:16]} in {where}: unknown codec {codec}")
+    if len(raw) != raw_len or keys.blob_id(raw) != blob_id:
+        raise IntegrityError(f"blob {blob_id.hex()[:16]} in {where}: content does not match its ID")
+    return raw
+
+
+def parse_pack(keys: Keys, data: bytes, name: str) -> tuple[bytes, list[Entry]]:
+    """Return (salt, entries) from a whole pack's bytes; raises IntegrityError naming the pack."""
+    if len(data) < PREFIX_LEN + TRAILER_LEN or data[: len(MAGIC)] != MAGIC or data[-4:] != END:
+        raise IntegrityError(f"{name}: bad pack prefix or trailer")
+    salt = data[len(MAGIC) : len(MAGIC) + SALT_LEN]
+    (hlen,) = struct.unpack("<I", data[-8:-4])
+    start = len(data) - TRAILER_LEN - hlen
+    if start < PREFIX_LEN:
+        raise IntegrityError(f"{name}: header length out of range")
+    try:
+        table = msgpack.unpackb(pack_key(keys, salt).open(data[start:-TRAILER_LEN], b"PGPH" + salt))
+    except AuthError:
+        raise IntegrityError(f"{name}: pack header authentication failed") from None
+    return salt, [Entry(*row) for row in table]

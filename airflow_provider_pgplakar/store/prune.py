@@ -1,0 +1,221 @@
+"""Prune: delete what no snapshot references, under the exclusive prune lease.
+
+With the lease held no backup runs, so every pack not reachable from a committed snapshot is garbage (orphans of
+crashed or aborted writers included). Order, so that a crash at any step loses nothing and the next prune
+finishes the job:
+
+1. mark: walk every snapshot's manifest into a SQLite ``live`` table (bounded memory). An unreadable snapshot
+   aborts the prune: we never delete when we cannot know what is live;
+2. repack packs that are mostly dead (live blobs re-sealed into new packs, uploaded, verified);
+3. write consolidated index segments for everything kept, then delete the superseded segments;
+4. delete dead packs, stale temp files and stale leases.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .blobsink import BlobSink
+from .errors import IntegrityError, StoreError
+from .index import SEGMENT_MAX_ENTRIES, write_segment
+from .locks import acquire, is_stale, list_leases
+from .pack import CHUNKLIST, TREE, decode_blob, pack_key, pack_object_name
+from .reader import chunk_refs, iter_records
+
+if TYPE_CHECKING:
+    from .repo import Store
+
+log = logging.getLogger(__name__)
+
+REPACK_DEAD_FRACTION = 0.25
+TEMP_FILE_MAX_AGE = 86400.0
+
+
+@dataclass
+class PruneReport:
+    snapshots: int = 0
+    live_blobs: int = 0
+    packs_deleted: int = 0
+    packs_repacked: int = 0
+    bytes_freed: int = 0
+    segments_replaced: int = 0
+    dry_run: bool = False
+
+    def as_dict(self) -> dict[str, int | bool]:
+        return dict(self.__dict__)
+
+
+def prune(store: Store, *, dry_run: bool = False, lock_wait: float = 0.0) -> PruneReport:
+    lease = acquire(store.backend, store.keys, "prune", wait=lock_wait)
+    try:
+        return _prune(store, dry_run)
+    finally:
+        lease.release()
+
+
+def _mark(store: Store, rep: PruneReport) -> None:
+    db = store.cache.db
+    db.execute("CREATE TEMP TABLE IF NOT EXISTS live(id BLOB PRIMARY KEY) WITHOUT ROWID")
+    db.execute("DELETE FROM temp.live")
+    ins = "INSERT OR IGNORE INTO temp.live VALUES (?)"
+    for sid in store.snapshot_ids():
+        try:
+            snap = store.load_snapshot(sid, use_cache=False)
+            db.execute("BEGIN")
+            for leaf_id, _n in snap.header["manifest"]["leaves"]:
+                db.execute(ins, (leaf_id,))
+            for rec in iter_records(store, snap):
+                for cl in rec.get("cl", ()):
+                    db.execute(ins, (cl,))
+                if rec.get("k") == "f":
+                    db.executemany(ins, ((b,) for b, _ in chunk_refs(store, rec)))
+            db.execute("COMMIT")
+        except StoreError as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise StoreError(f"refusing to prune: snapshot {sid[:8]} is unreadable ({e}); "
+                             "run `check`, then repair or forget it") from None
+        rep.snapshots += 1
+    rep.live_blobs = db.execute("SELECT count(*) FROM temp.live").fetchone()[0]
+
+
+def _prune(store: Store, dry_run: bool) -> PruneReport:
+    rep = PruneReport(dry_run=dry_run)
+    store.sync_index()
+    if store.cache.bad_segments:
+        raise StoreError("refusing to prune: corrupt index segment(s) "
+                         f"{', '.join(s[:16] for s in store.cache.bad_segments)}; run `repair index` first")
+    _mark(store, rep)
+    db = store.cache.db
+    # each live blob is owned by one location: the lowest-numbered pack holding it
+    db.execute("CREATE TEMP TABLE IF NOT EXISTS owner(id BLOB PRIMARY KEY, pack INT) WITHOUT ROWID")
+    db.execute("DELETE FROM temp.owner")
+    db.execute("INSERT INTO temp.owner SELECT b.id, min(b.pack) FROM blobs b JOIN temp.live l ON l.id=b.id "
+               "GROUP BY b.id")
+    missing = rep.live_blobs - db.execute("SELECT count(*) FROM temp.owner").fetchone()[0]
+    if missing:
+        raise StoreError(f"refusing to prune: {missing} referenced blob(s) are not in the index; run `check`")
+    packs = db.execute(
+        "SELECT p.no, p.id, p.size, p.kind, p.salt, "
+        "coalesce((SELECT sum(b.len) FROM blobs b JOIN temp.owner o ON o.id=b.id AND o.pack=b.pack "
+        "          WHERE b.pack=p.no), 0) FROM packs p"
+    ).fetchall()
+    keep, repack, delete = [], [], []
+    for no, pid, size, kind, salt, used in packs:
+        if used == 0:
+            delete.append((pid, size))
+        elif (size - used) / size > REPACK_DEAD_FRACTION:
+            repack.append((no, pid, size, salt))
+        else:
+            keep.append(no)
+    listed = {o.key.rsplit("/", 1)[-1]: o.size for o in store.backend.list("packs/")}
+    indexed = {p[1] for p in packs}
+    orphans = [(pid, size) for pid, size in listed.items() if pid not in indexed]
+    rep.packs_deleted = len(delete) + len(orphans) + len(repack)
+    rep.packs_repacked = len(repack)
+    rep.bytes_freed = sum(s for _, s in delete) + sum(s for _, s in orphans)
+    if dry_run:
+        return rep
+    new_packs = _repack(store, repack) if repack else []
+    rep.bytes_freed += sum(r[2] for r in repack) - sum(p["size"] for p in new_packs)
+    # consolidated index: kept packs, listing only the blobs they own, plus the repacked ones
+    entries: list[dict] = list(new_packs)
+    for no in keep:
+        pid, size, kind, salt = db.execute("SELECT id, size, kind, salt FROM packs WHERE no=?", (no,)).fetchone()
+        rows = db.execute("SELECT b.type, b.id, b.off, b.len, b.raw FROM blobs b JOIN temp.owner o "
+                          "ON o.id=b.id AND o.pack=b.pack WHERE b.pack=?", (no,)).fetchall()
+        entries.append({"id": pid, "size": size, "kind": kind, "salt": salt, "blobs": [list(r) for r in rows]})
+    old_segments = sorted(store.cache.segments())
+    group: list[dict] = []
+    count = 0
+    for e in entries:
+        if group and count + len(e["blobs"]) > SEGMENT_MAX_ENTRIES:
+            write_segment(store.backend, store.keys, group, old_segments)
+            group, count = [], 0
+        group.append(e)
+        count += len(e["blobs"])
+    if group:
+        write_segment(store.backend, store.keys, group, old_segments)
+    for seg in old_segments:
+        store.backend.delete(f"index/{seg}")
+    rep.segments_replaced = len(old_segments)
+    for pid, _size in delete + orphans + [(r[1], r[2]) for r in repack]:
+        store.backend.delete(pack_object_name(pid))
+    _cleanup(store)
+    store.cache.reset()
+    store.sync_index()
+    log.info("prune: %d pack(s) deleted (%d repacked), %.1f MiB freed", rep.packs_deleted, rep.packs_repacked,
+             rep.bytes_freed / 2**20)
+    return rep
+
+
+def _repack(store: Store, repack: list[tuple[int, str, int, bytes]]) -> list[dict]:
+    db = store.cache.db
+    sink = BlobSink(store.backend, store.keys, store.cache, compression_level=store.compression_level,
+                    pack_target=store.config.pack_target, uploaders=store.uploaders)
+    sink.cache = _NoDedup()  # type: ignore[assignment]  # every owned blob must be rewritten
+    try:
+        for no, pid, _size, salt in repack:
+            name = pack_object_name(pid)
+            data = memoryview(store.backend.get(name))
+            okey = pack_key(store.keys, salt)
+            rows = db.execute("SELECT b.id, b.off, b.len, b.raw, b.type FROM blobs b JOIN temp.owner o "
+                              "ON o.id=b.id AND o.pack=b.pack WHERE b.pack=?", (no,)).fetchall()
+            for blob_id, off, length, raw, btype in rows:
+                plain = decode_blob(okey, btype, blob_id, data[off : off + length], raw, store.keys, name)
+                if sink.add(btype, plain) != blob_id:
+                    raise IntegrityError(f"repacking {name}: blob {blob_id.hex()[:16]} changed ID")
+        return sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+
+
+class _NoDedup:
+    def has_blob(self, blob_id: bytes) -> bool:
+        return False
+
+
+def _cleanup(store: Store) -> None:
+    now = store.backend.now()
+    temp_lister = getattr(store.backend, "list_temp_files", None)
+    if temp_lister:
+        for obj in list(temp_lister()):
+            if time.time() - obj.mtime > TEMP_FILE_MAX_AGE:
+                store.backend.delete(obj.key)
+    for lease in list_leases(store.backend, store.keys):
+        if lease.kind != "prune" and is_stale(lease, now):
+            store.backend.delete(f"locks/{lease.id}")
+            log.info("removed stale %s", lease.describe())
+
+
+def repair_index(store: Store) -> int:
+    """Rebuild ``index/`` from pack headers (after index segments were lost or corrupted). Returns packs indexed."""
+    from .pack import parse_pack
+
+    lease = acquire(store.backend, store.keys, "prune")
+    try:
+        old = [o.key for o in store.backend.list("index/")]
+        entries = []
+        for obj in store.backend.list("packs/"):
+            pid = obj.key.rsplit("/", 1)[-1]
+            try:
+                salt, blobs = parse_pack(store.keys, store.backend.get(obj.key), obj.key)
+            except IntegrityError as e:
+                log.warning("skipping unreadable pack: %s", e)
+                continue
+            kind = "data" if all(b.blob_type not in (TREE, CHUNKLIST) for b in blobs) else "tree"
+            entries.append({"id": pid, "size": obj.size, "kind": kind, "salt": salt,
+                            "blobs": [[b.blob_type, b.blob_id, b.offset, b.length, b.raw_len] for b in blobs]})
+        for i in range(0, len(entries), 100):
+            write_segment(store.backend, store.keys, entries[i : i + 100])
+        for key in old:
+            store.backend.delete(key)
+        store.cache.reset()
+        store.sync_index()
+        return len(entries)
+    finally:
+        lease.release()

@@ -1,0 +1,286 @@
+"""Writing a snapshot: records in, one atomic commit out.
+
+Order of durability (restic's rule, the crash-safety invariant): packs → index segment → snapshot file. The
+snapshot file is the only commit point and is written create-only, so a crash anywhere before it leaves only
+garbage for prune, never a half snapshot; an exception inside the ``with`` block commits nothing.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import logging
+import os
+import platform
+import secrets
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import blake3
+import msgpack
+import pendulum
+
+from .blobsink import BlobSink
+from .chunker import Chunking
+from .errors import AlreadyExists, StoreError
+from .failpoints import failpoint
+from .index import SEGMENT_MAX_ENTRIES, write_segment
+from .locks import Lease, acquire
+from .objects import seal_object
+from .pack import CHUNKLIST, DATA, TREE
+
+if TYPE_CHECKING:
+    from .repo import Store
+
+log = logging.getLogger(__name__)
+
+INLINE_REFS = 256
+CHUNKLIST_REFS = 4096
+LEAF_MIN, LEAF_MAX, LEAF_MAX_BYTES = 64, 8192, 1 << 20
+PROGRESS_EVERY = 30.0
+
+
+@dataclass(frozen=True)
+class RecordInfo:
+    path: str
+    size: int
+    sha256: str
+
+
+class _Manifest:
+    """Streams records into leaf blobs cut at content-defined record boundaries (so unchanged runs dedup)."""
+
+    def __init__(self, sink: BlobSink, key: bytes) -> None:
+        self.sink, self.key = sink, key
+        self.buf = bytearray()
+        self.count = 0
+        self.leaves: list[list[Any]] = []
+        self.total = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        packed = msgpack.packb(record, use_bin_type=True)
+        self.buf += packed
+        self.count += 1
+        self.total += 1
+        boundary = blake3.blake3(packed, key=self.key).digest(2)[0] == 0 and self.count >= LEAF_MIN
+        if boundary or self.count >= LEAF_MAX or len(self.buf) >= LEAF_MAX_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.count:
+            leaf_id = self.sink.add(TREE, bytes(self.buf))
+            self.leaves.append([leaf_id, self.count])
+            self.buf, self.count = bytearray(), 0
+
+
+class SnapshotWriter:
+    """Context manager that adds records and commits them as one snapshot on clean exit."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        source: dict[str, Any] | None = None,
+        tags: list[str] | tuple[str, ...] = (),
+        labels: dict[str, str] | None = None,
+        meta: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        lock_wait: float = 3600.0,
+    ) -> None:
+        self.store = store
+        self.source = source or {}
+        self.tags = list(tags)
+        self.labels = {str(k): str(v) for k, v in (labels or {}).items()}
+        self.meta = meta or {}
+        self.idempotency_key = idempotency_key
+        self.lock_wait = lock_wait
+        self.snapshot_id = store.idempotent_id(idempotency_key) if idempotency_key else secrets.token_hex(16)
+        self.already_existed = False
+        self._lease: Lease | None = None
+        self._sink: BlobSink | None = None
+        self._manifest: _Manifest | None = None
+        self._seq = 0
+        self._bytes = 0
+        self._errors = 0
+        self._t0 = 0.0
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    def __enter__(self) -> SnapshotWriter:
+        st = self.store
+        self._lease = acquire(st.backend, st.keys, "backup", wait=self.lock_wait)
+        try:
+            st.cache.sync(st.backend, st.keys)  # after the lease: no prune can remove what we dedup against
+            self._sink = BlobSink(
+                st.backend, st.keys, st.cache,
+                compression_level=st.compression_level, pack_target=st.config.pack_target,
+                uploaders=st.uploaders,
+            )
+        except BaseException:
+            self._lease.release()
+            raise
+        self._manifest = _Manifest(self._sink, st.keys.id_key)
+        self._t0 = time.time()
+        self._start = pendulum.now("UTC")
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop everything written so far (uploaded packs become orphans that prune removes)."""
+        try:
+            if self._sink is not None:
+                self._sink.abort()
+        finally:
+            if self._lease is not None:
+                self._lease.release()
+                self._lease = None
+
+    # -- records -------------------------------------------------------------------------------------------------
+    def _record(self, path: str, kind: str, attrs: dict[str, Any]) -> dict[str, Any]:
+        rec: dict[str, Any] = {"n": self._seq, "p": path, "k": kind}
+        self._seq += 1
+        for short, name in (("m", "mode"), ("t", "mtime_ns"), ("u", "uid"), ("g", "gid"), ("un", "uname"),
+                            ("gn", "gname"), ("lt", "link_target")):
+            v = attrs.pop(name, None)
+            if v is not None:
+                rec[short] = v
+        meta = attrs.pop("meta", None)
+        if meta:
+            rec["x"] = meta
+        if attrs:
+            raise TypeError(f"unknown record attributes: {', '.join(sorted(attrs))}")
+        return rec
+
+    def add_stream(self, path: str, stream: BinaryIO, *, chunking: Chunking = Chunking(), **attrs: Any) -> RecordInfo:
+        """Add a file record from any readable stream of unknown length; size and SHA-256 are filled at EOF."""
+        assert self._sink is not None and self._manifest is not None, "use the writer as a context manager"
+        rec = self._record(path, "f", attrs)
+        digest = hashlib.sha256()
+        refs: list[list[Any]] = []
+        chunklists: list[bytes] = []
+        size = 0
+        last_log = time.monotonic()
+        for chunk in self.store.chunker.chunks(stream, chunking):
+            digest.update(chunk)
+            refs.append([self._sink.add(DATA, chunk), len(chunk)])
+            size += len(chunk)
+            if len(refs) >= CHUNKLIST_REFS:
+                chunklists.append(self._sink.add(CHUNKLIST, msgpack.packb(refs, use_bin_type=True)))
+                refs = []
+            if time.monotonic() - last_log > PROGRESS_EVERY:
+                last_log = time.monotonic()
+                log.info("%s: %.1f MiB read, %d new chunks so far", path, size / 2**20, self._sink.stats.new_chunks)
+        if chunklists or len(refs) > INLINE_REFS:
+            if refs:
+                chunklists.append(self._sink.add(CHUNKLIST, msgpack.packb(refs, use_bin_type=True)))
+            rec["cl"] = chunklists
+        else:
+            rec["c"] = refs
+        rec["s"] = size
+        rec["d"] = digest.digest()
+        self._manifest.add(rec)
+        self._bytes += size
+        return RecordInfo(path, size, digest.hexdigest())
+
+    def add_bytes(self, path: str, data: bytes, **attrs: Any) -> RecordInfo:
+        import io
+
+        return self.add_stream(path, io.BytesIO(data), **attrs)
+
+    def add_entry(self, path: str, kind: str, **attrs: Any) -> None:
+        """Add a record without content: ``d`` directory, ``l`` symlink, ``h`` hard link (``link_target``)."""
+        if kind not in ("d", "l", "h"):
+            raise ValueError(f"entry kind must be d, l or h, not {kind!r}")
+        assert self._manifest is not None, "use the writer as a context manager"
+        self._manifest.add(self._record(path, kind, attrs))
+
+    def add_error(self, path: str, message: str, **attrs: Any) -> None:
+        """Record that ``path`` could not be read (multi-record sources continue; the snapshot says so)."""
+        assert self._manifest is not None, "use the writer as a context manager"
+        rec = self._record(path, "e", attrs)
+        rec["e"] = message
+        self._errors += 1
+        self._manifest.add(rec)
+
+    # -- commit --------------------------------------------------------------------------------------------------
+    def commit(self) -> str:
+        assert self._sink is not None and self._manifest is not None and self._lease is not None
+        st = self.store
+        try:
+            self._manifest.flush()
+            packs = self._sink.close()
+            failpoint("after-packs")
+            segments = []
+            for i in range(0, len(packs), 1):  # group packs into segments of at most SEGMENT_MAX_ENTRIES blobs
+                if not segments or segments[-1][1] + len(packs[i]["blobs"]) > SEGMENT_MAX_ENTRIES:
+                    segments.append([[], 0])
+                segments[-1][0].append(packs[i])
+                segments[-1][1] += len(packs[i]["blobs"])
+            seg_ids = []
+            for group, _n in segments:
+                seg_id = write_segment(st.backend, st.keys, group)
+                seg_ids.append((seg_id, group))
+            failpoint("after-index")
+            stats = self._sink.stats
+            header = {
+                "v": 1, "id": self.snapshot_id, "repo": st.config.repo_id,
+                "time_start": self._start.isoformat(), "time_end": pendulum.now("UTC").isoformat(),
+                "duration_s": round(time.time() - self._t0, 3),
+                "host": socket.gethostname(), "user": _user(), "pid": os.getpid(),
+                "tool": f"pgplakar/{_version()}", "python": sys.version.split()[0], "platform": platform.platform(),
+                "tags": self.tags, "labels": self.labels, "source": self.source, "meta": self.meta,
+                "manifest": {"leaves": self._manifest.leaves},
+                "stats": {
+                    "records": self._manifest.total, "bytes": self._bytes, "chunks": stats.chunks,
+                    "new_chunks": stats.new_chunks, "new_raw_bytes": stats.new_raw_bytes,
+                    "new_stored_bytes": stats.new_stored_bytes, "packs": stats.packs, "errors": self._errors,
+                },
+                "digest": blake3.blake3(msgpack.packb(self._manifest.leaves), key=st.keys.id_key).hexdigest(),
+                "index_segments": [s for s, _ in seg_ids],
+                "idempotency": bool(self.idempotency_key),
+            }
+            self._lease.check_fresh()
+            data = seal_object(st.keys, b"SNAP", header, context=st.snapshot_context(self.snapshot_id))
+            try:
+                st.backend.put(f"snapshots/{self.snapshot_id}", data)
+            except AlreadyExists:
+                if not self.idempotency_key:
+                    raise StoreError(f"snapshot ID collision for {self.snapshot_id}") from None
+                self.already_existed = True
+                log.info("snapshot %s already committed by an earlier attempt: keeping it", self.snapshot_id)
+            failpoint("after-commit")
+            for seg_id, group in seg_ids:
+                st.cache.apply_segment(seg_id, {"packs": group})
+            if not self.already_existed:
+                log.info(
+                    "committed snapshot %s: %d records, %.1f MiB, %.1f MiB new (%.1f MiB stored) in %.1fs",
+                    self.snapshot_id, self._manifest.total, self._bytes / 2**20, stats.new_raw_bytes / 2**20,
+                    stats.new_stored_bytes / 2**20, time.time() - self._t0,
+                )
+            return self.snapshot_id
+        except BaseException:
+            self._sink.abort()
+            raise
+        finally:
+            self._lease.release()
+            self._lease = None
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return str(os.getuid())
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
