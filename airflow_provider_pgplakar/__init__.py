@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .conn_forms import STORE_CONN_FIELDS, STORE_UI_FIELD_BEHAVIOUR
+
 __version__ = "0.1.0"
 
 
@@ -15,4 +17,18 @@ def get_provider_info() -> dict:
         "name": "PgPlakar",
         "description": "Back up PostgreSQL into an encrypted, deduplicated snapshot store and restore from it.",
         "versions": [__version__],
+        "integrations": [
+            {"integration-name": "PgPlakar", "external-doc-url": "https://plakar.io/", "tags": ["software"]}
+        ],
+        "hooks": [{"integration-name": "PgPlakar", "python-modules": ["airflow_provider_pgplakar.hooks.store"]}],
+        "connection-types": [
+            {
+                "connection-type": "pgplakar_store",
+                "hook-class-name": "airflow_provider_pgplakar.hooks.store.PgPlakarStoreHook",
+                "hook-name": "PgPlakar snapshot store",
+                "conn-fields": STORE_CONN_FIELDS,
+                "ui-field-behaviour": STORE_UI_FIELD_BEHAVIOUR,
+            }
+        ],
     }
+

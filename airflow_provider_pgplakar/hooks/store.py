@@ -1,0 +1,85 @@
+"""Airflow hook for the snapshot store: a ``pgplakar_store`` connection → an opened :class:`Store`.
+
+The connection form is declared in ``get_provider_info()`` (``conn-fields`` / ``ui-field-behaviour``), which is
+what the Airflow 3 UI reads; the passphrase lives in the connection's password field so Airflow stores it
+encrypted and masks it. Secrets are also masked with the secret masker as soon as they are read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+from ..conn_forms import STORE_CONN_TYPE as CONN_TYPE
+from ..store.repo import Store
+
+_S3_MAP = {
+    "endpoint_url": "endpoint_url",
+    "region_name": "region",
+    "aws_access_key_id": "access_key_id",
+    "aws_secret_access_key": "secret_access_key",
+    "aws_session_token": "session_token",
+    "aws_profile": "profile",
+    "conditional_writes": "conditional_writes",
+}
+
+
+def _extra(conn: Any) -> dict[str, Any]:
+    extra = conn.extra_dejson or {}
+    prefix = f"extra__{CONN_TYPE}__"  # forms may store fields prefixed
+    return {k.removeprefix(prefix): v for k, v in extra.items() if v not in (None, "")}
+
+
+class PgPlakarStoreHook(BaseHook):
+    """Opens the snapshot store named by an Airflow connection."""
+
+    conn_name_attr = "store_conn_id"
+    default_conn_name = "pgplakar_store_default"
+    conn_type = CONN_TYPE
+    hook_name = "PgPlakar snapshot store"
+
+    def __init__(self, store_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.store_conn_id = store_conn_id
+
+    def store_settings(self) -> dict[str, Any]:
+        """Keyword arguments for :meth:`Store.open` (secrets masked in logs from here on)."""
+        from airflow.sdk.log import mask_secret
+
+        conn = self.get_connection(self.store_conn_id)
+        extra = _extra(conn)
+        location = extra.get("location") or conn.host
+        if not location:
+            raise ValueError(f"connection {self.store_conn_id!r}: set the 'location' extra (path or s3://bucket/p)")
+        for secret in (conn.password, extra.get("key"), extra.get("aws_secret_access_key"),
+                       extra.get("aws_session_token")):
+            if secret:
+                mask_secret(secret)
+        s3 = {dst: extra[src] for src, dst in _S3_MAP.items() if src in extra}
+        return {
+            "location": location,
+            "passphrase": conn.password or None,
+            "key": extra.get("key"),
+            "plaintext": _bool(extra.get("plaintext", False)),
+            "s3_options": s3 or None,
+            "cache_dir": extra.get("cache_dir"),
+        }
+
+    def get_store(self) -> Store:
+        s = self.store_settings()
+        loc = s.pop("location")
+        return Store.open(loc, s.pop("passphrase"), **s)
+
+    def test_connection(self) -> tuple[bool, str]:
+        try:
+            with self.get_store() as st:
+                return True, f"store {st.config.repo_id} at {st.location}: {len(st.snapshot_ids())} snapshot(s)"
+        except Exception as e:
+            return False, str(e)
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    return str(v).strip().lower() in ("1", "true", "yes", "on")

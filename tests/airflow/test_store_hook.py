@@ -1,0 +1,84 @@
+"""The store connection type: the UI form Airflow 3 renders, and the hook that opens a store from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from airflow_provider_pgplakar.hooks.store import PgPlakarStoreHook
+from airflow_provider_pgplakar.store.errors import WrongPassphrase
+from airflow_provider_pgplakar.store.repo import Store
+
+
+@pytest.fixture(autouse=True)
+def _fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PGPLAKAR_KDF", "1,8192,1")
+    monkeypatch.setenv("PGPLAKAR_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _conn(monkeypatch: pytest.MonkeyPatch, conn_id: str, password: str | None, **extra: object) -> None:
+    body = {"conn_type": "pgplakar_store", "extra": extra}
+    if password is not None:
+        body["password"] = password
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(body))
+
+
+def test_ui_form_comes_from_provider_metadata() -> None:
+    from airflow.api_fastapi.core_api.services.ui.connections import HookMetaService
+
+    meta = {m.connection_type: m for m in HookMetaService.hook_meta_data()}
+    form = meta["pgplakar_store"]
+    assert form.hook_name == "PgPlakar snapshot store"
+    fields = form.extra_fields or {}
+    assert {"location", "key", "endpoint_url", "aws_secret_access_key"} <= {k.rsplit("__", 1)[-1] for k in fields}
+    secret = next(v for k, v in fields.items() if k.endswith("aws_secret_access_key"))
+    assert secret["schema"]["format"] == "password"
+    assert form.standard_fields is not None
+    assert form.standard_fields.password.title == "Passphrase"
+    assert form.standard_fields.host.hidden
+
+
+def test_hook_opens_store_with_passphrase_and_raw_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    loc = str(tmp_path / "store")
+    st = Store.create(loc, "s3cret")
+    with st.writer(labels={"dag_id": "d"}) as w:
+        w.add_bytes("/x", b"payload")
+    raw = st.export_key()
+
+    _conn(monkeypatch, "by_pass", "s3cret", location=loc)
+    with PgPlakarStoreHook("by_pass").get_store() as opened:
+        rec = opened.find_record(w.snapshot_id, "/x")
+        assert opened.open_record(rec).read() == b"payload"
+    ok, msg = PgPlakarStoreHook("by_pass").test_connection()
+    assert ok and "1 snapshot" in msg
+
+    _conn(monkeypatch, "by_key", None, location=loc, key=raw)
+    with PgPlakarStoreHook("by_key").get_store() as opened:
+        assert opened.snapshot_ids() == [w.snapshot_id]
+
+    _conn(monkeypatch, "wrong", "nope", location=loc)
+    with pytest.raises(WrongPassphrase):
+        PgPlakarStoreHook("wrong").get_store()
+    ok, msg = PgPlakarStoreHook("wrong").test_connection()
+    assert not ok and "wrong passphrase" in msg and "nope" not in msg
+
+
+def test_hook_requires_location(monkeypatch: pytest.MonkeyPatch) -> None:
+    _conn(monkeypatch, "noloc", "x")
+    with pytest.raises(ValueError, match="location"):
+        PgPlakarStoreHook("noloc").get_store()
+
+
+def test_hook_s3_settings_reach_the_backend(monkeypatch: pytest.MonkeyPatch, s3_bucket: tuple[str, str]) -> None:
+    endpoint, bucket = s3_bucket
+    _conn(monkeypatch, "s3", "pw", location=f"s3://{bucket}/backups", endpoint_url=endpoint, region_name="us-east-1")
+    settings = PgPlakarStoreHook("s3").store_settings()
+    assert settings["s3_options"] == {"endpoint_url": endpoint, "region": "us-east-1"}
+    Store.create(settings["location"], "pw", s3_options=settings["s3_options"]).close()
+    with PgPlakarStoreHook("s3").get_store() as st:
+        assert st.location == f"s3://{bucket}/backups"
+        with st.writer() as w:
+            w.add_bytes("/y", b"over s3")
+        assert st.open_record(st.find_record(w.snapshot_id, "/y")).read() == b"over s3"
