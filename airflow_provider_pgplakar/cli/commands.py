@@ -8,7 +8,8 @@ import sys
 from typing import Any
 
 from ..store import check as check_mod
-from ..store import files, prune as prune_mod
+from ..store import files
+from ..store import prune as prune_mod
 from ..store.errors import StoreError
 from ..store.forget import plan_forget, source_label
 from ..store.repo import Store

@@ -10,13 +10,11 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any
 
 from ..store.errors import StoreError
-from . import output
-from .secrets import passphrase as get_passphrase
-from .secrets import raw_key
 
 DEFAULT_STORE = os.path.join(os.path.expanduser("~"), ".pgplakar")
 
@@ -37,10 +35,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one ``pgplakar: usage: ...`` line (via UsageError), not a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     _common(common)
-    parser = argparse.ArgumentParser(
+    # the same options after the command must not reset ones given before it: no defaults at that level
+    sub_common = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
+    _common(sub_common)
+    parser = _Parser(
         prog="pgplakar", parents=[common],
         description="Encrypted, deduplicated snapshots. Usage: pgplakar at STORE COMMAND (STORE: a directory, "
                     "file:// URL or s3://bucket/prefix; default ~/.pgplakar or $PGPLAKAR_STORE).",
@@ -48,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def cmd(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, parents=[common], description=help)
+        return sub.add_parser(name, help=help, parents=[sub_common], description=help)
 
     p = cmd("create", "create a new store (encrypted unless --plaintext)")
     p.add_argument("--plaintext", action="store_true", help="no encryption (integrity checks remain)")
@@ -107,13 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
 def split_at(argv: Sequence[str]) -> tuple[str, list[str]]:
     """``at STORE`` may appear first or after global options."""
     args = list(argv)
+    skip = False
     for i, a in enumerate(args):
+        if skip:  # the value of a global option such as --passphrase-file FILE
+            skip = False
+            continue
         if a == "at":
             if i + 1 >= len(args):
                 raise UsageError("`at` needs a store location")
             return args[i + 1], args[:i] + args[i + 2 :]
         if not a.startswith("-"):
             break
+        skip = a in ("--passphrase-file", "--key-file", "--cache-dir")
     return os.environ.get("PGPLAKAR_STORE", DEFAULT_STORE), args
 
 
@@ -173,3 +186,7 @@ def parse_labels(items: list[str]) -> dict[str, Any]:
             raise UsageError(f"--label wants KEY=VALUE, got {item!r}")
         out[k] = v
     return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

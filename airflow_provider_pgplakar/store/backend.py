@@ -15,8 +15,9 @@ Invariants every backend MUST keep (tested by ``tests/store/test_backend_conform
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 
 @dataclass(frozen=True)

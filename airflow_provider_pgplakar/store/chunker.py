@@ -7,8 +7,9 @@ need nothing special either way: a record is its list of chunk references.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 DEFAULT_CDC = {"alg": "fastcdc2020", "lib": "pyfastcdc==0.3.1", "min": 32 * 1024, "avg": 128 * 1024,
                "max": 512 * 1024, "nc": 1}

@@ -11,9 +11,10 @@ import hashlib
 import logging
 import os
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .backend import Backend
 from .crypto import Keys
@@ -72,6 +73,22 @@ def write_segment(backend: Backend, keys: Keys, packs: list[dict[str, Any]], sup
     return seg_id
 
 
+def write_segments(
+    backend: Backend, keys: Keys, packs: list[dict[str, Any]], supersedes: Iterable[str] = ()
+) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Write ``packs`` as segments of at most SEGMENT_MAX_ENTRIES blobs; return [(segment_id, packs), ...]."""
+    groups: list[list[dict[str, Any]]] = []
+    count = 0
+    for p in packs:
+        if not groups or count + len(p["blobs"]) > SEGMENT_MAX_ENTRIES:
+            groups.append([])
+            count = 0
+        groups[-1].append(p)
+        count += len(p["blobs"])
+    supersedes = list(supersedes)
+    return [(write_segment(backend, keys, g, supersedes), g) for g in groups]
+
+
 def read_segment(backend: Backend, keys: Keys, seg_id: str) -> dict[str, Any]:
     name = segment_name(seg_id)
     data = backend.get(name)
@@ -103,7 +120,9 @@ class IndexCache:
         db.executescript(_SCHEMA)
         row = dict(db.execute("SELECT k, v FROM meta").fetchall())
         if not row:
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('repo_id', ?), ('schema', ?)", (self.repo_id, SCHEMA_VERSION))
+            db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('repo_id', ?), ('schema', ?)", (self.repo_id, SCHEMA_VERSION)
+            )
         elif row.get("repo_id") != self.repo_id or row.get("schema") != SCHEMA_VERSION:
             db.close()
             raise StoreError(f"cache belongs to store {row.get('repo_id')}, not {self.repo_id}")

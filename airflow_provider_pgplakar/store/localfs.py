@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .backend import ObjInfo
 from .errors import AlreadyExists, ObjectNotFound, StoreError

@@ -70,7 +70,8 @@ def list_leases(backend: Backend, keys: Keys) -> list[LeaseInfo]:
             body: dict[str, Any] = open_object(keys, b"LEAS", backend.get(obj.key), obj.key)
         except (IntegrityError, ObjectNotFound):
             continue  # a lease being replaced or removed, or foreign junk; age rules cover the rest
-        out.append(LeaseInfo(obj.key.rsplit("/", 1)[-1], body["kind"], body["host"], body["pid"], body["start"], obj.mtime))
+        lease_id = obj.key.rsplit("/", 1)[-1]
+        out.append(LeaseInfo(lease_id, body["kind"], body["host"], body["pid"], body["start"], obj.mtime))
     return out
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from .blobsink import BlobSink
 from .errors import IntegrityError, StoreError
-from .index import SEGMENT_MAX_ENTRIES, write_segment
+from .index import write_segments
 from .locks import acquire, is_stale, list_leases
 from .pack import CHUNKLIST, TREE, decode_blob, pack_key, pack_object_name
 from .reader import chunk_refs, iter_records
@@ -101,13 +101,20 @@ def _prune(store: Store, dry_run: bool) -> PruneReport:
     packs = db.execute(
         "SELECT p.no, p.id, p.size, p.kind, p.salt, "
         "coalesce((SELECT sum(b.len) FROM blobs b JOIN temp.owner o ON o.id=b.id AND o.pack=b.pack "
-        "          WHERE b.pack=p.no), 0) FROM packs p"
+        "          WHERE b.pack=p.no), 0), "
+        "(SELECT count(*) FROM blobs b JOIN temp.owner o ON o.id=b.id AND o.pack=b.pack WHERE b.pack=p.no) "
+        "FROM packs p"
     ).fetchall()
+    from .pack import PREFIX_LEN, TRAILER_LEN
+
     keep, repack, delete = [], [], []
-    for no, pid, size, kind, salt, used in packs:
+    for no, pid, size, _kind, salt, used, owned in packs:
+        # the pack format's own bytes (prefix, trailer, sealed header of ~50 bytes per blob) are not dead space:
+        # counted as dead, a pack of small all-live blobs was "repacked" into an identical one by every prune
+        overhead = PREFIX_LEN + TRAILER_LEN + 64 + 64 * owned
         if used == 0:
             delete.append((pid, size))
-        elif (size - used) / size > REPACK_DEAD_FRACTION:
+        elif (size - used - overhead) / size > REPACK_DEAD_FRACTION:
             repack.append((no, pid, size, salt))
         else:
             keep.append(no)
@@ -129,16 +136,7 @@ def _prune(store: Store, dry_run: bool) -> PruneReport:
                           "ON o.id=b.id AND o.pack=b.pack WHERE b.pack=?", (no,)).fetchall()
         entries.append({"id": pid, "size": size, "kind": kind, "salt": salt, "blobs": [list(r) for r in rows]})
     old_segments = sorted(store.cache.segments())
-    group: list[dict] = []
-    count = 0
-    for e in entries:
-        if group and count + len(e["blobs"]) > SEGMENT_MAX_ENTRIES:
-            write_segment(store.backend, store.keys, group, old_segments)
-            group, count = [], 0
-        group.append(e)
-        count += len(e["blobs"])
-    if group:
-        write_segment(store.backend, store.keys, group, old_segments)
+    write_segments(store.backend, store.keys, entries, old_segments)
     for seg in old_segments:
         store.backend.delete(f"index/{seg}")
     rep.segments_replaced = len(old_segments)
@@ -199,19 +197,28 @@ def repair_index(store: Store) -> int:
     lease = acquire(store.backend, store.keys, "prune")
     try:
         old = [o.key for o in store.backend.list("index/")]
+        store.sync_index()  # the readable segments: the fallback for packs whose own header is damaged
         entries = []
         for obj in store.backend.list("packs/"):
             pid = obj.key.rsplit("/", 1)[-1]
             try:
                 salt, blobs = parse_pack(store.keys, store.backend.get(obj.key), obj.key)
             except IntegrityError as e:
-                log.warning("skipping unreadable pack: %s", e)
+                # its blobs are still individually sealed: keep what a readable segment says about them rather
+                # than delete the only map to intact data along with the old segments
+                known = store.cache.db.execute("SELECT size, kind, salt FROM packs WHERE id=?", (pid,)).fetchone()
+                rows = store.cache.pack_entries(pid)
+                if known is None or not rows:
+                    log.warning("skipping unreadable pack: %s", e)
+                    continue
+                log.warning("%s; keeping its entries from the existing index", e)
+                entries.append({"id": pid, "size": known[0], "kind": known[1], "salt": known[2],
+                                "blobs": [[t, b, off, n, raw] for b, off, n, raw, t in rows]})
                 continue
             kind = "data" if all(b.blob_type not in (TREE, CHUNKLIST) for b in blobs) else "tree"
             entries.append({"id": pid, "size": obj.size, "kind": kind, "salt": salt,
                             "blobs": [[b.blob_type, b.blob_id, b.offset, b.length, b.raw_len] for b in blobs]})
-        for i in range(0, len(entries), 100):
-            write_segment(store.backend, store.keys, entries[i : i + 100])
+        write_segments(store.backend, store.keys, entries)
         for key in old:
             store.backend.delete(key)
         store.cache.reset()

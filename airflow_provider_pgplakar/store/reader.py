@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import io
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 

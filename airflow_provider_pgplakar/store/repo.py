@@ -15,8 +15,9 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import blake3
 
@@ -89,6 +90,7 @@ class Store:
         from pathlib import Path
 
         self.cache = IndexCache(Path(root) / config.repo_id / "index.sqlite", config.repo_id)
+        self._master: bytes | None = None  # set when unlocked by passphrase (needed to add keys / export)
 
     @property
     def location(self) -> str:
@@ -139,7 +141,10 @@ class Store:
         except AlreadyExists:
             raise StoreExistsError(f"{backend.location} already holds a store (created concurrently)") from None
         log.info("created %s store %s at %s", config.encryption, repo_id, backend.location)
-        return cls(backend, config, keys, cache_dir)
+        store = cls(backend, config, keys, cache_dir)
+        if not plaintext:
+            store._master = master
+        return store
 
     @classmethod
     def open(
@@ -188,13 +193,13 @@ class Store:
         keys = Keys.from_master(master)
         if keys.key_check != config.key_check:
             raise IntegrityError(f"key file of {backend.location} unwraps to a key that does not match config")
-        s = cls(backend, config, keys, cache_dir)
-        s._master = master
-        return s
+        store = cls(backend, config, keys, cache_dir)
+        store._master = master
+        return store
 
     # -- keys ------------------------------------------------------------------------------------------------------
     def _require_master(self) -> bytes:
-        m = getattr(self, "_master", None)
+        m = self._master
         if m is None:
             raise StoreError("this operation needs the store unlocked with a passphrase")
         return m
@@ -340,5 +345,7 @@ def _unlock(backend: Backend, config: StoreConfig, names: list[str], passphrase:
             continue
         if master is not None:
             return master
+    if len(corrupt) == len(names):  # nothing could be tried: the passphrase is not the problem
+        raise IntegrityError(f"cannot unlock {backend.location}: {'; '.join(corrupt)}")
     detail = f"; also {'; '.join(corrupt)}" if corrupt else ""
     raise WrongPassphrase(f"wrong passphrase for {backend.location} (tried {len(names)} key file(s){detail})")

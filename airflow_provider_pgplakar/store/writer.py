@@ -27,7 +27,7 @@ from .blobsink import BlobSink
 from .chunker import Chunking
 from .errors import AlreadyExists, StoreError
 from .failpoints import failpoint
-from .index import SEGMENT_MAX_ENTRIES, write_segment
+from .index import write_segments
 from .locks import Lease, acquire
 from .objects import seal_object
 from .pack import CHUNKLIST, DATA, TREE
@@ -217,16 +217,7 @@ class SnapshotWriter:
             self._manifest.flush()
             packs = self._sink.close()
             failpoint("after-packs")
-            segments = []
-            for i in range(0, len(packs), 1):  # group packs into segments of at most SEGMENT_MAX_ENTRIES blobs
-                if not segments or segments[-1][1] + len(packs[i]["blobs"]) > SEGMENT_MAX_ENTRIES:
-                    segments.append([[], 0])
-                segments[-1][0].append(packs[i])
-                segments[-1][1] += len(packs[i]["blobs"])
-            seg_ids = []
-            for group, _n in segments:
-                seg_id = write_segment(st.backend, st.keys, group)
-                seg_ids.append((seg_id, group))
+            seg_ids = write_segments(st.backend, st.keys, packs)
             failpoint("after-index")
             stats = self._sink.stats
             header = {

@@ -1,0 +1,38 @@
+"""Suite-wide pytest configuration.
+
+The environment block below must run before anything imports airflow: Airflow reads its config
+(and creates ``AIRFLOW_HOME``) at import time, so setting it later would let tests touch the
+developer's real ``~/airflow`` and its database.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+_AIRFLOW_HOME = tempfile.mkdtemp(prefix="pgplakar-airflow-home-")
+atexit.register(shutil.rmtree, _AIRFLOW_HOME, ignore_errors=True)
+os.environ["AIRFLOW_HOME"] = _AIRFLOW_HOME
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "True"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO_ROOT / "example_dags")
+
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest_plugins = ["tests.s3_server", "tests.pgservers"]
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Iterator[None]:
+    """Create the Airflow metadata DB (sqlite in the temp ``AIRFLOW_HOME``) once, only for tests that ask."""
+    from airflow.utils import db
+
+    db.initdb()
+    yield
