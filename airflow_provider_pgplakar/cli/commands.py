@@ -15,7 +15,7 @@ from ..store.forget import plan_forget, source_label
 from ..store.repo import Store
 from ..store.retention import Policy, parse_group_by
 from . import output
-from .main import UsageError, parse_duration, parse_labels
+from .main import UsageError, parse_duration, parse_kv, parse_labels
 from .secrets import passphrase as get_passphrase
 from .secrets import raw_key
 
@@ -50,7 +50,25 @@ def cmd_create(location: str, args: argparse.Namespace) -> int:
     return 0
 
 
+PG_SCHEMES = ("postgres://", "postgresql://", "postgres+aws://", "postgresql+aws://", "postgres+bin://",
+              "postgresql+bin://")
+
+
+def _pg_options(items: list[str]) -> dict[str, str]:
+    opts = parse_kv(items)
+    if "password" in opts:
+        print("pgplakar: warning: a password on the command line is visible to other users (ps); "
+              "prefer PGPASSWORD", file=sys.stderr)
+    elif os.environ.get("PGPASSWORD"):
+        opts["password"] = os.environ["PGPASSWORD"]
+    return opts
+
+
 def cmd_backup(location: str, args: argparse.Namespace) -> int:
+    if args.path.startswith(PG_SCHEMES):
+        return _pg_backup(location, args)
+    if args.pg_options:
+        raise UsageError("key=value options are for postgres:// sources only")
     st = _open(location, args)
     src = os.path.abspath(args.path)
     with st.writer(source={"kind": "files", "origin": src}, tags=args.tag, labels=parse_labels(args.label),
@@ -115,9 +133,53 @@ def cmd_cat(location: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_restore(location: str, args: argparse.Namespace) -> int:
+def _pg_backup(location: str, args: argparse.Namespace) -> int:
+    from ..pg.logical import logical_backup
+    from ..pg.options import LogicalSourceOptions, parse_source_options
+
+    opts = parse_source_options(args.path, _pg_options(args.pg_options))
+    if not isinstance(opts, LogicalSourceOptions):
+        raise UsageError("postgres+bin:// backups are not available yet")
     st = _open(location, args)
-    snap_ref, path = _split_target(args.target)
+    res = logical_backup(st, opts, tags=args.tag, labels=parse_labels(args.label),
+                         idempotency_key=args.idempotency_key)
+    for w in res.warnings:
+        print(f"pgplakar: warning: {w}", file=sys.stderr)
+    if args.json:
+        output.emit_json({"snapshot": res.snapshot_id, "databases": res.databases, "bytes": res.bytes,
+                          "warnings": res.warnings})
+    else:
+        print(f"snapshot {res.snapshot_id[:8]} created: {len(res.databases)} database(s), "
+              f"{output.human_bytes(res.bytes)}")
+    return 0
+
+
+def _pg_restore(location: str, args: argparse.Namespace) -> int:
+    from ..pg.options import parse_restore_options
+    from ..pg.restore import RestoreFailed, logical_restore
+
+    opts = parse_restore_options(args.to, _pg_options(args.items[:-1]))
+    st = _open(location, args)
+    sid = st.resolve(args.items[-1])
+    try:
+        summary = logical_restore(st, sid, opts)
+    except RestoreFailed as e:
+        print(e.summary.text(), file=sys.stderr)
+        raise
+    if args.json:
+        output.emit_json(summary.as_dict())
+    else:
+        print(summary.text())
+    return 0
+
+
+def cmd_restore(location: str, args: argparse.Namespace) -> int:
+    if args.to.startswith(PG_SCHEMES):
+        return _pg_restore(location, args)
+    if len(args.items) != 1:
+        raise UsageError("key=value options are for postgres:// destinations only")
+    st = _open(location, args)
+    snap_ref, path = _split_target(args.items[0])
     sid = st.resolve(snap_ref)
     n = files.restore_records(st, st.records(sid, path), args.to, overwrite=args.overwrite)
     if args.json:

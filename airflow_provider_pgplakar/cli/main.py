@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+from ..pg import PgError
 from ..store.errors import StoreError
 
 DEFAULT_STORE = os.path.join(os.path.expanduser("~"), ".pgplakar")
@@ -62,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plaintext", action="store_true", help="no encryption (integrity checks remain)")
     p.add_argument("--compression-level", type=int, default=3, help="zstd level 0..19 (0 = off; default 3)")
 
-    p = cmd("backup", "back up a local directory or file into a new snapshot")
-    p.add_argument("path")
+    p = cmd("backup", "back up a local directory or file, or PostgreSQL (postgres://... [key=value ...])")
+    p.add_argument("path", help="directory, file, or postgres:// | postgres+aws:// | postgres+bin:// location")
+    p.add_argument("pg_options", nargs="*", metavar="key=value", help="source options (seed names)")
     p.add_argument("--tag", action="append", default=[], help="snapshot tag (repeatable)")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="snapshot label (repeatable)")
     p.add_argument("--idempotency-key", help="retries with the same key end with one snapshot")
@@ -75,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("cat", "write a record's content to stdout")
     p.add_argument("target", metavar="SNAPSHOT:/path")
 
-    p = cmd("restore", "restore SNAPSHOT[:/path] into a directory")
-    p.add_argument("-to", "--to", dest="to", required=True, metavar="DIR")
-    p.add_argument("target", metavar="SNAPSHOT[:/path]")
+    p = cmd("restore", "restore SNAPSHOT[:/path] into a directory, or a logical snapshot into a server")
+    p.add_argument("-to", "--to", dest="to", required=True, metavar="DIR|postgres://...")
+    p.add_argument("items", nargs="+", metavar="[key=value ...] SNAPSHOT[:/path]",
+                   help="destination options (postgres:// only), then the snapshot")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
 
     p = cmd("check", "verify the store's metadata (and with --read-data every byte)")
@@ -149,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pgplakar: interrupted", file=sys.stderr)
         return 130
-    except (StoreError, ValueError, OSError) as e:
+    except (StoreError, PgError, ValueError, OSError) as e:
         if debug:
             raise
         print(f"pgplakar: error: {_one_line(e)}", file=sys.stderr)
@@ -176,6 +179,16 @@ def parse_duration(text: str) -> timedelta:
     if not parts:
         raise UsageError(f"--keep-within: bad duration {text!r} (e.g. 7d, 12h, 1d12h)")
     return timedelta(seconds=sum(int(n) * units[u] for n, u in re.findall(r"(\d+)([ywdhm])", text)))
+
+
+def parse_kv(items: list[str], what: str = "option") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise UsageError(f"{what} wants key=value, got {item.split('=')[0]!r}")
+        out[k] = v
+    return out
 
 
 def parse_labels(items: list[str]) -> dict[str, Any]:
