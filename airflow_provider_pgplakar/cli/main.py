@@ -149,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"pgplakar: usage: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into e.g. `head`: not an error worth a message
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("pgplakar: interrupted", file=sys.stderr)
         return 130

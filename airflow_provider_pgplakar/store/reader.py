@@ -105,7 +105,11 @@ class RecordReader(io.RawIOBase):
         if record.get("k") != "f":
             raise StoreError(f"{record.get('p')!r} is not a file record (kind {record.get('k')!r})")
         self.store, self.record = store, record
-        store.sync_index()
+        # LIST index/ only when the local index lacks a blob of this record (records come from iter_records, which
+        # has just synced): one LIST per opened file made restores of many small files from S3 list-bound.
+        inline = record.get("c")
+        if inline is None or not all(store.cache.has_blob(blob_id) for blob_id, _n in inline):
+            store.sync_index()
         self._groups = _groups(store, record)
         self._pool = ThreadPoolExecutor(min(prefetch, 4), thread_name_prefix="pgplakar-read")
         self._pending: deque[Future[list[bytes]]] = deque()

@@ -183,7 +183,9 @@ class Store:
             keys = Keys.from_master(master)
             if keys.key_check != config.key_check:
                 raise WrongPassphrase(f"the raw key does not belong to the store at {backend.location}")
-            return cls(backend, config, keys, cache_dir)
+            store = cls(backend, config, keys, cache_dir)
+            store._master = master  # the raw key is the master: it may add passphrases (lost-passphrase recovery)
+            return store
         if not passphrase:
             raise WrongPassphrase(
                 f"{backend.location} is encrypted: give a passphrase (PGPLAKAR_PASSPHRASE, --passphrase-file) "
@@ -201,7 +203,7 @@ class Store:
     def _require_master(self) -> bytes:
         m = self._master
         if m is None:
-            raise StoreError("this operation needs the store unlocked with a passphrase")
+            raise StoreError("this operation needs the store unlocked with a passphrase or the raw key")
         return m
 
     def list_keys(self) -> list[dict[str, Any]]:
