@@ -178,7 +178,7 @@ def _manifest(s: Session, opts: LogicalSourceOptions, selected: list[str], tool_
         factory, database=opts.database, connector="postgresql", host=opts.conn.host, port=opts.conn.port,
         dump_format="custom", options={"schema_only": opts.schema_only, "data_only": opts.data_only,
                                        "compress": opts.compress},
-        tool_versions=tool_versions,
+        tool_versions=tool_versions, exclude_databases=tuple(opts.exclude_databases or ()),
         extra={"databases_dumped": [] if manifest_only else selected, "role_passwords": authid_ok,
                "scheme": opts.scheme},
     )

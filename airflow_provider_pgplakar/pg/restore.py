@@ -226,7 +226,9 @@ def _restore_dump(store: Any, s: Session, rec: dict, db: str, opts: RestoreOptio
     tool = str(s.tool("pg_restore", min_major).path)
     target = opts.database or db
     create = opts.recreate and target not in NEVER_DROPPED
-    clean = opts.clean or (opts.recreate and target in NEVER_DROPPED)
+    # recreate: --clean with --create drops the database first (a plain --create fails if it exists); postgres and
+    # template1 get --clean only (their objects are dropped and restored in place)
+    clean = opts.clean or opts.recreate
     kwargs = dict(clean=clean, create=create, no_owner=opts.no_owner, exit_on_error=opts.exit_on_error,
                   schema_only=opts.schema_only, data_only=opts.data_only, tables=opts.tables, schemas=opts.schemas)
     connect_db = "postgres" if create else target
