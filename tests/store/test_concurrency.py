@@ -1,0 +1,294 @@
+"""Several processes on one store, on both backends: concurrent writers, prune racing writers, idempotent retries,
+forget + prune and the repack path. Every claim is checked on restored bytes and with ``check --read-data``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from airflow_provider_pgplakar.store import check as check_mod
+from airflow_provider_pgplakar.store import files as files_mod
+from airflow_provider_pgplakar.store import locks
+from airflow_provider_pgplakar.store import prune as prune_mod
+from airflow_provider_pgplakar.store.errors import StoreLocked
+from airflow_provider_pgplakar.store.repo import Store
+from tests.store.conftest import PASSPHRASE
+from tests.store.writer_proc import (
+    assert_restores,
+    cli,
+    kill_leftovers,
+    lease_count,
+    make_tree,
+    pack_census,
+    rand,
+    writer,
+)
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_children() -> Iterator[None]:
+    yield
+    kill_leftovers()
+
+
+def _check_clean(st: Store) -> None:
+    rep = check_mod.check(st, read_data=True)
+    assert rep.ok, [str(p) for p in rep.problems]
+
+
+def _census_tight(st: Store) -> None:
+    """After a prune: no orphan or missing pack, every referenced blob stored, no pack over the repack threshold."""
+    c = pack_census(st)
+    assert c.unindexed == 0 and c.missing == 0 and c.live_missing == 0, c
+    assert c.worst_dead_fraction <= prune_mod.REPACK_DEAD_FRACTION, c
+
+
+def _packs_bytes(st: Store) -> int:
+    return sum(o.size for o in st.backend.list("packs/"))
+
+
+def test_three_concurrent_writers(location: str, tmp_path: Path) -> None:
+    st = Store.create(location, PASSPHRASE, pack_target=MiB // 2)
+    common = {"/common/a.bin": rand(600 * KiB, 1), "/common/text": b"all work and no play\n" * 8000}
+    pair = {"/pair.bin": rand(300 * KiB, 2)}  # writers 0 and 1 only
+    expected = []
+    for i in range(3):
+        own = {f"/own/u{i}.bin": rand(400 * KiB, 10 + i), f"/own/small{i}": f"writer {i}".encode()}
+        expected.append(make_tree(tmp_path / f"src{i}", {**common, **own, **(pair if i < 2 else {})}))
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [writer(location, tmp_path / f"src{i}", "--barrier", str(barrier), "--parties", "3", "--sleep", "0.05")
+             for i in range(3)]
+    for p in procs:
+        assert p.finish() == 0, p.text("stderr")
+    results = [p.json_result() for p in procs]
+    ids = [r["id"] for r in results]
+    assert len(set(ids)) == 3 and sorted(ids) == st.snapshot_ids()
+    for i, sid in enumerate(ids):
+        assert_restores(st, sid, expected[i], tmp_path / f"restore{i}")
+    _check_clean(st)
+
+    # the writers stored the shared data up to three times over: prune drops the extra copies, loses nothing
+    prune_mod.prune(st)
+    _census_tight(st)
+    _check_clean(st)
+    for i, sid in enumerate(ids):
+        assert_restores(st, sid, expected[i], tmp_path / f"restore-pruned{i}")
+    st.close()
+
+
+def test_prune_while_writer_in_progress(location: str, tmp_path: Path) -> None:
+    st = Store.create(location, PASSPHRASE, pack_target=256 * KiB)
+    expected = make_tree(tmp_path / "src", {f"/f{i}.bin": rand(300 * KiB, i) for i in range(6)})
+    release = tmp_path / "release"
+    stalled = writer(location, tmp_path / "src", "--hold-after", "3", "--release", str(release))
+    stalled.wait_for("HOLDING", stream="stdout")
+    deadline = time.monotonic() + 30
+    while not any(True for _ in st.backend.list("packs/")):  # the writer's packs: uploaded, not indexed yet
+        assert time.monotonic() < deadline, "the stalled writer uploaded no pack"
+        time.sleep(0.05)
+    uploaded = {o.key for o in st.backend.list("packs/")}
+
+    with pytest.raises(StoreLocked, match="backup lease"):
+        prune_mod.prune(st)
+    assert uploaded <= {o.key for o in st.backend.list("packs/")}, "a refused prune deleted a writer's pack"
+    assert lease_count(st) == 1, "the refused prune left its lease behind"
+
+    # with lock_wait the prune waits for the writer to commit, then runs
+    outcome: list[object] = []
+    waiter = threading.Thread(target=lambda: outcome.append(_capture(prune_mod.prune, st, lock_wait=60)))
+    waiter.start()
+    time.sleep(1.5)
+    assert waiter.is_alive() and not outcome, f"prune did not wait for the running writer: {outcome}"
+    assert uploaded <= {o.key for o in st.backend.list("packs/")}
+    release.touch()
+    assert stalled.finish() == 0, stalled.text("stderr")
+    waiter.join(timeout=60)
+    assert not waiter.is_alive()
+    rep = outcome[0]
+    assert isinstance(rep, prune_mod.PruneReport), rep
+    sid = stalled.json_result()["id"]
+    assert rep.snapshots == 1 and rep.packs_deleted == 0, rep
+    assert st.snapshot_ids() == [sid]
+    assert_restores(st, sid, expected, tmp_path / "restore")
+    _census_tight(st)
+    _check_clean(st)
+    st.close()
+
+
+def _capture(fn: Callable[..., object], *args: object, **kwargs: object) -> object:
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # handed to the test thread, which asserts on it
+        return e
+
+
+def test_writer_waits_for_prune_lease(location: str, tmp_path: Path) -> None:
+    st = Store.create(location, PASSPHRASE, pack_target=MiB // 2)
+    first = make_tree(tmp_path / "src0", {"/keep.bin": rand(500 * KiB, 1)})
+    with st.writer() as w:
+        files_mod.backup_path(w, tmp_path / "src0")
+    s0 = w.snapshot_id
+    expected = make_tree(tmp_path / "src1", {"/new.bin": rand(500 * KiB, 2), "/keep.bin": first["/keep.bin"]})
+
+    held = locks.acquire(st.backend, st.keys, "prune")
+    try:
+        # a short lock_wait runs out: StoreLocked, nothing written, no lease left behind
+        t0 = time.monotonic()
+        with pytest.raises(StoreLocked, match="prune lease"), st.writer(lock_wait=0.5) as w:
+            pytest.fail("entered the writer while a prune holds the store")
+        assert time.monotonic() - t0 >= 0.5
+        assert st.snapshot_ids() == [s0] and lease_count(st) == 1
+        # a writer with a long lock_wait sees the prune lease and waits ...
+        waiting = writer(location, tmp_path / "src1", "--lock-wait", "60")
+        waiting.wait_for("store busy (prune lease")
+        time.sleep(0.5)
+        assert waiting.proc.poll() is None and "LEASED" not in waiting.text("stdout"), waiting.text("stderr")
+        assert st.snapshot_ids() == [s0]
+    finally:
+        held.release()
+    # ... then proceeds once it is released
+    waiting.wait_for("LEASED", stream="stdout")
+    assert waiting.finish() == 0, waiting.text("stderr")
+    s1 = waiting.json_result()["id"]
+    assert sorted(st.snapshot_ids()) == sorted([s0, s1])
+    assert_restores(st, s0, first, tmp_path / "r0")
+    assert_restores(st, s1, expected, tmp_path / "r1")
+    _check_clean(st)
+    st.close()
+
+
+@pytest.mark.parametrize("point", ["after-index", "after-commit"])
+def test_idempotent_retry_after_kill(location: str, tmp_path: Path, point: str) -> None:
+    st = Store.create(location, PASSPHRASE, pack_target=MiB // 2)
+    src = tmp_path / "src"
+    expected = make_tree(src, {f"/f{i}.bin": rand(400 * KiB, i) for i in range(3)})
+    key = "dag=pg_backup/run=2024-06-01T00:00"
+    want = st.idempotent_id(key)
+
+    first = cli("at", location, "backup", str(src), "--idempotency-key", key, PGPLAKAR_FAILPOINT=point)
+    first.wait_for(f"FAILPOINT {point}")
+    first.kill()
+    assert st.snapshot_ids() == ([want] if point == "after-commit" else [])
+
+    # second attempt, in this process: same ID; "already existed" exactly when the first attempt had committed
+    stored = _packs_bytes(st)
+    with st.writer(source={"kind": "files", "origin": str(src)}, idempotency_key=key) as w:
+        files_mod.backup_path(w, src)
+    assert w.snapshot_id == want
+    assert w.already_existed is (point == "after-commit")
+    assert st.snapshot_ids() == [want]
+    # the second attempt reused everything the first one had indexed
+    assert _packs_bytes(st) - stored < 64 * KiB
+
+    # a third attempt through the CLI changes nothing either
+    third = cli("--json", "at", location, "backup", str(src), "--idempotency-key", key)
+    assert third.finish() == 0, third.text("stderr")
+    assert third.json_result()["id"] == want
+    assert st.snapshot_ids() == [want]
+
+    assert_restores(st, want, expected, tmp_path / "restore")
+    prune_mod.prune(st)
+    assert lease_count(st) == 0
+    c = pack_census(st)
+    assert c.dead_bytes == 0 and c.unindexed == 0 and c.live_missing == 0, c
+    _check_clean(st)
+    assert_restores(st, want, expected, tmp_path / "restore-pruned")
+    st.close()
+
+
+def test_concurrent_idempotent_attempts(location: str, tmp_path: Path) -> None:
+    st = Store.create(location, PASSPHRASE, pack_target=MiB // 2)
+    expected = make_tree(tmp_path / "src", {"/a.bin": rand(500 * KiB, 1), "/b": b"bbb" * 1000})
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    key = "same-run"
+    procs = [writer(location, tmp_path / "src", "--idempotency-key", key, "--barrier", str(barrier), "--parties", "2")
+             for _ in range(2)]
+    for p in procs:
+        assert p.finish() == 0, p.text("stderr")
+    results = [p.json_result() for p in procs]
+    assert {r["id"] for r in results} == {st.idempotent_id(key)}
+    assert sorted(r["already_existed"] for r in results) == [False, True]
+    assert st.snapshot_ids() == [st.idempotent_id(key)]
+    assert_restores(st, st.idempotent_id(key), expected, tmp_path / "restore")
+    _check_clean(st)
+    prune_mod.prune(st)  # the losing attempt's packs are garbage now
+    c = pack_census(st)
+    assert c.dead_bytes == 0 and c.unindexed == 0 and c.live_missing == 0, c
+    _check_clean(st)
+    assert_restores(st, st.idempotent_id(key), expected, tmp_path / "restore-pruned")
+    st.close()
+
+
+def test_forget_then_prune_frees_unique_data(location: str, tmp_path: Path) -> None:
+    st = Store.create(location, PASSPHRASE, pack_target=MiB // 2)
+    a, b, c, d = (rand(n, seed) for seed, n in enumerate([800 * KiB, 700 * KiB, 600 * KiB, 300 * KiB]))
+    smalls = {f"/small/{i:03d}": str(i).encode() for i in range(200)}
+    # the last snapshot's data pack holds only small blobs: its format overhead must not count as dead space
+    trees = [{"/a": a}, {"/b": b, "/c": c}, {"/c": c, "/d": d}, smalls]
+    ids = []
+    for t in trees:
+        with st.writer() as w:
+            for path, data in t.items():
+                w.add_bytes(path, data)
+        ids.append(w.snapshot_id)
+    assert st.load_snapshot(ids[2]).header["stats"]["new_raw_bytes"] < len(d) + 64 * KiB  # /c was deduplicated
+    before = pack_census(st)
+    # nothing to free yet: prune is a no-op (a pack of many small live blobs is not "mostly dead")
+    noop = prune_mod.prune(st)
+    assert noop.packs_deleted == 0 and noop.packs_repacked == 0 and noop.bytes_freed == 0, noop
+    assert pack_census(st) == before
+    st.forget(ids[:2])
+
+    rep = prune_mod.prune(st)
+    after = pack_census(st)
+    assert rep.snapshots == 2
+    assert before.bytes - after.bytes == rep.bytes_freed
+    # the unique data of the forgotten snapshots (a pack mixing /b and /c chunks may be kept: at most 25 % dead)
+    assert rep.bytes_freed > len(a) + len(b) // 2, rep
+    assert after.bytes < (len(c) + len(d)) * 1.3 + 64 * KiB, after
+    _census_tight(st)
+    _check_clean(st)
+    assert_restores(st, ids[2], trees[2], tmp_path / "restore")
+    assert_restores(st, ids[3], trees[3], tmp_path / "restore-smalls")
+
+    # nothing left to free: the next prune is a no-op again
+    packs = {o.key for o in st.backend.list("packs/")}
+    again = prune_mod.prune(st)
+    assert again.packs_deleted == 0 and again.packs_repacked == 0 and again.bytes_freed == 0, again
+    assert {o.key for o in st.backend.list("packs/")} == packs
+    st.close()
+
+
+def test_repack_of_partly_dead_pack(location: str, tmp_path: Path) -> None:
+    st = Store.create(location, PASSPHRASE)  # default 16 MiB packs: both files land in one data pack
+    x, y = rand(600 * KiB, 1), rand(600 * KiB, 2)
+    with st.writer() as w:
+        w.add_bytes("/x", x)
+        w.add_bytes("/y", y)
+    s1 = w.snapshot_id
+    with st.writer() as w:
+        w.add_bytes("/y", y)
+    s2 = w.snapshot_id
+    assert st.load_snapshot(s2).header["stats"]["new_raw_bytes"] < 64 * KiB
+    data_packs = [p for p in st.cache.packs() if p[2] == "data"]
+    assert len(data_packs) == 1
+    st.forget([s1])
+
+    rep = prune_mod.prune(st)
+    assert rep.packs_repacked == 1, rep
+    assert rep.bytes_freed > len(x) - 16 * KiB, rep
+    c = pack_census(st)
+    assert c.dead_bytes == 0 and c.unindexed == 0 and c.live_missing == 0, c
+    assert data_packs[0][0] not in {row[0] for row in st.cache.packs()}, "the partly dead pack was replaced"
+    _check_clean(st)
+    assert_restores(st, s2, {"/y": y}, tmp_path / "restore")
+    st.close()
