@@ -234,6 +234,8 @@ def _restore_dump(store: Any, s: Session, rec: dict, db: str, opts: RestoreOptio
     connect_db = "postgres" if create else target
     log.info("restoring %s into %s", rec["p"], target)
     try:
+        if opts.schemas and not create and not opts.data_only:
+            _create_schemas(s, target, opts.schemas)
         if opts.jobs > 1:
             _restore_staged(store, s, rec, tool, connect_db, opts.jobs, kwargs)
         else:
@@ -245,6 +247,16 @@ def _restore_dump(store: Any, s: Session, rec: dict, db: str, opts: RestoreOptio
             raise RestoreFailed(summary) from e
         return
     summary.results.append(RecordResult(rec["p"], target, "restored"))
+
+
+def _create_schemas(s: Session, database: str, schemas: tuple[str, ...]) -> None:
+    """``pg_restore --schema`` restores a schema's objects but not the schema: create missing ones first."""
+    from psycopg import sql
+
+    with s.connect(database) as c:
+        for name in schemas:
+            c.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(name)))
+        c.commit()
 
 
 def _restore_staged(store: Any, s: Session, rec: dict, tool: str, connect_db: str, jobs: int,

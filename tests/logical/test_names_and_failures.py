@@ -1,0 +1,288 @@
+"""Awkward database names, a role that cannot read pg_authid, and failing pg_dump runs (nothing committed)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from psycopg import sql
+
+from airflow_provider_pgplakar.pg import PgError
+from airflow_provider_pgplakar.pg.logical import dump_path, logical_backup
+from airflow_provider_pgplakar.pg.options import parse_restore_options, parse_source_options
+from airflow_provider_pgplakar.pg.process import ToolFailed
+from airflow_provider_pgplakar.pg.restore import logical_restore
+from airflow_provider_pgplakar.store.check import check
+from airflow_provider_pgplakar.store.errors import StoreError
+from tests.logical.conftest import src_opts
+from tests.pgservers import PgManager, PgServer
+
+NAMES = [
+    "with space",
+    "it's",
+    'say "hi"',
+    "dbname=postgres",
+    "-leading",
+    "UPPER",
+    "ünïcødé 名前",
+    "100%",
+    "a/b",
+    "a%2Fb",
+    "postgresql://x",
+]
+
+
+@pytest.fixture(scope="module")
+def src(pg_manager: PgManager) -> Iterator[PgServer]:
+    server = pg_manager.start(15)
+    yield server
+    pg_manager.discard(server)
+
+
+@pytest.fixture(scope="module")
+def dst(pg_manager: PgManager) -> Iterator[PgServer]:
+    server = pg_manager.start(15)
+    yield server
+    pg_manager.discard(server)
+
+
+def _create_db(server: PgServer, name: str, owner: str | None = None) -> None:
+    q = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if owner:
+        q += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
+    with server.connect() as c:
+        c.execute(q)
+
+
+def _drop_db(server: PgServer, name: str) -> None:
+    with server.connect() as c:
+        c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _counts(server: PgServer, names: list[str]) -> dict[str, Any]:
+    out = {}
+    for name in names:
+        with server.connect(name) as c:
+            out[name] = c.execute("SELECT count(*), max(label) FROM t").fetchone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# database names
+
+
+def test_awkward_database_names_round_trip(store, src, dst) -> None:
+    for i, name in enumerate(NAMES):
+        _create_db(src, name)
+        with src.connect(name) as c:
+            c.execute("CREATE TABLE t (id int, label text)")
+            c.execute("INSERT INTO t SELECT g, %s FROM generate_series(1, %s) g", (name, 7 * (i + 1)))
+    try:
+        before = _counts(src, NAMES)
+        assert [before[n][0] for n in NAMES] == [7 * (i + 1) for i in range(len(NAMES))]
+        location, opts = src_opts(src)
+        res = logical_backup(store, parse_source_options(location, opts))
+        assert set(NAMES) <= set(res.databases)
+        recs = [r for r in store.records(res.snapshot_id) if (r.get("x") or {}).get("type") == "dump"]
+        by_db = {r["x"]["database"]: r["p"] for r in recs}
+        assert set(NAMES) <= set(by_db)
+        assert len(set(by_db.values())) == len(by_db)  # no two names collapse onto one path
+        for name in NAMES:
+            assert by_db[name].count("/") == 1, by_db[name]  # a '/' in a name is not a directory
+            assert by_db[name] == dump_path(res.databases.index(name) + 1, name)
+        assert by_db["a/b"].endswith("-a%2Fb.dump") and by_db["a%2Fb"].endswith("-a%252Fb.dump")
+
+        location, opts = src_opts(dst, recreate="true")
+        summary = logical_restore(store, res.snapshot_id, parse_restore_options(location, opts))
+        assert summary.ok, summary.text()
+        assert _counts(dst, NAMES) == before
+    finally:
+        for name in NAMES:
+            _drop_db(src, name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a role that cannot read pg_authid (RDS's master user: CREATEDB, CREATEROLE, no superuser)
+
+
+def test_backup_without_pg_authid_access(store, src, dst) -> None:
+    with src.connect() as c:
+        c.execute("CREATE ROLE rdsmaster LOGIN CREATEDB CREATEROLE PASSWORD 'master-pw'")
+        c.execute("CREATE ROLE app_user LOGIN PASSWORD 'app-pw'")
+    _create_db(src, "rdsdb", owner="rdsmaster")
+    try:
+        with src.connect("rdsdb", user="rdsmaster", password="master-pw") as c:
+            c.execute("CREATE TABLE orders (id int PRIMARY KEY, amount numeric)")
+            c.execute("INSERT INTO orders SELECT g, g * 2.5 FROM generate_series(1, 777) g")
+            c.execute("GRANT SELECT ON orders TO app_user")
+            expected = c.execute("SELECT count(*), sum(amount) FROM orders").fetchone()
+        location, opts = src_opts(src, database="rdsdb")
+        opts["username"], opts["password"] = "rdsmaster", "master-pw"
+        res = logical_backup(store, parse_source_options(location, opts))
+
+        assert len(res.warnings) == 1 and "pg_authid" in res.warnings[0]
+        assert "--no-role-passwords" in res.warnings[0]
+        header = store.load_snapshot(res.snapshot_id).header
+        assert header["meta"]["warnings"] == res.warnings
+        globals_rec = store.find_record(res.snapshot_id, "/00000-globals.sql")
+        with store.open_record(globals_rec) as f:
+            script = f.read().decode()
+        assert "CREATE ROLE app_user;" in script and "CREATE ROLE rdsmaster;" in script
+        assert "PASSWORD" not in script and "SCRAM-SHA-256" not in script
+
+        location, opts = src_opts(dst, recreate="true")
+        summary = logical_restore(store, res.snapshot_id, parse_restore_options(location, opts))
+        assert summary.ok, summary.text()
+        with dst.connect("rdsdb") as c:
+            assert c.execute("SELECT count(*), sum(amount) FROM orders").fetchone() == expected
+            assert c.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'orders'").fetchone()[0] == "rdsmaster"
+            assert c.execute("SELECT has_table_privilege('app_user', 'orders', 'SELECT')").fetchone()[0]
+            # roles came back without passwords, attributes kept
+            rows = c.execute("SELECT rolname, rolcreatedb, rolcreaterole, rolsuper, rolpassword IS NULL "
+                             "FROM pg_authid WHERE rolname IN ('rdsmaster', 'app_user') ORDER BY 1").fetchall()
+        assert rows == [("app_user", False, False, False, True), ("rdsmaster", True, True, False, True)]
+    finally:
+        _drop_db(src, "rdsdb")
+        with src.connect() as c:
+            c.execute("DROP ROLE IF EXISTS app_user")
+            c.execute("DROP ROLE IF EXISTS rdsmaster")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pg_dump failures: nothing is committed, the store stays consistent
+
+
+def _proc_children(name: bytes) -> list[int]:
+    """PIDs of this process's children whose argv[0] ends in ``/name``."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+            if ppid != me:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv0 = fh.read().split(b"\0", 1)[0]
+        except (OSError, ValueError, IndexError):
+            continue
+        if os.path.basename(argv0) == name:
+            found.append(int(entry))
+    return found
+
+
+def _written(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/io") as fh:
+            for line in fh:
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+class _Killer(threading.Thread):
+    """Kills the pg_dump child (its whole process group) once it has written ``after`` bytes to its stdout."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__(daemon=True)
+        self.after, self.stop = after, threading.Event()
+        self.killed: int | None = None
+        self.written: int | None = None
+        self.seen_at: float | None = None
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for pid in _proc_children(b"pg_dump"):
+                written = _written(pid)
+                self.seen_at = self.seen_at or time.monotonic()
+                # without /proc/PID/io (hardened kernels) fall back to time: pg_dump streams within a second
+                if (written is not None and written >= self.after) or (
+                        written is None and time.monotonic() - self.seen_at > 1.0):
+                    self.written = written
+                    os.killpg(pid, signal.SIGKILL)  # pg_dump runs in its own session: pid == pgid
+                    self.killed = pid
+                    return
+            time.sleep(0.005)
+
+
+def _no_partial_snapshot(store, ids_before: list[str]) -> None:
+    assert store.snapshot_ids() == ids_before
+    report = check(store)
+    assert report.ok, [str(p) for p in report.problems]
+
+
+def test_pg_dump_killed_mid_stream_commits_nothing(store, src) -> None:
+    _create_db(src, "big")
+    try:
+        with src.connect("big") as c:
+            # ~100 MiB of dump output; TOAST compresses the values, so the table itself stays small and fast to make
+            c.execute("CREATE TABLE big AS SELECT g AS id, repeat(md5(g::text), 80) AS pad "
+                      "FROM generate_series(1, 40000) g")
+            dump_size = c.execute("SELECT sum(octet_length(pad))::bigint FROM big").fetchone()[0]
+        assert dump_size > 100 * 10**6
+        location, opts = src_opts(src, database="big")
+        first = logical_backup(store, parse_source_options(location, dict(opts, database="postgres")))
+        ids_before = store.snapshot_ids()
+        assert ids_before == [first.snapshot_id]
+
+        killer = _Killer(after=4 * 2**20)
+        killer.start()
+        try:
+            with pytest.raises((ToolFailed, StoreError)) as err:
+                logical_backup(store, parse_source_options(location, opts))
+        finally:
+            killer.stop.set()
+            killer.join(10)
+        assert killer.killed is not None, "pg_dump was never seen streaming"
+        assert killer.written is None or killer.written < dump_size  # it really was mid-stream
+        assert isinstance(err.value, ToolFailed) and err.value.tool == "pg_dump"
+        assert "killed by signal 9" in str(err.value)
+        assert not os.path.exists(f"/proc/{killer.killed}")  # reaped, nothing left running
+        _no_partial_snapshot(store, ids_before)
+        # the store is still usable: the earlier snapshot restores its records
+        assert [r["p"] for r in store.records(first.snapshot_id)][-1].endswith("-postgres.dump")
+    finally:
+        _drop_db(src, "big")
+
+
+def _failing_bin_dir(tmp_path: Path, real: Path, message: str) -> Path:
+    """A pg_bin_dir whose pg_dump reports its real version but fails every dump with ``message`` on stderr."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("pg_dumpall", "pg_restore", "psql"):
+        (bin_dir / tool).symlink_to(real / tool)
+    script = bin_dir / "pg_dump"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "--version" ]; then exec "{real}/pg_dump" --version; fi\n'
+        f"echo '{message}' >&2\n"
+        "exit 1\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return bin_dir
+
+
+def test_pg_dump_failing_immediately_commits_nothing(store, src, tmp_path) -> None:
+    location, opts = src_opts(src, database="postgres")
+    first = logical_backup(store, parse_source_options(location, opts))
+    ids_before = store.snapshot_ids()
+    assert ids_before == [first.snapshot_id]
+
+    message = 'pg_dump: error: connection to server failed: FATAL:  database "vanished" does not exist'
+    bogus = _failing_bin_dir(tmp_path, src.bin_dir, message)
+    with pytest.raises(PgError) as err:
+        logical_backup(store, parse_source_options(location, dict(opts, pg_bin_dir=str(bogus))))
+    assert isinstance(err.value, ToolFailed)
+    assert "exit status 1" in str(err.value)
+    assert 'database "vanished" does not exist' in str(err.value)
+    _no_partial_snapshot(store, ids_before)
