@@ -66,7 +66,7 @@ class PgPlakarBackupOperator(_PgPlakarOperator):
     :param manifest_only: capture only ``/manifest.json`` (what :class:`PgPlakarManifestOperator` does).
     """
 
-    template_fields: Sequence[str] = ("database", "tags", "labels")
+    template_fields: Sequence[str] = ("database", "tags", "labels", "options", "postgres_conn_id", "store_conn_id")
 
     def __init__(self, *, database: str | None = None, tags: Sequence[str] = (),
                  labels: Mapping[str, str] | None = None, manifest_only: bool = False, **kwargs: Any) -> None:
@@ -117,7 +117,7 @@ class PgPlakarRestoreOperator(_PgPlakarOperator):
     Returns the restore summary (a small dict) for downstream checks.
     """
 
-    template_fields: Sequence[str] = ("snapshot_id", "options")
+    template_fields: Sequence[str] = ("snapshot_id", "options", "postgres_conn_id", "store_conn_id")
 
     def __init__(self, *, snapshot_id: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -75,8 +75,9 @@ class Session:
 
     def connect(self, dbname: str) -> Any:
         from .connect import connect
+        from .process import track_connection
 
-        return connect(self.conn_opts, self.ssl, dbname, password=self.password())
+        return track_connection(connect(self.conn_opts, self.ssl, dbname, password=self.password()))
 
     def tool(self, name: str, min_major: int) -> Tool:
         if name not in self.tools:

@@ -14,9 +14,10 @@ import signal
 import subprocess
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import IO
+from typing import IO, Any
 
 from . import PgError
 
@@ -24,7 +25,16 @@ log = logging.getLogger(__name__)
 
 STDERR_TAIL = 4000
 _running: set[subprocess.Popen[bytes]] = set()
+_connections: weakref.WeakSet[Any] = weakref.WeakSet()
 _lock = threading.Lock()
+
+
+def track_connection(conn: Any) -> Any:
+    """Remember a psycopg connection so :func:`kill_all` can cancel its running query (e.g. a manifest query
+    waiting on a lock); returns ``conn``."""
+    with _lock:
+        _connections.add(conn)
+    return conn
 
 
 class ToolFailed(PgError):
@@ -120,9 +130,17 @@ def _killpg(proc: subprocess.Popen[bytes]) -> None:
 
 
 def kill_all() -> None:
-    """Kill every tool started by this process (their whole process groups): for ``on_kill`` and signals."""
+    """Cancel our running queries and kill every tool started by this process (their whole process groups): for
+    ``on_kill`` and signals."""
     with _lock:
         procs = list(_running)
+        conns = list(_connections)
+    for c in conns:
+        if not c.closed:
+            try:
+                c.cancel_safe(timeout=5)
+            except Exception as e:  # best effort: the process group kill below still happens
+                log.warning("could not cancel a running query: %s", e)
     for p in procs:
         log.warning("killing %s (pid %d) and its process group", os.path.basename(str(p.args[0])), p.pid)
         _killpg(p)

@@ -114,6 +114,16 @@ def ssl_files(conn: ConnOptions, *, tmp_root: str | None = None) -> Iterator[Ssl
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+# Secrets of the calling process that a dump tool has no business seeing (Airflow connections and variables, our
+# passphrases, AWS secrets): a tool's environment is readable by its user and shows in crash reports.
+_PRIVATE_PREFIXES = ("AIRFLOW_CONN_", "AIRFLOW_VAR_", "AIRFLOW__", "PGPLAKAR_")
+_PRIVATE_NAMES = frozenset({"AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"})
+
+
+def _inheritable(name: str) -> bool:
+    return name not in LIBPQ_ENV_VARS and name not in _PRIVATE_NAMES and not name.startswith(_PRIVATE_PREFIXES)
+
+
 def libpq_env(
     conn: ConnOptions,
     files: SslFiles,
@@ -131,7 +141,7 @@ def libpq_env(
         if conn.iam:
             raise ValueError("postgres+aws connections need the IAM token: pass password=<token>")
         password = conn.password
-    env = {k: v for k, v in (os.environ if base_env is None else base_env).items() if k not in LIBPQ_ENV_VARS}
+    env = {k: v for k, v in (os.environ if base_env is None else base_env).items() if _inheritable(k)}
     env.update(
         PGHOST=conn.host,
         PGPORT=str(conn.port),

@@ -388,10 +388,15 @@ def test_env_minimal_options_and_database() -> None:
 
 def test_env_defaults_to_os_environ_minus_libpq(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGPASSWORD", "inherited")
-    monkeypatch.setenv("PGPLAKAR_TEST_MARKER", "kept")
+    monkeypatch.setenv("SOME_TEST_MARKER", "kept")
+    secrets = {"AIRFLOW_CONN_PG": "postgres://u:pw@h/db", "AIRFLOW_VAR_X": "v", "PGPLAKAR_PASSPHRASE": "pp",
+               "PGPLAKAR_KEY": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_SESSION_TOKEN": "t"}
+    for k, v in secrets.items():
+        monkeypatch.setenv(k, v)
     with tool_environment(ConnOptions()) as env:
         assert "PGPASSWORD" not in env
-        assert env["PGPLAKAR_TEST_MARKER"] == "kept"
+        assert env["SOME_TEST_MARKER"] == "kept"
+        assert not set(env) & set(secrets), "secrets of the calling process must not reach dump tools"
         assert not set(env) & (LIBPQ_ENV_VARS - {"PGHOST", "PGPORT", "PGSSLMODE", "PGCONNECT_TIMEOUT", "PGAPPNAME"})
 
 
