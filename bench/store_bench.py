@@ -47,6 +47,16 @@ def make_data(path: Path, size: int, seed: int = 1234) -> None:
             written += len(block)
 
 
+def peak_rss_mib() -> float:
+    """This process's own peak RSS (VmHWM). ``ru_maxrss`` is not used: Linux carries the parent's peak across
+    fork+exec, so a child of a big parent would report the parent's memory."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def child(op: str, location: str, src: str) -> None:
     from airflow_provider_pgplakar.store.repo import Store
 
@@ -63,7 +73,8 @@ def child(op: str, location: str, src: str) -> None:
             n = sum(len(piece) for piece in r.iter_chunks())
         out["bytes"] = n
     out["seconds"] = time.perf_counter() - t0
-    out["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["cpu_s"] = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+    out["rss_mib"] = peak_rss_mib()
     print(json.dumps(out))
 
 
@@ -127,11 +138,13 @@ def main() -> None:
     ]
     print(f"\nsource: {size / 2**20:.0f} MiB dump-like stream; zstd level {a.level}; store {location}; "
           f"{os.cpu_count()} cores\n")
-    print("| operation | seconds | MB/s | stored | peak RSS (MiB) |")
-    print("|---|---:|---:|---|---:|")
-    for name, secs, stored, rss in rows:
+    print("| operation | seconds | MB/s | target | stored | peak RSS (MiB) | CPU s |")
+    print("|---|---:|---:|---:|---|---:|---:|")
+    for (name, secs, stored, rss), target, res in zip(rows, ("", "≥ 150", "≥ 400", "≥ 300"),
+                                                       ({}, first, second, restore), strict=True):
         rss_s = f"{rss:.0f}" if rss != "" else ""
-        print(f"| {name} | {secs:.2f} | {mb / secs:.0f} | {stored} | {rss_s} |")
+        cpu = f"{res['cpu_s']:.1f}" if res else ""
+        print(f"| {name} | {secs:.2f} | {mb / secs:.0f} | {target} | {stored} | {rss_s} | {cpu} |")
 
 
 if __name__ == "__main__":

@@ -54,12 +54,13 @@ PG_SCHEMES = ("postgres://", "postgresql://", "postgres+aws://", "postgresql+aws
               "postgresql+bin://")
 
 
-def _pg_options(items: list[str]) -> dict[str, str]:
+def _pg_options(items: list[str], location: str = "") -> dict[str, str]:
     opts = parse_kv(items)
     if "password" in opts:
         print("pgplakar: warning: a password on the command line is visible to other users (ps); "
               "prefer PGPASSWORD", file=sys.stderr)
-    elif os.environ.get("PGPASSWORD"):
+    elif os.environ.get("PGPASSWORD") and not location.partition("://")[0].lower().endswith("+aws"):
+        # (not for postgres+aws, whose password is always a fresh IAM token)
         opts["password"] = os.environ["PGPASSWORD"]
     return opts
 
@@ -137,7 +138,7 @@ def _pg_backup(location: str, args: argparse.Namespace) -> int:
     from ..pg.logical import logical_backup
     from ..pg.options import LogicalSourceOptions, parse_source_options
 
-    opts = parse_source_options(args.path, _pg_options(args.pg_options))
+    opts = parse_source_options(args.path, _pg_options(args.pg_options, args.path))
     if not isinstance(opts, LogicalSourceOptions):
         raise UsageError("postgres+bin:// backups are not available yet")
     st = _open(location, args)
@@ -158,7 +159,7 @@ def _pg_restore(location: str, args: argparse.Namespace) -> int:
     from ..pg.options import parse_restore_options
     from ..pg.restore import RestoreFailed, logical_restore
 
-    opts = parse_restore_options(args.to, _pg_options(args.items[:-1]))
+    opts = parse_restore_options(args.to, _pg_options(args.items[:-1], args.to))
     st = _open(location, args)
     sid = st.resolve(args.items[-1])
     try:

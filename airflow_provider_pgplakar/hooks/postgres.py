@@ -5,15 +5,24 @@ extras ``sslmode``, ``sslcert``, ``sslkey``, ``sslrootcert`` that the Airflow po
 our option names (``exclude_databases``, ``compress``, ``pg_bin_dir``, …). Alternatively a seed-style
 ``location`` URI. Operator ``options`` override both. Parsing is the :mod:`..pg.options` code the CLI uses, so
 every invalid value fails before anything runs, naming the option.
+
+RDS/Aurora IAM authentication, as with the Airflow postgres provider: the extra ``"iam": true`` makes the
+connection ``postgres+aws`` (a fresh IAM token per connection and tool process instead of a password, which is
+then refused), with the optional extras ``region_name`` and ``aws_conn_id``. Without ``aws_conn_id`` the token is
+signed with boto3's standard credential chain (boto3 alone is enough); with it, with the credentials and region of
+that AWS connection, which needs the Amazon provider (imported only then). A ``postgres+aws://`` location works too.
+Every token is registered with ``mask_secret``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from airflow.sdk import BaseHook
 
+from ..pg import OptionError
+from ..pg.iam import IamAuthError, IamTokenSource
 from ..pg.options import LogicalSourceOptions, RestoreOptions, parse_restore_options, parse_source_options
 
 _SSL_EXTRAS = {"sslmode": "ssl_mode", "sslcert": "ssl_cert", "sslkey": "ssl_key", "sslrootcert": "ssl_root_cert"}
@@ -21,6 +30,22 @@ _SSL_EXTRAS = {"sslmode": "ssl_mode", "sslcert": "ssl_cert", "sslkey": "ssl_key"
 _IGNORED_EXTRAS = {"cursor", "iam", "aws_conn_id", "redshift", "connect_timeout", "options", "client_encoding",
                    "sslcrl", "keepalives", "keepalives_idle", "application_name", "region_name",
                    "enable_log_db_messages", "sqlalchemy_scheme", "sqlalchemy_options"}
+
+
+def _truthy(v: Any) -> bool:
+    return v is True or (isinstance(v, str) and v.strip().lower() in ("true", "1", "yes"))
+
+
+def _aws_base_hook(aws_conn_id: str) -> Any:
+    """The Amazon provider's AwsBaseHook for ``aws_conn_id`` (the provider is optional: imported only here)."""
+    try:
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+    except ImportError:
+        raise IamAuthError(
+            f"aws_conn_id {aws_conn_id!r} needs the Amazon provider: pip install apache-airflow-providers-amazon "
+            "(or remove aws_conn_id to sign IAM tokens with boto3's default credential chain)"
+        ) from None
+    return AwsBaseHook(aws_conn_id=aws_conn_id, client_type="rds")
 
 
 def _text(v: Any) -> str:
@@ -44,12 +69,14 @@ class PgPlakarPostgresHook(BaseHook):
         super().__init__(**kwargs)
         self.postgres_conn_id = postgres_conn_id
         self.location = location
+        self.aws_conn_id: str | None = None  # set from the connection's extras by source/restore_options()
 
     def _location_and_options(self, overrides: Mapping[str, Any] | None, *, restore: bool) -> tuple[str, dict]:
         from airflow.sdk.log import mask_secret
 
         opts: dict[str, str] = {}
         scheme = "postgres"
+        self.aws_conn_id = None
         if self.location:
             location = self.location
         else:
@@ -63,7 +90,13 @@ class PgPlakarPostgresHook(BaseHook):
                 opts["port"] = str(conn.port)
             if conn.login:
                 opts["username"] = conn.login
-            if conn.password:
+            if _truthy(extra.pop("iam", False)):
+                scheme = "postgres+aws"
+                self._iam_extras(extra)
+                if conn.password:
+                    raise OptionError("password", f"connection {self.postgres_conn_id!r} has \"iam\": true, so it "
+                                                  "authenticates with an IAM token; remove its password")
+            elif conn.password:
                 mask_secret(conn.password)
                 opts["password"] = conn.password
             if conn.schema:
@@ -74,15 +107,42 @@ class PgPlakarPostgresHook(BaseHook):
             for key, value in extra.items():
                 if key not in _IGNORED_EXTRAS and value not in (None, ""):
                     opts[key] = _text(value)
+            if scheme == "postgres+aws" and extra.get("region_name") not in (None, ""):
+                opts["region"] = _text(extra["region_name"])
             location = f"{scheme}://"
         for key, value in (overrides or {}).items():
             if value is not None:
                 opts[key] = _text(value)
+        if self.aws_conn_id and not opts.get("region"):
+            region = _aws_base_hook(self.aws_conn_id).region_name  # the AWS connection's region_name, if any
+            if region:
+                opts["region"] = region
         if opts.get("password"):
             mask_secret(opts["password"])
         if restore and "database" in opts and opts.get("recreate") in ("true", "1", "yes"):
             opts.pop("database")  # a connection's default database is no restore target with recreate
         return location, opts
+
+    def _iam_extras(self, extra: dict[str, Any]) -> None:
+        if _truthy(extra.get("redshift")) or _truthy(extra.get("redshift-serverless")):
+            raise OptionError("iam", "Redshift IAM credentials are not supported (only RDS and Aurora PostgreSQL)")
+        aws_conn_id = extra.get("aws_conn_id")
+        if aws_conn_id not in (None, ""):
+            self.aws_conn_id = str(aws_conn_id)
+            _aws_base_hook(self.aws_conn_id)  # fail now, before any store work, if the Amazon provider is missing
+
+    def password_source(self, opts: LogicalSourceOptions | RestoreOptions) -> Callable[[], str | None] | None:
+        """For IAM (``postgres+aws``) options: a source of fresh tokens, each masked in task logs; else None (the
+        static password in ``opts`` is used). Call after :meth:`source_options`/:meth:`restore_options`, which
+        record the connection's ``aws_conn_id``."""
+        if not opts.conn.iam:
+            return None
+        from airflow.sdk.log import mask_secret
+
+        session = None
+        if self.aws_conn_id:
+            session = _aws_base_hook(self.aws_conn_id).get_session(region_name=opts.conn.region)
+        return IamTokenSource(opts.conn, session=session, on_token=mask_secret)
 
     def source_options(self, overrides: Mapping[str, Any] | None = None) -> LogicalSourceOptions:
         location, opts = self._location_and_options(overrides, restore=False)

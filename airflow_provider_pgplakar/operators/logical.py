@@ -82,7 +82,8 @@ class PgPlakarBackupOperator(_PgPlakarOperator):
         overrides = dict(self.options)
         if self.database is not None:
             overrides["database"] = self.database
-        opts = self._pg_hook().source_options(overrides)
+        hook = self._pg_hook()
+        opts = hook.source_options(overrides)
         labels = {**self.labels, **run_labels(context)}
         key = idempotency_key(labels) + ("/manifest" if self.manifest_only else "")
         with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
@@ -92,7 +93,7 @@ class PgPlakarBackupOperator(_PgPlakarOperator):
                               existing)
                 return existing
             result = logical_backup(store, opts, labels=labels, tags=self.tags, idempotency_key=key,
-                                    manifest_only=self.manifest_only)
+                                    manifest_only=self.manifest_only, password=hook.password_source(opts))
         for w in result.warnings:
             self.log.warning("%s", w)
         self.log.info("snapshot %s: %d database(s), %.1f MiB", result.snapshot_id, len(result.databases),
@@ -126,9 +127,10 @@ class PgPlakarRestoreOperator(_PgPlakarOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from ..pg.restore import logical_restore
 
-        opts = self._pg_hook().restore_options(self.options)
+        hook = self._pg_hook()
+        opts = hook.restore_options(self.options)
         with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
             sid = store.resolve(str(self.snapshot_id).strip())
-            summary = logical_restore(store, sid, opts)
+            summary = logical_restore(store, sid, opts, password=hook.password_source(opts))
         self.log.info("%s", summary.text())
         return summary.as_dict()

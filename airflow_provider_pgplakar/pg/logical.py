@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import PgError, commands
+from .iam import password_source
 from .options import LogicalSourceOptions
 from .process import run_tool
 from .secrets import SslFiles, libpq_env, ssl_files
@@ -110,7 +111,7 @@ def logical_backup(
     """Back up per ``opts`` into ``store``; return the snapshot ID. Any failure commits nothing."""
     from .connect import can_read_pg_authid, list_databases, server_version_num
 
-    pw = password or (lambda: opts.conn.password)
+    pw = password_source(opts.conn, password)  # postgres+aws: a fresh IAM token per connection and tool run
     with ssl_files(opts.conn) as ssl:
         s = Session(opts.conn, ssl, pw, opts.pg_bin_dir, extra_dirs)
         with s.connect(opts.database or "postgres") as c:

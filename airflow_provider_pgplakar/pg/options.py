@@ -168,7 +168,9 @@ class ConnOptions:
     """How to reach and authenticate to the server; everything here reaches tools via the libpq environment.
 
     ``region`` is set exactly for ``postgres+aws``: authentication then uses a fresh IAM token, so a password is
-    refused (the reference silently overwrote one) and a username is required.
+    refused (the reference silently overwrote one) and a username is required. Parsing a location fills it in
+    (the ``region`` option, else the AWS SDK's configured region, else the region in an ``*.rds.amazonaws.com``
+    host name: :func:`.iam.resolve_region`); built directly, it must be given.
     """
 
     host: str = DEFAULT_HOST
@@ -575,8 +577,12 @@ def _conn_from(loc: ParsedLocation, opts: dict[str, str]) -> ConnOptions:
         "ssl_mode": opts.get("ssl_mode", "prefer").strip(),
         "region": opts["region"].strip() if "region" in opts else None,
     }
-    if loc.scheme == AWS and "region" not in opts:
-        raise OptionError("region", "postgres+aws needs the AWS region of the instance (e.g. region=us-east-1)")
+    if loc.scheme == AWS:
+        if kwargs["username"] is None:  # before the region: no need to consult the AWS configuration
+            raise OptionError("username", "postgres+aws needs the IAM-enabled database user (username)")
+        from .iam import resolve_region  # option, else the SDK's configured region, else the RDS host name
+
+        kwargs["region"] = resolve_region(kwargs["region"], kwargs["host"])
     for pair in _SSL_PAIRS:
         for key in pair:
             kwargs[key] = opts.get(key)

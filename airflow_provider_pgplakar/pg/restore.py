@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from . import PgError, commands
+from .iam import password_source
 from .logical import GLOBALS_PATH, MANIFEST_PATH, PasswordSource, Session, database_from_path
 from .options import RestoreOptions
 from .process import ToolFailed, run_tool
@@ -182,7 +183,7 @@ def logical_restore(store: Any, snapshot_id: str, opts: RestoreOptions, *, passw
     records = list(store.records(snap))
     globals_rec, dumps = _plan(records, opts)
     summary = RestoreSummary(snapshot_id)
-    pw = password or (lambda: opts.conn.password)
+    pw = password_source(opts.conn, password)  # postgres+aws: a fresh IAM token per connection and tool run
     with ssl_files(opts.conn) as ssl:
         s = Session(opts.conn, ssl, pw, opts.pg_bin_dir, extra_dirs)
         with s.connect("postgres") as c:

@@ -145,7 +145,8 @@ class ObjectKey:
             return data
         if len(sealed) < NONCE_LEN + TAG_LEN:
             raise AuthError("message too short")
+        view = memoryview(sealed)
         try:
-            return self._aead.decrypt(bytes(sealed[:NONCE_LEN]), bytes(sealed[NONCE_LEN:]), aad)
+            return self._aead.decrypt(view[:NONCE_LEN], view[NONCE_LEN:], aad)
         except InvalidTag:
             raise AuthError("authentication failed") from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import struct
+import threading
 from dataclasses import dataclass
 
 import msgpack
@@ -67,23 +68,34 @@ class PackBuilder:
     def __len__(self) -> int:
         return len(self.buf)
 
-    def add(self, blob_type: int, blob_id: bytes, codec: int, payload: bytes, raw_len: int) -> None:
-        sealed = self.okey.seal(bytes([codec]) + payload, blob_aad(blob_type, blob_id))
+    def add(self, blob_type: int, blob_id: bytes, codec: int, payload: bytes, raw_len: int, *,
+            verify: bool = False) -> None:
+        aad = blob_aad(blob_type, blob_id)
+        plain = bytes([codec]) + payload
+        sealed = self.okey.seal(plain, aad)
+        if verify and self.okey.open(sealed, aad) != plain:  # catches a faulty cipher or RAM before it is stored
+            raise IntegrityError(f"blob {blob_id.hex()[:16]} did not survive sealing: refusing to store it")
         self.entries.append(Entry(blob_type, blob_id, len(self.buf), len(sealed), raw_len))
         self.buf += sealed
 
-    def finish(self) -> tuple[str, bytes]:
-        """Return (pack_id, bytes). The builder must not be used afterwards."""
+    def finish(self) -> tuple[str, bytearray]:
+        """Return (pack_id, pack bytes). The builder must not be used afterwards (the buffer is handed over)."""
         table = [[e.blob_type, e.blob_id, e.offset, e.length, e.raw_len] for e in self.entries]
         header = self.okey.seal(msgpack.packb(table, use_bin_type=True), b"PGPH" + self.salt)
         self.buf += header
         self.buf += struct.pack("<I", len(header)) + END
-        data = bytes(self.buf)
-        self.buf = bytearray()
+        data, self.buf = self.buf, bytearray()
         return hashlib.sha256(data).hexdigest(), data
 
 
-_dctx_local = None
+_local = threading.local()
+
+
+def decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "zd", None)
+    if d is None:
+        d = _local.zd = zstandard.ZstdDecompressor()
+    return d
 
 
 def decode_blob(
@@ -97,7 +109,7 @@ def decode_blob(
     codec, payload = plain[0], memoryview(plain)[1:]
     if codec == CODEC_ZSTD:
         try:
-            raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_len)
+            raw = decompressor().decompress(payload, max_output_size=raw_len)
         except zstandard.ZstdError as e:
             raise IntegrityError(f"blob {blob_id.hex()[:16]} in {where}: bad compressed data ({e})") from None
     elif codec == CODEC_RAW:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -16,6 +17,7 @@ import secrets
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -31,6 +33,7 @@ from .index import write_segments
 from .locks import Lease, acquire
 from .objects import seal_object
 from .pack import CHUNKLIST, DATA, TREE
+from .readahead import Readahead
 
 if TYPE_CHECKING:
     from .repo import Store
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INLINE_REFS = 256
+INLINE_HEAD = 4  # records of fewer chunks are chunked and hashed on the caller's thread
 CHUNKLIST_REFS = 4096
 LEAF_MIN, LEAF_MAX, LEAF_MAX_BYTES = 64, 8192, 1 << 20
 PROGRESS_EVERY = 30.0
@@ -167,16 +171,27 @@ class SnapshotWriter:
         chunklists: list[bytes] = []
         size = 0
         last_log = time.monotonic()
-        for chunk in self.store.chunker.chunks(stream, chunking):
-            digest.update(chunk)
-            refs.append([self._sink.add(DATA, chunk), len(chunk)])
-            size += len(chunk)
-            if len(refs) >= CHUNKLIST_REFS:
-                chunklists.append(self._sink.add(CHUNKLIST, msgpack.packb(refs, use_bin_type=True)))
-                refs = []
-            if time.monotonic() - last_log > PROGRESS_EVERY:
-                last_log = time.monotonic()
-                log.info("%s: %.1f MiB read, %d new chunks so far", path, size / 2**20, self._sink.stats.new_chunks)
+        chunks = self.store.chunker.chunks(stream, chunking)
+        head = list(itertools.islice(chunks, INLINE_HEAD))
+        if len(head) < INLINE_HEAD:  # a small record: threads would cost more than they save
+            for chunk in head:
+                digest.update(chunk)
+            source: Iterable[bytes] = head
+        else:
+            source = Readahead(itertools.chain(head, chunks), digest)
+        try:
+            for chunk in source:
+                refs.append([self._sink.add(DATA, chunk), len(chunk)])
+                size += len(chunk)
+                if len(refs) >= CHUNKLIST_REFS:
+                    chunklists.append(self._sink.add(CHUNKLIST, msgpack.packb(refs, use_bin_type=True)))
+                    refs = []
+                if time.monotonic() - last_log > PROGRESS_EVERY:
+                    last_log = time.monotonic()
+                    log.info("%s: %.1f MiB read, %d new chunks so far", path, size / 2**20, self._sink.stats.new_chunks)
+        finally:
+            if isinstance(source, Readahead):
+                source.close()
         if chunklists or len(refs) > INLINE_REFS:
             if refs:
                 chunklists.append(self._sink.add(CHUNKLIST, msgpack.packb(refs, use_bin_type=True)))

@@ -1,0 +1,548 @@
+"""Logical backup benchmark (not a test): our backup and restore of a pgbench database next to raw pg_dump/pg_restore.
+
+    .venv/bin/python bench/logical_bench.py [--scale 50] [--version 15|17|18] [--repeat 1] [--workdir DIR]
+                                            [--pg-conf KEY=VALUE ...]
+
+Run it from the repository root (it reuses ``tests.pgservers.PgManager``; as root the server runs as an unprivileged
+user). Steps, on a throwaway server of ``--version`` (default 15, Debian's binaries):
+
+1. ``pgbench -i -s SCALE`` into a fresh database, then ``pg_dump -Fc -Z0 --dbname=... > /dev/null`` (the baseline,
+   with the exact argv our backup runs) and our first backup (``database=bench``, default options, i.e. manifest,
+   globals and the dump) into a fresh encrypted local store;
+2. realistic changes: 1 % new rows appended to ``pgbench_history`` and ``pgbench_accounts`` and a clustered
+   ``UPDATE`` of 1 % of the accounts, then the baseline ``pg_dump`` again and our second backup (new stored bytes
+   from the snapshot header's ``new_stored_bytes``);
+3. ``pg_restore`` of a local dump file into a new database (baseline) next to our ``logical_restore`` of the second
+   snapshot into another new database (``database=<new>, databases=bench``, both pre-created), then row checks.
+
+Every timed operation runs in a fresh child process (its own session, killed on interrupt) that times it
+internally; peak RSS and CPU are that child's own (``RUSAGE_SELF``) and its tools' (``RUSAGE_CHILDREN``). Ours
+includes unlocking the store with a passphrase (default Argon2id cost, ``PGPLAKAR_KDF`` is ignored), as a user
+would. A CHECKPOINT precedes every timed step. With ``--repeat N`` each timed step runs N times (interleaved,
+baseline first; second backups each on a copy of the post-first-backup store) and the median is shown.
+The server, the store and all temp files are removed at the end, also on failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+PASS = "bench passphrase: correct horse battery staple"
+DB = "bench"
+TARGET = 1.2  # from the issue: backup <= 1.2x raw pg_dump, restore <= 1.2x local pg_restore
+DEFAULT_CONF = {"shared_buffers": "128MB"}  # PostgreSQL's own default (the test servers use 32MB)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Child side: one operation, one JSON line on stdout
+
+
+TOOLS = ("pg_dump", "pg_dumpall", "pg_restore", "psql")
+
+
+def _hwm_kib(pid: int | str = "self") -> int:
+    """Peak RSS (VmHWM) of one process's current address space, 0 when it is gone.
+
+    Not ``ru_maxrss``: Linux carries the parent's peak into a vfork()ed child across exec, so ``ru_maxrss`` of a
+    tool started from a 100 MiB Python process reads 100 MiB whatever the tool really used."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+class ToolPeak(threading.Thread):
+    """Samples VmHWM of the PostgreSQL client tools below this process (every 20 ms, so a tool that lives less
+    than that, e.g. pg_dumpall --globals-only, may be missed; the big ones are not)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak_kib = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        me = os.getpid()
+        while not self._stop_event.wait(0.02):
+            for pid in _descendants(me):
+                try:
+                    with open(f"/proc/{pid}/comm") as f:
+                        comm = f.read().strip()
+                except OSError:
+                    continue
+                if comm in TOOLS:  # a vfork()ed child before exec would show our own address space
+                    self.peak_kib = max(self.peak_kib, _hwm_kib(pid))
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return self.peak_kib
+
+
+class Meter:
+    """CPU (ours and our tools') and peak RSS of one timed step in a child process."""
+
+    def __init__(self) -> None:
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.cpu0 = (me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime)
+        self.peak_before_reset = 0
+        self.tools = ToolPeak()
+        self.tools.start()
+
+    def reset_peak(self) -> None:
+        """Restart our own peak RSS from here (after the Argon2id unlock), keeping the overall peak."""
+        self.peak_before_reset = _hwm_kib()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def done(self) -> dict[str, float]:
+        tool_kib = self.tools.stop()
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        after = _hwm_kib()
+        return {"rss_mib": max(after, self.peak_before_reset) / 1024, "rss_after_unlock_mib": after / 1024,
+                "tool_rss_mib": tool_kib / 1024, "cpu_s": me.ru_utime + me.ru_stime - self.cpu0[0],
+                "tool_cpu_s": kids.ru_utime + kids.ru_stime - self.cpu0[1]}
+
+
+def child_tool(spec: dict[str, Any]) -> dict[str, Any]:
+    """A client tool alone, stdout to /dev/null or a file."""
+    target = spec.get("stdout") or os.devnull
+    meter = Meter()
+    t0 = time.perf_counter()
+    with open(target, "wb") as out:
+        res = subprocess.run(spec["argv"], env=spec["env"], stdin=subprocess.DEVNULL, stdout=out,
+                             stderr=subprocess.PIPE, check=False)
+    secs = time.perf_counter() - t0
+    usage = meter.done()
+    if res.returncode:
+        raise SystemExit(f"{spec['argv'][0]} exited {res.returncode}: {res.stderr.decode(errors='replace')[-3000:]}")
+    out_bytes = os.path.getsize(target) if spec.get("stdout") else None
+    return {"seconds": secs, "bytes": out_bytes, **usage}
+
+
+def child_backup(spec: dict[str, Any]) -> dict[str, Any]:
+    from airflow_provider_pgplakar.pg.logical import dump_path, logical_backup
+    from airflow_provider_pgplakar.pg.options import parse_source_options
+    from airflow_provider_pgplakar.store.repo import Store
+
+    opts = parse_source_options("postgres://", spec["options"])
+    meter = Meter()
+    t0 = time.perf_counter()
+    with Store.open(spec["store"], PASS, cache_dir=spec["cache"]) as st:
+        unlock = time.perf_counter() - t0
+        meter.reset_peak()
+        res = logical_backup(st, opts)
+    secs = time.perf_counter() - t0
+    usage = meter.done()
+    with Store.open(spec["store"], PASS, cache_dir=spec["cache"]) as st:  # untimed
+        stats = st.load_snapshot(res.snapshot_id).header["stats"]
+        dump_bytes = st.find_record(res.snapshot_id, dump_path(1, DB))["s"]
+    return {"seconds": secs, "unlock_s": unlock, "snapshot": res.snapshot_id, "stats": stats,
+            "dump_bytes": dump_bytes, **usage}
+
+
+def child_restore(spec: dict[str, Any]) -> dict[str, Any]:
+    from airflow_provider_pgplakar.pg.options import parse_restore_options
+    from airflow_provider_pgplakar.pg.restore import logical_restore
+    from airflow_provider_pgplakar.store.repo import Store
+
+    opts = parse_restore_options("postgres://", spec["options"])
+    meter = Meter()
+    t0 = time.perf_counter()
+    with Store.open(spec["store"], PASS, cache_dir=spec["cache"]) as st:
+        unlock = time.perf_counter() - t0
+        meter.reset_peak()
+        summary = logical_restore(st, spec["snapshot"], opts)
+    secs = time.perf_counter() - t0
+    details = [r.detail for r in summary.results if r.detail]
+    return {"seconds": secs, "unlock_s": unlock, "ok": summary.ok, "details": details, **meter.done()}
+
+
+CHILD_OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "tool": child_tool, "backup": child_backup, "restore": child_restore}
+
+
+def child_main() -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    spec = json.loads(sys.stdin.read())
+    print(json.dumps(CHILD_OPS[spec["op"]](spec)))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Parent side
+
+
+def _child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+
+def spawn(argv: list[str], env: dict[str, str], stdin_text: str | None = None) -> tuple[str, float]:
+    """Run ``argv`` in its own session (so Ctrl-C reaches only us); kill its whole group if we are interrupted.
+
+    Returns (stdout, wall seconds); exits with its stderr when it fails."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE if stdin_text is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(stdin_text)
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        raise
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{Path(argv[0]).name} {' '.join(argv[1:3])} failed ({proc.returncode}):\n{err[-4000:]}")
+    return out, wall
+
+
+def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    out, wall = spawn([sys.executable, str(Path(__file__).resolve()), "--child"], _child_env(), json.dumps(spec))
+    res = json.loads(out.strip().splitlines()[-1])
+    res["process_s"] = wall
+    return res
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median time and CPU, max RSS over repetitions; other fields from the last run."""
+    out = dict(runs[-1])
+    for key in ("seconds", "process_s", "cpu_s", "tool_cpu_s", "unlock_s"):
+        if key in out:
+            out[key] = statistics.median(r[key] for r in runs)
+    for key in ("rss_mib", "rss_after_unlock_mib", "tool_rss_mib"):
+        out[key] = max(r[key] for r in runs)
+    out["all_seconds"] = [r["seconds"] for r in runs]
+    return out
+
+
+class Bench:
+    def __init__(self, server: Any, work: Path, scale: int, repeat: int) -> None:
+        self.server = server
+        self.work = work
+        self.scale = scale
+        self.repeat = repeat
+        self.pg_dump = str(server.bin("pg_dump"))
+        self.pg_restore = str(server.bin("pg_restore"))
+        self.tool_env = server.env()
+        self.conn_opts = {"host": server.host, "port": str(server.port), "username": server.superuser,
+                          "password": server.password, "pg_bin_dir": str(server.bin_dir)}
+
+    # -- database helpers ------------------------------------------------------------------------------------------
+    def sql(self, query: str, dbname: str = "postgres") -> list[tuple[Any, ...]]:
+        with self.server.connect(dbname) as c:
+            cur = c.execute(query)
+            return cur.fetchall() if cur.description else []
+
+    def checkpoint(self) -> None:
+        self.sql("CHECKPOINT")
+
+    def create_db(self, name: str) -> None:
+        self.sql(f'CREATE DATABASE "{name}"')
+
+    def drop_db(self, name: str) -> None:
+        self.sql(f'DROP DATABASE IF EXISTS "{name}"')
+
+    def fingerprint(self, dbname: str) -> tuple[Any, ...]:
+        return self.sql("SELECT (SELECT count(*) FROM pgbench_accounts), (SELECT sum(abalance) FROM pgbench_accounts),"
+                        " (SELECT count(*) FROM pgbench_history), (SELECT count(*) FROM pgbench_tellers),"
+                        " (SELECT count(*) FROM pgbench_branches)", dbname)[0]
+
+    def pgbench_init(self) -> float:
+        own = self.server.bin_dir / "pgbench"
+        pgbench = str(own) if own.is_file() else shutil.which("pgbench")
+        if pgbench is None:
+            raise SystemExit(f"pgbench not found in {self.server.bin_dir} nor on PATH")
+        self.create_db(DB)
+        _, wall = spawn([pgbench, "-i", "-s", str(self.scale), "-q"], self.server.env(DB))
+        return wall
+
+    def apply_changes(self) -> dict[str, int]:
+        """1 % appended to history and accounts, then a clustered update of 1 % of the accounts."""
+        n = self.scale * 100_000
+        k = max(1, n // 100)
+        x = n // 2
+        self.sql(f"INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) SELECT 1 + i % {10 * self.scale}, "
+                 f"1 + i % {self.scale}, 1 + (i * 7919) % {n}, i % 10001 - 5000, now() "
+                 f"FROM generate_series(1, {k}) i", DB)
+        self.sql(f"INSERT INTO pgbench_accounts (aid, bid, abalance, filler) SELECT {n} + i, 1 + i % {self.scale}, 0, "
+                 f"'' FROM generate_series(1, {k}) i", DB)
+        self.sql(f"UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid BETWEEN {x} AND {x + k - 1}", DB)
+        return {"appended": k, "updated": k, "accounts": n}
+
+    # -- timed steps -----------------------------------------------------------------------------------------------
+    def raw_dump(self, stdout: Path | None = None) -> dict[str, Any]:
+        from airflow_provider_pgplakar.pg import commands
+
+        self.checkpoint()
+        return run_child({"op": "tool", "argv": commands.pg_dump(self.pg_dump, DB), "env": self.tool_env,
+                          "stdout": str(stdout) if stdout else None})
+
+    def backup(self, store: Path, cache: Path) -> dict[str, Any]:
+        self.checkpoint()
+        return run_child({"op": "backup", "store": str(store), "cache": str(cache),
+                          "options": {**self.conn_opts, "database": DB}})
+
+    def raw_restore(self, archive: Path, target: str) -> dict[str, Any]:
+        from airflow_provider_pgplakar.pg import commands
+
+        self.create_db(target)
+        self.checkpoint()
+        return run_child({"op": "tool", "argv": commands.pg_restore(self.pg_restore, target, archive=str(archive)),
+                          "env": self.tool_env})
+
+    def restore(self, store: Path, cache: Path, snapshot: str, target: str) -> dict[str, Any]:
+        self.create_db(target)
+        self.checkpoint()
+        return run_child({"op": "restore", "store": str(store), "cache": str(cache), "snapshot": snapshot,
+                          "options": {**self.conn_opts, "database": target, "databases": DB}})
+
+    # -- the whole run ---------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from airflow_provider_pgplakar.store.repo import Store
+
+        r: dict[str, Any] = {}
+        progress(f"pgbench -i -s {self.scale} ...")
+        r["init_s"] = self.pgbench_init()
+        self.sql("VACUUM ANALYZE", DB)
+        r["db_bytes_1"] = self.sql(f"SELECT pg_database_size('{DB}')")[0][0]
+
+        base_store, base_cache = self.work / "store", self.work / "cache"
+        dumps1, firsts = [], []
+        for i in range(self.repeat):
+            progress(f"[{i + 1}/{self.repeat}] raw pg_dump > /dev/null ...")
+            dumps1.append(self.raw_dump())
+            shutil.rmtree(base_store, ignore_errors=True)
+            shutil.rmtree(base_cache, ignore_errors=True)
+            Store.create(str(base_store), PASS, cache_dir=base_cache).close()
+            progress(f"[{i + 1}/{self.repeat}] first backup ...")
+            firsts.append(self.backup(base_store, base_cache))
+        r["dump1"], r["first"] = summarize(dumps1), summarize(firsts)
+        r["store_bytes_1"] = dir_bytes(base_store)
+
+        progress("applying changes ...")
+        r["changes"] = self.apply_changes()
+        r["db_bytes_2"] = self.sql(f"SELECT pg_database_size('{DB}')")[0][0]
+        dumps2, seconds = [], []
+        for i in range(self.repeat):
+            progress(f"[{i + 1}/{self.repeat}] raw pg_dump > /dev/null after the changes ...")
+            dumps2.append(self.raw_dump())
+            if i < self.repeat - 1:  # every second backup but the last on a copy of the post-first-backup store
+                store, cache = self.work / f"store-{i}", self.work / f"cache-{i}"
+                shutil.copytree(base_store, store)
+                shutil.copytree(base_cache, cache)
+            else:
+                store, cache = base_store, base_cache
+            progress(f"[{i + 1}/{self.repeat}] second backup ...")
+            seconds.append(self.backup(store, cache))
+            if store != base_store:
+                shutil.rmtree(store)
+                shutil.rmtree(cache)
+        r["dump2"], r["second"] = summarize(dumps2), summarize(seconds)
+        r["store_bytes_2"] = dir_bytes(base_store)
+
+        progress("writing the local dump file for the pg_restore baseline ...")
+        archive = self.work / "bench.dump"
+        r["dump_file"] = self.raw_dump(stdout=archive)
+        source = self.fingerprint(DB)
+        raws, ours = [], []
+        for i in range(self.repeat):
+            progress(f"[{i + 1}/{self.repeat}] raw pg_restore from the local file ...")
+            raws.append(self.raw_restore(archive, f"raw_restore_{i}"))
+            progress(f"[{i + 1}/{self.repeat}] our logical_restore of the second snapshot ...")
+            ours.append(self.restore(base_store, base_cache, r["second"]["snapshot"], f"our_restore_{i}"))
+            for db in (f"raw_restore_{i}", f"our_restore_{i}"):
+                got = self.fingerprint(db)
+                if got != source:
+                    raise SystemExit(f"{db} differs from the source: {got} != {source}")
+                self.drop_db(db)
+        r["raw_restore"], r["restore"] = summarize(raws), summarize(ours)
+        r["fingerprint"] = source
+        return r
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def report(r: dict[str, Any], a: argparse.Namespace, server: Any, work: Path, load0: tuple[float, ...],
+           conf: dict[str, str]) -> None:
+    d1, f1, d2, f2 = r["dump1"], r["first"], r["dump2"], r["second"]
+    rr, ro = r["raw_restore"], r["restore"]
+    dump1_bytes, dump2_bytes = f1["dump_bytes"], r["dump_file"]["bytes"]
+    s2 = f2["stats"]
+    ch = r["changes"]
+
+    def ratio(ours: dict[str, Any], base: dict[str, Any]) -> float:
+        return ours["seconds"] / base["seconds"]
+
+    def met(x: float) -> str:
+        return "yes" if x <= TARGET else "**NO**"
+
+    def rss(d: dict[str, Any], ours: bool) -> str:
+        if not ours:
+            return f"– / {d['tool_rss_mib']:.0f}"
+        return f"{d['rss_mib']:.0f} ({d['rss_after_unlock_mib']:.0f}) / {d['tool_rss_mib']:.0f}"
+
+    def cpu(d: dict[str, Any], ours: bool) -> str:
+        return f"{d['cpu_s']:.2f} / {d['tool_cpu_s']:.2f}" if ours else f"– / {d['tool_cpu_s']:.2f}"
+
+    rows = [
+        ("1", "raw `pg_dump -Fc -Z0 > /dev/null`", d1, None, f"dump {_mib(dump1_bytes)}", False),
+        ("2", "our first backup (fresh store)", f1, ratio(f1, d1),
+         f"{_mib(f1['stats']['new_stored_bytes'])} new stored ({_mib(r['store_bytes_1'])} store on disk)", True),
+        ("3", "raw `pg_dump -Fc -Z0 > /dev/null`, after changes", d2, None, f"dump {_mib(dump2_bytes)}", False),
+        ("3", "our second backup", f2, ratio(f2, d2),
+         f"**+{_mib(s2['new_stored_bytes'])} new stored = {100 * s2['new_stored_bytes'] / dump2_bytes:.2f} % of "
+         f"the dump** ({_mib(s2['new_raw_bytes'])} new before compression = "
+         f"{100 * s2['new_raw_bytes'] / dump2_bytes:.1f} %)", True),
+        ("4", "raw `pg_restore` from a local file", rr, None, "into a new, empty database", False),
+        ("4", "our `logical_restore` of the second snapshot", ro, ratio(ro, rr),
+         "into a new, empty database (+ globals via psql)", True),
+    ]
+    cores = os.cpu_count()
+    load1 = os.getloadavg()
+    print()
+    print(f"PostgreSQL {server.version} ({server.bin_dir}), `pgbench -i -s {a.scale}` "
+          f"({ch['accounts']:,} accounts, database {_mib(r['db_bytes_1'])}, init {r['init_s']:.1f} s); "
+          f"server conf: {', '.join(f'{k}={v}' for k, v in conf.items())}, fsync=off (test-server default); "
+          f"{cores} cores, load average {load0[0]:.2f} at start / {load1[0]:.2f} at end; "
+          f"work dir {work} ({'median of ' + str(a.repeat) + ' runs' if a.repeat > 1 else 'single runs'}).")
+    print()
+    print(f"Changes before the second backup: +{ch['appended']:,} rows in pgbench_history and in pgbench_accounts, "
+          f"UPDATE of {ch['updated']:,} consecutive accounts (aid {ch['accounts'] // 2:,}..); database "
+          f"{_mib(r['db_bytes_2'])} after.")
+    print()
+    print("| step | operation | seconds | process s | vs raw | target | met | data | "
+          "peak RSS MiB: ours (after unlock) / tool | CPU s (ours / tools) |")
+    print("|---|---|---:|---:|---:|---|---|---|---:|---:|")
+    for step, name, d, x, data, ours in rows:
+        vs = f"{x:.2f}×" if x is not None else "1.00×"
+        tgt = f"≤ {TARGET:.1f}×" if x is not None else ""
+        ok = met(x) if x is not None else ""
+        print(f"| {step} | {name} | {d['seconds']:.2f} | {d['process_s']:.2f} | {vs} | {tgt} | {ok} | {data} | "
+              f"{rss(d, ours)} | {cpu(d, ours)} |")
+    print()
+    print(f"- `seconds`: timed inside a fresh child process; ours includes opening the store with a passphrase "
+          f"(Argon2id unlock: {f1['unlock_s']:.2f} s backup, {ro['unlock_s']:.2f} s restore). `process s`: wall "
+          "time of that child as seen by the parent (adds interpreter start-up, and imports for ours).")
+    print("- peak RSS (VmHWM): ours = the Python process, whole step and, in parentheses, from after the unlock "
+          "(Argon2id takes 64 MiB); tool = the largest client tool (pg_dump, pg_restore, psql), sampled every 20 ms. "
+          "CPU: user+sys of the step, ours / its tools.")
+    print(f"- restores verified: accounts count/sum, history, tellers and branches match the source "
+          f"{tuple(r['fingerprint'])}.")
+    if a.repeat > 1:
+        for key, label in (("dump1", "raw dump 1"), ("first", "first backup"), ("dump2", "raw dump 2"),
+                           ("second", "second backup"), ("raw_restore", "raw restore"), ("restore", "our restore")):
+            print(f"- {label} runs: {', '.join(f'{s:.2f}' for s in r[key]['all_seconds'])} s")
+    if ro.get("details"):
+        print(f"- restore notes: {'; '.join(ro['details'])}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scale", type=int, default=50, help="pgbench scale factor (100,000 accounts each; default 50)")
+    ap.add_argument("--version", type=int, default=15, choices=(15, 17, 18), help="PostgreSQL major (default 15)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per timed step; the median is shown (default 1)")
+    ap.add_argument("--workdir", help="parent of the temp dir holding the store and the dump file (default $TMPDIR)")
+    ap.add_argument("--pg-conf", action="append", default=[], metavar="KEY=VALUE",
+                    help=f"extra postgresql.conf setting (default adds {DEFAULT_CONF})")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        child_main()
+        return
+    if a.scale < 1 or a.repeat < 1:
+        ap.error("--scale and --repeat must be >= 1")
+    conf = dict(DEFAULT_CONF)
+    for item in a.pg_conf:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--pg-conf wants KEY=VALUE, got {item!r}")
+        conf[key.strip()] = value.strip()
+    # SIGTERM unwinds like Ctrl-C, so the finally below stops the server and removes the temp dirs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    os.environ.pop("PGPLAKAR_KDF", None)  # the default Argon2id cost, as a user gets
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+    from tests.pgservers import PgManager, missing_description
+
+    load0 = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="pgplakar-logical-bench-", dir=a.workdir))
+    manager = None
+    try:
+        manager = PgManager()
+        if manager.bin_dir(a.version) is None:
+            raise SystemExit(f"missing {missing_description(a.version)}")
+        progress(f"starting PostgreSQL {a.version} ...")
+        server = manager.start(a.version, conf=conf)
+        results = Bench(server, work, a.scale, a.repeat).run()
+        report(results, a, server, work, load0, conf)
+    finally:
+        progress("cleaning up ...")
+        if manager is not None:
+            manager.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
