@@ -195,13 +195,7 @@ def parse_kv(items: list[str], what: str = "option") -> dict[str, str]:
 
 
 def parse_labels(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            raise UsageError(f"--label wants KEY=VALUE, got {item!r}")
-        out[k] = v
-    return out
+    return parse_kv(items, "--label")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from airflow_provider_pgplakar.store.crypto import Keys
 from airflow_provider_pgplakar.store.reader import chunk_refs
 from airflow_provider_pgplakar.store.repo import Store
 from tests.store.conftest import PASSPHRASE
+from tests.store.streams import Trickle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SIZE = 4 * 1024 * 1024
@@ -80,22 +81,6 @@ def inputs() -> dict[str, bytes]:
     return data
 
 
-class _Trickle(io.RawIOBase):
-    """A raw stream that returns at most ``step`` bytes per call, like a slow pipe."""
-
-    def __init__(self, data: bytes, step: int) -> None:
-        self._data, self._pos, self._step = memoryview(data), 0, step
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: memoryview) -> int:  # type: ignore[override]
-        n = min(len(b), self._step, len(self._data) - self._pos)
-        b[:n] = self._data[self._pos : self._pos + n]
-        self._pos += n
-        return n
-
-
 class _ReadOnly:
     """Only ``read``: the chunker must fall back to it."""
 
@@ -150,8 +135,8 @@ def test_golden_chunk_lengths(inputs: dict[str, bytes], kind: str, seed: int) ->
     # the chunks are the input, in order, as independent copies
     assert b"".join(chunker.chunks(io.BytesIO(data))) == data
     # short reads (pipes) and read()-only streams cut identically
-    assert _lengths(chunker.chunks(_Trickle(data, 4099))) == golden
-    assert _lengths(chunker.chunks(io.BufferedReader(_Trickle(data, 65536)))) == golden
+    assert _lengths(chunker.chunks(Trickle(data, 4099))) == golden
+    assert _lengths(chunker.chunks(io.BufferedReader(Trickle(data, 65536)))) == golden
     assert _lengths(chunker.chunks(_ReadOnly(data))) == golden
 
 
@@ -170,7 +155,7 @@ def test_fixed_chunking_lengths(inputs: dict[str, bytes]) -> None:
     for block in (4096, 128 * 1024, 1024 * 1024 - 1):
         want = [block] * (len(data) // block) + ([len(data) % block] if len(data) % block else [])
         assert _lengths(chunker.chunks(io.BytesIO(data), Chunking.fixed(block))) == want
-        assert _lengths(chunker.chunks(_Trickle(data, 1000), Chunking.fixed(block))) == want
+        assert _lengths(chunker.chunks(Trickle(data, 1000), Chunking.fixed(block))) == want
         assert _lengths(chunker.chunks(_ReadOnly(data), Chunking.fixed(block))) == want
 
 

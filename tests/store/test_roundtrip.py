@@ -26,6 +26,7 @@ from airflow_provider_pgplakar.store.reader import chunk_refs
 from airflow_provider_pgplakar.store.repo import Store
 from tests.store.conftest import PASSPHRASE
 from tests.store.gen_stream import dump_text, make_bytes, random_bytes
+from tests.store.streams import Trickle
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 CDC_MIN, CDC_AVG, CDC_MAX = DEFAULT_CDC["min"], DEFAULT_CDC["avg"], DEFAULT_CDC["max"]
@@ -59,22 +60,6 @@ def _read_in_pieces(st: Store, rec: dict[str, Any], step: int) -> bytes:
 
 def _chunk_lengths(st: Store, rec: dict[str, Any]) -> list[int]:
     return [n for _id, n in chunk_refs(st, rec)]
-
-
-class _Trickle(io.RawIOBase):
-    """A raw stream that returns at most ``step`` bytes per read, like a slow pipe."""
-
-    def __init__(self, data: bytes, step: int) -> None:
-        self._data, self._pos, self._step = memoryview(data), 0, step
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: memoryview) -> int:  # type: ignore[override]
-        n = min(len(b), self._step, len(self._data) - self._pos)
-        b[:n] = self._data[self._pos : self._pos + n]
-        self._pos += n
-        return n
 
 
 class _ReadOnly:
@@ -144,7 +129,7 @@ def test_multi_chunk_list_records_round_trip(store: Store, location: str, tmp_pa
     with store.writer() as w:
         w.add_bytes("/fixed-4k", text, chunking=Chunking.fixed(4096))  # 5120 refs: two chunk-list blobs
         w.add_bytes("/cdc", mixed)
-        w.add_stream("/cdc-trickle", _Trickle(mixed, 10_000))  # a pipe-like stream: identical chunks
+        w.add_stream("/cdc-trickle", Trickle(mixed, 10_000))  # a pipe-like stream: identical chunks
     st = _reopen(location, tmp_path)
     try:
         snap = st.resolve("latest")
@@ -171,7 +156,7 @@ def test_fixed_size_chunking_round_trip(store: Store, location: str, tmp_path: P
     for size in sizes:
         data = make_bytes(size + block, size)
         want[f"/bytesio/{size}"] = (data, io.BytesIO(data))
-        want[f"/trickle/{size}"] = (data, _Trickle(data, 1000))
+        want[f"/trickle/{size}"] = (data, Trickle(data, 1000))
         want[f"/readonly/{size}"] = (data, _ReadOnly(data))
     with store.writer() as w:
         for path, (data, stream) in want.items():
