@@ -106,6 +106,7 @@ def restore_records(store: Any, records: Iterable[dict[str, Any]], dest: str | o
             if target.is_symlink() or target.exists():
                 target.unlink()
             os.symlink(rec["lt"], target)
+            _apply_attrs(target, rec, link=True)
         elif kind == "h":
             linked = _target(dest_root, rec["lt"][len(strip.rstrip("/")) :] if strip and strip != "/" else rec["lt"])
             if target.exists():
@@ -127,13 +128,14 @@ def restore_records(store: Any, records: Iterable[dict[str, Any]], dest: str | o
     return written
 
 
-def _apply_attrs(path: Path, rec: dict[str, Any]) -> None:
+def _apply_attrs(path: Path, rec: dict[str, Any], *, link: bool = False) -> None:
+    """Owner (as root), mode and mtime; for a symlink the link itself (Linux has no symlink modes)."""
     if os.geteuid() == 0 and "u" in rec:
         try:
             os.chown(path, rec["u"], rec.get("g", -1), follow_symlinks=False)
         except OSError as e:
             log.warning("cannot chown %s: %s", path, e)
-    if "m" in rec:
+    if "m" in rec and not link:
         os.chmod(path, rec["m"])
     if "t" in rec:
-        os.utime(path, ns=(rec["t"], rec["t"]))
+        os.utime(path, ns=(rec["t"], rec["t"]), follow_symlinks=False)

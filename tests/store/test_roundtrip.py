@@ -289,8 +289,7 @@ def _snapshot_tree(root: Path) -> tuple[dict[str, tuple], set[frozenset[str]]]:
             st = os.lstat(p)
             owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
             if stat.S_ISLNK(st.st_mode):
-                # symlink mtimes are not compared: restore creates them without lutimes
-                entries[rel] = ("l", os.readlink(p))
+                entries[rel] = ("l", os.readlink(p), st.st_mtime_ns, owner)
             elif stat.S_ISDIR(st.st_mode):
                 entries[rel] = ("d", stat.S_IMODE(st.st_mode), st.st_mtime_ns, owner)
             elif stat.S_ISREG(st.st_mode):
