@@ -89,12 +89,12 @@ def store_dir(tmp_path: Path) -> Path:
 
 
 def test_example_dags_import_without_errors() -> None:
-    """DagBag over example_dags/ with no connection defined: no import errors, the three DAGs, no cycles."""
+    """DagBag over example_dags/ with no connection defined: no import errors, every example DAG, no cycles."""
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(DAGS_DIR))
     assert bag.import_errors == {}
-    assert set(bag.dag_ids) == {"pgplakar_nightly_backup", "pgplakar_fanout_per_database",
+    assert set(bag.dag_ids) == {"pgplakar_nightly_backup", "pgplakar_fanout_per_database", "pgplakar_iam_backup",
                                 "pgplakar_backup_restore_check"}
     nightly = bag.dags["pgplakar_nightly_backup"]
     assert nightly.schedule == "15 2 * * *"

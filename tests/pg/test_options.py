@@ -288,8 +288,6 @@ def test_aws_explicit_exclude_replaces_default() -> None:
 @pytest.mark.parametrize(
     ("location", "options", "option", "match"),
     [
-        (AWS, {}, "region", "needs the AWS region"),
-        (AWS, {"region": ""}, "region", "needs the AWS region"),
         (AWS, {"region": "Virginia"}, "region", "not an AWS region"),
         ("postgres+aws://h/app", {"region": "us-east-1"}, "username", "IAM-enabled"),
         ("postgres+aws://u:pw@h/app", {"region": "us-east-1"}, "location", "IAM token; remove the password"),
