@@ -129,7 +129,7 @@ def logical_backup(
             warnings.append("cannot read pg_authid (restricted superuser, e.g. RDS): roles are dumped without "
                             "passwords (--no-role-passwords)")
             log.warning("%s", warnings[-1])
-        manifest = _manifest(s, opts, selected, tool_versions, manifest_only, authid_ok)
+        manifest = _manifest(s, opts, selected, tool_versions, manifest_only, authid_ok, dict(labels or {}))
         source = {"kind": "postgres-manifest" if manifest_only else "postgres",
                   "origin": opts.conn.redacted_uri(opts.scheme, opts.database)}
         meta = {"server_version_num": server_num, "databases": selected, "tool_versions": tool_versions,
@@ -170,7 +170,7 @@ def _option_summary(opts: LogicalSourceOptions) -> dict[str, Any]:
 
 
 def _manifest(s: Session, opts: LogicalSourceOptions, selected: list[str], tool_versions: dict[str, str],
-              manifest_only: bool, authid_ok: bool) -> dict[str, Any]:
+              manifest_only: bool, authid_ok: bool, labels: dict[str, str]) -> dict[str, Any]:
     from .manifest import collect_manifest
 
     def factory(dbname: str) -> Any:
@@ -182,5 +182,5 @@ def _manifest(s: Session, opts: LogicalSourceOptions, selected: list[str], tool_
                                        "compress": opts.compress},
         tool_versions=tool_versions, exclude_databases=tuple(opts.exclude_databases or ()),
         extra={"databases_dumped": [] if manifest_only else selected, "role_passwords": authid_ok,
-               "scheme": opts.scheme},
+               "scheme": opts.scheme, "labels": labels},
     )

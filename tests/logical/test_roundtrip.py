@@ -22,7 +22,8 @@ SHOP = [
     "SELECT lo_from_bytea(424242, 'large object payload'::bytea)",
     "GRANT SELECT ON items TO reader",
     "ALTER TABLE items OWNER TO app_owner",
-    "CREATE EXTENSION IF NOT EXISTS plpgsql",
+    "CREATE EXTENSION pg_trgm",
+    "CREATE INDEX items_name_trgm ON items USING gin (name gin_trgm_ops)",
     "SELECT setval('items_id_seq', 7777)",
 ]
 
@@ -36,6 +37,8 @@ def _snapshot(server, db: str) -> dict:
             "lo": c.execute("SELECT lo_get(424242)").fetchone()[0],
             "owner": c.execute("SELECT tableowner FROM pg_tables WHERE tablename='items'").fetchone()[0],
             "grant": c.execute("SELECT has_table_privilege('reader', 'items', 'SELECT')").fetchone()[0],
+            "ext": c.execute("SELECT extversion IS NOT NULL FROM pg_extension WHERE extname='pg_trgm'").fetchone(),
+            "trgm": c.execute("SELECT count(*) FROM items WHERE name % 'item 42'").fetchone()[0],
         }
 
 
