@@ -96,7 +96,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--location")
-    ap.add_argument("--level", type=int, default=3)
+    ap.add_argument("--level", type=int, default=1, help="zstd level of the store (default: the store default, 1)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per operation; the fastest is reported")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "pgplakar-bench"))
     ap.add_argument("--child")
     ap.add_argument("--src")
@@ -122,11 +123,19 @@ def main() -> None:
     t0 = time.perf_counter()
     subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)
     cat_s = time.perf_counter() - t0
-    first = run_child("ingest", location, str(src), env)
-    stored1 = stored_bytes(location)
-    second = run_child("ingest", location, str(src), env)
-    stored2 = stored_bytes(location)
-    restore = run_child("restore", location, str(src), env)
+    firsts, seconds, restores = [], [], []
+    for i in range(a.repeat):  # each repeat starts from a fresh store; the best run is reported
+        if i:
+            shutil.rmtree(location, ignore_errors=True)
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            Store.create(location, PASS, compression_level=a.level, cache_dir=work / "cache").close()
+        firsts.append(run_child("ingest", location, str(src), env))
+        stored1 = stored_bytes(location)
+        seconds.append(run_child("ingest", location, str(src), env))
+        stored2 = stored_bytes(location)
+        restores.append(run_child("restore", location, str(src), env))
+    best = lambda runs: min(runs, key=lambda r: r["seconds"])  # noqa: E731
+    first, second, restore = best(firsts), best(seconds), best(restores)
     assert restore["bytes"] == size, "restore returned a different size"
     mb = size / 1e6
     rows = [
@@ -137,7 +146,7 @@ def main() -> None:
         ("restore (verified) to /dev/null", restore["seconds"], "", restore["rss_mib"]),
     ]
     print(f"\nsource: {size / 2**20:.0f} MiB dump-like stream; zstd level {a.level}; store {location}; "
-          f"{os.cpu_count()} cores\n")
+          f"{os.cpu_count()} cores; best of {a.repeat} runs\n")
     print("| operation | seconds | MB/s | target | stored | peak RSS (MiB) | CPU s |")
     print("|---|---:|---:|---:|---|---:|---:|")
     for (name, secs, stored, rss), target, res in zip(rows, ("", "≥ 150", "≥ 400", "≥ 300"),

@@ -139,9 +139,9 @@ def _pg_backup(location: str, args: argparse.Namespace) -> int:
     from ..pg.options import LogicalSourceOptions, parse_source_options
 
     opts = parse_source_options(args.path, _pg_options(args.pg_options, args.path))
-    if not isinstance(opts, LogicalSourceOptions):
-        raise UsageError("postgres+bin:// backups are not available yet")
     st = _open(location, args)
+    if not isinstance(opts, LogicalSourceOptions):
+        return _pg_physical_backup(st, opts, args)
     res = logical_backup(st, opts, tags=args.tag, labels=parse_labels(args.label),
                          idempotency_key=args.idempotency_key)
     for w in res.warnings:
@@ -152,6 +152,34 @@ def _pg_backup(location: str, args: argparse.Namespace) -> int:
     else:
         print(f"snapshot {res.snapshot_id[:8]} created: {len(res.databases)} database(s), "
               f"{output.human_bytes(res.bytes)}")
+    return 0
+
+
+def _pg_physical_backup(st: Store, opts: Any, args: argparse.Namespace) -> int:
+    from ..pg.physical import physical_backup
+
+    res = physical_backup(st, opts, tags=args.tag, labels=parse_labels(args.label),
+                          idempotency_key=args.idempotency_key)
+    for w in res.warnings:
+        print(f"pgplakar: warning: {w}", file=sys.stderr)
+    if args.json:
+        output.emit_json({"snapshot": res.snapshot_id, **res.as_dict()})
+    else:
+        spaces = f" + {len(res.tablespaces)} tablespace(s)" if res.tablespaces else ""
+        print(f"snapshot {res.snapshot_id[:8]} created: physical backup of PostgreSQL {res.major}{spaces}, "
+              f"{res.files} files, {output.human_bytes(res.bytes)}, {output.human_bytes(res.new_stored_bytes)} stored")
+    return 0
+
+
+def _physical_restore(st: Store, sid: str, args: argparse.Namespace) -> int:
+    from ..pg.datadir import physical_restore
+
+    res = physical_restore(st, sid, args.to, tablespace_mapping=args.tablespace_mapping, overwrite=args.overwrite,
+                           pg_bin_dir=args.pg_bin_dir, verify=not args.no_verify)
+    if args.json:
+        output.emit_json(res.as_dict())
+    else:
+        print(res.text())
     return 0
 
 
@@ -182,6 +210,13 @@ def cmd_restore(location: str, args: argparse.Namespace) -> int:
     st = _open(location, args)
     snap_ref, path = _split_target(args.items[0])
     sid = st.resolve(snap_ref)
+    from ..pg.datadir import is_physical_snapshot
+
+    if path is None and is_physical_snapshot(st, sid):  # a whole physical snapshot: a startable data directory
+        return _physical_restore(st, sid, args)
+    if args.tablespace_mapping or args.pg_bin_dir or args.no_verify:
+        raise UsageError("--tablespace-mapping, --pg-bin-dir and --no-verify apply to a whole physical "
+                         "(postgres+bin) snapshot only")
     n = files.restore_records(st, st.records(sid, path), args.to, overwrite=args.overwrite)
     if args.json:
         output.emit_json({"snapshot": sid, "files": n, "to": os.path.abspath(args.to)})

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("create", "create a new store (encrypted unless --plaintext)")
     p.add_argument("--plaintext", action="store_true", help="no encryption (integrity checks remain)")
-    p.add_argument("--compression-level", type=int, default=3, help="zstd level 0..19 (0 = off; default 3)")
+    p.add_argument("--compression-level", type=int, default=1, help="zstd level 0..19 (0 = off; default 1)")
 
     p = cmd("backup", "back up a local directory or file, or PostgreSQL (postgres://... [key=value ...])")
     p.add_argument("path", help="directory, file, or postgres:// | postgres+aws:// | postgres+bin:// location")
@@ -77,11 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("cat", "write a record's content to stdout")
     p.add_argument("target", metavar="SNAPSHOT:/path")
 
-    p = cmd("restore", "restore SNAPSHOT[:/path] into a directory, or a logical snapshot into a server")
+    p = cmd("restore", "restore SNAPSHOT[:/path] into a directory, a physical snapshot as a data directory, or a "
+                       "logical snapshot into a server")
     p.add_argument("-to", "--to", dest="to", required=True, metavar="DIR|postgres://...")
     p.add_argument("items", nargs="+", metavar="[key=value ...] SNAPSHOT[:/path]",
                    help="destination options (postgres:// only), then the snapshot")
-    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
+                   help="replace existing files (a physical snapshot: empty a non-empty data or tablespace "
+                        "directory first)")
+    p.add_argument("-T", "--tablespace-mapping", action="append", default=[], metavar="OLD=NEW",
+                   help="physical snapshots: restore the tablespace at OLD into NEW (repeatable; \\= escapes =)")
+    p.add_argument("--pg-bin-dir", metavar="DIR", help="physical snapshots: PostgreSQL bin directory that will "
+                   "start the data directory (its major version is checked first; its pg_verifybackup is used)")
+    p.add_argument("--no-verify", action="store_true", help="physical snapshots: skip pg_verifybackup")
 
     p = cmd("check", "verify the store's metadata (and with --read-data every byte)")
     p.add_argument("--read-data", action="store_true")

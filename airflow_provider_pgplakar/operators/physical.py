@@ -1,0 +1,166 @@
+"""Operators for physical backups: a base backup of the whole cluster, and its restore as a data directory.
+
+A standard Airflow ``postgres`` connection works (host, port, login, password, SSL extras, ``pg_bin_dir``); its
+``schema`` (database) is ignored because a base backup always covers the whole cluster, and extras meant for
+logical backups (``compress``, ``exclude_databases``, ...) are ignored too so one connection can serve both kinds.
+A ``location`` must be ``postgres+bin://`` (or ``postgres://``) without a database path. The user needs the
+REPLICATION privilege and the server a ``replication`` line in pg_hba.conf for the worker's address; the task fails
+with a message saying which one is missing.
+
+Snapshots carry the same run labels and idempotency key as logical backups (a retry that already committed returns
+the same snapshot ID). ``on_kill`` cancels the running ``BASE_BACKUP``; nothing is committed then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+
+from ..hooks.postgres import PgPlakarPostgresHook, _text
+from ..hooks.store import PgPlakarStoreHook
+from ..pg import OptionError
+from ..pg.options import PhysicalSourceOptions, parse_location, parse_source_options
+from ..pg.process import kill_all
+from .logical import _PgPlakarOperator, idempotency_key, run_labels
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+__all__ = ["PgPlakarBaseBackupOperator", "PgPlakarPhysicalRestoreOperator", "physical_source_options"]
+
+# Option names a shared connection may carry for logical backups or restores; a base backup ignores them.
+_LOGICAL_ONLY = frozenset({"database", "databases", "exclude_databases", "compress", "schema_only", "data_only",
+                           "clean", "recreate", "no_globals", "no_owner", "exit_on_error", "tables", "schemas",
+                           "jobs"})
+
+
+def physical_source_options(hook: PgPlakarPostgresHook, overrides: Mapping[str, Any] | None = None,
+                            log: Any = None) -> PhysicalSourceOptions:
+    """:class:`PhysicalSourceOptions` from the hook's connection or location, then ``overrides`` (which win)."""
+    location, opts = hook._location_and_options(None, restore=False)
+    scheme = parse_location(location).scheme
+    if scheme == "postgres+aws":
+        raise OptionError("iam", "a base backup needs a replication connection, which RDS/Aurora do not allow: "
+                                 "use a logical backup for IAM connections")
+    if scheme == "postgres":
+        location = "postgres+bin" + location[location.index("://"):]
+    if not hook.location:
+        dropped = sorted(k for k in opts if k in _LOGICAL_ONLY)
+        for key in dropped:
+            opts.pop(key)
+        if dropped and log is not None:
+            log.info("base backup of the whole cluster: ignoring the connection's %s", ", ".join(dropped))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            opts[key] = _text(value)
+    return parse_source_options(location, opts)  # type: ignore[return-value]
+
+
+def _mapping_arg(value: Any) -> Any:
+    """A templated ``tablespace_mapping`` renders to text: read it as JSON (an object or a list of OLD=NEW)."""
+    if not isinstance(value, str):
+        return value
+    import json
+
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        raise OptionError("tablespace_mapping", "a string must be a JSON object {\"OLD\": \"NEW\"} or a JSON "
+                                                "list of \"OLD=NEW\" strings") from None
+    if not isinstance(parsed, (dict, list)):
+        raise OptionError("tablespace_mapping", "must be a JSON object or list")
+    return parsed
+
+
+class PgPlakarBaseBackupOperator(_PgPlakarOperator):
+    """Physical base backup of the whole cluster into the store; returns the snapshot ID (XCom ``return_value``).
+
+    :param checkpoint: ``fast`` or ``spread`` (default: the option/connection value, else ``spread``).
+    :param max_rate: transfer limit in kB/s (``100M`` style suffixes accepted as strings).
+    :param options: seed option names (``pg_bin_dir``, ``ssl_*``, ``checkpoint``, ``max_rate``); templated.
+    """
+
+    template_fields: Sequence[str] = ("tags", "labels", "options", "checkpoint", "postgres_conn_id", "store_conn_id")
+
+    def __init__(self, *, checkpoint: str | None = None, max_rate: int | str | None = None, tags: Sequence[str] = (),
+                 labels: Mapping[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.checkpoint = checkpoint
+        self.max_rate = max_rate
+        self.tags = list(tags)
+        self.labels = dict(labels or {})
+
+    def execute(self, context: Context) -> str:
+        from ..pg.physical import physical_backup
+
+        overrides = dict(self.options)
+        if self.checkpoint is not None:
+            overrides["checkpoint"] = self.checkpoint
+        if self.max_rate is not None:
+            overrides["max_rate"] = self.max_rate
+        opts = physical_source_options(self._pg_hook(), overrides, self.log)
+        labels = {**self.labels, **run_labels(context)}
+        key = idempotency_key(labels) + "/physical"
+        with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
+            existing = store.idempotent_id(key)
+            if existing in store.snapshot_ids():
+                self.log.info("snapshot %s was already committed by an earlier try of this task: reusing it",
+                              existing)
+                return existing
+            result = physical_backup(store, opts, labels=labels, tags=self.tags, idempotency_key=key)
+        for w in result.warnings:
+            self.log.warning("%s", w)
+        self.log.info("snapshot %s: base backup of PostgreSQL %d, %d files, %.1f MiB (%.1f MiB new), WAL %s..%s",
+                      result.snapshot_id, result.major, result.files, result.bytes / 2**20,
+                      result.new_stored_bytes / 2**20, result.start_lsn, result.end_lsn)
+        return result.snapshot_id
+
+
+class PgPlakarPhysicalRestoreOperator(BaseOperator):
+    """Restore a physical snapshot as a data directory on the worker (see :mod:`..pg.datadir`).
+
+    :param snapshot_id: templated, e.g. ``{{ ti.xcom_pull(task_ids='base_backup') }}`` or ``base_backup.output``.
+    :param target_dir: the new data directory (templated); it must be empty or absent unless ``overwrite``.
+    :param tablespace_mapping: ``{OLD: NEW}`` (or ``["OLD=NEW", ...]``) per tablespace location (templated; a
+        rendered string is read as a JSON object or list, e.g. ``"{{ params.mapping | tojson }}"``).
+    :param pg_bin_dir: bin directory of the PostgreSQL that will start it: refused unless it is the backup's major
+        version, checked before anything is written; its ``pg_verifybackup`` verifies the result.
+    Returns the restore summary (a small dict: major version, files, tablespaces, verification).
+    """
+
+    template_fields: Sequence[str] = ("snapshot_id", "target_dir", "tablespace_mapping", "pg_bin_dir",
+                                      "store_conn_id")
+    ui_color = "#d0e4f5"
+
+    def __init__(self, *, snapshot_id: str, target_dir: str,
+                 tablespace_mapping: Mapping[str, str] | Sequence[str] | None = None, overwrite: bool = False,
+                 pg_bin_dir: str | None = None, verify: bool = True,
+                 store_conn_id: str = PgPlakarStoreHook.default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.snapshot_id = snapshot_id
+        self.target_dir = target_dir
+        self.tablespace_mapping = tablespace_mapping
+        self.overwrite = overwrite
+        self.pg_bin_dir = pg_bin_dir
+        self.verify = verify
+        self.store_conn_id = store_conn_id
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from ..pg.datadir import physical_restore
+
+        with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
+            sid = store.resolve(str(self.snapshot_id).strip())
+            result = physical_restore(store, sid, str(self.target_dir),
+                                      tablespace_mapping=_mapping_arg(self.tablespace_mapping),
+                                      overwrite=self.overwrite, pg_bin_dir=self.pg_bin_dir or None,
+                                      verify=self.verify)
+        self.log.info("%s", result.text())
+        return result.as_dict()
+
+    def on_kill(self) -> None:
+        kill_all()

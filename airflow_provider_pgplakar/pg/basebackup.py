@@ -1,0 +1,484 @@
+"""``BASE_BACKUP`` over the replication protocol, spoken directly through psycopg's libpq layer (PostgreSQL 15+).
+
+Why not the ``pg_basebackup`` binary: with tar to stdout it writes one tablespace only ("can only write single
+tablespace to stdout") and named pipes cannot stand in for its output files (it refuses a non-empty target
+directory); see ``design/physical.md``. The protocol gives every archive as a stream, so nothing is staged on disk.
+
+One replication connection does everything, in this order:
+
+1. ``CREATE_REPLICATION_SLOT <name> TEMPORARY PHYSICAL RESERVE_WAL``: the slot pins WAL from now until the
+   connection closes, so the segments the backup needs cannot be recycled while it runs (the slot vanishes with
+   the connection, also when we crash);
+2. ``BASE_BACKUP (... WAL true ...)``: start LSN, the tablespace list, then one COPY OUT carrying every archive
+   (``<oid>.tar`` per user tablespace, then ``base.tar`` with the WAL needed for consistency under ``pg_wal/``),
+   then the server's ``backup_manifest``; then the end LSN and a command-complete. The backup succeeded only when
+   that last result arrived: :meth:`BaseBackupStream.finish` checks it.
+
+Every wait is on the socket with ``select`` (libpq's non-blocking calls), never inside a blocking libpq call: the
+compiled psycopg calls libpq with the GIL held, which would freeze the store's upload threads for the whole of a
+spread checkpoint. TCP keepalives are on so a vanished server fails the backup instead of hanging it.
+
+CopyData framing on PostgreSQL 15+: each message starts with a type byte: ``n`` new archive (NUL-terminated name and
+tablespace location), ``d`` archive or manifest bytes, ``p`` progress (int64 bytes so far), ``m`` the manifest
+follows. Older servers frame the stream differently (one COPY OUT per tablespace, no type bytes); they are refused
+with a clear message rather than supported by untested code.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import secrets
+import select
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import pq
+
+from . import PgError
+from .connect import PgConnectError, connect
+from .options import ConnOptions
+from .process import track_connection
+from .secrets import SslFiles
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MIN_SERVER_VERSION",
+    "Archive",
+    "BaseBackupError",
+    "BaseBackupStream",
+    "ReplicationConnection",
+    "ReplicationRefused",
+    "Tablespace",
+]
+
+MIN_SERVER_VERSION = 150000
+# Server-side tar archives end without the two zero blocks tar readers expect (pg_basebackup adds them itself).
+TAR_TERMINATOR = bytes(1024)
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 6}
+_LSN_RE = re.compile(r"[0-9A-F]{1,8}/[0-9A-F]{1,8}")
+
+
+class BaseBackupError(PgError):
+    """The replication connection, the slot or ``BASE_BACKUP`` failed; nothing may be committed."""
+
+
+class ReplicationRefused(BaseBackupError):
+    """The server refused the replication connection; the message says what to change on the server."""
+
+
+_PG_HBA_HINT = (
+    "the server's pg_hba.conf needs a replication line for this user and client address, e.g. "
+    "'host replication {user} <client-address>/32 scram-sha-256' (the keyword 'replication' is required: "
+    "'all' does not match replication connections), then SELECT pg_reload_conf()"
+)
+_ROLE_HINT = "the user needs the REPLICATION privilege: ALTER ROLE {user} REPLICATION (or use a superuser)"
+# (regex over the server's reason, hint). English messages; the SQLSTATE check below covers translated ones.
+_REFUSALS = (
+    (re.compile(r"no pg_hba\.conf entry for replication connection", re.I), _PG_HBA_HINT),
+    (re.compile(r"must be superuser or replication role|permission denied to start WAL sender|"
+                r"REPLICATION attribute", re.I), _ROLE_HINT),
+    (re.compile(r"exceeds max_wal_senders|max_wal_senders", re.I),
+     "the server has no free WAL sender: raise max_wal_senders (needs a restart) or wait for other replication "
+     "clients to finish"),
+)
+
+
+@dataclass(frozen=True)
+class Tablespace:
+    """One row of BASE_BACKUP's tablespace list; the main data directory has ``oid`` None."""
+
+    oid: int | None
+    location: str | None
+    size_kb: int | None
+
+
+def _refusal(exc: PgConnectError, user: str) -> BaseBackupError:
+    text = str(exc)
+    for pattern, hint in _REFUSALS:
+        if pattern.search(text):
+            return ReplicationRefused(f"replication connection refused: {text}; {hint.format(user=user)}")
+    if exc.sqlstate == "42501":
+        return ReplicationRefused(f"replication connection refused: {text}; {_ROLE_HINT.format(user=user)}")
+    if exc.sqlstate == "28000" and "replication" in text.lower():
+        return ReplicationRefused(f"replication connection refused: {text}; {_PG_HBA_HINT.format(user=user)}")
+    return BaseBackupError(f"replication connection failed: {text}")
+
+
+def _server_error(what: str, message: str) -> BaseBackupError:
+    text = " ".join(message.split()) or "no error message"
+    if "all replication slots are in use" in text:
+        text += " (raise max_replication_slots on the server: the backup holds one temporary slot while it runs)"
+    elif "WAL level not sufficient" in text or "wal_level" in text:
+        text += " (set wal_level = replica or logical on the server and restart it)"
+    return BaseBackupError(f"{what}: {text}")
+
+
+def _quote(value: str) -> str:
+    """A single-quoted replication-command literal (the replication grammar takes no bind parameters)."""
+    if "\0" in value:
+        raise ValueError("NUL in a replication command literal")
+    return "'" + value.replace("'", "''") + "'"
+
+
+class ReplicationConnection:
+    """A physical replication connection (``replication=true``) used with libpq's simple query protocol only.
+
+    The extended protocol, which psycopg's ``execute`` uses, is refused by a walsender, so commands go through
+    ``pgconn`` directly. Close it (or use it as a context manager) to drop the temporary slot.
+    """
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+        self.pgconn = conn.pgconn
+        self.slot: str | None = None
+
+    @classmethod
+    def open(cls, opts: ConnOptions, ssl: SslFiles, *, password: str | None = None) -> ReplicationConnection:
+        user = opts.username or "<user>"
+        try:
+            # dbname is ignored by a physical walsender; pg_hba matches the 'replication' keyword instead.
+            conn = connect(opts, ssl, "replication", password=password, replication="true", autocommit=True,
+                           **KEEPALIVES)
+        except PgConnectError as exc:
+            raise _refusal(exc, user) from None
+        track_connection(conn)  # on_kill cancels a running BASE_BACKUP
+        return cls(conn)
+
+    @property
+    def server_version(self) -> int:
+        return int(self.pgconn.server_version)
+
+    def __enter__(self) -> ReplicationConnection:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self.conn.closed:
+            self.conn.close()
+
+    # -- simple commands -----------------------------------------------------------------------------------------
+    def _command(self, sql: str, what: str) -> list[list[str | None]]:
+        self.pgconn.send_query(sql.encode())
+        rows: list[list[str | None]] = []
+        error: str | None = None
+        while (res := _next_result(self.pgconn)) is not None:
+            if res.status == pq.ExecStatus.TUPLES_OK:
+                rows += [[_text(res.get_value(r, c)) for c in range(res.nfields)] for r in range(res.ntuples)]
+            elif res.status != pq.ExecStatus.COMMAND_OK:
+                error = error or (res.error_message or b"").decode(errors="replace")
+        if error is not None:
+            raise _server_error(what, error)
+        return rows
+
+    def identify_system(self) -> dict[str, Any]:
+        """``IDENTIFY_SYSTEM``: system identifier, timeline and current WAL position."""
+        (row,) = self._command("IDENTIFY_SYSTEM", "IDENTIFY_SYSTEM failed")
+        return {"system_identifier": row[0], "timeline": int(row[1] or 0), "xlogpos": row[2]}
+
+    def show(self, setting: str) -> str | None:
+        """``SHOW setting`` (walsenders accept it); None when the server refuses."""
+        if not re.fullmatch(r"[a-z_]+", setting):
+            raise ValueError(f"not a setting name: {setting!r}")
+        try:
+            rows = self._command(f"SHOW {setting}", f"SHOW {setting}")
+        except BaseBackupError:
+            return None
+        return rows[0][0] if rows else None
+
+    def create_temporary_slot(self, prefix: str = "pgplakar") -> str:
+        """A temporary physical slot reserving WAL from now on, for the life of this connection."""
+        name = f"{prefix}_{secrets.token_hex(8)}"
+        self._command(f"CREATE_REPLICATION_SLOT {name} TEMPORARY PHYSICAL RESERVE_WAL",
+                      "creating the temporary replication slot failed")
+        self.slot = name
+        log.info("temporary replication slot %s holds WAL for the backup", name)
+        return name
+
+    def base_backup(self, *, label: str, checkpoint: str = "spread", max_rate: int | None = None) -> BaseBackupStream:
+        """Start ``BASE_BACKUP`` and read up to the first archive; see :class:`BaseBackupStream`."""
+        if self.server_version < MIN_SERVER_VERSION:
+            raise BaseBackupError(
+                f"postgres+bin needs PostgreSQL 15 or later (the server is {_version_text(self.server_version)}): "
+                "older servers use the pre-15 BASE_BACKUP framing, which this tool does not speak; use a logical "
+                "backup (postgres://) or pg_basebackup for them"
+            )
+        if checkpoint not in ("fast", "spread"):
+            raise ValueError(f"checkpoint must be fast or spread, got {checkpoint!r}")
+        options = [f"LABEL {_quote(label)}", "WAL true", "WAIT false", f"CHECKPOINT {_quote(checkpoint)}",
+                   "MANIFEST 'yes'", "MANIFEST_CHECKSUMS 'CRC32C'", "PROGRESS false"]
+        # TABLESPACE_MAP is left off: pg_tblspc/<oid> then travels as real symlinks, which restore re-points.
+        if max_rate is not None:
+            options.append(f"MAX_RATE {int(max_rate)}")
+        stream = BaseBackupStream(self.pgconn)
+        stream.start(f"BASE_BACKUP ({', '.join(options)})")
+        return stream
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
+
+
+def _version_text(num: int) -> str:
+    return f"{num // 10000}.{num % 10000}" if num >= 100000 else f"{num // 10000}.{num // 100 % 100}"
+
+
+def _wait_readable(pgconn: pq.abc.PGconn) -> None:
+    select.select([pgconn.socket], [], [])
+
+
+def _next_result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:
+    """``PQgetResult`` without blocking in libpq: wait on the socket until the result is complete."""
+    pgconn.flush()
+    while pgconn.is_busy():
+        _wait_readable(pgconn)
+        pgconn.consume_input()
+    return pgconn.get_result()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The COPY OUT stream
+
+
+@dataclass
+class _Message:
+    kind: bytes
+    data: memoryview
+
+
+class _CopyReader:
+    """CopyData messages with one message of push-back (an archive reader stops *at* the next header)."""
+
+    def __init__(self, pgconn: pq.abc.PGconn) -> None:
+        self.pgconn = pgconn
+        self._pushed: _Message | None = None
+        self.done = False
+        self.results: list[pq.abc.PGresult] = []  # read right after the COPY ended, for finish()
+
+    def next(self) -> _Message | None:
+        if self._pushed is not None:
+            msg, self._pushed = self._pushed, None
+            return msg
+        if self.done:
+            return None
+        while True:
+            n, data = self.pgconn.get_copy_data(1)
+            if n > 0:
+                view = memoryview(data)
+                return _Message(bytes(view[:1]), view[1:])
+            if n == 0:
+                _wait_readable(self.pgconn)
+                self.pgconn.consume_input()
+                continue
+            if n == -1:  # COPY finished: the next result says whether the server ended it or failed
+                self.done = True
+                res = _next_result(self.pgconn)
+                if res is not None and res.status in (pq.ExecStatus.FATAL_ERROR, pq.ExecStatus.BAD_RESPONSE):
+                    raise _server_error("the server failed the base backup",
+                                        (res.error_message or b"").decode(errors="replace"))
+                if res is not None:
+                    self.results.append(res)
+                return None
+            raise _server_error("base backup stream failed", self.pgconn.get_error_message())
+
+    def push_back(self, msg: _Message) -> None:
+        assert self._pushed is None
+        self._pushed = msg
+
+
+class ArchiveStream(io.RawIOBase):
+    """The bytes of one tar archive (its ``d`` messages), ending with the tar terminator the server omits."""
+
+    def __init__(self, reader: _CopyReader) -> None:
+        super().__init__()
+        self._reader = reader
+        self._buf = memoryview(b"")
+        self._ended = False
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> bool:
+        while not self._buf:
+            if self._ended:
+                return False
+            msg = self._reader.next()
+            if msg is not None and msg.kind == b"d":
+                self._buf = msg.data
+                self.size += len(msg.data)
+                continue
+            if msg is not None and msg.kind == b"p":  # progress, only sent with PROGRESS true
+                continue
+            if msg is not None:
+                self._reader.push_back(msg)
+            self._ended = True
+            self._buf = memoryview(TAR_TERMINATOR)
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if not self._fill():
+            return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        """One copy per call (tarfile's stream reader asks for ``bufsize`` bytes at a time)."""
+        if size is None or size < 0:
+            return self.readall()
+        if not self._fill():
+            return b""
+        piece = bytes(self._buf[:size])
+        self._buf = self._buf[len(piece):]
+        return piece
+
+    def drain(self) -> int:
+        """Skip whatever the consumer left unread (a tar reader stops at the end-of-archive blocks)."""
+        skipped = 0
+        while self._fill():
+            skipped += len(self._buf)
+            self._buf = memoryview(b"")
+        return skipped
+
+
+@dataclass
+class Archive:
+    """One archive of the backup: ``base.tar`` (``tablespace`` None) or ``<oid>.tar`` of a user tablespace."""
+
+    name: str
+    tablespace: Tablespace | None
+    stream: ArchiveStream
+
+
+class BaseBackupStream:
+    """A running ``BASE_BACKUP``: :meth:`archives` yields each archive as a stream, :meth:`finish` ends it.
+
+    Consume each archive before asking for the next one; whatever is left unread is drained. The backup manifest
+    is collected into :attr:`manifest` on the way. Only :meth:`finish` says whether the server completed the backup.
+    """
+
+    def __init__(self, pgconn: pq.abc.PGconn) -> None:
+        self.pgconn = pgconn
+        self.start_lsn: str | None = None
+        self.end_lsn: str | None = None
+        self.timeline: int | None = None
+        self.tablespaces: list[Tablespace] = []
+        self.manifest: bytes | None = None
+        self.archive_names: list[str] = []
+        self._reader = _CopyReader(pgconn)
+        self._error: str | None = None
+
+    def start(self, command: str) -> None:
+        self.pgconn.send_query(command.encode())
+        results = 0
+        while True:
+            res = _next_result(self.pgconn)
+            if res is None:
+                raise BaseBackupError("BASE_BACKUP ended before sending any data")
+            if res.status == pq.ExecStatus.COPY_OUT:
+                break
+            if res.status != pq.ExecStatus.TUPLES_OK:
+                self._drain_results()
+                raise _server_error("BASE_BACKUP failed", (res.error_message or b"").decode(errors="replace"))
+            if results == 0:
+                self.start_lsn, self.timeline = _lsn(res), int(_text(res.get_value(0, 1)) or 0)
+            else:
+                self.tablespaces = [_tablespace(res, r) for r in range(res.ntuples)]
+            results += 1
+        log.info("base backup started at %s (timeline %s), %d tablespace(s) besides the data directory",
+                 self.start_lsn, self.timeline, sum(t.oid is not None for t in self.tablespaces))
+
+    def archives(self) -> Iterator[Archive]:
+        by_oid = {t.oid: t for t in self.tablespaces if t.oid is not None}
+        while (msg := self._reader.next()) is not None:
+            if msg.kind == b"n":
+                name, location = _archive_header(msg.data)
+                tablespace = None
+                if name != "base.tar":
+                    match = re.fullmatch(r"([0-9]+)\.tar", name)
+                    if match is None or int(match.group(1)) not in by_oid:
+                        raise BaseBackupError(f"unexpected archive {name!r} in the base backup stream")
+                    tablespace = by_oid[int(match.group(1))]
+                if name in self.archive_names:
+                    raise BaseBackupError(f"archive {name!r} sent twice")
+                self.archive_names.append(name)
+                stream = ArchiveStream(self._reader)
+                log.info("archive %s%s", name, f" ({location})" if location else "")
+                yield Archive(name, tablespace, stream)
+                stream.drain()
+            elif msg.kind == b"m":
+                self.manifest = self._read_manifest()
+            elif msg.kind == b"p":
+                continue
+            else:
+                raise BaseBackupError(f"unexpected CopyData message type {msg.kind!r} in the base backup stream")
+
+    def _read_manifest(self) -> bytes:
+        parts: list[bytes] = []
+        while (msg := self._reader.next()) is not None:
+            if msg.kind != b"d":
+                self._reader.push_back(msg)
+                break
+            parts.append(bytes(msg.data))
+        return b"".join(parts)
+
+    def finish(self) -> None:
+        """Read the server's final results; raise unless the backup completed with every archive and a manifest."""
+        if not self._reader.done:
+            raise BaseBackupError("finish() called before the base backup stream was fully read")
+        end_seen = ok_seen = False
+        for res in self._results():
+            if res.status == pq.ExecStatus.TUPLES_OK and res.ntuples == 1 and res.nfields >= 2:
+                self.end_lsn = _lsn(res)
+                end_seen = True
+            elif res.status == pq.ExecStatus.COMMAND_OK:
+                ok_seen = True
+            elif res.status in (pq.ExecStatus.FATAL_ERROR, pq.ExecStatus.BAD_RESPONSE):
+                self._error = self._error or (res.error_message or b"").decode(errors="replace")
+        if self._error:
+            raise _server_error("the server failed the base backup", self._error)
+        if not (end_seen and ok_seen):
+            raise BaseBackupError("the base backup ended without its end position and completion message")
+        expected = {"base.tar"} | {f"{t.oid}.tar" for t in self.tablespaces if t.oid is not None}
+        if set(self.archive_names) != expected:
+            raise BaseBackupError(f"the server sent archives {sorted(self.archive_names)}, expected "
+                                  f"{sorted(expected)}")
+        if not self.manifest:
+            raise BaseBackupError("the server sent no backup manifest")
+        log.info("base backup ended at %s", self.end_lsn)
+
+    def _results(self) -> Iterator[pq.abc.PGresult]:
+        yield from self._reader.results
+        while (res := _next_result(self.pgconn)) is not None:
+            yield res
+
+    def _drain_results(self) -> None:
+        while _next_result(self.pgconn) is not None:
+            pass
+
+
+def _lsn(res: pq.abc.PGresult) -> str:
+    value = _text(res.get_value(0, 0)) or ""
+    if not _LSN_RE.fullmatch(value):
+        raise BaseBackupError(f"the server sent an invalid WAL position {value[:40]!r}")
+    return value
+
+
+def _tablespace(res: pq.abc.PGresult, row: int) -> Tablespace:
+    oid, location, size = (_text(res.get_value(row, c)) for c in range(3))
+    return Tablespace(int(oid) if oid else None, location or None, int(size) if size else None)
+
+
+def _archive_header(data: memoryview) -> tuple[str, str]:
+    parts = bytes(data).split(b"\0")
+    if len(parts) < 3:
+        raise BaseBackupError("malformed new-archive message in the base backup stream")
+    return parts[0].decode(), parts[1].decode()

@@ -1,0 +1,272 @@
+"""Physical backup benchmark (not a test): our base backup next to raw pg_basebackup and pgBackRest.
+
+    .venv/bin/python bench/physical_bench.py [--scale 10] [--version 15|17|18] [--repeat 1]
+                                             [--block-sizes 131072[,65536,...]] [--workdir DIR] [--no-pgbackrest]
+
+Run it from the repository root (it reuses ``tests.pgservers.PgManager``; as root the server and pgBackRest run as
+the unprivileged server user). On a throwaway server of ``--version`` (default 15):
+
+1. ``pgbench -i -s SCALE``, ``VACUUM ANALYZE``, ``CHECKPOINT``;
+2. timed, each ``--repeat`` times (median shown): raw ``pg_basebackup -Ft -D - -X fetch -c fast > /dev/null``;
+   our ``physical_backup`` (checkpoint=fast) into a fresh encrypted local store, one store per relation block
+   size; when ``pgbackrest`` is installed, a pgBackRest full backup (``compress-type=zst``, level 3, process-max
+   1, its defaults otherwise) into a plain repo and one into a block-incremental repo (``repo-bundle`` +
+   ``repo-block``, beta in 2.45, recommended for the full too);
+3. a clustered 1 % change: ``UPDATE pgbench_accounts SET abalance = abalance + 1`` on the first 1 % of ``aid``,
+   then ``CHECKPOINT``;
+4. our second backup into each store (new stored bytes from the snapshot header's ``new_stored_bytes``) and
+   pgBackRest incremental backups into both repos (the repository ``delta`` bytes from ``pgbackrest info``).
+
+pgBackRest needs ``archive_mode=on`` with its ``archive-push`` as ``archive_command``; the server is configured
+that way when pgBackRest is present, for every measurement (also ours and raw pg_basebackup). Our timings exclude
+opening the store (the passphrase KDF). The server, stores, repos and temp files are removed at the end.
+
+Targets (from issue 5): our full backup faster than pgBackRest's zst full backup and at most 2.5x raw
+pg_basebackup; our second backup's new bytes at most pgBackRest's block-incremental backup's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+PASS = "bench passphrase: correct horse battery staple"
+MAX_RAW_RATIO = 2.5
+DEFAULT_CONF = {"shared_buffers": "128MB", "max_wal_size": "1GB"}
+
+
+def _cpu() -> float:
+    self_ = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return self_.ru_utime + self_.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(wall seconds, CPU seconds of this process and its children, result)."""
+    c0, t0 = _cpu(), time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, _cpu() - c0, result
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# pgBackRest
+
+
+class PgBackRest:
+    """Two repos of one stanza: repo1 plain (file-level incremental), repo2 bundle + block incremental."""
+
+    def __init__(self, exe: str, work: Path, server: Any) -> None:
+        self.exe, self.server = exe, server
+        self.conf = work / "pgbackrest.conf"
+        for d in ("repo1", "repo2", "log", "lock", "spool"):
+            (work / f"pgbr-{d}").mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(
+            "[global]\n"
+            f"repo1-path={work / 'pgbr-repo1'}\nrepo1-retention-full=99\n"
+            f"repo2-path={work / 'pgbr-repo2'}\nrepo2-retention-full=99\nrepo2-bundle=y\nrepo2-block=y\nbeta=y\n"
+            "compress-type=zst\ncompress-level=3\nprocess-max=1\nstart-fast=y\narchive-async=n\n"
+            f"log-path={work / 'pgbr-log'}\nlock-path={work / 'pgbr-lock'}\nspool-path={work / 'pgbr-spool'}\n"
+            "log-level-console=warn\nlog-level-file=off\n"
+            "[bench]\n"
+            f"pg1-path={server.datadir}\npg1-port={server.port}\npg1-socket-path={server.socket_dir}\n"
+            f"pg1-user={server.superuser}\n"
+        )
+        run_as = server.run_as
+        if run_as is not None:
+            subprocess.run(["chown", "-R", f"{run_as.uid}:{run_as.gid}", str(work)], check=True)
+
+    def archive_command(self) -> str:
+        return f"{self.exe} --config={self.conf} --stanza=bench archive-push %p"
+
+    def run(self, *args: str) -> str:
+        kwargs = self.server.run_as.popen_kwargs() if self.server.run_as else {}
+        env = {"PATH": os.environ.get("PATH", ""), "PGPASSWORD": self.server.password, "HOME": "/tmp"}
+        proc = subprocess.run([self.exe, f"--config={self.conf}", "--stanza=bench", *args], env=env, cwd="/",
+                              capture_output=True, text=True, timeout=7200, check=False, **kwargs)
+        if proc.returncode != 0:
+            raise RuntimeError(f"pgbackrest {' '.join(args)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        return proc.stdout
+
+    def backup(self, repo: int, kind: str) -> None:
+        self.run(f"--repo={repo}", f"--type={kind}", "backup")
+
+    def last_delta(self, repo: int) -> int:
+        info = json.loads(self.run(f"--repo={repo}", "--output=json", "info"))
+        backups = info[0]["backup"]
+        return int(backups[-1]["info"]["repository"]["delta"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Steps
+
+
+def raw_basebackup(server: Any) -> None:
+    with open(os.devnull, "wb") as devnull:
+        subprocess.run([str(server.bin("pg_basebackup")), "-Ft", "-D", "-", "-X", "fetch", "-c", "fast"],
+                       env=server.env(), stdout=devnull, stderr=subprocess.PIPE, check=True, timeout=7200)
+
+
+def our_backup(store: Any, server: Any, block: int) -> Any:
+    from airflow_provider_pgplakar.pg.options import parse_source_options
+    from airflow_provider_pgplakar.pg.physical import physical_backup
+
+    opts = parse_source_options("postgres+bin://", {
+        "host": server.host, "port": str(server.port), "username": server.superuser, "password": server.password,
+        "checkpoint": "fast"})
+    return physical_backup(store, opts, relation_block_size=block)
+
+
+def clustered_change(server: Any, fraction: float = 0.01) -> int:
+    with server.connect() as c:
+        n = c.execute("SELECT count(*) FROM pgbench_accounts").fetchone()[0]
+        rows = int(n * fraction)
+        c.execute("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= %s", (rows,))
+        c.execute("CHECKPOINT")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--version", type=int, default=15)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--block-sizes", default="131072", help="comma-separated relation block sizes to compare")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--no-pgbackrest", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    os.environ.setdefault("PGPLAKAR_KDF", "1,8192,1")  # store creation only: not part of any timing
+
+    from psycopg import sql
+
+    from airflow_provider_pgplakar.store.repo import Store
+    from tests.pgservers import PgManager
+
+    blocks = [int(b) for b in args.block_sizes.split(",") if b.strip()]
+    exe = None if args.no_pgbackrest else shutil.which("pgbackrest")
+    notes: list[str] = []
+    if exe is None:
+        notes.append("pgBackRest not installed (or --no-pgbackrest): its columns are empty; "
+                     "`apt-get install pgbackrest` to compare")
+    manager = PgManager()
+    work = Path(tempfile.mkdtemp(prefix="pgplakar-physbench-", dir=manager.base))
+    os.environ["PGPLAKAR_CACHE_DIR"] = str(work / "cache")
+    try:
+        conf = dict(DEFAULT_CONF)
+        pgbr = None
+        if exe:
+            conf.update(archive_mode="on", archive_command="'/bin/true'")
+        server = manager.start(args.version, conf=conf)
+        if exe:
+            pgbr = PgBackRest(exe, work, server)
+            with server.connect() as c:
+                c.execute(sql.SQL("ALTER SYSTEM SET archive_command = {}").format(sql.Literal(pgbr.archive_command())))
+                c.execute("SELECT pg_reload_conf()")
+            pgbr.run("stanza-create")
+        print(f"# pgbench -i -s {args.scale} on PostgreSQL {args.version} ...", file=sys.stderr)
+        server.run("pgbench", "-i", "-s", str(args.scale), "-q", timeout=7200)
+        with server.connect() as c:
+            c.execute("VACUUM ANALYZE")
+            c.execute("CHECKPOINT")
+            db_bytes = c.execute("SELECT sum(pg_database_size(datname)) FROM pg_database").fetchone()[0]
+
+        rows: dict[str, dict[str, Any]] = {}
+
+        def record(name: str, wall: float, cpu: float, **extra: Any) -> None:
+            row = rows.setdefault(name, {"wall": [], "cpu": []})
+            row["wall"].append(wall)
+            row["cpu"].append(cpu)
+            row.update(extra)
+
+        stores = {b: Store.create(str(work / f"store-{b}"), PASS) for b in blocks}
+        for i in range(args.repeat):
+            wall, cpu, _ = timed(lambda: raw_basebackup(server))
+            record("raw pg_basebackup -Ft -X fetch > /dev/null", wall, cpu)
+            for b in blocks:
+                st = stores[b] if i == 0 else Store.create(str(work / f"store-{b}-r{i}"), PASS)
+                wall, cpu, res = timed(lambda st=st, b=b: our_backup(st, server, b))
+                record(f"pgplakar full (block {b // 1024} KiB)", wall, cpu, bytes=res.bytes,
+                       stored=res.new_stored_bytes)
+            if pgbr is not None:
+                for repo, label in ((1, "pgBackRest full zst"), (2, "pgBackRest full zst bundle+block")):
+                    wall, cpu, _ = timed(lambda repo=repo: pgbr.backup(repo, "full"))
+                    record(label, wall, cpu, stored=pgbr.last_delta(repo))
+
+        changed = clustered_change(server)
+        for b in blocks:
+            wall, cpu, res = timed(lambda b=b: our_backup(stores[b], server, b))
+            record(f"pgplakar 2nd after 1% clustered (block {b // 1024} KiB)", wall, cpu, bytes=res.bytes,
+                   stored=res.new_stored_bytes)
+        if pgbr is not None:
+            for repo, label in ((1, "pgBackRest incr (file-level)"), (2, "pgBackRest incr (block-level)")):
+                wall, cpu, _ = timed(lambda repo=repo: pgbr.backup(repo, "incr"))
+                record(label, wall, cpu, stored=pgbr.last_delta(repo))
+        for st in stores.values():
+            st.close()
+        report(rows, args, db_bytes, changed, blocks, notes)
+        return 0
+    finally:
+        manager.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(rows: dict[str, dict[str, Any]], args: argparse.Namespace, db_bytes: int, changed: int, blocks: list[int],
+           notes: list[str]) -> None:
+    print(f"\n## Physical backup, pgbench scale {args.scale}, PostgreSQL {args.version}, "
+          f"{mib(db_bytes)} of databases, {os.cpu_count()} CPUs, median of {args.repeat}\n")
+    print("| step | wall s | CPU s (ours + children) | raw bytes | stored (new) bytes |")
+    print("|---|---:|---:|---:|---:|")
+    for name, row in rows.items():
+        raw = mib(row["bytes"]) if "bytes" in row else ""
+        stored = mib(row["stored"]) if "stored" in row else ""
+        print(f"| {name} | {median(row['wall']):.2f} | {median(row['cpu']):.2f} | {raw} | {stored} |")
+    print(f"\nChange between the backups: UPDATE of {changed} clustered pgbench_accounts rows (1 %), CHECKPOINT.")
+    raw = median(rows["raw pg_basebackup -Ft -X fetch > /dev/null"]["wall"])
+    pgbr_full = rows.get("pgBackRest full zst")
+    pgbr_block = rows.get("pgBackRest incr (block-level)")
+    print("\n| target | value | verdict |")
+    print("|---|---|---|")
+    for b in blocks:
+        ours = rows[f"pgplakar full (block {b // 1024} KiB)"]
+        second = rows[f"pgplakar 2nd after 1% clustered (block {b // 1024} KiB)"]
+        t = median(ours["wall"])
+        tag = f" (block {b // 1024} KiB)"
+        print(f"| full backup <= {MAX_RAW_RATIO}x raw pg_basebackup{tag} | {t:.2f} s = {t / raw:.2f}x | "
+              f"{'PASS' if t <= MAX_RAW_RATIO * raw else 'FAIL'} |")
+        if pgbr_full:
+            p = median(pgbr_full["wall"])
+            print(f"| full backup faster than pgBackRest zst full{tag} | {t:.2f} s vs {p:.2f} s | "
+                  f"{'PASS' if t < p else 'FAIL'} |")
+        if pgbr_block:
+            print(f"| 2nd backup new bytes <= pgBackRest block incr{tag} | {mib(second['stored'])} vs "
+                  f"{mib(pgbr_block['stored'])} | {'PASS' if second['stored'] <= pgbr_block['stored'] else 'FAIL'} |")
+    for note in notes:
+        print(f"\nNote: {note}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
