@@ -23,7 +23,14 @@ from airflow.sdk import BaseHook
 
 from ..pg import OptionError
 from ..pg.iam import IamAuthError, IamTokenSource
-from ..pg.options import LogicalSourceOptions, RestoreOptions, parse_restore_options, parse_source_options
+from ..pg.options import (
+    LogicalSourceOptions,
+    PhysicalSourceOptions,
+    RestoreOptions,
+    parse_location,
+    parse_restore_options,
+    parse_source_options,
+)
 
 _SSL_EXTRAS = {"sslmode": "ssl_mode", "sslcert": "ssl_cert", "sslkey": "ssl_key", "sslrootcert": "ssl_root_cert"}
 # Extras of the Airflow postgres provider that mean nothing for dump tools (not errors).
@@ -54,6 +61,12 @@ def _text(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return ",".join(str(x) for x in v)
     return str(v)
+
+
+# Option names a shared connection may carry for logical backups or restores; a base backup ignores them.
+_LOGICAL_ONLY = frozenset({"database", "databases", "exclude_databases", "compress", "schema_only", "data_only",
+                           "clean", "recreate", "no_globals", "no_owner", "exit_on_error", "tables", "schemas",
+                           "jobs"})
 
 
 class PgPlakarPostgresHook(BaseHook):
@@ -154,3 +167,24 @@ class PgPlakarPostgresHook(BaseHook):
     def restore_options(self, overrides: Mapping[str, Any] | None = None) -> RestoreOptions:
         location, opts = self._location_and_options(overrides, restore=True)
         return parse_restore_options(location, opts)
+
+    def physical_source_options(self, overrides: Mapping[str, Any] | None = None,
+                                log: Any = None) -> PhysicalSourceOptions:
+        """:class:`PhysicalSourceOptions` from the hook's connection or location, then ``overrides`` (which win)."""
+        location, opts = self._location_and_options(None, restore=False)
+        scheme = parse_location(location).scheme
+        if scheme == "postgres+aws":
+            raise OptionError("iam", "a base backup needs a replication connection, which RDS/Aurora do not allow: "
+                                     "use a logical backup for IAM connections")
+        if scheme == "postgres":
+            location = "postgres+bin" + location[location.index("://"):]
+        if not self.location:
+            dropped = sorted(k for k in opts if k in _LOGICAL_ONLY)
+            for key in dropped:
+                opts.pop(key)
+            if dropped and log is not None:
+                log.info("base backup of the whole cluster: ignoring the connection's %s", ", ".join(dropped))
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                opts[key] = _text(value)
+        return parse_source_options(location, opts)  # type: ignore[return-value]

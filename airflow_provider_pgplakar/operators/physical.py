@@ -18,45 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from ..hooks.postgres import PgPlakarPostgresHook, _text
 from ..hooks.store import PgPlakarStoreHook
 from ..pg import OptionError
-from ..pg.options import PhysicalSourceOptions, parse_location, parse_source_options
 from ..pg.process import kill_all
 from .logical import _PgPlakarOperator, idempotency_key, run_labels
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-__all__ = ["PgPlakarBaseBackupOperator", "PgPlakarPhysicalRestoreOperator", "physical_source_options"]
-
-# Option names a shared connection may carry for logical backups or restores; a base backup ignores them.
-_LOGICAL_ONLY = frozenset({"database", "databases", "exclude_databases", "compress", "schema_only", "data_only",
-                           "clean", "recreate", "no_globals", "no_owner", "exit_on_error", "tables", "schemas",
-                           "jobs"})
-
-
-def physical_source_options(hook: PgPlakarPostgresHook, overrides: Mapping[str, Any] | None = None,
-                            log: Any = None) -> PhysicalSourceOptions:
-    """:class:`PhysicalSourceOptions` from the hook's connection or location, then ``overrides`` (which win)."""
-    location, opts = hook._location_and_options(None, restore=False)
-    scheme = parse_location(location).scheme
-    if scheme == "postgres+aws":
-        raise OptionError("iam", "a base backup needs a replication connection, which RDS/Aurora do not allow: "
-                                 "use a logical backup for IAM connections")
-    if scheme == "postgres":
-        location = "postgres+bin" + location[location.index("://"):]
-    if not hook.location:
-        dropped = sorted(k for k in opts if k in _LOGICAL_ONLY)
-        for key in dropped:
-            opts.pop(key)
-        if dropped and log is not None:
-            log.info("base backup of the whole cluster: ignoring the connection's %s", ", ".join(dropped))
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            opts[key] = _text(value)
-    return parse_source_options(location, opts)  # type: ignore[return-value]
-
+__all__ = ["PgPlakarBaseBackupOperator", "PgPlakarPhysicalRestoreOperator"]
 
 def _mapping_arg(value: Any) -> Any:
     """A templated ``tablespace_mapping`` renders to text: read it as JSON (an object or a list of OLD=NEW)."""
@@ -103,7 +73,7 @@ class PgPlakarBaseBackupOperator(_PgPlakarOperator):
             overrides["checkpoint"] = self.checkpoint
         if self.max_rate is not None:
             overrides["max_rate"] = self.max_rate
-        opts = physical_source_options(self._pg_hook(), overrides, self.log)
+        opts = self._pg_hook().physical_source_options(overrides, self.log)
         labels = {**self.labels, **run_labels(context)}
         key = idempotency_key(labels) + "/physical"
         with PgPlakarStoreHook(self.store_conn_id).get_store() as store:

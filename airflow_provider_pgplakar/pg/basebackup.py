@@ -201,14 +201,18 @@ class ReplicationConnection:
         log.info("temporary replication slot %s holds WAL for the backup", name)
         return name
 
-    def base_backup(self, *, label: str, checkpoint: str = "spread", max_rate: int | None = None) -> BaseBackupStream:
-        """Start ``BASE_BACKUP`` and read up to the first archive; see :class:`BaseBackupStream`."""
+    def check_supported(self) -> None:
+        """Refuse servers older than 15 (their BASE_BACKUP framing is not implemented)."""
         if self.server_version < MIN_SERVER_VERSION:
             raise BaseBackupError(
                 f"postgres+bin needs PostgreSQL 15 or later (the server is {_version_text(self.server_version)}): "
                 "older servers use the pre-15 BASE_BACKUP framing, which this tool does not speak; use a logical "
                 "backup (postgres://) or pg_basebackup for them"
             )
+
+    def base_backup(self, *, label: str, checkpoint: str = "spread", max_rate: int | None = None) -> BaseBackupStream:
+        """Start ``BASE_BACKUP`` and read up to the first archive; see :class:`BaseBackupStream`."""
+        self.check_supported()
         if checkpoint not in ("fast", "spread"):
             raise ValueError(f"checkpoint must be fast or spread, got {checkpoint!r}")
         options = [f"LABEL {_quote(label)}", "WAL true", "WAIT false", f"CHECKPOINT {_quote(checkpoint)}",

@@ -310,9 +310,14 @@ def physical_restore(
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(root, 0o700)
     writer = _Writer(store, plan)
-    for rec in store.records(plan.snapshot_id):
-        writer.add(rec)
-    writer.finish()
+    try:
+        for rec in store.records(plan.snapshot_id):
+            writer.add(rec)
+        writer.finish()
+    except BaseException:
+        log.error("restore into %s failed after %d files: the directory is incomplete; remove it or retry with "
+                  "overwrite", plan.target_dir, writer.files)
+        raise
     result = PhysicalRestoreResult(
         plan.snapshot_id, str(plan.target_dir), plan.server_version, plan.major, writer.files, writer.bytes,
         [{"oid": t.oid, "location": t.location, "restored_to": t.target} for t in plan.tablespaces],

@@ -116,6 +116,7 @@ def physical_backup(
     with ssl_files(opts.conn) as ssl:
         s = Session(opts.conn, ssl, lambda: None, opts.pg_bin_dir)
         with ReplicationConnection.open(opts.conn, ssl) as repl:
+            repl.check_supported()
             system = repl.identify_system()
             server_num = repl.server_version
             repl.create_temporary_slot()  # WAL from here on stays until the connection closes
@@ -133,6 +134,7 @@ def physical_backup(
                             meta={"type": "manifest"})
                 bb = repl.base_backup(label=f"pgplakar {w.snapshot_id}", checkpoint=opts.checkpoint,
                                       max_rate=opts.max_rate)
+                _check_tablespaces(bb.tablespaces)
                 files = _copy_archives(w, bb, fixed)
                 bb.finish()  # the server's verdict, before the writer may commit
                 assert bb.manifest is not None and bb.start_lsn and bb.end_lsn
@@ -170,6 +172,15 @@ def _copy_archives(w: Any, bb: BaseBackupStream, fixed: Any) -> int:
 
         files += _copy_archive(w, archive, prefix, chunking, progress)
     return files
+
+
+def _check_tablespaces(tablespaces: list[Tablespace]) -> None:
+    for t in tablespaces:
+        if t.oid is not None and not (t.location or "").startswith("/"):
+            raise PhysicalBackupError(
+                f"tablespace {t.oid} has the relative location {t.location!r} (an in-place tablespace, a developer "
+                "option): it cannot be restored elsewhere, so physical backups of this cluster are refused"
+            )
 
 
 def _archive_prefix(w: Any, archive: Archive) -> str:

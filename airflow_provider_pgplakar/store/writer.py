@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INLINE_REFS = 256
+# Chunk lists of big records are cut where a (keyed, so random) blob ID ends in a zero byte: ~256 refs (~10 KiB) per
+# list on average, content-defined like the data, so a change in a 1 GiB file re-stores one small list instead of
+# every fixed 4096-ref list after it.
+CHUNKLIST_MIN_REFS = 64
 INLINE_HEAD = 4  # records of fewer chunks are chunked and hashed on the caller's thread
 CHUNKLIST_REFS = 4096
 LEAF_MIN, LEAF_MAX, LEAF_MAX_BYTES = 64, 8192, 1 << 20
@@ -106,7 +110,6 @@ class SnapshotWriter:
         self._lease: Lease | None = None
         self._sink: BlobSink | None = None
         self._manifest: _Manifest | None = None
-        self._seq = 0
         self._bytes = 0
         self._errors = 0
         self._t0 = 0.0
@@ -148,8 +151,9 @@ class SnapshotWriter:
 
     # -- records -------------------------------------------------------------------------------------------------
     def _record(self, path: str, kind: str, attrs: dict[str, Any]) -> dict[str, Any]:
-        rec: dict[str, Any] = {"n": self._seq, "p": path, "k": kind}
-        self._seq += 1
+        # no sequence number: the manifest's order is the record order, and a number would change every later
+        # record (and so every later manifest leaf) whenever a file is added or removed, defeating metadata dedup
+        rec: dict[str, Any] = {"p": path, "k": kind}
         for short, name in (("m", "mode"), ("t", "mtime_ns"), ("u", "uid"), ("g", "gid"), ("un", "uname"),
                             ("gn", "gname"), ("lt", "link_target")):
             v = attrs.pop(name, None)
@@ -183,7 +187,7 @@ class SnapshotWriter:
             for chunk in source:
                 refs.append([self._sink.add(DATA, chunk), len(chunk)])
                 size += len(chunk)
-                if len(refs) >= CHUNKLIST_REFS:
+                if len(refs) >= CHUNKLIST_REFS or (len(refs) >= CHUNKLIST_MIN_REFS and refs[-1][0][-1] == 0):
                     chunklists.append(self._sink.add(CHUNKLIST, msgpack.packb(refs, use_bin_type=True)))
                     refs = []
                 if time.monotonic() - last_log > PROGRESS_EVERY:

@@ -1,0 +1,164 @@
+"""The physical operators' ``execute()`` with a plain dict context, and the example DAG's shape.
+
+A standard Airflow postgres connection (with a database in ``schema`` and a logical-only extra) drives a base
+backup; the restore operator gets the snapshot ID and the tablespace mapping through templates.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import stat
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pendulum
+import pytest
+
+from airflow_provider_pgplakar.hooks.postgres import PgPlakarPostgresHook
+from airflow_provider_pgplakar.operators.physical import (
+    PgPlakarBaseBackupOperator,
+    PgPlakarPhysicalRestoreOperator,
+)
+from airflow_provider_pgplakar.pg import OptionError
+from airflow_provider_pgplakar.store.repo import Store
+from tests.conftest import REPO_ROOT
+from tests.physical.conftest import make_tablespace_dir, scratch_dir
+
+PASSPHRASE = "physical operators passphrase"
+
+
+@dataclass
+class FakeTI:
+    dag_id: str = "phys_dag"
+    task_id: str = "base_backup"
+    run_id: str = "scheduled__2026-11-29T01:30:00+00:00"
+    map_index: int = -1
+    try_number: int = 1
+    xcoms: dict[str, Any] = field(default_factory=dict)
+
+    def xcom_pull(self, task_ids: str | None = None, key: str = "return_value", **_: Any) -> Any:
+        return self.xcoms.get(task_ids) if task_ids else None
+
+
+def context(ti: FakeTI, **params: Any) -> dict[str, Any]:
+    return {"ti": ti, "task_instance": ti, "run_id": ti.run_id, "params": params, "ds_nodash": "20261129"}
+
+
+def set_conns(monkeypatch: pytest.MonkeyPatch, server: Any, store: Path, **extra: Any) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_POSTGRES_DEFAULT", json.dumps({
+        "conn_type": "postgres", "host": server.host, "port": server.port, "login": server.superuser,
+        "password": server.password, "schema": "postgres",
+        "extra": {"pg_bin_dir": str(server.bin_dir), "compress": "false", **extra}}))
+    monkeypatch.setenv("AIRFLOW_CONN_PGPLAKAR_STORE_DEFAULT", json.dumps(
+        {"conn_type": "pgplakar_store", "password": PASSPHRASE, "extra": {"location": str(store)}}))
+
+
+def test_base_backup_and_restore_operators(pg_factory, pg_manager, tmp_path, monkeypatch) -> None:
+    src = pg_factory(15)
+    ts_dir = make_tablespace_dir(pg_manager, "ts")
+    with src.connect() as c:
+        c.execute(f"CREATE TABLESPACE extra LOCATION '{ts_dir}'")
+        c.execute("CREATE TABLE t TABLESPACE extra AS SELECT generate_series(1, 500) g")
+    store_dir = tmp_path / "store"
+    Store.create(str(store_dir), PASSPHRASE).close()
+    set_conns(monkeypatch, src, store_dir)
+
+    op = PgPlakarBaseBackupOperator(task_id="base_backup", checkpoint="{{ params.checkpoint }}", tags=["weekly"])
+    ti = FakeTI()
+    ctx = context(ti, checkpoint="fast")
+    op.render_template_fields(ctx)
+    assert op.checkpoint == "fast"
+    sid = op.execute(ctx)
+    ti.try_number = 2
+    assert op.execute(ctx) == sid  # a retry after the commit reuses the snapshot
+    with Store.open(str(store_dir), PASSPHRASE) as store:
+        header = store.load_snapshot(sid).header
+        assert store.snapshot_ids() == [sid]
+    assert header["source"]["kind"] == "postgres+bin" and header["tags"] == ["weekly"]
+    assert header["labels"]["task_id"] == "base_backup" and header["meta"]["options"]["checkpoint"] == "fast"
+    assert src.password not in json.dumps(header, default=repr)
+
+    target = scratch_dir(pg_manager, "op-restore")
+    new_ts = scratch_dir(pg_manager, "op-ts")
+    restore = PgPlakarPhysicalRestoreOperator(
+        task_id="restore", snapshot_id="{{ ti.xcom_pull(task_ids='base_backup') }}", target_dir="{{ params.dir }}",
+        tablespace_mapping="{{ params.mapping | tojson }}", pg_bin_dir=str(src.bin_dir))
+    rctx = context(FakeTI(task_id="restore", xcoms={"base_backup": sid}), dir=str(target),
+                   mapping={str(ts_dir): str(new_ts)})
+    restore.render_template_fields(rctx)
+    assert restore.snapshot_id == sid and restore.target_dir == str(target)
+    summary = restore.execute(rctx)
+    assert summary["verified"] is True and summary["major"] == 15
+    assert summary["tablespaces"][0]["restored_to"] == str(new_ts)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    json.dumps(summary)  # XCom-serialisable
+
+
+def test_physical_options_from_connections(pg_factory, tmp_path, monkeypatch) -> None:
+    src = pg_factory(15)
+    set_conns(monkeypatch, src, tmp_path / "store")
+    opts = PgPlakarPostgresHook().physical_source_options({"max_rate": "10M"})
+    assert opts.conn.host == src.host and opts.max_rate == 10240 and opts.pg_bin_dir == str(src.bin_dir)
+    with pytest.raises(OptionError, match="remove the database path /sales"):
+        PgPlakarPostgresHook(None, location=f"postgres+bin://{src.host}/sales").physical_source_options()
+    set_conns(monkeypatch, src, tmp_path / "store", iam=True)
+    monkeypatch.setenv("AIRFLOW_CONN_POSTGRES_DEFAULT", json.dumps({
+        "conn_type": "postgres", "host": "db.example.com", "login": "u", "extra": {"iam": True,
+                                                                                    "region_name": "eu-west-1"}}))
+    with pytest.raises(OptionError, match="replication connection"):
+        PgPlakarPostgresHook().physical_source_options()
+
+
+def test_example_dag_weekly_physical_nightly_logical() -> None:
+    path = REPO_ROOT / "example_dags" / "pgplakar_weekly_physical.py"
+    spec = importlib.util.spec_from_file_location("pgplakar_example_weekly_physical", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    dag = module.dag
+    assert dag.dag_id == "pgplakar_weekly_physical" and dag.schedule == "30 1 * * *"
+    assert dag.get_task("base_backup").upstream_task_ids == {"choose"}
+    assert dag.get_task("logical_backup").upstream_task_ids == {"choose", "base_backup"}
+    assert dag.get_task("logical_backup").trigger_rule == "all_done"
+    assert dag.get_task("restore_check").upstream_task_ids == {"base_backup"}
+    assert dag.get_task("remove_restore_check").upstream_task_ids == {"restore_check"}
+    choose = dag.get_task("choose").python_callable
+    sunday, monday = pendulum.datetime(2026, 11, 29, tz="UTC"), pendulum.datetime(2026, 11, 30, tz="UTC")
+    assert choose(params={"physical_weekday": 6}, logical_date=sunday) == ["base_backup", "logical_backup"]
+    assert choose(params={"physical_weekday": 6}, logical_date=monday) == ["logical_backup"]
+
+
+def test_on_kill_cancels_the_base_backup_and_commits_nothing(pg_factory, tmp_path, monkeypatch) -> None:
+    import threading
+    import time
+
+    from tests.physical.conftest import scalar, wait_until
+
+    src = pg_factory(15)
+    store_dir = tmp_path / "store"
+    Store.create(str(store_dir), PASSPHRASE).close()
+    set_conns(monkeypatch, src, store_dir)
+    op = PgPlakarBaseBackupOperator(task_id="base_backup", checkpoint="fast", max_rate=32)  # 32 kB/s: slow
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = op.execute(context(FakeTI()))
+        except BaseException as e:  # noqa: BLE001 - reported to the test thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_until(lambda: scalar(src, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender' "
+                                   "AND query LIKE 'BASE_BACKUP%'") == 1, what="BASE_BACKUP")
+    time.sleep(0.3)
+    op.on_kill()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and "error" in outcome, outcome
+    assert "cancel" in str(outcome["error"]).lower(), outcome["error"]
+    with Store.open(str(store_dir), PASSPHRASE) as store:
+        assert store.snapshot_ids() == []
