@@ -37,6 +37,16 @@ def idempotency_key(labels: Mapping[str, str]) -> str:
     return "/".join(labels[k] for k in ("dag_id", "task_id", "run_id", "map_index"))
 
 
+def committed_by_earlier_try(store: Any, key: str, task_log: Any) -> str | None:
+    """The snapshot an earlier try of this task already committed under ``key``, if any (a retry then reuses it
+    instead of dumping again)."""
+    existing = store.idempotent_id(key)
+    if existing in store.snapshot_ids():
+        task_log.info("snapshot %s was already committed by an earlier try of this task: reusing it", existing)
+        return existing
+    return None
+
+
 class _PgPlakarOperator(BaseOperator):
     ui_color = "#d0e4f5"
 
@@ -87,10 +97,8 @@ class PgPlakarBackupOperator(_PgPlakarOperator):
         labels = {**self.labels, **run_labels(context)}
         key = idempotency_key(labels) + ("/manifest" if self.manifest_only else "")
         with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
-            existing = store.idempotent_id(key)
-            if existing in store.snapshot_ids():
-                self.log.info("snapshot %s was already committed by an earlier try of this task: reusing it",
-                              existing)
+            existing = committed_by_earlier_try(store, key, self.log)
+            if existing:
                 return existing
             result = logical_backup(store, opts, labels=labels, tags=self.tags, idempotency_key=key,
                                     manifest_only=self.manifest_only, password=hook.password_source(opts))

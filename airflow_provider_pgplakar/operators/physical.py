@@ -21,7 +21,7 @@ from airflow.sdk import BaseOperator
 from ..hooks.store import PgPlakarStoreHook
 from ..pg import OptionError
 from ..pg.process import kill_all
-from .logical import _PgPlakarOperator, idempotency_key, run_labels
+from .logical import _PgPlakarOperator, committed_by_earlier_try, idempotency_key, run_labels
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -77,10 +77,8 @@ class PgPlakarBaseBackupOperator(_PgPlakarOperator):
         labels = {**self.labels, **run_labels(context)}
         key = idempotency_key(labels) + "/physical"
         with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
-            existing = store.idempotent_id(key)
-            if existing in store.snapshot_ids():
-                self.log.info("snapshot %s was already committed by an earlier try of this task: reusing it",
-                              existing)
+            existing = committed_by_earlier_try(store, key, self.log)
+            if existing:
                 return existing
             result = physical_backup(store, opts, labels=labels, tags=self.tags, idempotency_key=key)
         for w in result.warnings:
