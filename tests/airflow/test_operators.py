@@ -12,7 +12,6 @@ import os
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from airflow_provider_pgplakar.operators.logical import (
 from airflow_provider_pgplakar.pg import PgError
 from airflow_provider_pgplakar.store.repo import Store
 from tests.pgservers import PgServer
+from tests.task_context import FakeTI, context
 
 PASSPHRASE = "operator-tests passphrase"
 DATA = [
@@ -35,25 +35,6 @@ DATA = [
     "CREATE TABLE notes (body text)",
     "INSERT INTO notes SELECT repeat('n', g % 50) FROM generate_series(1, 400) g",
 ]
-
-
-@dataclass
-class FakeTI:
-    """The task-instance attributes the operators read, plus ``xcom_pull`` for templates."""
-
-    dag_id: str = "ops_dag"
-    task_id: str = "backup"
-    run_id: str = "manual__2026-11-24T00:00:00+00:00"
-    map_index: int = -1
-    try_number: int = 1
-    xcoms: dict[str, Any] = field(default_factory=dict)
-
-    def xcom_pull(self, task_ids: str | None = None, key: str = "return_value", **_: Any) -> Any:
-        return self.xcoms.get(task_ids) if task_ids else None
-
-
-def context(ti: FakeTI, **params: Any) -> dict[str, Any]:
-    return {"ti": ti, "task_instance": ti, "run_id": ti.run_id, "params": params, "ds": "2026-11-24"}
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import stat
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,25 +25,15 @@ from airflow_provider_pgplakar.pg import OptionError
 from airflow_provider_pgplakar.store.repo import Store
 from tests.conftest import REPO_ROOT
 from tests.physical.conftest import make_tablespace_dir, scratch_dir
+from tests.task_context import FakeTI, context
+
+
+def phys_ti(**kw: Any) -> FakeTI:
+    return FakeTI(**{"dag_id": "phys_dag", "task_id": "base_backup",
+                     "run_id": "scheduled__2026-11-29T01:30:00+00:00", **kw})
+
 
 PASSPHRASE = "physical operators passphrase"
-
-
-@dataclass
-class FakeTI:
-    dag_id: str = "phys_dag"
-    task_id: str = "base_backup"
-    run_id: str = "scheduled__2026-11-29T01:30:00+00:00"
-    map_index: int = -1
-    try_number: int = 1
-    xcoms: dict[str, Any] = field(default_factory=dict)
-
-    def xcom_pull(self, task_ids: str | None = None, key: str = "return_value", **_: Any) -> Any:
-        return self.xcoms.get(task_ids) if task_ids else None
-
-
-def context(ti: FakeTI, **params: Any) -> dict[str, Any]:
-    return {"ti": ti, "task_instance": ti, "run_id": ti.run_id, "params": params, "ds_nodash": "20261129"}
 
 
 def set_conns(monkeypatch: pytest.MonkeyPatch, server: Any, store: Path, **extra: Any) -> None:
@@ -67,7 +56,7 @@ def test_base_backup_and_restore_operators(pg_factory, pg_manager, tmp_path, mon
     set_conns(monkeypatch, src, store_dir)
 
     op = PgPlakarBaseBackupOperator(task_id="base_backup", checkpoint="{{ params.checkpoint }}", tags=["weekly"])
-    ti = FakeTI()
+    ti = phys_ti()
     ctx = context(ti, checkpoint="fast")
     op.render_template_fields(ctx)
     assert op.checkpoint == "fast"
@@ -86,7 +75,7 @@ def test_base_backup_and_restore_operators(pg_factory, pg_manager, tmp_path, mon
     restore = PgPlakarPhysicalRestoreOperator(
         task_id="restore", snapshot_id="{{ ti.xcom_pull(task_ids='base_backup') }}", target_dir="{{ params.dir }}",
         tablespace_mapping="{{ params.mapping | tojson }}", pg_bin_dir=str(src.bin_dir))
-    rctx = context(FakeTI(task_id="restore", xcoms={"base_backup": sid}), dir=str(target),
+    rctx = context(phys_ti(task_id="restore", xcoms={"base_backup": sid}), dir=str(target),
                    mapping={str(ts_dir): str(new_ts)})
     restore.render_template_fields(rctx)
     assert restore.snapshot_id == sid and restore.target_dir == str(target)
@@ -147,7 +136,7 @@ def test_on_kill_cancels_the_base_backup_and_commits_nothing(pg_factory, tmp_pat
 
     def run() -> None:
         try:
-            outcome["result"] = op.execute(context(FakeTI()))
+            outcome["result"] = op.execute(context(phys_ti()))
         except BaseException as e:  # noqa: BLE001 - reported to the test thread
             outcome["error"] = e
 
