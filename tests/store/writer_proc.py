@@ -289,7 +289,7 @@ class Census:
 
 
 def pack_census(store: Any) -> Census:
-    """Read every pack header (not the index) and account each stored blob as live or dead."""
+    """Read every pack header and account each stored blob as live (the indexed copy of a referenced blob) or dead."""
     from airflow_provider_pgplakar.store.pack import parse_pack
 
     listed = {o.key.rsplit("/", 1)[-1]: (o.key, o.size) for o in store.backend.list("packs/")}
@@ -299,11 +299,14 @@ def pack_census(store: Any) -> Census:
     seen: set[bytes] = set()
     dead = 0
     worst = 0.0
-    for _pid, (key, size) in sorted(listed.items()):
+    for pid, (key, size) in sorted(listed.items()):
         _salt, entries = parse_pack(store.keys, store.backend.get(key), key)
         pack_dead = 0
         for e in entries:
-            if e.blob_id in live and e.blob_id not in seen:
+            # a live blob stored twice (concurrent writers) is live only where the index points (the copy the
+            # store reads and prune keeps); any other copy, or an unindexed one, is dead
+            loc = store.cache.lookup(e.blob_id) if e.blob_id in live else None
+            if loc is not None and loc.pack_id == pid and e.blob_id not in seen:
                 seen.add(e.blob_id)
             else:
                 pack_dead += e.length
