@@ -102,7 +102,10 @@ def _check_packs(store: Store, cache: IndexCache, rep: CheckReport, read_data: b
             bad[pack_id] = "wrong size"
             rep.problems.append(Problem(name, f"size {listed[pack_id]} differs from indexed {size}"))
     orphans = set(listed) - {p[0] for p in indexed}
-    if orphans:
+    if orphans and cache.bad_segments:
+        rep.notes.append(f"{len(orphans)} pack(s) not in the readable index: they may hold data of the corrupt "
+                         "segment(s); run `repair index` (prune refuses to run until then)")
+    elif orphans:
         rep.notes.append(f"{len(orphans)} pack(s) not in the index (left by interrupted backups; prune removes them)")
     if not read_data:
         return bad
