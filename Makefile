@@ -7,7 +7,7 @@ VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint demo bench
+.PHONY: venv system-deps test lint demo bench
 
 venv: $(STAMP)
 
@@ -16,7 +16,16 @@ $(STAMP): pyproject.toml
 	$(VENV_PY) -m pip install -e '.[test]'
 	touch $(STAMP)
 
-test: venv
+# PostgreSQL 15 client tools and server from Debian (the 17 and 18 servers come from pip wheels). Installed when
+# missing and we are root with apt; otherwise a hint (the tests that need them then skip locally, fail in CI).
+PG15_BIN := /usr/lib/postgresql/15/bin
+system-deps:
+	@if [ -x $(PG15_BIN)/pg_dump ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql-15; \
+	else echo "note: PostgreSQL 15 is not installed ($(PG15_BIN)); as root: apt-get install postgresql-15"; fi
+
+test: venv system-deps
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
