@@ -8,6 +8,7 @@ suite green by silently skipping everything.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +31,13 @@ def need(condition: bool, what: str) -> None:
     if require_all():
         pytest.fail(f"required prerequisite missing (PGPLAKAR_REQUIRE_ALL/CI set): {what}", pytrace=False)
     pytest.skip(f"missing prerequisite: {what}")
+
+
+def isolate_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No AWS setting from the developer's machine or CI leaks in; no instance metadata lookups."""
+    for key in list(os.environ):
+        if key.startswith("AWS_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "absent-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "absent-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")

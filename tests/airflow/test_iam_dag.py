@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 import json
-import os
 import secrets
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from airflow_provider_pgplakar.pg import OptionError
 from airflow_provider_pgplakar.pg.iam import IamAuthError, IamTokenSource
 from airflow_provider_pgplakar.store.repo import Store
 from tests.conftest import REPO_ROOT
+from tests.helpers import isolate_aws_env
 from tests.pgservers import PgServer
 
 PASSPHRASE = "iam dag store passphrase"
@@ -40,12 +40,7 @@ RDS_HOST = "mydb.cluster-abc123.ap-northeast-1.rds.amazonaws.com"
 
 @pytest.fixture(autouse=True)
 def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for key in list(os.environ):
-        if key.startswith("AWS_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "absent-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "absent-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    isolate_aws_env(monkeypatch, tmp_path)
     monkeypatch.setenv("PGPLAKAR_KDF", "1,8192,1")
     monkeypatch.setenv("PGPLAKAR_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda remove_tzinfo=True: T0)

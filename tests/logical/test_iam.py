@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from airflow_provider_pgplakar.pg.logical import logical_backup
 from airflow_provider_pgplakar.pg.options import ConnOptions, parse_restore_options, parse_source_options
 from airflow_provider_pgplakar.pg.restore import logical_restore
 from airflow_provider_pgplakar.store.repo import Store
+from tests.helpers import isolate_aws_env
 from tests.pgservers import PgManager, PgServer
 
 IAM_USER = "iam_backup"
@@ -82,12 +82,7 @@ class Clock:
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No AWS setting from the developer's machine or CI leaks in; no instance metadata lookups."""
-    for key in list(os.environ):
-        if key.startswith("AWS_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "absent-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "absent-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    isolate_aws_env(monkeypatch, tmp_path)
     monkeypatch.delenv("PGPASSWORD", raising=False)
 
 
