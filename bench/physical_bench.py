@@ -1,17 +1,17 @@
 """Physical backup benchmark (not a test): our base backup next to raw pg_basebackup and pgBackRest.
 
     .venv/bin/python bench/physical_bench.py [--scale 10] [--version 15|17|18] [--repeat 1]
-                                             [--block-sizes 131072[,65536,...]] [--workdir DIR] [--no-pgbackrest]
+                                             [--block-sizes 262144[,131072,...]] [--workdir DIR] [--no-pgbackrest]
 
 Run it from the repository root (it reuses ``tests.pgservers.PgManager``; as root the server and pgBackRest run as
 the unprivileged server user). On a throwaway server of ``--version`` (default 15):
 
 1. ``pgbench -i -s SCALE``, ``VACUUM ANALYZE``, ``CHECKPOINT``;
 2. timed, each ``--repeat`` times (median shown): raw ``pg_basebackup -Ft -D - -X fetch -c fast > /dev/null``;
-   our ``physical_backup`` (checkpoint=fast) into a fresh encrypted local store, one store per relation block
-   size; when ``pgbackrest`` is installed, a pgBackRest full backup (``compress-type=zst``, level 3, process-max
-   1, its defaults otherwise) into a plain repo and one into a block-incremental repo (``repo-bundle`` +
-   ``repo-block``, beta in 2.45, recommended for the full too);
+   our ``physical_backup`` (checkpoint=fast, default ``server_compression``) into a fresh encrypted local store,
+   one store per relation block size; when ``pgbackrest`` is installed, a pgBackRest full backup
+   (``compress-type=zst``, level 3, process-max 1, its defaults otherwise) into a plain repo and one into a
+   block-incremental repo (``repo-bundle`` + ``repo-block``, beta in 2.45, recommended for the full too);
 3. a clustered 1 % change: ``UPDATE pgbench_accounts SET abalance = abalance + 1`` on the first 1 % of ``aid``,
    then ``CHECKPOINT``;
 4. our second backup into each store (new stored bytes from the snapshot header's ``new_stored_bytes``) and
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--version", type=int, default=15)
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--block-sizes", default="131072", help="comma-separated relation block sizes to compare")
+    ap.add_argument("--block-sizes", default="262144", help="comma-separated relation block sizes to compare")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--no-pgbackrest", action="store_true")
     args = ap.parse_args(argv)
@@ -203,11 +203,14 @@ def main(argv: list[str] | None = None) -> int:
             row.update(extra)
 
         stores = {b: Store.create(str(work / f"store-{b}"), PASS) for b in blocks}
+        last = args.repeat - 1
         for i in range(args.repeat):
             wall, cpu, _ = timed(lambda: raw_basebackup(server))
             record("raw pg_basebackup -Ft -X fetch > /dev/null", wall, cpu)
             for b in blocks:
-                st = stores[b] if i == 0 else Store.create(str(work / f"store-{b}-r{i}"), PASS)
+                # every round backs up into a fresh store; the last round's store is the base of the second backup,
+                # so ours and pgBackRest's incrementals both cover exactly the change (and nothing done before it)
+                st = stores[b] if i == last else Store.create(str(work / f"store-{b}-r{i}"), PASS)
                 wall, cpu, res = timed(lambda st=st, b=b: our_backup(st, server, b))
                 record(f"pgplakar full (block {b // 1024} KiB)", wall, cpu, bytes=res.bytes,
                        stored=res.new_stored_bytes)
@@ -221,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             wall, cpu, res = timed(lambda b=b: our_backup(stores[b], server, b))
             record(f"pgplakar 2nd after 1% clustered (block {b // 1024} KiB)", wall, cpu, bytes=res.bytes,
                    stored=res.new_stored_bytes)
+            notes.append(f"block {b // 1024} KiB, second backup's new stored bytes by kind: "
+                         + ", ".join(f"{k} {mib(v)}" for k, v in new_bytes_by_kind(stores[b], res.snapshot_id).items()))
         if pgbr is not None:
             for repo, label in ((1, "pgBackRest incr (file-level)"), (2, "pgBackRest incr (block-level)")):
                 wall, cpu, _ = timed(lambda repo=repo: pgbr.backup(repo, "incr"))
@@ -232,6 +237,34 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         manager.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def new_bytes_by_kind(store: Any, snapshot_id: str) -> dict[str, int]:
+    """The stored bytes of the blobs this snapshot added, by what they hold (from its index segments)."""
+    from airflow_provider_pgplakar.store.reader import chunk_refs
+
+    segs = store.load_snapshot(snapshot_id).header["index_segments"]
+    marks = ",".join("?" * len(segs))
+    rows = store.cache.db.execute(
+        f"SELECT b.id, b.type, b.len FROM blobs b JOIN packs p ON p.no = b.pack WHERE p.segment IN ({marks})",  # noqa: S608
+        segs).fetchall()
+    new = {blob_id: (btype, size) for blob_id, btype, size in rows}
+    out = {"relation blocks": 0, "WAL": 0, "other files": 0, "manifest leaves": 0, "chunk lists": 0}
+    for btype, size in new.values():
+        if btype == 1:
+            out["manifest leaves"] += size
+        elif btype == 2:
+            out["chunk lists"] += size
+    for rec in store.records(snapshot_id):
+        if rec.get("k") != "f":
+            continue
+        path = rec["p"]
+        kind = ("WAL" if path.startswith("/data/pg_wal/") else "relation blocks"
+                if path.startswith(("/data/base/", "/data/global/", "/tablespaces/")) else "other files")
+        for blob_id, _n in chunk_refs(store, rec):
+            if blob_id in new and new[blob_id][0] == 0:
+                out[kind] += new.pop(blob_id)[1]
+    return out
 
 
 def report(rows: dict[str, dict[str, Any]], args: argparse.Namespace, db_bytes: int, changed: int, blocks: list[int],

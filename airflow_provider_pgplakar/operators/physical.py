@@ -52,16 +52,22 @@ class PgPlakarBaseBackupOperator(_PgPlakarOperator):
 
     :param checkpoint: ``fast`` or ``spread`` (default: the option/connection value, else ``spread``).
     :param max_rate: transfer limit in kB/s (``100M`` style suffixes accepted as strings).
-    :param options: seed option names (``pg_bin_dir``, ``ssl_*``, ``checkpoint``, ``max_rate``); templated.
+    :param server_compression: ``auto`` (default: lz4 when the server has it), ``none``, ``lz4`` or ``zstd``,
+        optionally ``:<level>``; the server compresses the stream, which also costs it less CPU than sending it raw.
+    :param options: seed option names (``pg_bin_dir``, ``ssl_*``, ``checkpoint``, ``max_rate``,
+        ``server_compression``); templated.
     """
 
-    template_fields: Sequence[str] = ("tags", "labels", "options", "checkpoint", "postgres_conn_id", "store_conn_id")
+    template_fields: Sequence[str] = ("tags", "labels", "options", "checkpoint", "server_compression",
+                                      "postgres_conn_id", "store_conn_id")
 
-    def __init__(self, *, checkpoint: str | None = None, max_rate: int | str | None = None, tags: Sequence[str] = (),
+    def __init__(self, *, checkpoint: str | None = None, max_rate: int | str | None = None,
+                 server_compression: str | None = None, tags: Sequence[str] = (),
                  labels: Mapping[str, str] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.checkpoint = checkpoint
         self.max_rate = max_rate
+        self.server_compression = server_compression
         self.tags = list(tags)
         self.labels = dict(labels or {})
 
@@ -73,6 +79,8 @@ class PgPlakarBaseBackupOperator(_PgPlakarOperator):
             overrides["checkpoint"] = self.checkpoint
         if self.max_rate is not None:
             overrides["max_rate"] = self.max_rate
+        if self.server_compression is not None:
+            overrides["server_compression"] = self.server_compression
         opts = self._pg_hook().physical_source_options(overrides, self.log)
         labels = {**self.labels, **run_labels(context)}
         key = idempotency_key(labels) + "/physical"

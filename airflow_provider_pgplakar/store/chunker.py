@@ -28,22 +28,28 @@ class Chunking:
         return cls(block_size)
 
 
+def read_full(stream: BinaryIO, buf: bytearray) -> int:
+    """Fill ``buf`` from ``stream`` (``readinto`` when it has one); fewer bytes only at EOF."""
+    view = memoryview(buf)
+    filled = 0
+    readinto = getattr(stream, "readinto", None)
+    while filled < len(buf):
+        if readinto is not None:
+            n = readinto(view[filled:])
+        else:
+            data = stream.read(len(buf) - filled)
+            n = len(data)
+            view[filled : filled + n] = data
+        if not n:
+            break
+        filled += n
+    return filled
+
+
 def _fixed_chunks(stream: BinaryIO, size: int) -> Iterator[bytes]:
     buf = bytearray(size)
-    view = memoryview(buf)
-    while True:
-        filled = 0
-        while filled < size:
-            n = stream.readinto(view[filled:]) if hasattr(stream, "readinto") else None
-            if n is None:  # no readinto: fall back to read()
-                data = stream.read(size - filled)
-                n = len(data)
-                view[filled : filled + n] = data
-            if not n:
-                break
-            filled += n
-        if filled:
-            yield bytes(view[:filled])
+    while filled := read_full(stream, buf):
+        yield bytes(buf[:filled])
         if filled < size:
             return
 

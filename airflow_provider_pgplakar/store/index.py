@@ -186,6 +186,15 @@ class IndexCache:
     def has_blob(self, blob_id: bytes) -> bool:
         return self.db.execute("SELECT 1 FROM blobs WHERE id=? LIMIT 1", (blob_id,)).fetchone() is not None
 
+    def known_blobs(self, blob_ids: list[bytes]) -> set[bytes]:
+        """The subset of ``blob_ids`` the index holds: one query per batch instead of one per blob."""
+        known: set[bytes] = set()
+        for i in range(0, len(blob_ids), 500):  # well under SQLite's bound-parameter limit
+            part = blob_ids[i : i + 500]
+            sql = f"SELECT id FROM blobs WHERE id IN ({','.join('?' * len(part))})"  # noqa: S608 - placeholders
+            known.update(r[0] for r in self.db.execute(sql, part))
+        return known
+
     def lookup(self, blob_id: bytes) -> Location | None:
         row = self.db.execute(
             "SELECT p.id, p.salt, b.off, b.len, b.raw, b.type FROM blobs b JOIN packs p ON p.no=b.pack "

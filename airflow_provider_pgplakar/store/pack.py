@@ -98,6 +98,22 @@ def decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+def decompress(payload: bytes | memoryview, max_output_size: int = 0) -> bytes:
+    """One zstd frame, decompressed. Through a streaming object: python-zstandard's one-shot ``decompress`` measured
+    3x slower here on 128 KiB blocks (~160 vs ~55 µs), and this runs for every blob verified, restored or checked.
+    ``max_output_size`` (0 = no limit) is checked against the frame's declared size before any work (our frames
+    always declare it, and zstd fails a frame whose content does not match its declaration)."""
+    if max_output_size:
+        declared = zstandard.frame_content_size(payload)
+        if declared < 0 or declared > max_output_size:
+            raise zstandard.ZstdError(f"frame declares {declared} bytes, expected at most {max_output_size}")
+    obj = decompressor().decompressobj()
+    out = obj.decompress(payload)
+    if not obj.eof:
+        raise zstandard.ZstdError("truncated frame")
+    return out
+
+
 def decode_blob(
     okey: ObjectKey, blob_type: int, blob_id: bytes, sealed: bytes | memoryview, raw_len: int, keys: Keys, where: str
 ) -> bytes:
@@ -109,7 +125,7 @@ def decode_blob(
     codec, payload = plain[0], memoryview(plain)[1:]
     if codec == CODEC_ZSTD:
         try:
-            raw = decompressor().decompress(payload, max_output_size=raw_len)
+            raw = decompress(payload, raw_len)
         except zstandard.ZstdError as e:
             raise IntegrityError(f"blob {blob_id.hex()[:16]} in {where}: bad compressed data ({e})") from None
     elif codec == CODEC_RAW:

@@ -173,8 +173,8 @@ def _repack(store: Store, repack: list[tuple[int, str, int, bytes]]) -> list[dic
 
 
 class _NoDedup:
-    def has_blob(self, blob_id: bytes) -> bool:
-        return False
+    def known_blobs(self, blob_ids: list[bytes]) -> set[bytes]:
+        return set()
 
 
 def _cleanup(store: Store) -> None:

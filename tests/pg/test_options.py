@@ -18,6 +18,7 @@ from airflow_provider_pgplakar.pg.options import (
     RestoreOptions,
     parse_location,
     parse_restore_options,
+    parse_server_compression,
     parse_source_options,
 )
 
@@ -334,6 +335,18 @@ def test_bin_checkpoint_fast() -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "stored", "parsed"),
+    [(None, "auto", None), ("auto", "auto", None), ("none", "none", None), ("lz4", "lz4", ("lz4", None)),
+     ("ZSTD", "zstd", ("zstd", None)), ("zstd:19", "zstd:19", ("zstd", 19)), (" lz4:1 ", "lz4:1", ("lz4", 1))],
+)
+def test_bin_server_compression(text: str | None, stored: str, parsed: tuple | None) -> None:
+    opts = parse_source_options("postgres+bin://h", {} if text is None else {"server_compression": text})
+    assert opts.server_compression == stored
+    if parsed is not None:
+        assert parse_server_compression(stored) == parsed
+
+
+@pytest.mark.parametrize(
     ("location", "options", "option", "match"),
     [
         ("postgres+bin://h/mydb", {}, "location", "whole cluster; remove the database path /mydb"),
@@ -345,6 +358,10 @@ def test_bin_checkpoint_fast() -> None:
         ("postgres+bin://h", {"max_rate": "2048M"}, "max_rate", "out of range"),
         ("postgres+bin://h", {"max_rate": "10G"}, "max_rate", "invalid rate"),
         ("postgres+bin://h", {"max_rate": "1.5M"}, "max_rate", "invalid rate"),
+        ("postgres+bin://h", {"server_compression": "gzip"}, "server_compression", "invalid method 'gzip'"),
+        ("postgres+bin://h", {"server_compression": "zstd:0"}, "server_compression", "out of range \\(1..22\\)"),
+        ("postgres+bin://h", {"server_compression": "lz4:13"}, "server_compression", "out of range \\(1..12\\)"),
+        ("postgres+bin://h", {"server_compression": "lz4:x"}, "server_compression", "invalid level 'x'"),
     ],
 )
 def test_bin_errors(location: str, options: dict, option: str, match: str) -> None:
@@ -445,6 +462,7 @@ def test_restore_errors(location: str, options: dict, option: str, match: str) -
         (lambda: LogicalSourceOptions(conn="postgres://h"), "conn"),
         (lambda: LogicalSourceOptions(conn=ConnOptions(), database=""), "database"),
         (lambda: PhysicalSourceOptions(conn=ConnOptions(), max_rate=1), "max_rate"),
+        (lambda: PhysicalSourceOptions(conn=ConnOptions(), server_compression="brotli"), "server_compression"),
         (lambda: PhysicalSourceOptions(conn=ConnOptions(region="us-east-1", username="u")), "location"),
         (lambda: RestoreOptions(conn=ConnOptions(), jobs=0), "jobs"),
         (lambda: RestoreOptions(conn=ConnOptions(), tables=("",)), "tables"),

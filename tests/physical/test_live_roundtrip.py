@@ -3,8 +3,9 @@
 The invariant: every transaction committed before the backup started is in the restored cluster, the restored
 cluster starts with the same major version, finishes recovery on its own (backup_label + the WAL inside the
 snapshot), passes pg_verifybackup before its first start and pg_amcheck after it, and its tablespace lives where
-tablespace_mapping put it. Without the temporary slot the WAL could be recycled mid-backup; without the terminator
-and the server's final results a truncated stream could be committed.
+tablespace_mapping put it. Without the temporary slot the WAL could be recycled mid-backup; without the server's
+final results a truncated stream could be committed. PostgreSQL 15 (Debian's build, with lz4) streams lz4-compressed
+by default; the embedded 18 build has no lz4, so the default falls back to an uncompressed stream with a new slot.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def test_live_cluster_with_tablespace_roundtrip(pg_factory, pg_manager, store, v
     assert result.major == version and result.tablespaces[0]["oid"] == ts_oid
     header = store.load_snapshot(result.snapshot_id).header
     assert header["source"]["kind"] == "postgres+bin" and header["meta"]["end_lsn"] == result.end_lsn
+    assert header["meta"]["server_compression"] == ("lz4" if version == 15 else "none")
     recs = {r["p"]: r for r in store.records(result.snapshot_id)}
     paths = list(recs)
     assert paths[0] == "/manifest.json"

@@ -55,11 +55,12 @@ def test_base_backup_and_restore_operators(pg_factory, pg_manager, tmp_path, mon
     Store.create(str(store_dir), PASSPHRASE).close()
     set_conns(monkeypatch, src, store_dir)
 
-    op = PgPlakarBaseBackupOperator(task_id="base_backup", checkpoint="{{ params.checkpoint }}", tags=["weekly"])
+    op = PgPlakarBaseBackupOperator(task_id="base_backup", checkpoint="{{ params.checkpoint }}", tags=["weekly"],
+                                    server_compression="{{ params.compression }}")
     ti = phys_ti()
-    ctx = context(ti, checkpoint="fast")
+    ctx = context(ti, checkpoint="fast", compression="zstd:2")
     op.render_template_fields(ctx)
-    assert op.checkpoint == "fast"
+    assert (op.checkpoint, op.server_compression) == ("fast", "zstd:2")
     sid = op.execute(ctx)
     ti.try_number = 2
     assert op.execute(ctx) == sid  # a retry after the commit reuses the snapshot
@@ -68,6 +69,7 @@ def test_base_backup_and_restore_operators(pg_factory, pg_manager, tmp_path, mon
         assert store.snapshot_ids() == [sid]
     assert header["source"]["kind"] == "postgres+bin" and header["tags"] == ["weekly"]
     assert header["labels"]["task_id"] == "base_backup" and header["meta"]["options"]["checkpoint"] == "fast"
+    assert header["meta"]["options"]["server_compression"] == "zstd:2" and header["meta"]["server_compression"] == "zstd"
     assert src.password not in json.dumps(header, default=repr)
 
     target = scratch_dir(pg_manager, "op-restore")

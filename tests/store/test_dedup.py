@@ -179,3 +179,38 @@ def test_dedup_across_two_store_instances_on_one_location(store: Store, location
                 assert r.read() == data
     finally:
         b.close()
+
+
+def test_new_chunks_amid_deduplicated_input_are_compressed_harder(store: Store) -> None:
+    """Adaptive effort: a first snapshot stores at the store's level (1); a later one that mostly deduplicates
+    stores its few new chunks at level + 5 — checked on the stored length of each blob."""
+    import zstandard
+
+    from airflow_provider_pgplakar.store.blobsink import QUIET_EXTRA
+    from airflow_provider_pgplakar.store.chunker import Chunking
+    from airflow_provider_pgplakar.store.reader import chunk_refs
+
+    block = 16 * KiB
+    base = dump_text(51, 400 * block)  # 400 blocks that the second snapshot finds again
+    change = dump_text(52, 4 * block)
+    overhead = 1 + 12 + 16  # codec byte, AES-GCM nonce and tag
+
+    def stored(snap: str, path: str) -> list[int]:
+        rec = store.find_record(snap, path)
+        return [store.cache.lookup(blob_id).length for blob_id, _n in chunk_refs(store, rec)]
+
+    def zlen(data: bytes, level: int) -> int:
+        return len(zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)) + overhead
+
+    with store.writer() as w:
+        w.add_bytes("/base", base, chunking=Chunking.fixed(block))
+    first = w.snapshot_id
+    assert stored(first, "/base")[-4:] == [zlen(base[i : i + block], 1) for i in range(396 * block, 400 * block,
+                                                                                     block)]
+    with store.writer() as w:
+        w.add_bytes("/base", base, chunking=Chunking.fixed(block))
+        w.add_bytes("/change", change, chunking=Chunking.fixed(block))
+    quiet = 1 + QUIET_EXTRA
+    want = [zlen(change[i : i + block], quiet) for i in range(0, len(change), block)]
+    assert stored(w.snapshot_id, "/change") == want
+    assert want != [zlen(change[i : i + block], 1) for i in range(0, len(change), block)]  # the levels differ here

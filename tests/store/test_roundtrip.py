@@ -22,8 +22,10 @@ from typing import Any
 import pytest
 
 from airflow_provider_pgplakar.store.chunker import DEFAULT_CDC, Chunking
+from airflow_provider_pgplakar.store.errors import IntegrityError
 from airflow_provider_pgplakar.store.reader import chunk_refs
 from airflow_provider_pgplakar.store.repo import Store
+from airflow_provider_pgplakar.store.writer import FIXED_BATCH
 from tests.store.conftest import PASSPHRASE
 from tests.store.gen_stream import dump_text, make_bytes, random_bytes
 from tests.store.streams import Trickle
@@ -134,8 +136,8 @@ def test_multi_chunk_list_records_round_trip(store: Store, location: str, tmp_pa
     try:
         snap = st.resolve("latest")
         fixed = st.find_record(snap, "/fixed-4k")
-        # lists are cut where a blob ID ends in a zero byte (~1/256), with at least 64 and at most 4096 refs each
-        assert 5120 // 4096 + 1 <= len(fixed["cl"]) <= 5120 // 64
+        # lists are cut where a blob ID's last byte is divisible by 64, with at least 16 and at most 4096 refs each
+        assert 5120 // 4096 + 1 <= len(fixed["cl"]) <= 5120 // 16
         assert _chunk_lengths(st, fixed) == [4096] * (len(text) // 4096)
         assert _read_all(st, fixed) == text
         cdc, trickle = st.find_record(snap, "/cdc"), st.find_record(snap, "/cdc-trickle")
@@ -152,17 +154,23 @@ def test_multi_chunk_list_records_round_trip(store: Store, location: str, tmp_pa
 
 @pytest.mark.parametrize("block", [4096, 128 * KiB, 1 * MiB + 3])
 def test_fixed_size_chunking_round_trip(store: Store, location: str, tmp_path: Path, block: int) -> None:
-    sizes = [0, 1, block - 1, block, block + 1, 5 * block + 7]
+    """Fixed blocks go to the pool a batch at a time (FIXED_BATCH): sizes around blocks and batches, with and
+    without the record SHA-256, from streams that return short reads or have no ``readinto``."""
+    batch = max(1, FIXED_BATCH // block) * block
+    sizes = sorted({0, 1, block - 1, block, block + 1, 5 * block + 7, batch - 1, batch, batch + 1,
+                    2 * batch + block, 2 * batch + block + 1})
     want: dict[str, tuple[bytes, Any]] = {}
     for size in sizes:
         data = make_bytes(size + block, size)
         want[f"/bytesio/{size}"] = (data, io.BytesIO(data))
         want[f"/trickle/{size}"] = (data, Trickle(data, 1000))
         want[f"/readonly/{size}"] = (data, _ReadOnly(data))
+        want[f"/no-sha256/{size}"] = (data, io.BytesIO(data))
     with store.writer() as w:
         for path, (data, stream) in want.items():
-            info = w.add_stream(path, stream, chunking=Chunking.fixed(block))
-            assert (info.size, info.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+            with_sha = not path.startswith("/no-sha256/")
+            info = w.add_stream(path, stream, chunking=Chunking.fixed(block), sha256=with_sha)
+            assert (info.size, info.sha256) == (len(data), hashlib.sha256(data).hexdigest() if with_sha else None)
     st = _reopen(location, tmp_path)
     try:
         recs = {r["p"]: r for r in st.records(st.resolve("latest"))}
@@ -170,9 +178,25 @@ def test_fixed_size_chunking_round_trip(store: Store, location: str, tmp_path: P
             lengths = _chunk_lengths(st, recs[path])
             full, rest = divmod(len(data), block)
             assert lengths == [block] * full + ([rest] if rest else []), path
+            assert ("d" in recs[path]) is (not path.startswith("/no-sha256/")), path
             assert _read_all(st, recs[path]) == data, path
+        # the same content with and without SHA-256 is the same blobs
+        for size in sizes:
+            assert list(chunk_refs(st, recs[f"/no-sha256/{size}"])) == list(chunk_refs(st, recs[f"/bytesio/{size}"]))
     finally:
         st.close()
+
+
+def test_record_without_sha256_still_checks_its_size(store: Store) -> None:
+    """A record written with ``sha256=False`` whose chunk list and size disagree (an assembly bug) fails to read."""
+    data = make_bytes(77, 3 * 4096 + 5)
+    with store.writer() as w:
+        w.add_bytes("/a", data, chunking=Chunking.fixed(4096), sha256=False)
+    rec = store.find_record(store.resolve("latest"), "/a")
+    assert "d" not in rec
+    bad = {**rec, "s": rec["s"] + 1}
+    with pytest.raises(IntegrityError, match="bytes read, the manifest says"), store.open_record(bad) as r:
+        r.read()
 
 
 # -- many tiny files -------------------------------------------------------------------------------------------
