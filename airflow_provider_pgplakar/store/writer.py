@@ -51,12 +51,13 @@ CHUNKLIST_MIN_REFS = 16
 CHUNKLIST_CUT_MOD = 64
 INLINE_HEAD = 4  # records of fewer chunks are chunked and hashed on the caller's thread
 CHUNKLIST_REFS = 4096
-FIXED_BATCH = 1 << 20  # bytes of fixed-size blocks per pool task
+FIXED_BATCH = 4 << 20  # bytes of fixed-size blocks per pool task (fewer hand-offs; measured ~5 % faster than 1 MiB)
 FIXED_WINDOW = 8  # pending batches per record (the sink's semaphore bounds the total)
-# Manifest leaves are cut after a record whose keyed hash is divisible by LEAF_CUT_MOD (~48 records per leaf): a
-# snapshot that changes a few records re-stores a few small leaves (a 1 % change touched 3 of 4 leaves of ~320).
-LEAF_MIN, LEAF_MAX, LEAF_MAX_BYTES = 16, 8192, 1 << 20
-LEAF_CUT_MOD = 32
+# Manifest leaves are cut after a record whose keyed hash is divisible by LEAF_CUT_MOD (~24 records per leaf): a
+# snapshot that changes a few records re-stores a few small leaves (a base backup after a 1 % change touched 3 of
+# 4 leaves of ~320 records, 27 KiB stored; ~8 leaves of ~48, 24 KiB; ~12 of ~24, ~14 KiB).
+LEAF_MIN, LEAF_MAX, LEAF_MAX_BYTES = 8, 8192, 1 << 20
+LEAF_CUT_MOD = 16
 PROGRESS_EVERY = 30.0
 
 
@@ -265,7 +266,13 @@ class SnapshotWriter:
                         buf = buf[:n]
                     digest.update(buf)
                     blocks.append(buf)
-                if blocks:
+                if blocks and eof and not pending:
+                    # the whole record fits in one batch (most relation files are a few pages): hash and claim
+                    # here, so the next file starts at once instead of waiting for a pool round trip
+                    for buf in blocks:
+                        yield [self._sink.add(DATA, bytes(buf)), len(buf)]
+                    free.extend(b for b in blocks if len(b) == block)
+                elif blocks:
                     fut = self._sink.add_blocks(DATA, blocks)
                     fut.add_done_callback(lambda _f, bl=blocks: free.extend(b for b in bl if len(b) == block))
                     pending.append(fut)
