@@ -13,6 +13,8 @@ One replication connection does everything, in this order:
    (``<oid>.tar`` per user tablespace, then ``base.tar`` with the WAL needed for consistency under ``pg_wal/``),
    then the server's ``backup_manifest``; then the end LSN and a command-complete. The backup succeeded only when
    that last result arrived: :meth:`BaseBackupStream.finish` checks it.
+   With ``COMPRESSION 'lz4'`` (or ``'zstd'``) each archive arrives as one compressed frame named ``*.tar.lz4``
+   (``*.tar.zst``) and :class:`Decompressing` turns it back into tar bytes; the manifest stays uncompressed.
 
 Every wait is on the socket with ``select`` (libpq's non-blocking calls), never inside a blocking libpq call: the
 compiled psycopg calls libpq with the GIL held, which would freeze the store's upload threads for the whole of a
