@@ -5,12 +5,19 @@ raise ever holds a conninfo with the password. libpq errors name host and port b
 redact it from every message we raise, since a password can legitimately equal a user or database name.
 
 Settings mirror :func:`.secrets.libpq_env` (the tools' environment): same timeout, application name, SSL files,
-and the IAM token passed as ``password`` for ``postgres+aws``.
+and the IAM token passed as ``password`` for ``postgres+aws``. The tools get an environment without the worker's
+``PG*`` variables; in-process connections cannot (libpq reads ``os.environ`` itself, and changing it in a threaded
+worker is unsafe), so :func:`connect_params` passes libpq's compiled default for every keyword whose variable is
+set and that we do not set ourselves: a worker's ``PGOPTIONS``, ``PGTARGETSESSIONATTRS`` or ``PGHOSTADDR`` cannot
+change where or how we connect. ``PGSERVICE`` cannot be neutralised that way (an empty service name is an error
+in libpq); explicit keywords still win over a service file's.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from functools import cache
 from typing import Any
 
 import psycopg
@@ -37,6 +44,27 @@ class PgConnectError(PgError):
         self.sqlstate = sqlstate
 
 
+# Keywords without a compiled default whose empty value libpq reads as "not set" (checked in libpq's sources).
+_EMPTY_IS_UNSET = frozenset({"hostaddr", "passfile", "client_encoding", "sslcrl", "sslcrldir", "requirepeer",
+                             "options"})
+_NOT_NEUTRALISED = frozenset({"service"})
+
+
+@cache
+def _env_defaults() -> tuple[tuple[str, str, str], ...]:
+    """(keyword, environment variable, value that undoes it) for the libpq keywords we can pin."""
+    out = []
+    for opt in psycopg.pq.Conninfo.get_defaults():
+        keyword = opt.keyword.decode()
+        if opt.envvar is None or keyword in _NOT_NEUTRALISED:
+            continue
+        if opt.compiled is not None:
+            out.append((keyword, opt.envvar.decode(), opt.compiled.decode()))
+        elif keyword in _EMPTY_IS_UNSET:
+            out.append((keyword, opt.envvar.decode(), ""))
+    return tuple(out)
+
+
 def connect_params(
     conn: ConnOptions, ssl: SslFiles, dbname: str, *, password: str | None = None
 ) -> dict[str, str | int]:
@@ -58,7 +86,11 @@ def connect_params(
         "connect_timeout": CONNECT_TIMEOUT_S,
         "application_name": APPLICATION_NAME,
     }
-    return {k: v for k, v in params.items() if v is not None}
+    ours = {k: v for k, v in params.items() if v is not None}
+    for keyword, envvar, neutral in _env_defaults():
+        if keyword not in ours and os.environ.get(envvar):
+            ours[keyword] = neutral
+    return ours
 
 
 def _reason(exc: BaseException) -> str:

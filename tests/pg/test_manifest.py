@@ -562,6 +562,31 @@ def test_connection_helpers(built: Built) -> None:
         assert conn.execute("SELECT current_setting('application_name')").fetchone() == ("pgplakar",)
 
 
+def test_worker_pg_environment_does_not_steer_our_connections(built: Built, monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path) -> None:
+    """The tools get an environment without the worker's PG* variables; in-process connections must behave the
+    same: each of these would otherwise redirect, refuse or alter our catalog connections."""
+    passfile = tmp_path / "pgpass"
+    passfile.write_text("*:*:*:*:wrong-password\n")
+    passfile.chmod(0o600)
+    for name, value in {
+        "PGOPTIONS": "-c statement_timeout=1 -c search_path=nowhere",
+        "PGAPPNAME": "hijacked",
+        "PGTARGETSESSIONATTRS": "read-only",  # a primary would be refused
+        "PGHOSTADDR": "192.0.2.1",  # TEST-NET-1: unroutable
+        "PGCLIENTENCODING": "LATIN1",
+        "PGPASSFILE": str(passfile),
+        "PGSSLMODE": "require",  # the test servers have no SSL
+        "PGCONNECT_TIMEOUT": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    with connect(built.options(), SslFiles(), built.db) as conn:
+        row = conn.execute("SELECT current_setting('application_name'), current_setting('statement_timeout'), "
+                           "current_setting('search_path'), current_setting('client_encoding'), "
+                           "pg_sleep(0.01)::text").fetchone()
+    assert row[:4] == ("pgplakar", "0", '"$user", public', "UTF8")
+
+
 def test_connect_error_names_target_but_never_the_password(built: Built) -> None:
     secret = built.db  # a password equal to the database name must not leak through the name either
     opts = built.options(built.roles["reader"], secret)
