@@ -53,6 +53,7 @@ __all__ = [
     "Archive",
     "BaseBackupError",
     "BaseBackupStream",
+    "CompressionUnsupported",
     "ReplicationConnection",
     "ReplicationRefused",
     "Tablespace",
@@ -67,6 +68,10 @@ _LSN_RE = re.compile(r"[0-9A-F]{1,8}/[0-9A-F]{1,8}")
 
 class BaseBackupError(PgError):
     """The replication connection, the slot or ``BASE_BACKUP`` failed; nothing may be committed."""
+
+
+class CompressionUnsupported(BaseBackupError):
+    """The server refused the COMPRESSION asked for (a build without that method); no backup was started."""
 
 
 class ReplicationRefused(BaseBackupError):
@@ -240,8 +245,10 @@ class ReplicationConnection:
         try:
             stream.start(f"BASE_BACKUP ({', '.join(compressed)})")
         except BaseBackupError as exc:
-            if compression is None or not fallback or "compression" not in str(exc):
+            if compression is None or "compression" not in str(exc):
                 raise
+            if not fallback:
+                raise CompressionUnsupported(str(exc)) from None
             log.info("the server cannot compress with %s (%s): streaming uncompressed", compression, exc)
             if self.slot is not None:
                 self.create_temporary_slot()

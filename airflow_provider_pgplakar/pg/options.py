@@ -354,12 +354,20 @@ class PhysicalSourceOptions(_Redactable):
             )
         if self.max_rate is not None:
             _check_int("max_rate", self.max_rate, MAX_RATE_MIN_KB, MAX_RATE_MAX_KB)
-        if self.server_compression not in (SERVER_COMPRESSION_AUTO, "none"):
-            parse_server_compression(self.server_compression)
+        self.compression_request()  # validates
 
     @property
     def scheme(self) -> str:
         return PHYSICAL
+
+    def compression_request(self) -> tuple[str | None, int | None, bool]:
+        """(method or None, level or None, fall back to uncompressed when the server lacks the method)."""
+        if self.server_compression == "none":
+            return None, None, False
+        if self.server_compression == SERVER_COMPRESSION_AUTO:
+            return "lz4", None, True
+        method, level = parse_server_compression(self.server_compression)
+        return method, level, False
 
 
 def parse_server_compression(value: str) -> tuple[str, int | None]:

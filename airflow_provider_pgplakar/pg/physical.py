@@ -45,11 +45,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import PgError
-from .basebackup import Archive, BaseBackupError, BaseBackupStream, ReplicationConnection, Tablespace
+from .basebackup import Archive, BaseBackupStream, CompressionUnsupported, ReplicationConnection, Tablespace
 from .connect import PgConnectError
 from .logical import Session
 from .manifest import ManifestError
-from .options import SERVER_COMPRESSION_AUTO, OptionError, PhysicalSourceOptions, parse_server_compression
+from .options import OptionError, PhysicalSourceOptions
 from .secrets import ssl_files
 from .tarstream import Member, TarFormatError, TarReader
 
@@ -74,8 +74,8 @@ DATA_PREFIX = "/data"
 TABLESPACES_PREFIX = "/tablespaces"
 BACKUP_MANIFEST_PATH = f"{DATA_PREFIX}/backup_manifest"
 # 32 pages of 8 KiB. Measured with bench/physical_bench.py (pgbench scale 50, clustered 1 % UPDATE; README table):
-# 128 KiB blocks made the full backup 10-15 % slower (per-blob work on 2 cores) for ~5 % fewer bytes in the second
-# backup; 64 KiB stored *more* after the change (small blocks compress worse), and 512 KiB re-stores too much.
+# 128 KiB blocks made the full backup as fast or up to 9 % slower (per-blob work on 2 cores) for ~3 % fewer bytes
+# in the second backup; 64 KiB stored *more* after the change (small blocks compress worse).
 RELATION_BLOCK_SIZE = 256 * 1024
 PROGRESS_EVERY_S = 30.0
 _RELATION_DIRS = ("base/", "global/")
@@ -183,21 +183,13 @@ def _copy_archives(w: Any, bb: BaseBackupStream, fixed: Any) -> int:
 
 def _start(repl: ReplicationConnection, opts: PhysicalSourceOptions, label: str) -> BaseBackupStream:
     """BASE_BACKUP with the server compression ``opts`` asks for (``auto``: lz4, falling back to none)."""
-    choice = opts.server_compression
-    if choice == "none":
-        method, level, fallback = None, None, False
-    elif choice == SERVER_COMPRESSION_AUTO:
-        method, level, fallback = "lz4", None, True
-    else:
-        (method, level), fallback = parse_server_compression(choice), False
+    method, level, fallback = opts.compression_request()
     try:
         return repl.base_backup(label=label, checkpoint=opts.checkpoint, max_rate=opts.max_rate,
                                 compression=method, level=level, fallback=fallback)
-    except BaseBackupError as exc:
-        if method is not None and not fallback and "compression" in str(exc):
-            raise OptionError("server_compression", f"the server refused {choice!r}: {exc} (use "
-                                                    "server_compression=auto or none)") from None
-        raise
+    except CompressionUnsupported as exc:
+        raise OptionError("server_compression", f"the server refused {opts.server_compression!r}: {exc} (use "
+                                                "server_compression=auto or none)") from None
 
 
 def _check_tablespaces(tablespaces: list[Tablespace]) -> None:

@@ -77,14 +77,12 @@ class _SessionSet:
         self.db.execute("BEGIN")
 
     def add_many(self, blob_ids: list[bytes]) -> set[bytes]:
-        """Record ``blob_ids``; return those new to this session (two statements per batch, not one per ID)."""
+        """Record ``blob_ids`` (at most a few thousand); return those new to this session, in one statement."""
         if not blob_ids:
             return set()
-        marks = ",".join("?" * len(blob_ids))
-        seen = {r[0] for r in self.db.execute(f"SELECT id FROM s WHERE id IN ({marks})", blob_ids)}  # noqa: S608
-        fresh = set(blob_ids) - seen
-        self.db.executemany("INSERT INTO s VALUES (?)", ((i,) for i in fresh))
-        return fresh
+        marks = ",".join(["(?)"] * len(blob_ids))
+        sql = f"INSERT INTO s VALUES {marks} ON CONFLICT DO NOTHING RETURNING id"  # noqa: S608 - placeholders
+        return {r[0] for r in self.db.execute(sql, blob_ids)}
 
     def close(self) -> None:
         self.db.close()
@@ -160,7 +158,7 @@ class BlobSink:
         (relation files) the caller only reads and submits, so one Python thread is no longer the bottleneck and
         GIL hand-offs happen per batch instead of several times per blob (measured: the physical backup's main
         thread spent most of its time waiting to get the GIL back after each BLAKE3 call and SQLite lookup).
-        The sink keeps no reference to ``blocks`` once the future is done: the caller may then reuse them.
+        The blocks must not change until the future is done.
         """
         self._raise_if_failed()
         self._slots.acquire()

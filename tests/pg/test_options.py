@@ -335,15 +335,17 @@ def test_bin_checkpoint_fast() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "stored", "parsed"),
-    [(None, "auto", None), ("auto", "auto", None), ("none", "none", None), ("lz4", "lz4", ("lz4", None)),
-     ("ZSTD", "zstd", ("zstd", None)), ("zstd:19", "zstd:19", ("zstd", 19)), (" lz4:1 ", "lz4:1", ("lz4", 1))],
+    ("text", "stored", "wanted"),
+    [(None, "auto", ("lz4", None, True)), ("auto", "auto", ("lz4", None, True)), ("none", "none", (None, None, False)),
+     ("lz4", "lz4", ("lz4", None, False)), ("ZSTD", "zstd", ("zstd", None, False)),
+     ("zstd:19", "zstd:19", ("zstd", 19, False)), (" lz4:1 ", "lz4:1", ("lz4", 1, False))],
 )
-def test_bin_server_compression(text: str | None, stored: str, parsed: tuple | None) -> None:
+def test_bin_server_compression(text: str | None, stored: str, wanted: tuple) -> None:
     opts = parse_source_options("postgres+bin://h", {} if text is None else {"server_compression": text})
     assert opts.server_compression == stored
-    if parsed is not None:
-        assert parse_server_compression(stored) == parsed
+    assert opts.compression_request() == wanted
+    if wanted[0] is not None and stored != "auto":
+        assert parse_server_compression(stored) == wanted[:2]
 
 
 @pytest.mark.parametrize(

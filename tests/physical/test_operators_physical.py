@@ -69,7 +69,8 @@ def test_base_backup_and_restore_operators(pg_factory, pg_manager, tmp_path, mon
         assert store.snapshot_ids() == [sid]
     assert header["source"]["kind"] == "postgres+bin" and header["tags"] == ["weekly"]
     assert header["labels"]["task_id"] == "base_backup" and header["meta"]["options"]["checkpoint"] == "fast"
-    assert header["meta"]["options"]["server_compression"] == "zstd:2" and header["meta"]["server_compression"] == "zstd"
+    assert header["meta"]["options"]["server_compression"] == "zstd:2"
+    assert header["meta"]["server_compression"] == "zstd"
     assert src.password not in json.dumps(header, default=repr)
 
     target = scratch_dir(pg_manager, "op-restore")
