@@ -49,10 +49,12 @@ _VERSION = re.compile(r"\)\s+(\d+)")
 _PSQL_ERROR = re.compile(r"^(?:psql:.*?:\d+: )?(?:ERROR|FATAL):\s+(.*)")
 _PSQL_STATEMENT = re.compile(r"^(?:psql:.*?:\d+: )?STATEMENT:\s+(.*)")
 GLOBALS_ERRORS_NAMED = 10  # failed statements named in the summary; all are counted
+_PASSWORD_ECHOED = re.compile(r" PASSWORD '(?:[^']|'')*(?:'|$)")  # also when the echoed line was cut
 # pg_restore --list entries: "ID; TABLEOID OID DESC SCHEMA NAME OWNER" (DESC may be several words)
 _TOC_ENTRY = re.compile(r"^\d+; \d+ \d+ (.+)$")
 # what pg_restore --table selects ("table" includes views, materialized views, sequences and foreign tables)
 _TABLE_DESCS = ("TABLE", "VIEW", "MATERIALIZED VIEW", "SEQUENCE", "FOREIGN TABLE")
+_NOT_RELATIONS = ("TABLE DATA ", "TABLE ATTACH ", "SEQUENCE SET ", "SEQUENCE OWNED BY ")  # about a relation
 _SCHEMA_MEMBER_DESCS = _TABLE_DESCS + ("TABLE DATA", "FUNCTION", "PROCEDURE", "AGGREGATE", "TYPE", "DOMAIN",
                                        "INDEX", "CONSTRAINT", "SEQUENCE SET", "COLLATION", "OPERATOR")
 
@@ -119,7 +121,7 @@ def script_errors(lines: Iterable[str], keep: int = GLOBALS_ERRORS_NAMED) -> Scr
                 pending = m.group(1).strip()
                 out.named.append(f"({pending})")
         elif pending is not None and (m := _PSQL_STATEMENT.match(line)):
-            statement = _PASSWORD.sub(" PASSWORD '…'", m.group(1).strip())
+            statement = _PASSWORD_ECHOED.sub(" PASSWORD '…'", m.group(1).strip())
             out.named[-1] = f"{statement[:200]} ({pending})"
             pending = None
     return out
@@ -268,7 +270,8 @@ def _restore_globals(store: Any, s: Session, rec: dict, opts: RestoreOptions, mi
     except (ToolFailed, PgError) as e:
         # psql echoes failed statements (--echo-errors): name them redacted, never its raw stderr (password hashes)
         named = found[0] if found and found[0].count else None
-        detail = f"psql stopped (exit_on_error): {named.text()}" if named else _PASSWORD.sub(" PASSWORD '…'", str(e))
+        detail = (f"psql stopped (exit_on_error): {named.text()}" if named
+                  else _PASSWORD_ECHOED.sub(" PASSWORD '…'", str(e)))
         summary.results.append(RecordResult(rec["p"], None, "failed", detail))
         if opts.exit_on_error:
             raise RestoreFailed(summary) from None
@@ -350,28 +353,39 @@ def _toc_matches(store: Any, s: Session, rec: dict, tool: str, tables: tuple[str
         feeder = threading.Thread(target=_feed, args=(src.iter_chunks(), proc.stdin, errors), daemon=True)
         feeder.start()
         while line := proc.stdout.readline(4096):
-            m = _TOC_ENTRY.match(line.decode("utf-8", "replace").rstrip("\n"))
-            if not m:
-                continue
-            entry = m.group(1)
-            desc = next((d for d in _TABLE_DESCS if entry.startswith(d + " ")), None)
-            if desc is not None and not entry.startswith(("TABLE DATA ", "SEQUENCE SET ")):
-                rest = entry[len(desc) + 1:]  # "SCHEMA NAME OWNER"
-                for t in tables:
-                    if (any(rest.startswith(f"{n} {t} ") for n in schemas) if schemas else f" {t} " in rest):
-                        found_tables.add(t)
-                if len(sample) < sample_size:
-                    sample.append(rest.rsplit(" ", 1)[0].replace(" ", ".", 1))
-            for n in schemas:
-                if entry.startswith(f"SCHEMA - {n} ") or any(entry.startswith(f"{d} {n} ")
-                                                              for d in _SCHEMA_MEMBER_DESCS):
-                    found_schemas.add(n)
+            relation = toc_match(line.decode("utf-8", "replace").rstrip("\n"), tables, schemas, found_tables,
+                                 found_schemas)
+            if relation and len(sample) < sample_size:
+                sample.append(relation)
         feeder.join()
         if errors:
             proc.kill()
             raise errors[0]
         proc.finish()
     return found_tables, found_schemas, sample
+
+
+def toc_match(line: str, tables: tuple[str, ...], schemas: tuple[str, ...], found_tables: set[str],
+              found_schemas: set[str]) -> str | None:
+    """Add the ``tables``/``schemas`` that one ``pg_restore --list`` line selects to the found sets; return the
+    line's relation as ``schema.name`` when it is one (for the error's examples; names are printed raw, so one
+    with spaces is shown as ``schema name``)."""
+    m = _TOC_ENTRY.match(line)
+    if not m:
+        return None
+    entry = m.group(1)
+    for n in schemas:
+        if entry.startswith(f"SCHEMA - {n} ") or any(entry.startswith(f"{d} {n} ") for d in _SCHEMA_MEMBER_DESCS):
+            found_schemas.add(n)
+    desc = next((d for d in _TABLE_DESCS if entry.startswith(d + " ")), None)
+    if desc is None or entry.startswith(_NOT_RELATIONS):
+        return None
+    rest = entry[len(desc) + 1:]  # "SCHEMA NAME OWNER"
+    for t in tables:
+        if any(rest.startswith(f"{n} {t} ") for n in schemas) if schemas else f" {t} " in rest:
+            found_tables.add(t)
+    parts = rest.split(" ")
+    return f"{parts[0]}.{parts[1]}" if len(parts) == 3 else " ".join(parts[:-1])  # spaces make it ambiguous
 
 
 def _create_schemas(s: Session, database: str, schemas: tuple[str, ...]) -> None:

@@ -10,7 +10,7 @@ import pytest
 from airflow_provider_pgplakar.pg import OptionError
 from airflow_provider_pgplakar.pg.options import parse_restore_options
 from airflow_provider_pgplakar.pg.process import STDERR_TAIL, run_tool
-from airflow_provider_pgplakar.pg.restore import GLOBALS_ERRORS_NAMED, script_errors
+from airflow_provider_pgplakar.pg.restore import GLOBALS_ERRORS_NAMED, script_errors, toc_match
 
 
 def test_all_errors_counted_beyond_the_tail_and_first_named() -> None:
@@ -54,3 +54,35 @@ def test_ignore_globals_errors_option() -> None:
     with pytest.raises(OptionError) as err:
         parse_restore_options("postgres://u:p@h/", {"ignore_globals_errors": "maybe"})
     assert err.value.option == "ignore_globals_errors"
+
+
+# pg_restore --list lines as PostgreSQL 15 prints them (names with spaces are printed raw)
+TOC = [
+    ";     dbname: t1",
+    "6; 2615 16390 SCHEMA - my schema postgres",
+    "216; 1259 16391 TABLE my schema a table postgres",
+    "215; 1259 16387 TABLE public items postgres",
+    "217; 1259 16394 VIEW public v postgres",
+    "218; 1259 16395 SEQUENCE public items_id_seq postgres",
+    "219; 0 0 SEQUENCE OWNED BY public items_id_seq postgres",
+    "3349; 0 16391 TABLE DATA my schema a table postgres",
+    "3350; 0 16396 TABLE DATA public orphan postgres",  # data only: not a relation pg_restore --table selects
+]
+
+
+@pytest.mark.parametrize(
+    ("tables", "schemas", "want_tables", "want_schemas"),
+    [
+        (("items", "v", "items_id_seq", "a table"), (), {"items", "v", "items_id_seq", "a table"}, set()),
+        (("nosuch", "orphan", "public", "postgres"), (), set(), set()),
+        (("items", "a table"), ("my schema",), {"a table"}, {"my schema"}),  # pg_restore: -t within -n
+        ((), ("public", "my schema", "nosuch"), set(), {"public", "my schema"}),
+    ],
+)
+def test_toc_match(tables: tuple[str, ...], schemas: tuple[str, ...], want_tables: set[str],
+                   want_schemas: set[str]) -> None:
+    found_tables: set[str] = set()
+    found_schemas: set[str] = set()
+    relations = [toc_match(line, tables, schemas, found_tables, found_schemas) for line in TOC]
+    assert (found_tables, found_schemas) == (want_tables, want_schemas)
+    assert [r for r in relations if r] == ["my schema a table", "public.items", "public.v", "public.items_id_seq"]
