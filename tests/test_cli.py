@@ -332,6 +332,36 @@ def test_passphrase_file(cli: Cli, src: Path, tmp_path: Path) -> None:
     assert "cannot read passphrase file" in cli.fails(1, "ls", "--passphrase-file", str(tmp_path / "missing"))
 
 
+def test_forget_keep_within_counts_months(created: Cli, tmp_path: Path) -> None:
+    """``--keep-within 6m`` is six months, as in restic (it used to be six minutes and forgot five months of data)."""
+    import pendulum
+
+    from airflow_provider_pgplakar.store.repo import Store
+
+    times = ["2025-10-01T00:00:00+00:00", "2025-11-15T00:00:00+00:00", "2026-03-01T00:00:00+00:00",
+             "2026-04-30T23:00:00+00:00", "2026-05-01T00:00:00+00:00"]
+    ids = {}
+    with Store.open(created.location, PASSPHRASE, cache_dir=tmp_path / "inproc-cache") as st:
+        for t in times:
+            with st.writer(source={"kind": "test", "origin": "months"}) as w:
+                w._start = pendulum.parse(t)  # a snapshot taken at t (the writer's start time, set on entering)
+                w.add_bytes("/f", t.encode())
+            ids[w.snapshot_id] = t
+    plan = created.json("forget", "--keep-within", "6m", "--dry-run")
+    # newest 2026-05-01: six calendar months back is 2025-11-01, so only 2025-10-01 goes
+    assert [ids[i] for i in plan["removed"]] == ["2025-10-01T00:00:00+00:00"]
+    [group] = plan["groups"]
+    assert sorted(ids[k["id"]] for k in group["keep"]) == times[1:]
+    assert all(k["reasons"] == ["within 6m"] for k in group["keep"])
+    assert len(created.json("ls")) == 5  # a dry run removes nothing
+    result = created.json("forget", "--keep-within", "1y")
+    assert result["removed"] == [] and len(created.json("ls")) == 5
+    for bad in ("6 months", "6M", "", "30s"):
+        line = created.fails(2, "forget", "--keep-within", bad)
+        assert line.startswith("pgplakar: usage: --keep-within: ") and "m months" in line, line
+    assert len(created.json("ls")) == 5
+
+
 # -- snapshot references -----------------------------------------------------------------------------------------------
 @pytest.fixture
 def twin_prefixes(created: Cli, tmp_path: Path) -> Iterator[tuple[Cli, list[str]]]:

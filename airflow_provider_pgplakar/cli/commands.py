@@ -242,9 +242,10 @@ def cmd_check(location: str, args: argparse.Namespace) -> int:
 
 
 def cmd_forget(location: str, args: argparse.Namespace) -> int:
+    within = parse_duration(args.keep_within) if args.keep_within is not None else None  # refused before opening
     st = _open(location, args)
     policy_given = any(getattr(args, f"keep_{r}") for r in ("last", "hourly", "daily", "weekly", "monthly", "yearly"))
-    policy_given = policy_given or bool(args.keep_within or args.keep_tag)
+    policy_given = policy_given or within is not None or bool(args.keep_tag)
     if args.ids and policy_given:
         raise UsageError("give snapshot IDs or a --keep-* policy, not both")
     if not args.ids and not policy_given:
@@ -256,7 +257,7 @@ def cmd_forget(location: str, args: argparse.Namespace) -> int:
         policy = Policy(
             keep_last=args.keep_last, keep_hourly=args.keep_hourly, keep_daily=args.keep_daily,
             keep_weekly=args.keep_weekly, keep_monthly=args.keep_monthly, keep_yearly=args.keep_yearly,
-            keep_within=parse_duration(args.keep_within) if args.keep_within else None,
+            keep_within=within,
             keep_tags=tuple(args.keep_tag), tz=args.tz,
         )
         decisions = plan_forget(st, policy, parse_group_by(args.group_by))

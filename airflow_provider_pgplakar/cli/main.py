@@ -11,11 +11,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import Any
 
 from ..pg import PgError
 from ..store.errors import StoreError
+from ..store.retention import DURATION_HELP, Duration
+from ..store.retention import parse_duration as retention_duration
 
 DEFAULT_STORE = os.path.join(os.path.expanduser("~"), ".pgplakar")
 
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="*", metavar="SNAPSHOT")
     for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
         p.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N", help=f"keep N {rule} snapshots (-1: all)")
-    p.add_argument("--keep-within", metavar="DURATION", help="keep everything newer than e.g. 7d, 12h, 1d12h")
+    p.add_argument("--keep-within", metavar="DURATION", help="keep everything within DURATION of the group's newest "
+                   "snapshot, restic's units: y, m (months), w, d, h, e.g. 6m, 1y6m, 7d12h")
     p.add_argument("--keep-tag", action="append", default=[], help="keep snapshots with this tag")
     p.add_argument("--group-by", default="source,labels", help="source,labels | label:NAME,... | '' for one group")
     p.add_argument("--tz", default="UTC", help="time zone of calendar buckets (default UTC)")
@@ -181,15 +183,12 @@ def _one_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
-def parse_duration(text: str) -> timedelta:
-    """``7d``, ``12h``, ``1d12h30m``, ``2w``, ``1y`` (365 days)."""
-    import re
-
-    units = {"y": 365 * 86400, "w": 7 * 86400, "d": 86400, "h": 3600, "m": 60}
-    parts = re.fullmatch(r"((\d+)[ywdhm])+", text or "")
-    if not parts:
-        raise UsageError(f"--keep-within: bad duration {text!r} (e.g. 7d, 12h, 1d12h)")
-    return timedelta(seconds=sum(int(n) * units[u] for n, u in re.findall(r"(\d+)([ywdhm])", text)))
+def parse_duration(text: str) -> Duration:
+    """``--keep-within`` in restic's units (``6m`` is six months); see store/retention.py."""
+    try:
+        return retention_duration(text)
+    except ValueError as e:
+        raise UsageError(f"--keep-within: {text!r} is not a duration ({DURATION_HELP})") from e
 
 
 def parse_kv(items: list[str], what: str = "option") -> dict[str, str]:

@@ -122,7 +122,7 @@ class PgPlakarRestoreOperator(_PgPlakarOperator):
     :param snapshot_id: templated: e.g. ``{{ ti.xcom_pull(task_ids='backup') }}`` or ``backup_task.output``.
     :param options: destination options with the seed's names (``database``, ``databases``, ``clean``,
         ``recreate``, ``no_globals``, ``no_owner``, ``schema_only``, ``data_only``, ``exit_on_error``,
-        ``pg_bin_dir``, ``tables``, ``schemas``, ``jobs``, ``ssl_*``); templated.
+        ``ignore_globals_errors``, ``pg_bin_dir``, ``tables``, ``schemas``, ``jobs``, ``ssl_*``); templated.
     Returns the restore summary (a small dict) for downstream checks.
     """
 

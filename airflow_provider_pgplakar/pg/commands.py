@@ -24,6 +24,7 @@ __all__ = [
     "pg_dump",
     "pg_dumpall_globals",
     "pg_restore",
+    "pg_restore_list",
     "psql_script",
 ]
 
@@ -141,13 +142,20 @@ def pg_restore(
     return argv
 
 
+def pg_restore_list(tool: str) -> list[str]:
+    """``pg_restore --list`` of a custom-format archive on stdin: its table of contents, no server involved."""
+    return [tool, "--list"]
+
+
 def psql_script(tool: str, database: str, *, exit_on_error: bool, script: str | None = None) -> list[str]:
     """``psql`` running a SQL script (the globals) from ``script`` or stdin (None).
 
     ``-X`` ignores the invoking user's ``~/.psqlrc``, which could change behaviour (the reference honoured it).
-    ``ON_ERROR_STOP`` is always explicit: without it psql exits 0 even when statements fail.
+    ``ON_ERROR_STOP`` is always explicit: without it psql exits 0 even when statements fail, so ``--echo-errors``
+    puts each failed statement on stderr after its error, for the caller to count and name.
     """
-    argv = [tool, "-X", "--no-password", "-v", f"ON_ERROR_STOP={1 if exit_on_error else 0}", _dbname(database)]
+    argv = [tool, "-X", "--no-password", "--echo-errors", "-v", f"ON_ERROR_STOP={1 if exit_on_error else 0}",
+            _dbname(database)]
     if script is not None:
         _check_name("script path", script)
         argv.append(f"--file={script}")

@@ -11,6 +11,11 @@ Differences from the reference, on purpose:
   (a ``/`` made nested paths in the reference) and the exact name is kept in the record's metadata.
 - ``template1`` and ``postgres`` are dumped like any database (they can hold user objects); restore never drops
   them (see :mod:`.restore`). ``template0`` is never dumped (it does not accept connections).
+- In a whole-cluster backup, a database dropped between listing and dumping (a scratch database, a removed tenant)
+  is skipped with a warning recorded in the snapshot header (``meta.warnings``, ``meta.skipped_databases``), instead
+  of failing the backup. It is concluded only when pg_dump fails before writing a byte with the server's "database
+  ... does not exist" *and* the database is gone from ``pg_database`` on a re-check; any other failure fails.
+- ``exclude_databases`` naming a database the server does not have is a warning (a typo excludes nothing).
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from typing import Any
 
 from . import PgError, commands
 from .iam import password_source
-from .options import LogicalSourceOptions
-from .process import run_tool
+from .options import AWS_DEFAULT_EXCLUDES, LogicalSourceOptions
+from .process import ToolFailed, run_tool
 from .secrets import SslFiles, libpq_env, ssl_files
 from .tools import Tool, find_tool
 
@@ -117,10 +122,15 @@ def logical_backup(
         with s.connect(opts.database or "postgres") as c:
             server_num = server_version_num(c)
             all_dbs = list_databases(c)
+            unknown_excludes = _unknown_databases(c, opts.exclude_databases or ())
             authid_ok = can_read_pg_authid(c) if not (opts.data_only or manifest_only) else True
         major = server_num // 10000
         selected = _select(all_dbs, opts)
         warnings: list[str] = []
+        if unknown_excludes:
+            warnings.append(f"exclude_databases: {', '.join(map(repr, unknown_excludes))} not on the server "
+                            "(nothing excluded for it: check the spelling)")
+            log.warning("%s", warnings[-1])
         tool_versions: dict[str, str] = {}
         if not manifest_only:
             for name in ("pg_dump",) + (() if opts.data_only else ("pg_dumpall",)):
@@ -132,7 +142,9 @@ def logical_backup(
         manifest = _manifest(s, opts, selected, tool_versions, manifest_only, authid_ok, dict(labels or {}))
         source = {"kind": "postgres-manifest" if manifest_only else "postgres",
                   "origin": opts.conn.redacted_uri(opts.scheme, opts.database)}
-        meta = {"server_version_num": server_num, "databases": selected, "tool_versions": tool_versions,
+        dumped = list(selected)  # minus databases dropped before their dump (the header is written at commit)
+        skipped: list[str] = []
+        meta = {"server_version_num": server_num, "databases": dumped, "tool_versions": tool_versions,
                 "options": _option_summary(opts), "warnings": warnings}
         with store.writer(source=source, tags=tags, labels=dict(labels or {}), meta=meta,
                           idempotency_key=idempotency_key) as w:
@@ -147,21 +159,62 @@ def logical_backup(
                 for n, db in enumerate(selected, 1):
                     argv = commands.pg_dump(dump_tool, db, compress=opts.compress, schema_only=opts.schema_only,
                                             data_only=opts.data_only)
-                    _stream(w, s, dump_path(n, db), argv,
-                            {"type": "dump", "database": db, "format": "custom", "tool": tool_versions["pg_dump"]})
+                    gone = None if opts.database is not None else (lambda e, db=db: _vanished(s, db, e))
+                    if not _stream(w, s, dump_path(n, db), argv, {"type": "dump", "database": db,
+                                   "format": "custom", "tool": tool_versions["pg_dump"]}, skip_if=gone):
+                        dumped.remove(db)
+                        skipped.append(db)
+                        meta["skipped_databases"] = skipped
+                        warnings.append(f"database {db!r} was dropped after it was listed: skipped")
+                        log.warning("%s", warnings[-1])
         snap_id = w.snapshot_id
         total = store.load_snapshot(snap_id).header["stats"]["bytes"]
-        return BackupResult(snap_id, selected, warnings, w.already_existed, total)
+        return BackupResult(snap_id, dumped, warnings, w.already_existed, total)
 
 
-def _stream(w: Any, s: Session, path: str, argv: list[str], meta: dict[str, Any]) -> None:
+def _unknown_databases(conn: Any, names: tuple[str, ...]) -> list[str]:
+    """Names in ``exclude_databases`` that ``pg_database`` does not have (the implicit RDS default excepted)."""
+    wanted = [n for n in names if n not in AWS_DEFAULT_EXCLUDES]
+    if not wanted:
+        return []
+    rows = conn.execute("SELECT datname::text FROM pg_catalog.pg_database WHERE datname = ANY(%s)", (wanted,))
+    present = {r[0] for r in rows}
+    return [n for n in wanted if n not in present]
+
+
+def _vanished(s: Session, database: str, error: ToolFailed) -> bool:
+    """pg_dump could not connect because ``database`` does not exist, and a re-check confirms it is gone.
+
+    The message is the server's (``lc_messages``): a translated one does not match and the backup fails, the safe
+    way. The re-check makes a misleading message (e.g. a database of that name inside a connection string) moot.
+    """
+    if f'database "{database}" does not exist' not in error.stderr:
+        return False
+    with s.connect("postgres") as c:
+        row = c.execute("SELECT count(*) FROM pg_catalog.pg_database WHERE datname = %s", (database,)).fetchone()
+    return row[0] == 0
+
+
+def _stream(w: Any, s: Session, path: str, argv: list[str], meta: dict[str, Any],
+            skip_if: Callable[[ToolFailed], bool] | None = None) -> bool:
+    """Stream a tool's stdout into ``path``; False (nothing recorded) when the tool failed before writing a byte
+    and ``skip_if`` accepts its failure."""
     log.info("%s: running %s", path, argv[0].rsplit("/", 1)[-1])
     with run_tool(argv, s.env()) as tool:
+        if skip_if is not None and not tool.stdout.peek(1):  # EOF before any output: see why before recording
+            try:
+                tool.finish()
+            except ToolFailed as e:
+                if skip_if(e):
+                    log.warning("%s: %s", path, e)
+                    return False
+                raise
         info = w.add_stream(path, tool.stdout, mode=0o444, meta=meta)
         warnings = tool.finish()
     if warnings.strip():
         log.info("%s: %s", tool.name, warnings.strip())
     log.info("%s: %.1f MiB", path, info.size / 2**20)
+    return True
 
 
 def _option_summary(opts: LogicalSourceOptions) -> dict[str, Any]:

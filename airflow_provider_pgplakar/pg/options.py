@@ -88,6 +88,7 @@ _RESTORE_KEYS = _CONN_KEYS | {
     "schema_only",
     "data_only",
     "exit_on_error",
+    "ignore_globals_errors",
     "tables",
     "schemas",
     "jobs",
@@ -409,6 +410,7 @@ class RestoreOptions(_Redactable):
     schema_only: bool = False
     data_only: bool = False
     exit_on_error: bool = False
+    ignore_globals_errors: bool = False
     pg_bin_dir: str | None = None
     tables: tuple[str, ...] = ()
     schemas: tuple[str, ...] = ()
@@ -419,7 +421,7 @@ class RestoreOptions(_Redactable):
         _check_optional_text("database", self.database, what="database name")
         for name, what in (("databases", "database name"), ("tables", "table name"), ("schemas", "schema name")):
             object.__setattr__(self, name, _names_tuple(name, getattr(self, name), what=what))
-        for name in ("clean", "recreate", "no_globals", "no_owner", "exit_on_error"):
+        for name in ("clean", "recreate", "no_globals", "no_owner", "exit_on_error", "ignore_globals_errors"):
             _check_bool(name, getattr(self, name))
         _check_exclusive(self.schema_only, self.data_only)
         _check_int("jobs", self.jobs, 1, None)
@@ -668,7 +670,8 @@ def parse_restore_options(location: str, options: Mapping[str, str] | None = Non
     opts = _check_keys(f"{loc.scheme}:// restore", options or {})
     flags = {
         name: _parse_bool(name, opts.get(name, "false"))
-        for name in ("clean", "recreate", "no_globals", "no_owner", "schema_only", "data_only", "exit_on_error")
+        for name in ("clean", "recreate", "no_globals", "no_owner", "schema_only", "data_only", "exit_on_error",
+                     "ignore_globals_errors")
     }
     if flags["recreate"] and loc.database is not None and "database" not in opts:
         raise OptionError(

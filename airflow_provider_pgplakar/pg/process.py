@@ -82,6 +82,16 @@ class Tool:
     def stderr_text(self) -> str:
         return _tail(self._err)
 
+    def stderr_lines(self, max_len: int = 1000) -> Iterator[str]:
+        """Every line the tool wrote to stderr, from the first (not only the tail), each cut to ``max_len`` bytes so
+        memory stays bounded however much it wrote; valid until the ``run_tool`` block ends."""
+        self._err.seek(0)
+        while line := self._err.readline(max_len):
+            if not line.endswith(b"\n"):  # cut: skip the rest of this line
+                while (more := self._err.readline(65536)) and not more.endswith(b"\n"):
+                    pass
+            yield line.rstrip(b"\r\n").decode("utf-8", "replace")
+
     def finish(self) -> str:
         """Wait for exit; raise :class:`ToolFailed` unless it exited 0. Returns the stderr tail (warnings)."""
         for stream in (self.proc.stdin, self.proc.stdout):

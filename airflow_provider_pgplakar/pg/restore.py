@@ -13,7 +13,9 @@ Policy beyond the reference:
 - Contradictions are refused before anything runs (see :class:`RestoreOptions`), and so is pouring every dump of a
   multi-database snapshot into one ``database`` without a ``databases`` filter.
 - Every record gets a result; the summary lists what was restored and what failed, and any failure raises
-  :class:`RestoreFailed` after the rest was attempted (or at once with ``exit_on_error``).
+  :class:`RestoreFailed` after the rest was attempted (or at once with ``exit_on_error``). A globals script with
+  failing statements is a failed record (psql itself exits 0): its statements are counted over psql's whole stderr
+  and the first few are named, unless ``ignore_globals_errors`` accepts them (they are still named).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -43,6 +45,18 @@ _CREATE_ROLE = re.compile(rf"^CREATE ROLE {_IDENT};\s*$")
 _ALTER_ROLE = re.compile(rf"^ALTER ROLE {_IDENT} WITH ")
 _PASSWORD = re.compile(r" PASSWORD '(?:[^']|'')*'")
 _VERSION = re.compile(r"\)\s+(\d+)")
+# psql's messages with --echo-errors: "ERROR:  ..." then "STATEMENT:  ..." (prefixed psql:FILE:LINE: with --file)
+_PSQL_ERROR = re.compile(r"^(?:psql:.*?:\d+: )?(?:ERROR|FATAL):\s+(.*)")
+_PSQL_STATEMENT = re.compile(r"^(?:psql:.*?:\d+: )?STATEMENT:\s+(.*)")
+GLOBALS_ERRORS_NAMED = 10  # failed statements named in the summary; all are counted
+_PASSWORD_ECHOED = re.compile(r" PASSWORD '(?:[^']|'')*(?:'|$)")  # also when the echoed line was cut
+# pg_restore --list entries: "ID; TABLEOID OID DESC SCHEMA NAME OWNER" (DESC may be several words)
+_TOC_ENTRY = re.compile(r"^\d+; \d+ \d+ (.+)$")
+# what pg_restore --table selects ("table" includes views, materialized views, sequences and foreign tables)
+_TABLE_DESCS = ("TABLE", "VIEW", "MATERIALIZED VIEW", "SEQUENCE", "FOREIGN TABLE")
+_NOT_RELATIONS = ("TABLE DATA ", "TABLE ATTACH ", "SEQUENCE SET ", "SEQUENCE OWNED BY ")  # about a relation
+_SCHEMA_MEMBER_DESCS = _TABLE_DESCS + ("TABLE DATA", "FUNCTION", "PROCEDURE", "AGGREGATE", "TYPE", "DOMAIN",
+                                       "INDEX", "CONSTRAINT", "SEQUENCE SET", "COLLATION", "OPERATOR")
 
 
 @dataclass
@@ -80,6 +94,37 @@ class RestoreFailed(PgError):
         failed = [r for r in summary.results if r.status == "failed"]
         super().__init__(f"{len(failed)} of {len(summary.results)} record(s) failed to restore: "
                          + "; ".join(f"{r.path}: {r.detail}" for r in failed))
+
+
+@dataclass
+class ScriptErrors:
+    """Failed statements of a psql script: all counted, the first ``GLOBALS_ERRORS_NAMED`` named."""
+
+    count: int = 0
+    named: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        more = self.count - len(self.named)
+        return (f"{self.count} statement(s) failed: " + "; ".join(self.named)
+                + (f"; and {more} more" if more > 0 else ""))
+
+
+def script_errors(lines: Iterable[str], keep: int = GLOBALS_ERRORS_NAMED) -> ScriptErrors:
+    """Count psql's ``ERROR:`` lines and name the first ``keep`` as ``statement (error)``; passwords redacted."""
+    out = ScriptErrors()
+    pending: str | None = None  # the last kept error, waiting for its STATEMENT line
+    for line in lines:
+        if m := _PSQL_ERROR.match(line):
+            out.count += 1
+            pending = None
+            if len(out.named) < keep:
+                pending = m.group(1).strip()
+                out.named.append(f"({pending})")
+        elif pending is not None and (m := _PSQL_STATEMENT.match(line)):
+            statement = _PASSWORD_ECHOED.sub(" PASSWORD '…'", m.group(1).strip())
+            out.named[-1] = f"{statement[:200]} ({pending})"
+            pending = None
+    return out
 
 
 def _unquote_ident(ident: str) -> str:
@@ -126,8 +171,10 @@ def _feed(src: Iterator[bytes], dst: IO[bytes], errors: list[BaseException]) -> 
             pass
 
 
-def _run_with_input(argv: list[str], env: dict[str, str], chunks: Iterator[bytes]) -> str:
-    """Run a tool feeding ``chunks`` to its stdin from a thread; raise on a failed tool or a failed read."""
+def _run_with_input(argv: list[str], env: dict[str, str], chunks: Iterator[bytes],
+                    on_stderr: Callable[[Iterator[str]], Any] | None = None) -> str:
+    """Run a tool feeding ``chunks`` to its stdin from a thread; raise on a failed tool or a failed read.
+    ``on_stderr`` gets every stderr line (bounded per line) once the tool has exited, before it is closed."""
     import subprocess
 
     errors: list[BaseException] = []
@@ -138,7 +185,11 @@ def _run_with_input(argv: list[str], env: dict[str, str], chunks: Iterator[bytes
         if errors:
             tool.kill()
             raise errors[0]
-        return tool.finish()
+        try:
+            return tool.finish()
+        finally:
+            if on_stderr is not None:
+                on_stderr(tool.stderr_lines())
 
 
 def _archive_major(meta: dict[str, Any]) -> int:
@@ -191,6 +242,7 @@ def logical_restore(store: Any, snapshot_id: str, opts: RestoreOptions, *, passw
             existing_roles = {r[0] for r in c.execute("SELECT rolname FROM pg_roles")}
             login_role = c.execute("SELECT current_user").fetchone()[0]
         archive_major = max([_archive_major(r.get("x") or {}) for r, _ in dumps] + [0])
+        _check_selectors(store, s, dumps, opts, max(major, archive_major))  # before any globals, DROP or restore
         if globals_rec is not None and not opts.no_globals and not opts.data_only:
             _restore_globals(store, s, globals_rec, opts, max(major, archive_major), existing_roles, login_role,
                              summary)
@@ -208,18 +260,34 @@ def logical_restore(store: Any, snapshot_id: str, opts: RestoreOptions, *, passw
 def _restore_globals(store: Any, s: Session, rec: dict, opts: RestoreOptions, min_major: int,
                      existing_roles: set[str], login_role: str, summary: RestoreSummary) -> None:
     psql = str(s.tool("psql", min_major).path)
-    argv = commands.psql_script(psql, "postgres", exit_on_error=opts.exit_on_error)
+    stop = opts.exit_on_error and not opts.ignore_globals_errors
+    argv = commands.psql_script(psql, "postgres", exit_on_error=stop)
+    found: list[ScriptErrors] = []
     try:
         with store.open_record(rec) as src:
-            warnings = _run_with_input(argv, s.env(), _filtered_globals(src.iter_chunks(), existing_roles, login_role))
+            _run_with_input(argv, s.env(), _filtered_globals(src.iter_chunks(), existing_roles, login_role),
+                            on_stderr=lambda lines: found.append(script_errors(lines)))
     except (ToolFailed, PgError) as e:
-        summary.results.append(RecordResult(rec["p"], None, "failed", str(e)))
+        # psql echoes failed statements (--echo-errors): name them redacted, never its raw stderr (password hashes)
+        named = found[0] if found and found[0].count else None
+        detail = (f"psql stopped (exit_on_error): {named.text()}" if named
+                  else _PASSWORD_ECHOED.sub(" PASSWORD '…'", str(e)))
+        summary.results.append(RecordResult(rec["p"], None, "failed", detail))
         if opts.exit_on_error:
-            raise RestoreFailed(summary) from e
+            raise RestoreFailed(summary) from None
         return
-    errors = [ln for ln in warnings.splitlines() if "ERROR:" in ln]
-    detail = f"{len(errors)} statement(s) failed, first: {errors[0].strip()}" if errors else ""
-    summary.results.append(RecordResult(rec["p"], None, "restored", detail))
+    errors = found[0] if found else ScriptErrors()
+    if not errors.count:
+        summary.results.append(RecordResult(rec["p"], None, "restored"))
+    elif opts.ignore_globals_errors:
+        detail = f"{errors.text()} (ignored: ignore_globals_errors=true)"
+        log.warning("%s: %s", rec["p"], detail)
+        summary.results.append(RecordResult(rec["p"], None, "restored", detail))
+    else:
+        detail = f"{errors.text()} (set ignore_globals_errors=true to accept them)"
+        summary.results.append(RecordResult(rec["p"], None, "failed", detail))
+        if opts.exit_on_error:
+            raise RestoreFailed(summary)
 
 
 def _restore_dump(store: Any, s: Session, rec: dict, db: str, opts: RestoreOptions, min_major: int,
@@ -248,6 +316,76 @@ def _restore_dump(store: Any, s: Session, rec: dict, db: str, opts: RestoreOptio
             raise RestoreFailed(summary) from e
         return
     summary.results.append(RecordResult(rec["p"], target, "restored"))
+
+
+def _check_selectors(store: Any, s: Session, dumps: list[tuple[dict, str]], opts: RestoreOptions,
+                     min_major: int) -> None:
+    """Refuse ``tables``/``schemas`` names that a dump to restore does not contain: pg_restore would select nothing,
+    and with ``recreate`` or ``clean`` the database would be emptied with nothing put back. Decided from each dump's
+    table of contents (``pg_restore --list`` of the stored dump, streamed: it stops reading after the TOC)."""
+    if not (opts.tables or opts.schemas):
+        return
+    tool = str(s.tool("pg_restore", min_major).path)
+    for rec, db in dumps:
+        tables, schemas, sample = _toc_matches(store, s, rec, tool, opts.tables, opts.schemas)
+        missing = [f"tables: {t!r}" for t in opts.tables if t not in tables]
+        missing += [f"schemas: {n!r}" for n in opts.schemas if n not in schemas]
+        if missing:
+            has = f"its tables include {', '.join(sample)}" if sample else "it has no tables"
+            within = f" within schemas {', '.join(opts.schemas)}" if opts.tables and opts.schemas else ""
+            raise PgError(f"{'; '.join(missing)} not in the dump of database {db!r}{within} ({has}; pick the "
+                          "database with databases=): nothing was dropped or restored")
+
+
+def _toc_matches(store: Any, s: Session, rec: dict, tool: str, tables: tuple[str, ...], schemas: tuple[str, ...],
+                 sample_size: int = 8) -> tuple[set[str], set[str], list[str]]:
+    """Which of ``tables`` (within ``schemas`` when given, as pg_restore combines them) and ``schemas`` the dump's
+    TOC holds, and a few table names for the error. Names are matched against the TOC line's text, so memory
+    stays bounded whatever the size of the TOC."""
+    import subprocess
+
+    found_tables: set[str] = set()
+    found_schemas: set[str] = set()
+    sample: list[str] = []
+    errors: list[BaseException] = []
+    with store.open_record(rec) as src, run_tool(commands.pg_restore_list(tool), s.env(), stdin=subprocess.PIPE,
+                                                 stdout=subprocess.PIPE) as proc:
+        feeder = threading.Thread(target=_feed, args=(src.iter_chunks(), proc.stdin, errors), daemon=True)
+        feeder.start()
+        while line := proc.stdout.readline(4096):
+            relation = toc_match(line.decode("utf-8", "replace").rstrip("\n"), tables, schemas, found_tables,
+                                 found_schemas)
+            if relation and len(sample) < sample_size:
+                sample.append(relation)
+        feeder.join()
+        if errors:
+            proc.kill()
+            raise errors[0]
+        proc.finish()
+    return found_tables, found_schemas, sample
+
+
+def toc_match(line: str, tables: tuple[str, ...], schemas: tuple[str, ...], found_tables: set[str],
+              found_schemas: set[str]) -> str | None:
+    """Add the ``tables``/``schemas`` that one ``pg_restore --list`` line selects to the found sets; return the
+    line's relation as ``schema.name`` when it is one (for the error's examples; names are printed raw, so one
+    with spaces is shown as ``schema name``)."""
+    m = _TOC_ENTRY.match(line)
+    if not m:
+        return None
+    entry = m.group(1)
+    for n in schemas:
+        if entry.startswith(f"SCHEMA - {n} ") or any(entry.startswith(f"{d} {n} ") for d in _SCHEMA_MEMBER_DESCS):
+            found_schemas.add(n)
+    desc = next((d for d in _TABLE_DESCS if entry.startswith(d + " ")), None)
+    if desc is None or entry.startswith(_NOT_RELATIONS):
+        return None
+    rest = entry[len(desc) + 1:]  # "SCHEMA NAME OWNER"
+    for t in tables:
+        if any(rest.startswith(f"{n} {t} ") for n in schemas) if schemas else f" {t} " in rest:
+            found_tables.add(t)
+    parts = rest.split(" ")
+    return f"{parts[0]}.{parts[1]}" if len(parts) == 3 else " ".join(parts[:-1])  # spaces make it ambiguous
 
 
 def _create_schemas(s: Session, database: str, schemas: tuple[str, ...]) -> None:

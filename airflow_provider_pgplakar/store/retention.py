@@ -9,26 +9,34 @@ count rule (last, hourly, daily, weekly, monthly, yearly) keeps a snapshot when 
 count left and the snapshot falls into a different calendar bucket than the last one the rule
 kept, so each rule keeps the *newest* snapshot of each of its N most recent buckets. A snapshot
 is kept if any rule keeps it; all reasons are reported. A count of -1 means unlimited.
+
+``keep_within`` durations use restic's units (``y`` years, ``m`` *months*, ``d`` days, ``h`` hours, plus ``w``
+weeks), combined as in ``2y5m7d3h``: years, months and days are calendar units in the policy's time zone (a month
+back from March 31 is February 28 or 29, clamped rather than overflowing into March), hours are exact.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pendulum
 
 __all__ = [
     "DEFAULT_GROUP_BY",
+    "DURATION_HELP",
     "EMPTY_POLICY_MESSAGE",
     "UNLIMITED",
     "VOLATILE_LABELS",
     "Decision",
+    "Duration",
     "Policy",
     "SnapshotInfo",
     "apply_policy",
     "group_key",
+    "parse_duration",
     "parse_group_by",
 ]
 
@@ -70,12 +78,59 @@ class SnapshotInfo:
 
 
 @dataclass(frozen=True)
+class Duration:
+    """A restic ``--keep-within`` span: calendar years, months and days, then exact hours (weeks are 7 days)."""
+
+    years: int = 0
+    months: int = 0
+    days: int = 0
+    hours: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("years", "months", "days", "hours"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"keep_within: {name} must be a non-negative integer, got {value!r}")
+
+    def __str__(self) -> str:
+        parts = [f"{v}{u}" for v, u in ((self.years, "y"), (self.months, "m"), (self.days, "d"), (self.hours, "h"))]
+        return "".join(p for p in parts if p[0] != "0") or "0h"
+
+    def before(self, t: datetime, tz: str) -> datetime:
+        """``t`` minus this span, calendar parts counted in ``tz``; the earliest instant when that predates year 1."""
+        local = pendulum.instance(t).in_timezone(pendulum.timezone(tz))
+        try:
+            return local.subtract(years=self.years, months=self.months, days=self.days).subtract(hours=self.hours)
+        except (ValueError, OverflowError):  # a span longer than the calendar: everything is within it
+            return datetime.min.replace(tzinfo=UTC)
+
+
+_DURATION_UNITS = {"y": "years", "m": "months", "w": "weeks", "d": "days", "h": "hours"}
+# At most 9 digits per number: larger values mean "all history" anyway, and bound the parse.
+_DURATION_RE = re.compile(r"(?:[0-9]{1,9}[ymwdh])+")
+DURATION_HELP = "y years, m months, w weeks, d days, h hours, combined as in 1y6m or 7d12h"
+
+
+def parse_duration(text: str) -> Duration:
+    """Parse a restic duration such as ``6m`` (six months), ``2y5m7d3h`` or ``2w``; ValueError names the fix."""
+    if not isinstance(text, str) or not _DURATION_RE.fullmatch(text):
+        raise ValueError(f"keep_within: {text!r} is not a duration ({DURATION_HELP})")
+    total = dict.fromkeys(_DURATION_UNITS.values(), 0)
+    for number, unit in re.findall(r"([0-9]+)([ymwdh])", text):
+        total[_DURATION_UNITS[unit]] += int(number)  # a repeated unit adds up, as in restic
+    weeks = total.pop("weeks")
+    total["days"] += 7 * weeks
+    return Duration(**total)
+
+
+@dataclass(frozen=True)
 class Policy:
     """The ``--keep-*`` options of ``forget``; validated at construction so bad input fails early.
 
     A count of 0 disables the rule, :data:`UNLIMITED` (-1) keeps one snapshot per bucket forever.
     ``keep_within`` is relative to the newest snapshot *of the group*, not to "now", so a group
-    that stopped receiving backups is never emptied by the passage of time.
+    that stopped receiving backups is never emptied by the passage of time. It takes a restic duration string
+    (``"6m"`` is six months, see :func:`parse_duration`), a :class:`Duration`, or an exact ``timedelta``.
     """
 
     keep_last: int = 0
@@ -84,7 +139,7 @@ class Policy:
     keep_weekly: int = 0
     keep_monthly: int = 0
     keep_yearly: int = 0
-    keep_within: timedelta | None = None
+    keep_within: Duration | timedelta | str | None = None
     keep_tags: tuple[str, ...] = ()
     tz: str = "UTC"
 
@@ -96,9 +151,11 @@ class Policy:
                 raise ValueError(f"{attr} must be an integer, got {value!r}")
             if value < UNLIMITED:
                 raise ValueError(f"{attr} must be >= 0 or -1 (unlimited), got {value}")
-        if self.keep_within is not None:
+        if isinstance(self.keep_within, str):
+            object.__setattr__(self, "keep_within", parse_duration(self.keep_within))
+        if self.keep_within is not None and not isinstance(self.keep_within, Duration):
             if not isinstance(self.keep_within, timedelta):
-                raise ValueError(f"keep_within must be a timedelta, got {self.keep_within!r}")
+                raise ValueError(f"keep_within must be a duration such as '6m' or '7d', got {self.keep_within!r}")
             if self.keep_within < timedelta(0):
                 raise ValueError(f"keep_within must not be negative, got {self.keep_within}")
         if isinstance(self.keep_tags, str):
@@ -227,12 +284,12 @@ def _bucketers(tz: str) -> dict[str, Callable[[datetime, int], Hashable]]:
 
 
 def _format_timedelta(td: timedelta) -> str:
-    """Compact duration for reasons, e.g. ``7d12h`` (``str(timedelta)`` reads poorly in a table)."""
+    """Compact duration for reasons, e.g. ``7d12h`` (``min``, not ``m``: ``m`` means months in a duration)."""
     total = int(td.total_seconds())
     days, rest = divmod(total, 86400)
     hours, rest = divmod(rest, 3600)
     minutes, seconds = divmod(rest, 60)
-    parts = [f"{v}{u}" for v, u in ((days, "d"), (hours, "h"), (minutes, "m"), (seconds, "s")) if v]
+    parts = [f"{v}{u}" for v, u in ((days, "d"), (hours, "h"), (minutes, "min"), (seconds, "s")) if v]
     return "".join(parts) or "0s"
 
 
@@ -244,7 +301,10 @@ def _decide_group(key: tuple, members: list[SnapshotInfo], policy: Policy) -> De
     last_kept: dict[str, Hashable] = {}
     cutoff: datetime | None = None
     within_reason = ""
-    if policy.keep_within is not None:
+    if isinstance(policy.keep_within, Duration):
+        cutoff = policy.keep_within.before(ordered[0].time, policy.tz)
+        within_reason = f"within {policy.keep_within}"
+    elif policy.keep_within is not None:
         cutoff = ordered[0].time - policy.keep_within
         within_reason = f"within {_format_timedelta(policy.keep_within)}"
     keep_tags = set(policy.keep_tags)

@@ -131,6 +131,27 @@ def test_restore_operator_with_templated_snapshot_id_and_options(db: str, store:
     assert counts(pg15, target) == counts(pg15, db) == (2500, 400)
 
 
+def test_restore_operator_fails_on_globals_errors_and_empty_selectors(db: str, store: Store, pg15: PgServer) -> None:
+    from airflow_provider_pgplakar.pg.restore import RestoreFailed
+
+    with store.writer(source={"kind": "postgres", "origin": "test"}) as w:  # globals whose one statement fails
+        w.add_bytes("/00000-globals.sql", b"GRANT op_missing_role TO op_missing_member;\n")
+    bad_globals = w.snapshot_id
+    op = PgPlakarRestoreOperator(task_id="restore", snapshot_id=bad_globals)
+    with pytest.raises(RestoreFailed, match=r'1 statement\(s\) failed: GRANT op_missing_role TO op_missing_member;'):
+        op.execute(context(FakeTI(task_id="restore")))
+    op = PgPlakarRestoreOperator(task_id="restore", snapshot_id=bad_globals, options={"ignore_globals_errors": True})
+    summary = op.execute(context(FakeTI(task_id="restore")))
+    assert summary["ok"] and summary["records"][0]["detail"].endswith("(ignored: ignore_globals_errors=true)")
+
+    sid = PgPlakarBackupOperator(task_id="backup", database=db).execute(context(FakeTI()))
+    op = PgPlakarRestoreOperator(task_id="restore", snapshot_id=sid, options={
+        "database": db, "databases": [db], "clean": True, "no_globals": True, "tables": ["nosuchtable"]})
+    with pytest.raises(PgError, match="tables: 'nosuchtable' not in the dump"):
+        op.execute(context(FakeTI(task_id="restore")))
+    assert counts(pg15, db) == (2500, 400)  # nothing was dropped
+
+
 def _children_named(name: str) -> list[int]:
     """PIDs of this process's children whose command is ``name`` (from /proc)."""
     me, found = os.getpid(), []

@@ -286,3 +286,94 @@ def test_pg_dump_failing_immediately_commits_nothing(store, src, tmp_path) -> No
     assert "exit status 1" in str(err.value)
     assert 'database "vanished" does not exist' in str(err.value)
     _no_partial_snapshot(store, ids_before)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a database dropped between listing and dumping; exclude_databases naming nothing
+
+
+def _table(server: PgServer, db: str, rows: int) -> None:
+    with server.connect(db) as c:
+        c.execute("CREATE TABLE t (id int, label text)")
+        c.execute("INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, %s) g", (rows,))
+
+
+def test_database_dropped_before_its_dump_is_skipped_and_recorded(store, src, dst, monkeypatch) -> None:
+    from airflow_provider_pgplakar.pg import logical as logical_mod
+
+    names = ["vk_alpha", "vk_scratch", "vk_zulu"]
+    for i, name in enumerate(names):
+        _create_db(src, name)
+        _table(src, name, 10 * (i + 1))
+    real_pg_dump = logical_mod.commands.pg_dump
+    dropped: list[str] = []
+
+    def drop_scratch_first(tool: str, database: str, **kw: Any) -> list[str]:
+        if database == "vk_scratch":  # listed, its manifest taken; now a tenant job drops it
+            _drop_db(src, database)
+            dropped.append(database)
+        return real_pg_dump(tool, database, **kw)
+
+    monkeypatch.setattr(logical_mod.commands, "pg_dump", drop_scratch_first)
+    try:
+        location, opts = src_opts(src)
+        res = logical_backup(store, parse_source_options(location, opts))
+        assert dropped == ["vk_scratch"]
+        assert "vk_scratch" not in res.databases and {"vk_alpha", "vk_zulu"} <= set(res.databases)
+        assert res.warnings == ["database 'vk_scratch' was dropped after it was listed: skipped"]
+        header = store.load_snapshot(res.snapshot_id).header
+        assert header["meta"]["skipped_databases"] == ["vk_scratch"]
+        assert header["meta"]["warnings"] == res.warnings
+        assert header["meta"]["databases"] == res.databases
+        dumps = {r["x"]["database"] for r in store.records(res.snapshot_id) if r["p"].endswith(".dump")}
+        assert dumps == set(res.databases)  # no empty record stands in for the skipped database
+        # the others are complete: restore them and count
+        location, ropts = src_opts(dst, recreate="true", databases="vk_alpha,vk_zulu", no_globals="true")
+        summary = logical_restore(store, res.snapshot_id, parse_restore_options(location, ropts))
+        assert summary.ok, summary.text()
+        assert _counts(dst, ["vk_alpha", "vk_zulu"]) == {"vk_alpha": (10, "row 9"), "vk_zulu": (30, "row 9")}
+    finally:
+        for name in names:
+            _drop_db(src, name)
+            _drop_db(dst, name)
+
+
+def _lying_bin_dir(tmp_path: Path, real: Path) -> Path:
+    """A pg_bin_dir whose pg_dump claims that the database it is given does not exist (it does)."""
+    bin_dir = _failing_bin_dir(tmp_path, real, "unused")
+    (bin_dir / "pg_dump").write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "--version" ]; then exec "{real}/pg_dump" --version; fi\n'
+        'for a; do last=$a; done\n'
+        'echo "pg_dump: error: connection to server failed: FATAL:  database \\"${last#--dbname=dbname=}\\" '
+        'does not exist" >&2\n'
+        "exit 1\n"
+    )
+    return bin_dir
+
+
+def test_pg_dump_saying_does_not_exist_of_a_present_database_fails(store, src, tmp_path) -> None:
+    _create_db(src, "vk_present")
+    try:
+        location, opts = src_opts(src)
+        bogus = _lying_bin_dir(tmp_path, src.bin_dir)
+        with pytest.raises(ToolFailed, match="does not exist"):
+            logical_backup(store, parse_source_options(location, dict(opts, pg_bin_dir=str(bogus))))
+        _no_partial_snapshot(store, [])  # the re-check found the database: not skipped, nothing committed
+    finally:
+        _drop_db(src, "vk_present")
+
+
+def test_exclude_databases_naming_no_database_is_a_warning(store, src) -> None:
+    for name in ("vk_one", "vk_two"):
+        _create_db(src, name)
+    try:
+        location, opts = src_opts(src, exclude_databases="vk_two,vk_nosuch")
+        res = logical_backup(store, parse_source_options(location, opts))
+        assert "vk_one" in res.databases and "vk_two" not in res.databases
+        assert res.warnings == ["exclude_databases: 'vk_nosuch' not on the server (nothing excluded for it: "
+                                "check the spelling)"]
+        assert store.load_snapshot(res.snapshot_id).header["meta"]["warnings"] == res.warnings
+    finally:
+        for name in ("vk_one", "vk_two"):
+            _drop_db(src, name)

@@ -8,6 +8,8 @@ server where a pristine cluster matters (no_globals, databases=).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -453,3 +455,117 @@ def test_all_dumps_into_one_database_refused(mstore, snap, src) -> None:
     with pytest.raises(PgError, match="would mix databases"):
         logical_restore(mstore, snap, parse_restore_options(location, opts))
     assert _databases(src) == dbs_before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# globals with failing statements: a failed record, every statement counted, the first named
+
+
+GE_ROLES = 300
+GE_SECRET = "c2VjcmV0LXNhbHQ"
+
+
+def _globals_snapshot(store: Store, script: str) -> str:
+    """A logical snapshot holding only a globals script (as a hostile or broken source could produce)."""
+    with store.writer(source={"kind": "postgres", "origin": "test"}) as w:
+        w.add_bytes("/00000-globals.sql", script.encode(), meta={"type": "globals"})
+    return w.snapshot_id
+
+
+def _cli_restore(store: Store, server: PgServer, snap: str, *options: str) -> subprocess.CompletedProcess:
+    pgplakar = Path(sys.executable).with_name("pgplakar")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGPLAKAR_"))}
+    env.update(PGPLAKAR_PASSPHRASE="pw", PGPLAKAR_KDF="1,8192,1", PGPASSWORD=server.password,
+               PGPLAKAR_CACHE_DIR=str(Path(tempfile.gettempdir()) / f"pgplakar-test-cache-{os.getpid()}"))
+    to = f"postgres://{server.superuser}@{server.host}:{server.port}/"
+    return subprocess.run([str(pgplakar), "at", store.location, "restore", "-to", to, f"pg_bin_dir={server.bin_dir}",
+                           *options, snap], env=env, capture_output=True, timeout=120)
+
+
+def test_globals_with_failing_statements_fail_the_restore(mstore, dst) -> None:
+    script = [f"ALTER ROLE ge_missing_pw WITH LOGIN PASSWORD 'SCRAM-SHA-256$4096:{GE_SECRET}$x:y';"]
+    for i in range(GE_ROLES):  # every GRANT fails: ~30 KB of psql errors, far beyond a 4,000-byte tail
+        script += [f"CREATE ROLE ge_ok_{i};", f"GRANT ge_missing_{i} TO ge_ok_{i};"]
+    snap = _globals_snapshot(mstore, "\n".join(script) + "\n")
+    try:
+        with pytest.raises(RestoreFailed) as err:
+            _restore(mstore, snap, dst)
+        [result] = err.value.summary.results
+        assert result.status == "failed" and not err.value.summary.ok
+        assert result.detail.startswith(f"{GE_ROLES + 1} statement(s) failed: ALTER ROLE ge_missing_pw WITH LOGIN "
+                                        "PASSWORD '…'; (role \"ge_missing_pw\" does not exist); GRANT ge_missing_0 TO "
+                                        "ge_ok_0; (role \"ge_missing_0\" does not exist); ")
+        assert f"; and {GE_ROLES + 1 - 10} more (set ignore_globals_errors=true to accept them)" in result.detail
+        assert GE_SECRET not in str(err.value) and GE_SECRET not in err.value.summary.text()
+        ok_roles = {r for r in _roles(dst) if r.startswith("ge_ok_")}
+        assert len(ok_roles) == GE_ROLES  # psql went on: the statements that could run, ran
+
+        # the CLI fails too, naming the statements on stderr
+        r = _cli_restore(mstore, dst, snap)
+        assert r.returncode == 1, r.stderr.decode()
+        assert f"{GE_ROLES + 1} statement(s) failed" in r.stderr.decode()
+        assert GE_SECRET.encode() not in r.stderr + r.stdout
+
+        # opted in: restored, the failures still named
+        summary = _restore(mstore, snap, dst, ignore_globals_errors="true")
+        [result] = summary.results
+        assert summary.ok and result.status == "restored"
+        assert result.detail.startswith(f"{GE_ROLES + 1} statement(s) failed: ALTER ROLE ge_missing_pw")
+        assert result.detail.endswith("(ignored: ignore_globals_errors=true)")
+        assert _cli_restore(mstore, dst, snap, "ignore_globals_errors=true").returncode == 0
+        # exit_on_error stops at the first failing statement, unless globals errors are accepted
+        with pytest.raises(RestoreFailed) as err:
+            _restore(mstore, snap, dst, exit_on_error="true")
+        assert "psql stopped (exit_on_error): 1 statement(s) failed: ALTER ROLE ge_missing_pw" in str(err.value)
+        assert GE_SECRET not in str(err.value) and err.value.__cause__ is None
+        assert _restore(mstore, snap, dst, exit_on_error="true", ignore_globals_errors="true").ok
+    finally:
+        with dst.connect() as c:
+            for i in range(GE_ROLES):
+                c.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(f"ge_ok_{i}")))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# selectors matching nothing: refused before anything is dropped (or any globals run)
+
+
+def test_selectors_matching_nothing_are_refused_before_anything_is_dropped(pg_factory, mstore, snap,
+                                                                           source_shop) -> None:
+    target = pg_factory(15)
+    pristine = (_roles(target), _databases(target))
+    with pytest.raises(PgError, match="tables: 'nosuchtable' not in the dump of database 'blog'"):
+        _restore(mstore, snap, target, recreate="true", tables="nosuchtable")
+    assert (_roles(target), _databases(target)) == pristine  # not even the globals ran
+    summary = _restore(mstore, snap, target, recreate="true", databases="shop,blog")
+    assert summary.ok, summary.text()
+    assert shop_state(target, "shop") == source_shop
+    roles_before, dbs_before = _roles(target), _databases(target)
+    oid = "SELECT oid FROM pg_database WHERE datname = 'shop'"
+    shop_oid = _one(target, "postgres", oid)
+
+    refusals = [
+        ({"tables": "nosuchtable", "recreate": "true", "databases": "shop"}, "tables: 'nosuchtable' not in the dump "
+         "of database 'shop' (its tables include "),
+        ({"schemas": "nosuchschema", "recreate": "true", "databases": "shop"}, "schemas: 'nosuchschema' not in"),
+        ({"tables": "items,nosuchtable", "recreate": "true", "databases": "shop"}, "tables: 'nosuchtable' not in"),
+        ({"tables": "items", "schemas": "extra", "recreate": "true", "databases": "shop"},
+         "tables: 'items' not in the dump of database 'shop' within schemas extra"),
+        ({"tables": "items", "recreate": "true", "databases": "shop,blog"}, "tables: 'items' not in the dump of "
+         "database 'blog'"),
+        ({"tables": "nosuchtable", "clean": "true", "database": "shop", "databases": "shop"}, "'nosuchtable'"),
+    ]
+    for options, message in refusals:
+        with pytest.raises(PgError) as err:
+            _restore(mstore, snap, target, **options)  # globals included: they must not run either
+        assert message in str(err.value), (options, str(err.value))
+        assert "nothing was dropped or restored" in str(err.value)
+        # the data is still there, in the same database; nothing else changed
+        assert shop_state(target, "shop") == source_shop, options
+        assert _one(target, "blog", "SELECT count(*) FROM posts") == 120
+        assert _one(target, "postgres", oid) == shop_oid
+        assert _roles(target) == roles_before and _databases(target) == dbs_before
+    # names that match are still restored selectively
+    summary = _restore(mstore, snap, target, clean="true", database="shop", databases="shop", no_globals="true",
+                       tables="audit", schemas="extra")
+    assert summary.ok, summary.text()
+    assert shop_state(target, "shop") == source_shop

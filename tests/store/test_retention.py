@@ -17,10 +17,12 @@ from airflow_provider_pgplakar.store.retention import (
     EMPTY_POLICY_MESSAGE,
     VOLATILE_LABELS,
     Decision,
+    Duration,
     Policy,
     SnapshotInfo,
     apply_policy,
     group_key,
+    parse_duration,
     parse_group_by,
 )
 
@@ -239,6 +241,128 @@ def test_keep_within_does_not_drain_a_stale_group() -> None:
 
 def test_keep_within_zero_keeps_only_the_newest_instant() -> None:
     assert kept(apply_policy(six_hourly(), Policy(keep_within=timedelta(0)))) == {"20260429T1800"}
+
+
+# --- keep_within in restic's units (y, m = months, w, d, h), calendar-correct ---------------------------------------
+
+# (duration, tz, snapshot times as ISO strings with offsets, the ones kept). The newest of each row is its anchor;
+# cutoffs are worked out by hand from the calendar (comments), never with the code under test.
+WITHIN_TABLE = [
+    pytest.param(  # six MONTHS, not six minutes: cutoff 2025-10-29T18:00Z
+        "6m", "UTC",
+        ["2025-10-29T17:59Z", "2025-10-29T18:00Z", "2026-01-15T00:00Z", "2026-04-29T12:00Z", "2026-04-29T18:00Z"],
+        {"2025-10-29T18:00Z", "2026-01-15T00:00Z", "2026-04-29T12:00Z", "2026-04-29T18:00Z"},
+        id="6m-is-six-months",
+    ),
+    pytest.param(  # Mar 31 minus a month clamps to Feb 29 in a leap year (never overflows into March)
+        "1m", "UTC",
+        ["2024-02-29T11:00Z", "2024-02-29T12:00Z", "2024-03-01T00:00Z", "2024-03-31T12:00Z"],
+        {"2024-02-29T12:00Z", "2024-03-01T00:00Z", "2024-03-31T12:00Z"},
+        id="mar31-leap",
+    ),
+    pytest.param(  # ... and to Feb 28 otherwise
+        "1m", "UTC",
+        ["2025-02-28T11:59Z", "2025-02-28T12:00Z", "2025-03-31T12:00Z"],
+        {"2025-02-28T12:00Z", "2025-03-31T12:00Z"},
+        id="mar31-common",
+    ),
+    pytest.param(  # Feb 28 minus a month is Jan 28: Jan 31 is within one month of Feb 28
+        "1m", "UTC",
+        ["2025-01-27T23:00Z", "2025-01-28T00:00Z", "2025-01-31T00:00Z", "2025-02-28T00:00Z"],
+        {"2025-01-28T00:00Z", "2025-01-31T00:00Z", "2025-02-28T00:00Z"},
+        id="feb28-back-to-jan",
+    ),
+    pytest.param(  # a leap day minus a year is Feb 28
+        "1y", "UTC",
+        ["2023-02-27T23:00Z", "2023-02-28T00:00Z", "2023-03-01T00:00Z", "2024-02-29T00:00Z"],
+        {"2023-02-28T00:00Z", "2023-03-01T00:00Z", "2024-02-29T00:00Z"},
+        id="leap-day-minus-a-year",
+    ),
+    pytest.param(  # 2026-04-29T18 -2y -> 2024-04-29T18, -5m -> 2023-11-29T18, -7d -> 2023-11-22T18, -3h -> 15:00
+        "2y5m7d3h", "UTC",
+        ["2023-11-22T14:59Z", "2023-11-22T15:00Z", "2026-04-29T18:00Z"],
+        {"2023-11-22T15:00Z", "2026-04-29T18:00Z"},
+        id="combined",
+    ),
+    pytest.param(  # units in any order, as restic parses them
+        "3h7d5m2y", "UTC",
+        ["2023-11-22T14:59Z", "2023-11-22T15:00Z", "2026-04-29T18:00Z"],
+        {"2023-11-22T15:00Z", "2026-04-29T18:00Z"},
+        id="combined-any-order",
+    ),
+    pytest.param(  # weeks are 7 days: cutoff 2026-04-15T18:00Z
+        "2w", "UTC",
+        ["2026-04-15T17:00Z", "2026-04-15T18:00Z", "2026-04-29T18:00Z"],
+        {"2026-04-15T18:00Z", "2026-04-29T18:00Z"},
+        id="weeks",
+    ),
+    pytest.param(  # hours are exact: cutoff 2026-04-28T18:00Z
+        "24h", "UTC",
+        ["2026-04-28T17:59Z", "2026-04-28T18:00Z", "2026-04-29T18:00Z"],
+        {"2026-04-28T18:00Z", "2026-04-29T18:00Z"},
+        id="hours",
+    ),
+    pytest.param(  # a day is a calendar day in tz: Berlin's 2026-03-29 has 23 hours (12:00 CEST back to 12:00 CET)
+        "1d", "Europe/Berlin",
+        ["2026-03-28T10:30Z", "2026-03-28T11:00Z", "2026-03-29T10:00Z"],
+        {"2026-03-28T11:00Z", "2026-03-29T10:00Z"},
+        id="day-across-dst",
+    ),
+    pytest.param(  # a span longer than the calendar keeps the whole group
+        "999999999y", "UTC",
+        ["0001-01-01T00:00Z", "2026-04-29T18:00Z"],
+        {"0001-01-01T00:00Z", "2026-04-29T18:00Z"},
+        id="longer-than-history",
+    ),
+    pytest.param("0h", "UTC", ["2026-04-29T17:00Z", "2026-04-29T18:00Z"], {"2026-04-29T18:00Z"}, id="zero"),
+]
+
+
+@pytest.mark.parametrize(("duration", "tz", "times", "expected"), WITHIN_TABLE)
+def test_keep_within_table(duration: str, tz: str, times: list[str], expected: set[str]) -> None:
+    snaps = [snap(datetime.fromisoformat(t), id=t) for t in times]
+    decision = only(apply_policy(snaps, Policy(keep_within=duration, tz=tz)))
+    assert {s.id for s, _ in decision.keep} == expected
+    assert {s.id for s in decision.remove} == set(times) - expected
+    assert all(r == [f"within {parse_duration(duration)}"] for _, r in decision.keep)
+
+
+def test_keep_within_reason_names_the_calendar_span() -> None:
+    got = reasons(apply_policy(six_hourly(), Policy(keep_within="1y6m")))
+    assert got["20260301T0000"] == ["within 1y6m"]
+    assert len(got) == 240  # 60 days of history are all within a year and a half
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("6m", Duration(months=6)),
+        ("1y", Duration(years=1)),
+        ("7d", Duration(days=7)),
+        ("12h", Duration(hours=12)),
+        ("2w", Duration(days=14)),
+        ("2y5m7d3h", Duration(years=2, months=5, days=7, hours=3)),
+        ("1w2d", Duration(days=9)),
+        ("1d1d", Duration(days=2)),  # a repeated unit adds up, as in restic
+        ("0d", Duration()),
+    ],
+)
+def test_parse_duration(text: str, expected: Duration) -> None:
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["", "6", "m", "6M", "6 m", " 6m", "6m ", "6m\n", "6min", "6s", "-1d", "1.5d", "1e3d", "\uff16d",
+             "d6", "1234567890d", "six months"],
+)
+def test_bad_duration_is_one_clear_error(text: str) -> None:
+    with pytest.raises(ValueError) as exc:
+        parse_duration(text)
+    msg = str(exc.value)
+    assert "\n" not in msg and repr(text) in msg
+    assert msg.startswith("keep_within: ") and "m months" in msg
+    with pytest.raises(ValueError, match="keep_within"):
+        Policy(keep_within=text)
 
 
 def test_keep_tags_any_of() -> None:
