@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import PgError, commands
+from . import PgError, commands, fingerprint
 from .iam import password_source
 from .options import LogicalSourceOptions
 from .process import run_tool
@@ -144,11 +144,18 @@ def logical_backup(
                         str(s.tool("pg_dumpall", major).path), no_role_passwords=not authid_ok),
                         {"type": "globals", "tool": tool_versions.get("pg_dumpall")})
                 dump_tool = str(s.tool("pg_dump", major).path)
+                prints: dict[str, Any] = {}
                 for n, db in enumerate(selected, 1):
-                    argv = commands.pg_dump(dump_tool, db, compress=opts.compress, schema_only=opts.schema_only,
-                                            data_only=opts.data_only)
-                    _stream(w, s, dump_path(n, db), argv,
-                            {"type": "dump", "database": db, "format": "custom", "tool": tool_versions["pg_dump"]})
+                    with fingerprint.dump_snapshot(s.connect, db, fingerprint.effective_level(
+                            opts.fingerprint, schema_only=opts.schema_only, data_only=opts.data_only)) as fp:
+                        argv = commands.pg_dump(dump_tool, db, compress=opts.compress, schema_only=opts.schema_only,
+                                                data_only=opts.data_only, snapshot=fp.snapshot)
+                        _stream(w, s, dump_path(n, db), argv,
+                                {"type": "dump", "database": db, "format": "custom", "tool": tool_versions["pg_dump"]})
+                    prints[db] = fp.fingerprints
+                    warnings.extend([fp.warning] if fp.warning else [])
+                w.add_bytes(fingerprint.FINGERPRINTS_PATH, fingerprint.encode(prints), mode=0o444,
+                            meta={"type": "fingerprints"})
         snap_id = w.snapshot_id
         total = store.load_snapshot(snap_id).header["stats"]["bytes"]
         return BackupResult(snap_id, selected, warnings, w.already_existed, total)
@@ -166,7 +173,8 @@ def _stream(w: Any, s: Session, path: str, argv: list[str], meta: dict[str, Any]
 
 def _option_summary(opts: LogicalSourceOptions) -> dict[str, Any]:
     return {"database": opts.database, "exclude_databases": list(opts.exclude_databases or ()),
-            "compress": opts.compress, "schema_only": opts.schema_only, "data_only": opts.data_only}
+            "compress": opts.compress, "schema_only": opts.schema_only, "data_only": opts.data_only,
+            "fingerprint": opts.fingerprint}
 
 
 def _manifest(s: Session, opts: LogicalSourceOptions, selected: list[str], tool_versions: dict[str, str],
