@@ -125,7 +125,8 @@ def throwaway_server(min_major: int, *, pg_bin_dir: str | None = None,
                 [postgres, "-D", data], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env=_server_env(root), cwd=root, start_new_session=True, **_spawn_kwargs(run_as))
         _wait_ready(proc, data, logfile)
-        server = ScratchServer(bin_dir, initdb.major, initdb.version.text.removeprefix("initdb "), root, sock)
+        version = "PostgreSQL " + initdb.version.text.partition(") ")[2]
+        server = ScratchServer(bin_dir, initdb.major, version, root, sock)
         log.info("verify server: %s in %s", initdb.version.text, bin_dir)
         yield server
     finally:

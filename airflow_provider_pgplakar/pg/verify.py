@@ -109,6 +109,45 @@ def _short(v: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+@dataclass(frozen=True)
+class VerifyOptions:
+    """What a verify may be told (CLI ``key=value``, operator ``options``): which databases, ``amcheck``, and the
+    ``pg_bin_dir`` of the verify server (else the newest installed major >= the source's)."""
+
+    databases: tuple[str, ...] = ()
+    amcheck: bool = False
+    pg_bin_dir: str | None = None
+
+
+VERIFY_KEYS = ("databases", "amcheck", "pg_bin_dir")
+
+
+def parse_verify_options(options: dict[str, Any] | None) -> VerifyOptions:
+    """``databases`` (comma-separated or a list), ``amcheck`` (a boolean), ``pg_bin_dir``; anything else refused."""
+    from . import OptionError
+
+    opts = dict(options or {})
+    unknown = sorted(set(opts) - set(VERIFY_KEYS))
+    if unknown:
+        raise OptionError(unknown[0], f"unknown verify option (accepted: {', '.join(VERIFY_KEYS)})")
+    dbs = opts.get("databases") or ()
+    if isinstance(dbs, str):
+        dbs = [d.strip() for d in dbs.split(",")]
+    amcheck = opts.get("amcheck", False)
+    if isinstance(amcheck, str):
+        word = amcheck.strip().lower()
+        if word not in ("true", "1", "yes", "false", "0", "no", ""):
+            raise OptionError("amcheck", f"invalid boolean {amcheck!r} (accepted: true/false, 1/0, yes/no)")
+        amcheck = word in ("true", "1", "yes")
+    if not isinstance(amcheck, bool):
+        raise OptionError("amcheck", f"must be a boolean, got {type(amcheck).__name__}")
+    pg_bin_dir = opts.get("pg_bin_dir") or None
+    if pg_bin_dir is not None and (not isinstance(pg_bin_dir, str) or "\0" in pg_bin_dir):
+        raise OptionError("pg_bin_dir", "must be a directory path")
+    names = tuple(dict.fromkeys(str(d) for d in dbs if str(d)))
+    return VerifyOptions(databases=names, amcheck=amcheck, pg_bin_dir=pg_bin_dir)
+
+
 # -- comparison ------------------------------------------------------------------------------------------------------
 
 def compare(database: str, expected: dict[str, Any], found: dict[str, Any]) -> DatabaseReport:
