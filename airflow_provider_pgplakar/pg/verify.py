@@ -347,3 +347,16 @@ def verifications(store: Any, *, errors: list[str] | None = None) -> dict[str, l
     for snaps in out.values():
         snaps.sort(key=lambda s: s.time)
     return out
+
+
+def newest_per_source(store: Any, *, errors: list[str] | None = None) -> list[str]:
+    """The newest logical backup (``postgres`` kind, with dumps) of each source: what a restore drill verifies."""
+    newest: dict[str, Any] = {}
+    for snap in store.snapshots(errors=errors):
+        source = snap.header.get("source") or {}
+        if source.get("kind") != "postgres":
+            continue
+        key = str(source.get("origin"))
+        if key not in newest or snap.time > newest[key].time:
+            newest[key] = snap
+    return [newest[k].id for k in sorted(newest)]
