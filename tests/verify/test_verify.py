@@ -191,3 +191,28 @@ def test_catalog_fingerprints_verify_and_report_counts(pg_factory, pg_manager, s
     items = _by_object(report, "shop")["public.items"]
     assert (items.status, items.expected, items.found) == ("ok", 2000, 2000)
     assert "row count reported" in items.detail
+
+
+def test_refused_exported_snapshot_falls_back_to_a_plain_dump_with_catalog(pg_factory, pg_manager, store,
+                                                                           monkeypatch, caplog) -> None:
+    """Behind a transaction-mode pooler the snapshot cannot be imported on another connection (simulated here:
+    the import probe raises what such a pooler yields); the backup warns and records the catalog only."""
+    import psycopg
+
+    from airflow_provider_pgplakar.pg import fingerprint as fp_mod
+
+    def refused(connect, database, snap):
+        raise psycopg.errors.InvalidParameterValue(f'invalid snapshot identifier: "{snap}"')
+
+    monkeypatch.setattr(fp_mod, "_probe_import", refused)
+    src = pg_factory(15)
+    _make_db(src, "shop", SHOP[:2])
+    caplog.set_level("WARNING")
+    res = _backup(store, src, database="shop", fingerprint="full")
+    assert any("refused an exported snapshot" in w and "fingerprint=catalog" in w for w in res.warnings)
+    assert "refused an exported snapshot" in caplog.text
+    shop = read_fingerprints(store, res.snapshot_id)["shop"]
+    assert shop["level"] == "catalog" and shop["snapshot"] is None and "rows" not in shop["relations"]["public.items"]
+    assert store.load_snapshot(res.snapshot_id).header["meta"]["warnings"] == res.warnings
+    report = verify_snapshot(store, res.snapshot_id, pg_bin_dir=str(pg_manager.bin_dir(15)))
+    assert report.ok, report.text()
