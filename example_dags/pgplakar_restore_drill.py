@@ -1,14 +1,16 @@
-"""Weekly restore drill: verify the newest logical snapshot of every source in the store.
+"""Weekly restore drill: verify the newest snapshot of every source in the store.
 
-``newest_snapshots`` lists the newest ``postgres://`` backup of each source (verify reports and physical or
-manifest-only snapshots are skipped); ``verify`` is mapped over them: each restores one snapshot into a throwaway
-PostgreSQL on the worker (the newest installed major >= the source's, or ``params.verify_pg_bin_dir``), compares
-it with the fingerprints recorded at backup time, runs ``pg_amcheck`` when ``params.amcheck`` is set, stores the
-report as a snapshot labelled ``verifies=<snapshot id>`` (``pgplakar at STORE ls --verified`` lists them) and
-returns it as XCom. Any failed verify fails its mapped task, naming the table or extension.
+``newest_snapshots`` lists the newest logical (``postgres://``) or physical (``postgres+bin://``) backup of each
+source (verify reports and manifest-only snapshots are skipped); ``verify`` is mapped over them: each restores one
+snapshot into a throwaway PostgreSQL on the worker (the newest installed major >= the source's, or
+``params.verify_pg_bin_dir``), compares it with the fingerprints recorded at backup time, runs ``pg_amcheck`` when
+``params.amcheck`` is set, stores the report as a snapshot labelled ``verifies=<snapshot id>`` (``pgplakar at STORE
+ls --verified`` lists them) and returns it as XCom. Any failed verify fails its mapped task, naming the table or
+extension.
 
 Snapshots taken with ``fingerprint=full`` are proven row for row; ``catalog`` ones (the default) are proven to
-restore with every relation, column, index, constraint and extension, with row counts reported.
+restore with every relation, column, index, constraint and extension, with row counts reported; physical ones are
+started with their own major and compared with the manifest captured at backup time.
 
 The store connection is read only when tasks run: ``pgplakar_store_default`` (or ``PGPLAKAR_STORE_CONN_ID``).
 """
@@ -43,7 +45,7 @@ with DAG(
 
     @task
     def newest_snapshots() -> list[str]:
-        """The newest logical snapshot ID of each source."""
+        """The newest snapshot ID of each source."""
         from airflow_provider_pgplakar.hooks.store import PgPlakarStoreHook
         from airflow_provider_pgplakar.pg.verify import newest_per_source
 

@@ -68,27 +68,32 @@ def apply_settings(conn: Any) -> None:
 
 # -- collection ------------------------------------------------------------------------------------------------------
 
-def collect(conn: Any, level: str) -> dict[str, Any]:
-    """Fingerprint the connected database at ``level`` (run inside the transaction whose snapshot it describes)."""
+def collect(conn: Any, level: str, *, members: bool = False) -> dict[str, Any]:
+    """Fingerprint the connected database at ``level`` (run inside the transaction whose snapshot it describes).
+
+    ``members`` keeps objects that belong to extensions (a physical copy has them exactly as the source had)."""
     if level not in FINGERPRINT_LEVELS:
         raise ValueError(f"fingerprint level must be one of {', '.join(FINGERPRINT_LEVELS)}, got {level!r}")
     apply_settings(conn)
     out: dict[str, Any] = {"level": level}
+    def not_member(oid: str, catalog: str = "pg_class") -> str:
+        return "true" if members else _NOT_EXTENSION_MEMBER.replace("pg_class", catalog).format(oid=oid)
+
     out["schemas"] = [r[0] for r in conn.execute(
         f"SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_namespace n WHERE {_SYSTEM} AND "
-        + _NOT_EXTENSION_MEMBER.replace("pg_class", "pg_namespace").format(oid="n.oid") + " ORDER BY 1")]
+        + not_member("n.oid", "pg_namespace") + " ORDER BY 1")]
     out["extensions"] = dict(conn.execute(
         "SELECT extname, extversion FROM pg_catalog.pg_extension WHERE extname <> 'plpgsql' ORDER BY 1").fetchall())
-    out["relations"] = _relations(conn)
+    out["relations"] = _relations(conn, not_member("c.oid"))
     out["indexes"] = [r[0] for r in conn.execute(
         "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_index i "
         "JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        f"WHERE {_SYSTEM} AND " + _NOT_EXTENSION_MEMBER.format(oid="i.indrelid") + " ORDER BY 1")]
+        f"WHERE {_SYSTEM} AND " + not_member("i.indrelid") + " ORDER BY 1")]
     out["constraints"] = [r[0] for r in conn.execute(
         "SELECT pg_catalog.format('%I.%I %s %s', n.nspname, c.relname, k.contype, k.conname) "
         "FROM pg_catalog.pg_constraint k JOIN pg_catalog.pg_class c ON c.oid = k.conrelid "
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        f"WHERE k.contype <> 'n' AND {_SYSTEM} AND " + _NOT_EXTENSION_MEMBER.format(oid="c.oid") + " ORDER BY 1")]
+        f"WHERE k.contype <> 'n' AND {_SYSTEM} AND " + not_member("c.oid") + " ORDER BY 1")]
     if level_rank(level) >= level_rank("counts"):
         for rel in out["relations"].values():
             if _scanned(rel):
@@ -102,13 +107,12 @@ def collect(conn: Any, level: str) -> dict[str, Any]:
     return out
 
 
-def _relations(conn: Any) -> dict[str, dict[str, Any]]:
+def _relations(conn: Any, not_member: str) -> dict[str, dict[str, Any]]:
     rows = conn.execute(
         "SELECT c.oid, pg_catalog.format('%I.%I', n.nspname, c.relname), n.nspname, c.relname, c.relkind, "
         "c.relpersistence, c.reltuples::bigint, c.relispopulated, c.relispartition "
         "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        f"WHERE c.relkind IN ('r', 'p', 'm', 'f', 'v', 'S') AND {_SYSTEM} AND "
-        + _NOT_EXTENSION_MEMBER.format(oid="c.oid") + " ORDER BY 2").fetchall()
+        f"WHERE c.relkind IN ('r', 'p', 'm', 'f', 'v', 'S') AND {_SYSTEM} AND {not_member} ORDER BY 2").fetchall()
     cols: dict[int, list[str]] = {}
     for oid, text in conn.execute(
             "SELECT a.attrelid, pg_catalog.format('%I %s', a.attname, pg_catalog.format_type(a.atttypid, "

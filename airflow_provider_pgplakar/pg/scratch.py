@@ -73,7 +73,8 @@ def wheel_bin_dirs() -> list[str]:
     return out
 
 
-def _run_as() -> tuple[int, int] | None:
+def server_user() -> tuple[int, int] | None:
+    """(uid, gid) to run the server as when we are root (PostgreSQL refuses root), else None."""
     if os.geteuid() != 0:
         return None
     names = [os.environ.get("PGPLAKAR_SERVER_OS_USER") or "", *SERVER_USERS]
@@ -97,6 +98,55 @@ def _spawn_kwargs(run_as: tuple[int, int] | None) -> dict[str, Any]:
     return {"user": run_as[0], "group": run_as[1], "extra_groups": []} if run_as else {}
 
 
+def private_root() -> str:
+    """A new 0700 temp dir with a short path (unix socket paths are limited to ~107 bytes)."""
+    base = None if len(tempfile.gettempdir()) < 40 else "/tmp"
+    root = tempfile.mkdtemp(prefix="pgplakar-verify-", dir=base)
+    os.chmod(root, 0o700)
+    return root
+
+
+def start_server(postgres: str, data: str, root: str, run_as: tuple[int, int] | None,
+                 extra_args: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """Start ``postgres -D data`` (socket in ``root/sock``, log in ``root/server.log``) and wait until it accepts
+    connections (after recovery, for a restored data directory)."""
+    logfile = os.path.join(root, "server.log")
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen(  # argv list, no shell
+            [postgres, "-D", data, *extra_args], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            env=_server_env(root), cwd=root, start_new_session=True, **_spawn_kwargs(run_as))
+    try:
+        _wait_ready(proc, data, logfile)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc
+
+
+def server_bin_dir(major: int, *, pg_bin_dir: str | None = None, extra_dirs: Sequence[str] = ()) -> str:
+    """A bin dir whose ``postgres`` is exactly ``major`` (a physical data directory starts only with its own)."""
+    from .tools import _debian_dirs, probe_version
+
+    if pg_bin_dir is not None:
+        dirs = [pg_bin_dir]
+    else:
+        dirs = [*extra_dirs, *wheel_bin_dirs(), *_debian_dirs("/usr/lib/postgresql/*/bin"),
+                *os.environ.get("PATH", "").split(os.pathsep)]
+    found = []
+    for d in filter(None, dirs):
+        path = os.path.join(d, "postgres")
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            try:
+                version = probe_version(path, "postgres").major
+            except PgError:
+                continue
+            if version == major:
+                return d
+            found.append(f"{version} in {d}")
+    raise ScratchServerError(f"no PostgreSQL {major} server binaries found (found: {', '.join(found) or 'none'}): "
+                             f"install PostgreSQL {major} or set pg_bin_dir to its bin directory")
+
+
 @contextmanager
 def throwaway_server(min_major: int, *, pg_bin_dir: str | None = None,
                      extra_dirs: Sequence[str] = ()) -> Iterator[ScratchServer]:
@@ -107,31 +157,25 @@ def throwaway_server(min_major: int, *, pg_bin_dir: str | None = None,
     postgres = os.path.join(bin_dir, "postgres")
     if not os.access(postgres, os.X_OK):
         raise ScratchServerError(f"{bin_dir} has initdb but no postgres server: point pg_bin_dir at a full install")
-    run_as = _run_as()
-    base = None if len(tempfile.gettempdir()) < 40 else "/tmp"  # unix socket paths are limited to ~107 bytes
-    root = tempfile.mkdtemp(prefix="pgplakar-verify-", dir=base)
+    run_as = server_user()
+    root = private_root()
     proc: subprocess.Popen[bytes] | None = None
     try:
-        os.chmod(root, 0o700)
-        data, sock, logfile = (os.path.join(root, n) for n in ("data", "sock", "server.log"))
+        data, sock = os.path.join(root, "data"), os.path.join(root, "sock")
         os.mkdir(sock, 0o700)
         if run_as:
             for path in (root, sock):
                 os.chown(path, *run_as)
         _initdb(os.path.join(bin_dir, "initdb"), data, root, run_as)
         _configure(data, sock)
-        with open(logfile, "ab") as out:
-            proc = subprocess.Popen(  # argv list, no shell
-                [postgres, "-D", data], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=_server_env(root), cwd=root, start_new_session=True, **_spawn_kwargs(run_as))
-        _wait_ready(proc, data, logfile)
+        proc = start_server(postgres, data, root, run_as)
         version = "PostgreSQL " + initdb.version.text.partition(") ")[2]
         server = ScratchServer(bin_dir, initdb.major, version, root, sock)
         log.info("verify server: %s in %s", initdb.version.text, bin_dir)
         yield server
     finally:
         if proc is not None:
-            _stop(proc)
+            stop_server(proc)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -144,13 +188,17 @@ def _initdb(initdb: str, data: str, root: str, run_as: tuple[int, int] | None) -
                                  f"{(res.stderr or res.stdout).strip()[-2000:]}")
 
 
+def hba_trust_local(path: str) -> None:
+    with open(path, "w") as f:
+        f.write("# pgplakar verify server: unix socket only (in a 0700 directory)\nlocal all all trust\n")
+
+
 def _configure(data: str, sock: str) -> None:
     lines = [f"{k} = {v}" for k, v in SETTINGS.items()]
     lines += [f"port = {PORT}", "unix_socket_directories = '" + sock.replace("'", "''") + "'"]
     with open(os.path.join(data, "postgresql.conf"), "a") as f:
         f.write("\n# pgplakar verify server\n" + "\n".join(lines) + "\n")
-    with open(os.path.join(data, "pg_hba.conf"), "w") as f:
-        f.write("# pgplakar verify server: unix socket only (in a 0700 directory)\nlocal all all trust\n")
+    hba_trust_local(os.path.join(data, "pg_hba.conf"))
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], data: str, logfile: str) -> None:
@@ -172,7 +220,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], data: str, logfile: str) -> None:
     raise ScratchServerError(f"the verify server did not start within {START_TIMEOUT_S:.0f} s: {_tail(logfile)}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)  # fast shutdown
         try:

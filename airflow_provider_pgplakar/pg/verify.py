@@ -1,4 +1,4 @@
-"""Verified restores: restore a logical snapshot into a throwaway server and prove it holds what was backed up.
+"""Verified restores: restore a snapshot into a throwaway server and prove it holds what was backed up.
 
 :func:`verify_snapshot` starts a private server (:mod:`.scratch`; the newest installed major >= the source's),
 restores the snapshot with the normal restore code (:func:`.restore.logical_restore`, ``recreate``), recomputes
@@ -7,7 +7,7 @@ report names every table and object: expected vs found and a status. Failing sta
 (rows, digest, columns, sequence value, large objects) and a restore error; an extension the verify server does not
 have fails by name before the restore starts. ``unlogged`` and ``foreign`` tables and materialized views (refreshed
 at restore from the restored tables) are reported, never failed on. Snapshots made before fingerprints existed are
-still restored and their tables counted (status ``restored``).
+still restored and their tables counted (status ``restored``). Physical snapshots go to :mod:`.physical_verify`.
 
 :func:`store_report` keeps the report in the store as a small snapshot labelled ``verifies=<snapshot id>`` (see
 ``pgplakar ls --verified``).
@@ -220,14 +220,20 @@ def verify_snapshot(store: Any, snapshot_id: str, *, databases: Sequence[str] = 
 
     snap = store.load_snapshot(snapshot_id)
     kind = (snap.header.get("source") or {}).get("kind")
+    t0 = time.time()
+    report = VerifyReport(snapshot_id, amcheck=amcheck, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if kind == "postgres+bin":
+        from .physical_verify import verify_physical
+
+        verify_physical(store, snapshot_id, report, databases=tuple(databases), amcheck=amcheck,
+                        pg_bin_dir=pg_bin_dir, extra_dirs=extra_dirs)
+        return _finish(report, t0)
     if kind not in ("postgres", None):
-        raise PgError(f"snapshot {snapshot_id[:8]} is a {kind!r} snapshot: verify handles logical PostgreSQL "
-                      "backups (postgres:// or postgres+aws://)")
+        raise PgError(f"snapshot {snapshot_id[:8]} is a {kind!r} snapshot: verify handles PostgreSQL backups "
+                      "(postgres://, postgres+aws://, postgres+bin://)")
     meta = snap.header.get("meta") or {}
     expected = fingerprint.read(store, snap)
     names = list(databases) or list(expected or meta.get("databases") or [])
-    t0 = time.time()
-    report = VerifyReport(snapshot_id, amcheck=amcheck, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     with throwaway_server(_min_major(meta), pg_bin_dir=pg_bin_dir, extra_dirs=extra_dirs) as srv:
         report.server = srv.version
         with ssl_files(srv.conn) as ssl:
@@ -238,6 +244,10 @@ def verify_snapshot(store: Any, snapshot_id: str, *, databases: Sequence[str] = 
                 _compare_all(s, expected, names, report)
                 if amcheck:
                     _amcheck(s, names, report)
+    return _finish(report, t0)
+
+
+def _finish(report: VerifyReport, t0: float) -> VerifyReport:
     report.level = ",".join(sorted({d.level for d in report.databases})) or "none"
     report.duration_s = round(time.time() - t0, 3)
     log.info("%s", report.text())
@@ -350,13 +360,14 @@ def verifications(store: Any, *, errors: list[str] | None = None) -> dict[str, l
 
 
 def newest_per_source(store: Any, *, errors: list[str] | None = None) -> list[str]:
-    """The newest logical backup (``postgres`` kind, with dumps) of each source: what a restore drill verifies."""
+    """The newest logical or physical backup of each source (manifest-only snapshots and verify reports are not
+    backups): what a restore drill verifies."""
     newest: dict[str, Any] = {}
     for snap in store.snapshots(errors=errors):
         source = snap.header.get("source") or {}
-        if source.get("kind") != "postgres":
+        if source.get("kind") not in ("postgres", "postgres+bin"):
             continue
-        key = str(source.get("origin"))
+        key = f"{source.get('kind')} {source.get('origin')}"
         if key not in newest or snap.time > newest[key].time:
             newest[key] = snap
     return [newest[k].id for k in sorted(newest)]
