@@ -254,6 +254,22 @@ def read(store: Any, snap: Any) -> dict[str, dict[str, Any]] | None:
         dbs = doc["databases"]
         if doc.get("format") != FORMAT or not isinstance(dbs, dict):
             raise ValueError(f"format {doc.get('format')!r}")
-    except (ValueError, KeyError, TypeError) as e:
+        for name, db in dbs.items():
+            _check_shape(name, db)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise FingerprintError(f"{FINGERPRINTS_PATH}: not a fingerprint record this version reads ({e})") from None
     return dbs
+
+
+def _check_shape(name: str, db: Any) -> None:
+    """What the comparison relies on, checked once (a record read from a store is input like any other)."""
+    if not isinstance(db, dict) or db.get("level") not in FINGERPRINT_LEVELS:
+        raise ValueError(f"database {name!r}: no valid level")
+    for key, kind in (("schemas", list), ("indexes", list), ("constraints", list), ("extensions", dict),
+                      ("relations", dict), ("sequences", dict), ("large_objects", dict)):
+        if not isinstance(db.get(key, kind()), kind):
+            raise ValueError(f"database {name!r}: {key} is not a {kind.__name__}")
+    for rel_name, rel in db.get("relations", {}).items():
+        if not isinstance(rel, dict) or not isinstance(rel.get("kind"), str) or not isinstance(
+                rel.get("columns", []), list):
+            raise ValueError(f"database {name!r}: relation {rel_name!r} is malformed")

@@ -30,6 +30,7 @@ from typing import Any
 
 from . import PgError
 from .options import ConnOptions
+from .process import track_process, untrack_process
 from .tools import find_tool
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ def start_server(postgres: str, data: str, root: str, run_as: tuple[int, int] | 
         proc = subprocess.Popen(  # argv list, no shell
             [postgres, "-D", data, *extra_args], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             env=_server_env(root), cwd=root, start_new_session=True, **_spawn_kwargs(run_as))
+    track_process(proc)  # an operator's on_kill kills it with the tools
     try:
         _wait_ready(proc, data, logfile)
     except BaseException:
@@ -221,6 +223,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], data: str, logfile: str) -> None:
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    untrack_process(proc)
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)  # fast shutdown
         try:

@@ -216,3 +216,21 @@ def test_refused_exported_snapshot_falls_back_to_a_plain_dump_with_catalog(pg_fa
     assert store.load_snapshot(res.snapshot_id).header["meta"]["warnings"] == res.warnings
     report = verify_snapshot(store, res.snapshot_id, pg_bin_dir=str(pg_manager.bin_dir(15)))
     assert report.ok, report.text()
+
+
+@pytest.mark.parametrize(("payload", "match"), [
+    (b"not json", "not a fingerprint record"),
+    (b'{"format": 2, "databases": {}}', "format 2"),
+    (b'{"format": 1, "databases": {"x": {"level": "full", "relations": []}}}', "relations is not a dict"),
+    (b'{"format": 1, "databases": {"x": {"level": "full", "relations": {"t": 5}}}}', "relation 't' is malformed"),
+    (b'{"format": 1, "databases": {"x": {"level": "everything"}}}', "no valid level"),
+])
+def test_a_malformed_fingerprint_record_is_refused_in_one_line(store, payload: bytes, match: str) -> None:
+    from airflow_provider_pgplakar.pg.fingerprint import FingerprintError
+
+    with store.writer(source={"kind": "postgres", "origin": "postgres://h:5432"},
+                      meta={"server_version_num": 150000}) as w:
+        w.add_bytes(FINGERPRINTS_PATH, payload, mode=0o444)
+    with pytest.raises(FingerprintError, match=match) as exc:
+        verify_snapshot(store, w.snapshot_id)
+    assert "\n" not in str(exc.value) and str(exc.value).startswith("/fingerprints.json: ")
