@@ -139,12 +139,19 @@ def _ls_verified(st: Store, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(location: str, args: argparse.Namespace) -> int:
+    from ..pg.options import parse_restore_options
     from ..pg.verify import parse_verify_options, store_report, verify_snapshot
 
     opts = parse_verify_options(parse_kv(args.verify_options))
+    # target=: a scratch server given as a location; its password from $PGPASSWORD (never on the command line)
+    target = None
+    if opts.target:
+        extra = {"pg_bin_dir": opts.pg_bin_dir} if opts.pg_bin_dir else {}
+        target = parse_restore_options(opts.target, {**_pg_options([], opts.target), **extra})
     st = _open(location, args)
     sid = st.resolve(args.snapshot)
-    report = verify_snapshot(st, sid, databases=opts.databases, amcheck=opts.amcheck, pg_bin_dir=opts.pg_bin_dir)
+    report = verify_snapshot(st, sid, databases=opts.databases, amcheck=opts.amcheck, pg_bin_dir=opts.pg_bin_dir,
+                             target=target)
     if not args.no_store:
         store_report(st, report)
     if args.json:

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("verify", "restore a logical snapshot into a throwaway server and compare it with its fingerprints")
     p.add_argument("snapshot", metavar="SNAPSHOT")
     p.add_argument("verify_options", nargs="*", metavar="key=value",
-                   help="databases=a,b | amcheck=true | pg_bin_dir=DIR (the verify server's binaries)")
+                   help="databases=a,b | amcheck=true | pg_bin_dir=DIR (the verify server's binaries) | "
+                        "target=postgres://user@host:port (a scratch server instead; password from $PGPASSWORD)")
     p.add_argument("--no-store", action="store_true", help="do not store the report as a verifies=<id> snapshot")
 
     p = cmd("cat", "write a record's content to stdout")

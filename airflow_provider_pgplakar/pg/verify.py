@@ -117,9 +117,10 @@ class VerifyOptions:
     databases: tuple[str, ...] = ()
     amcheck: bool = False
     pg_bin_dir: str | None = None
+    target: str | None = None
 
 
-VERIFY_KEYS = ("databases", "amcheck", "pg_bin_dir")
+VERIFY_KEYS = ("databases", "amcheck", "pg_bin_dir", "target")
 
 
 def parse_verify_options(options: dict[str, Any] | None) -> VerifyOptions:
@@ -145,7 +146,13 @@ def parse_verify_options(options: dict[str, Any] | None) -> VerifyOptions:
     if pg_bin_dir is not None and (not isinstance(pg_bin_dir, str) or "\0" in pg_bin_dir):
         raise OptionError("pg_bin_dir", "must be a directory path")
     names = tuple(dict.fromkeys(str(d) for d in dbs if str(d)))
-    return VerifyOptions(databases=names, amcheck=amcheck, pg_bin_dir=pg_bin_dir)
+    target = opts.get("target") or None
+    if target is not None:
+        from .options import parse_location
+
+        if not isinstance(target, str) or parse_location(target).scheme == "postgres+bin":
+            raise OptionError("target", "must be a postgres:// or postgres+aws:// location of a scratch server")
+    return VerifyOptions(databases=names, amcheck=amcheck, pg_bin_dir=pg_bin_dir, target=target)
 
 
 # -- comparison ------------------------------------------------------------------------------------------------------
@@ -214,14 +221,23 @@ def _compare_relation(name: str, rel: dict[str, Any], got: dict[str, Any] | None
 # -- verify ----------------------------------------------------------------------------------------------------------
 
 def verify_snapshot(store: Any, snapshot_id: str, *, databases: Sequence[str] = (), amcheck: bool = False,
-                    pg_bin_dir: str | None = None, extra_dirs: tuple[str, ...] = ()) -> VerifyReport:
-    """Restore ``snapshot_id`` into a throwaway server and compare; the report says PASSED or FAILED (not raised)."""
+                    pg_bin_dir: str | None = None, extra_dirs: tuple[str, ...] = (), target: Any = None,
+                    password: Any = None) -> VerifyReport:
+    """Restore ``snapshot_id`` into a throwaway server and compare; the report says PASSED or FAILED (not raised).
+
+    ``target`` (:class:`.options.RestoreOptions` of a server the user provides; ``password`` as for a restore):
+    restore there instead, each database into a new ``pgplakar_verify_<id>_<n>`` database (refused if one
+    exists), without globals and owners, and drop those databases afterwards (logical snapshots only).
+    """
     from .scratch import throwaway_server
 
     snap = store.load_snapshot(snapshot_id)
     kind = (snap.header.get("source") or {}).get("kind")
     t0 = time.time()
     report = VerifyReport(snapshot_id, amcheck=amcheck, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if kind == "postgres+bin" and target is not None:
+        raise PgError(f"snapshot {snapshot_id[:8]} is physical: it is verified on a throwaway server of its own "
+                      "major, not into target=")
     if kind == "postgres+bin":
         from .physical_verify import verify_physical
 
@@ -234,6 +250,10 @@ def verify_snapshot(store: Any, snapshot_id: str, *, databases: Sequence[str] = 
     meta = snap.header.get("meta") or {}
     expected = fingerprint.read(store, snap)
     names = list(databases) or list(expected or meta.get("databases") or [])
+    if target is not None:
+        _verify_into_target(store, snapshot_id, report, expected, names, target, password, _min_major(meta),
+                            extra_dirs)
+        return _finish(report, t0)
     with throwaway_server(_min_major(meta), pg_bin_dir=pg_bin_dir, extra_dirs=extra_dirs) as srv:
         report.server = srv.version
         with ssl_files(srv.conn) as ssl:
@@ -292,14 +312,15 @@ def _restore(store: Any, snapshot_id: str, srv: Any, databases: tuple[str, ...],
                 report.errors.append(f"restore of {r.path} failed: {' '.join(r.detail.split())[:1000]}")
 
 
-def _compare_all(s: Session, expected: dict[str, Any] | None, names: list[str], report: VerifyReport) -> None:
+def _compare_all(s: Session, expected: dict[str, Any] | None, names: list[str], report: VerifyReport,
+                 renamed: dict[str, str] | None = None) -> None:
     from .connect import PgConnectError
 
     for db in names:
         exp = (expected or {}).get(db)
         level = (exp or {}).get("level", "catalog")
         try:
-            with s.connect(db) as c:
+            with s.connect((renamed or {}).get(db, db)) as c:
                 c.autocommit = True
                 c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 found = fingerprint.collect(c, level if level_rank(level) >= level_rank("counts") else "counts")
@@ -314,6 +335,63 @@ def _compare_all(s: Session, expected: dict[str, Any] | None, names: list[str], 
         else:
             rep = compare(db, exp, found)
         report.databases.append(rep)
+
+
+def _verify_into_target(store: Any, snapshot_id: str, report: VerifyReport, expected: dict[str, Any] | None,
+                        names: list[str], target: Any, password: Any, min_major: int,
+                        extra_dirs: tuple[str, ...]) -> None:
+    """``target=``: restore each database into a new prefixed database of the user's server; drop them after.
+    Client tools: the target's ``pg_bin_dir``, else the usual search plus the server wheels."""
+    from psycopg import sql
+
+    from . import restore as restore_mod
+    from .connect import list_databases, server_version_num
+    from .iam import password_source
+    from .options import RestoreOptions
+    from .scratch import wheel_bin_dirs
+
+    extra_dirs = (*extra_dirs, *wheel_bin_dirs())
+    renamed = {db: f"pgplakar_verify_{snapshot_id[:8]}_{n}" for n, db in enumerate(names, 1)}
+    pw = password_source(target.conn, password)
+    with ssl_files(target.conn) as ssl:
+        s = Session(target.conn, ssl, pw, target.pg_bin_dir, extra_dirs)
+        with s.connect("postgres") as c:
+            c.autocommit = True
+            num = server_version_num(c)
+            taken = sorted(set(renamed.values()) & set(list_databases(c)))
+        report.server = f"PostgreSQL {num // 10000}.{num % 10000} at {target.conn.redacted_uri()}"
+        if num // 10000 < min_major:
+            raise PgError(f"target: PostgreSQL {num // 10000} is older than the backup's {min_major}: use a "
+                          f"PostgreSQL {min_major}+ server")
+        if taken:
+            raise PgError(f"target: database {taken[0]} exists already (a verify still running or one that was "
+                          "killed): drop it or wait; verify never drops databases it did not create")
+        _check_extensions(s, expected or {}, names, report)
+        if report.errors:
+            return
+        created: list[str] = []
+        try:
+            for db in names:
+                with s.connect("postgres") as c:
+                    c.autocommit = True
+                    c.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(renamed[db])))
+                created.append(renamed[db])
+                opts = RestoreOptions(conn=target.conn, database=renamed[db], databases=(db,), no_globals=True,
+                                      no_owner=True, pg_bin_dir=target.pg_bin_dir)
+                try:
+                    restore_mod.logical_restore(store, snapshot_id, opts, password=password, extra_dirs=extra_dirs)
+                except restore_mod.RestoreFailed as e:
+                    for r in e.summary.results:
+                        if r.status == "failed":
+                            report.errors.append(f"restore of {r.path} failed: {' '.join(r.detail.split())[:1000]}")
+            _compare_all(s, expected, names, report, renamed)
+            if report.amcheck:
+                _amcheck(s, [renamed[db] for db in names], report)
+        finally:
+            with s.connect("postgres") as c:
+                c.autocommit = True
+                for name in created:
+                    c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def _amcheck(s: Session, names: list[str], report: VerifyReport) -> None:

@@ -234,3 +234,38 @@ def test_a_malformed_fingerprint_record_is_refused_in_one_line(store, payload: b
     with pytest.raises(FingerprintError, match=match) as exc:
         verify_snapshot(store, w.snapshot_id)
     assert "\n" not in str(exc.value) and str(exc.value).startswith("/fingerprints.json: ")
+
+
+def test_verify_into_a_user_scratch_server_creates_and_drops_only_its_own_databases(
+        pg_factory, store, tmp_path: Path, monkeypatch, capsys) -> None:
+    src = pg_factory(15)
+    _make_db(src, "shop", SHOP[:2])
+    res = _backup(store, src, database="shop", fingerprint="full")
+    scratch = pg_factory(18)
+    with scratch.connect() as c:
+        c.execute("CREATE DATABASE keep_me")
+        before = sorted(r[0] for r in c.execute("SELECT datname FROM pg_database"))
+    monkeypatch.setenv("PGPLAKAR_PASSPHRASE", "pw")
+    monkeypatch.setenv("PGPASSWORD", scratch.password)
+    at = ["at", str(tmp_path / "store")]
+    target = f"target=postgres://{scratch.superuser}@{scratch.host}:{scratch.port}"
+    capsys.readouterr()
+    rc = main([*at, "--json", "verify", res.snapshot_id, target, f"pg_bin_dir={scratch.bin_dir}", "--no-store"])
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
+    doc = json.loads(out)
+    assert doc["ok"] and doc["server"].startswith("PostgreSQL 18.")
+    items = next(f for f in doc["databases"][0]["findings"] if f["object"] == "public.items")
+    assert (items["status"], items["found"]) == ("ok", 2000)
+    with scratch.connect() as c:
+        assert sorted(r[0] for r in c.execute("SELECT datname FROM pg_database")) == before
+    assert verifications(store) == {}  # --no-store
+
+    # a database with the name verify would create is never taken over nor dropped
+    taken = f"pgplakar_verify_{res.snapshot_id[:8]}_1"
+    with scratch.connect() as c:
+        c.execute(f"CREATE DATABASE {taken}")
+    rc = main([*at, "verify", res.snapshot_id, target, f"pg_bin_dir={scratch.bin_dir}"])
+    assert rc == 1 and f"database {taken} exists already" in capsys.readouterr().err
+    with scratch.connect() as c:
+        assert sorted(r[0] for r in c.execute("SELECT datname FROM pg_database")) == sorted(before + [taken])
