@@ -183,8 +183,13 @@ def throwaway_server(min_major: int, *, pg_bin_dir: str | None = None,
 
 def _initdb(initdb: str, data: str, root: str, run_as: tuple[int, int] | None) -> None:
     argv = [initdb, "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"]
-    res = subprocess.run(argv, capture_output=True, text=True, errors="replace", check=False, timeout=600,  # noqa: S603
-                         cwd=root, env=_server_env(root), **_spawn_kwargs(run_as))
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, errors="replace", check=False,  # noqa: S603
+                             timeout=600, cwd=root, env=_server_env(root), **_spawn_kwargs(run_as))
+    except PermissionError:
+        who = pwd.getpwuid(run_as[0]).pw_name if run_as else "this user"
+        raise ScratchServerError(f"{initdb} cannot be run by the OS user {who}: install PostgreSQL where it can "
+                                 "(every parent directory searchable) or set pg_bin_dir") from None
     if res.returncode != 0:
         raise ScratchServerError(f"initdb of the verify server failed (exit {res.returncode}): "
                                  f"{(res.stderr or res.stdout).strip()[-2000:]}")
