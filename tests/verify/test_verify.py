@@ -269,3 +269,29 @@ def test_verify_into_a_user_scratch_server_creates_and_drops_only_its_own_databa
     assert rc == 1 and f"database {taken} exists already" in capsys.readouterr().err
     with scratch.connect() as c:
         assert sorted(r[0] for r in c.execute("SELECT datname FROM pg_database")) == sorted(before + [taken])
+
+
+def test_full_fingerprints_catch_a_changed_value_with_the_same_row_count(pg_factory, pg_manager, store,
+                                                                         monkeypatch) -> None:
+    src = pg_factory(15)
+    _make_db(src, "shop", SHOP[:2])
+    res = _backup(store, src, database="shop", fingerprint="full")
+    real = restore_mod.logical_restore
+
+    def altering_restore(store, snapshot_id, opts, **kw):  # injected fault: one value differs after the restore
+        summary = real(store, snapshot_id, opts, **kw)
+        import psycopg
+
+        with psycopg.connect(host=opts.conn.host, port=opts.conn.port, user=opts.conn.username, dbname="shop",
+                             autocommit=True) as c:
+            c.execute("UPDATE items SET price = price + 0.01 WHERE id = 1234")
+            c.execute("SELECT setval('items_id_seq', 1)")
+        return summary
+
+    monkeypatch.setattr(restore_mod, "logical_restore", altering_restore)
+    report = verify_snapshot(store, res.snapshot_id, pg_bin_dir=str(pg_manager.bin_dir(15)))
+    assert not report.ok
+    found = _by_object(report, "shop")
+    assert (found["public.items"].status, found["public.items"].detail) == ("differs", "content digest")
+    assert (found["public.items"].expected, found["public.items"].found) == (2000, 2000)
+    assert found["public.items_id_seq"].status == "differs"
