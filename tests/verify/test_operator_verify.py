@@ -71,7 +71,10 @@ def test_operator_refuses_unknown_options_before_any_work(store) -> None:
     op = PgPlakarVerifyOperator(task_id="verify", snapshot_id="abcd", options={"amcheck": "maybe"})
     with pytest.raises(OptionError, match="amcheck: invalid boolean"):
         op.execute(context(FakeTI(task_id="verify")))
-    op = PgPlakarVerifyOperator(task_id="verify", snapshot_id="abcd", options={"target": "x"})
-    with pytest.raises(OptionError, match="target: unknown verify option"):
+    op = PgPlakarVerifyOperator(task_id="verify", snapshot_id="abcd", options={"jobs": "2"})
+    with pytest.raises(OptionError, match="jobs: unknown verify option"):
+        op.execute(context(FakeTI(task_id="verify")))
+    op = PgPlakarVerifyOperator(task_id="verify", snapshot_id="abcd", options={"target": "postgres://h"})
+    with pytest.raises(OptionError, match="target: use target_conn_id"):
         op.execute(context(FakeTI(task_id="verify")))
     assert store.snapshot_ids() == []
