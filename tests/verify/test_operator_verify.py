@@ -78,3 +78,20 @@ def test_operator_refuses_unknown_options_before_any_work(store) -> None:
     with pytest.raises(OptionError, match="target: use target_conn_id"):
         op.execute(context(FakeTI(task_id="verify")))
     assert store.snapshot_ids() == []
+
+
+def test_operator_verifies_into_a_target_connection(pg_factory, store, monkeypatch) -> None:
+    src = pg_factory(15)
+    sid = _backup(store, src, "app", ["CREATE TABLE t (id int)", "INSERT INTO t SELECT generate_series(1, 12)"])
+    scratch = pg_factory(18)
+    monkeypatch.setenv("AIRFLOW_CONN_SCRATCH_PG", json.dumps({
+        "conn_type": "postgres", "host": scratch.host, "port": scratch.port, "login": scratch.superuser,
+        "password": scratch.password, "extra": {"pg_bin_dir": str(scratch.bin_dir)}}))
+    with scratch.connect() as c:
+        before = sorted(r[0] for r in c.execute("SELECT datname FROM pg_database"))
+    op = PgPlakarVerifyOperator(task_id="verify", snapshot_id=sid, target_conn_id="scratch_pg")
+    out = op.execute(context(FakeTI(task_id="verify")))
+    assert out["ok"] and out["server"].startswith("PostgreSQL 18.") and scratch.password not in json.dumps(out)
+    assert [(f["object"], f["found"]) for f in out["databases"][0]["findings"]] == [("public.t", 12)]
+    with scratch.connect() as c:
+        assert sorted(r[0] for r in c.execute("SELECT datname FROM pg_database")) == before
