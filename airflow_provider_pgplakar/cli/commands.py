@@ -96,6 +96,8 @@ def cmd_ls(location: str, args: argparse.Namespace) -> int:
             output.table(["mode", "size", "kind", "path"],
                          [[oct(r.get("m", 0)), r.get("s", ""), r.get("k"), r["p"]] for r in recs])
         return 0
+    if args.verified:
+        return _ls_verified(st, args)
     errors: list[str] = []
     snaps = [s for s in st.snapshots(errors=errors) if not args.tag or args.tag in s.header["tags"]]
     for e in errors:
@@ -110,6 +112,55 @@ def cmd_ls(location: str, args: argparse.Namespace) -> int:
               ",".join(s.header["tags"])] for s in snaps],
         )
     return 0
+
+
+def _ls_verified(st: Store, args: argparse.Namespace) -> int:
+    from ..pg.verify import verifications
+
+    errors: list[str] = []
+    proofs = verifications(st, errors=errors)
+    for e in errors:
+        print(f"pgplakar: warning: {e}", file=sys.stderr)
+    rows = []
+    for s in st.snapshots():
+        if s.id in proofs and (not args.tag or args.tag in s.header["tags"]):
+            last = proofs[s.id][-1]
+            labels = last.header.get("labels") or {}
+            rows.append({"id": s.id, "time": s.time, "source": source_label(s.header["source"]),
+                         "verify": last.id, "verified_at": last.time, "status": labels.get("verify_status"),
+                         "level": labels.get("verify_level"), "verifies": len(proofs[s.id])})
+    if args.json:
+        output.emit_json(rows)
+    else:
+        output.table(["id", "time", "source", "status", "verified", "fingerprint", "report"],
+                     [[r["id"][:8], r["time"][:19].replace("T", " "), r["source"], r["status"],
+                       r["verified_at"][:19].replace("T", " "), r["level"], r["verify"][:8]] for r in rows])
+    return 0
+
+
+def cmd_verify(location: str, args: argparse.Namespace) -> int:
+    from ..pg.options import parse_restore_options
+    from ..pg.verify import parse_verify_options, store_report, verify_snapshot
+
+    opts = parse_verify_options(parse_kv(args.verify_options))
+    # target=: a scratch server given as a location; its password from $PGPASSWORD (never on the command line)
+    target = None
+    if opts.target:
+        extra = {"pg_bin_dir": opts.pg_bin_dir} if opts.pg_bin_dir else {}
+        target = parse_restore_options(opts.target, {**_pg_options([], opts.target), **extra})
+    st = _open(location, args)
+    sid = st.resolve(args.snapshot)
+    report = verify_snapshot(st, sid, databases=opts.databases, amcheck=opts.amcheck, pg_bin_dir=opts.pg_bin_dir,
+                             target=target)
+    if not args.no_store:
+        store_report(st, report)
+    if args.json:
+        output.emit_json(report.as_dict())
+    else:
+        print(report.text())
+        if report.report_snapshot:
+            print(f"report stored as snapshot {report.report_snapshot[:8]} (verifies={sid[:8]})")
+    return 0 if report.ok else 3
 
 
 def _record_view(r: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """``pgplakar [options] at STORE COMMAND ...`` — Plakar's verbs on our store.
 
 Exit status: 0 on success, 1 on any failure (one line on stderr, no traceback unless ``--debug``), 2 on usage
-errors, 3 when ``check`` finds problems, 130 on Ctrl-C.
+errors, 3 when ``check`` finds problems or ``verify`` fails, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -74,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("ls", "list snapshots, or the records of SNAPSHOT[:/path]")
     p.add_argument("target", nargs="?")
     p.add_argument("--tag", help="only snapshots with this tag")
+    p.add_argument("--verified", action="store_true", help="only snapshots a verify proved (or failed): the latest "
+                   "verify report of each")
+
+    p = cmd("verify", "restore a logical snapshot into a throwaway server and compare it with its fingerprints")
+    p.add_argument("snapshot", metavar="SNAPSHOT")
+    p.add_argument("verify_options", nargs="*", metavar="key=value",
+                   help="databases=a,b | amcheck=true | pg_bin_dir=DIR (the verify server's binaries) | "
+                        "target=postgres://user@host:port (a scratch server instead; password from $PGPASSWORD)")
+    p.add_argument("--no-store", action="store_true", help="do not store the report as a verifies=<id> snapshot")
 
     p = cmd("cat", "write a record's content to stdout")
     p.add_argument("target", metavar="SNAPSHOT:/path")

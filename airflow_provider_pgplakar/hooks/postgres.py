@@ -66,7 +66,7 @@ def _text(v: Any) -> str:
 # Option names a shared connection may carry for logical backups or restores; a base backup ignores them.
 _LOGICAL_ONLY = frozenset({"database", "databases", "exclude_databases", "compress", "schema_only", "data_only",
                            "clean", "recreate", "no_globals", "no_owner", "exit_on_error", "ignore_globals_errors",
-                           "tables", "schemas", "jobs"})
+                           "tables", "schemas", "jobs", "fingerprint"})
 
 
 class PgPlakarPostgresHook(BaseHook):

@@ -14,6 +14,7 @@ Every tool gets ``--no-password``: a missing password must fail the task, not ha
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from psycopg.conninfo import make_conninfo
@@ -68,17 +69,23 @@ def pg_dumpall_globals(tool: str, *, no_role_passwords: bool = False) -> list[st
 
 
 def pg_dump(
-    tool: str, database: str, *, compress: bool = False, schema_only: bool = False, data_only: bool = False
+    tool: str, database: str, *, compress: bool = False, schema_only: bool = False, data_only: bool = False,
+    snapshot: str | None = None,
 ) -> list[str]:
     """``pg_dump -Fc`` of one database to stdout.
 
     ``-Z0`` unless ``compress``: the store compresses and deduplicates, and pre-compressed dumps defeat both
-    (measured: a 1% change re-stores ~82% of a gzip'd dump, see peers.md).
+    (measured: a 1% change re-stores ~82% of a gzip'd dump, see peers.md). ``snapshot`` is an exported snapshot ID
+    (``pg_export_snapshot()``) the dump reads in, so fingerprints taken in that snapshot describe the dump exactly.
     """
     _exclusive(schema_only, data_only)
     argv = [tool, "-Fc", "--no-password"]
     if not compress:
         argv.append("-Z0")
+    if snapshot is not None:
+        if not re.fullmatch(r"[0-9A-Fa-f]+-[0-9A-Fa-f]+(?:-[0-9]+)?", snapshot):
+            raise ValueError(f"snapshot must be an exported snapshot ID such as 00000003-0000001B-1, got {snapshot!r}")
+        argv.append(f"--snapshot={snapshot}")
     if schema_only:
         argv.append("--schema-only")
     elif data_only:

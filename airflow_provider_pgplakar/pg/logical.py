@@ -26,7 +26,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import PgError, commands
+import psycopg
+
+from . import PgError, commands, fingerprint
+from .connect import PgConnectError
 from .iam import password_source
 from .options import AWS_DEFAULT_EXCLUDES, LogicalSourceOptions
 from .process import ToolFailed, run_tool
@@ -156,17 +159,38 @@ def logical_backup(
                         str(s.tool("pg_dumpall", major).path), no_role_passwords=not authid_ok),
                         {"type": "globals", "tool": tool_versions.get("pg_dumpall")})
                 dump_tool = str(s.tool("pg_dump", major).path)
+                prints: dict[str, Any] = {}
                 for n, db in enumerate(selected, 1):
-                    argv = commands.pg_dump(dump_tool, db, compress=opts.compress, schema_only=opts.schema_only,
-                                            data_only=opts.data_only)
+                    level = fingerprint.effective_level(opts.fingerprint, schema_only=opts.schema_only,
+                                                        data_only=opts.data_only)
                     gone = None if opts.database is not None else (lambda e, db=db: _vanished(s, db, e))
-                    if not _stream(w, s, dump_path(n, db), argv, {"type": "dump", "database": db,
-                                   "format": "custom", "tool": tool_versions["pg_dump"]}, skip_if=gone):
+                    try:
+                        with fingerprint.dump_snapshot(s.connect, db, level) as fp:
+                            argv = commands.pg_dump(dump_tool, db, compress=opts.compress,
+                                                    schema_only=opts.schema_only, data_only=opts.data_only,
+                                                    snapshot=fp.snapshot)
+                            recorded = _stream(w, s, dump_path(n, db), argv, {
+                                "type": "dump", "database": db, "format": "custom",
+                                "tool": tool_versions["pg_dump"]}, skip_if=gone)
+                    except PgConnectError as e:  # the fingerprint connection comes first: it meets a drop first
+                        if gone is None or not _missing_database(e, db) or not _gone(s, db):
+                            raise
+                        recorded = False
+                    except psycopg.OperationalError:  # dropped WITH (FORCE) while it was being fingerprinted
+                        if gone is None or not _gone(s, db):
+                            raise
+                        recorded = False
+                    if not recorded:
                         dumped.remove(db)
                         skipped.append(db)
                         meta["skipped_databases"] = skipped
                         warnings.append(f"database {db!r} was dropped after it was listed: skipped")
                         log.warning("%s", warnings[-1])
+                        continue
+                    prints[db] = fp.fingerprints
+                    warnings.extend([fp.warning] if fp.warning else [])
+                w.add_bytes(fingerprint.FINGERPRINTS_PATH, fingerprint.encode(prints), mode=0o444,
+                            meta={"type": "fingerprints"})
         snap_id = w.snapshot_id
         total = store.load_snapshot(snap_id).header["stats"]["bytes"]
         return BackupResult(snap_id, dumped, warnings, w.already_existed, total)
@@ -188,8 +212,16 @@ def _vanished(s: Session, database: str, error: ToolFailed) -> bool:
     The message is the server's (``lc_messages``): a translated one does not match and the backup fails, the safe
     way. The re-check makes a misleading message (e.g. a database of that name inside a connection string) moot.
     """
-    if f'database "{database}" does not exist' not in error.stderr:
-        return False
+    return f'database "{database}" does not exist' in error.stderr and _gone(s, database)
+
+
+def _missing_database(error: PgConnectError, database: str) -> bool:
+    """A connection refused because ``database`` does not exist (SQLSTATE 3D000, or libpq's message without one)."""
+    return error.sqlstate == "3D000" or f'database "{database}" does not exist' in str(error)
+
+
+def _gone(s: Session, database: str) -> bool:
+    """``pg_database`` no longer lists ``database``."""
     with s.connect("postgres") as c:
         row = c.execute("SELECT count(*) FROM pg_catalog.pg_database WHERE datname = %s", (database,)).fetchone()
     return row[0] == 0
@@ -219,7 +251,8 @@ def _stream(w: Any, s: Session, path: str, argv: list[str], meta: dict[str, Any]
 
 def _option_summary(opts: LogicalSourceOptions) -> dict[str, Any]:
     return {"database": opts.database, "exclude_databases": list(opts.exclude_databases or ()),
-            "compress": opts.compress, "schema_only": opts.schema_only, "data_only": opts.data_only}
+            "compress": opts.compress, "schema_only": opts.schema_only, "data_only": opts.data_only,
+            "fingerprint": opts.fingerprint}
 
 
 def _manifest(s: Session, opts: LogicalSourceOptions, selected: list[str], tool_versions: dict[str, str],

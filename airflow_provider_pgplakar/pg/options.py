@@ -28,6 +28,7 @@ __all__ = [
     "CHECKPOINT_MODES",
     "DEFAULT_HOST",
     "DEFAULT_PORT",
+    "FINGERPRINT_LEVELS",
     "SSL_MODES",
     "ConnOptions",
     "LogicalSourceOptions",
@@ -76,7 +77,10 @@ _REDACTED = "***"
 _CONN_KEYS = frozenset(
     {"host", "port", "username", "password", "pg_bin_dir", "ssl_mode"} | {k for pair in _SSL_PAIRS for k in pair}
 )
-_LOGICAL_KEYS = _CONN_KEYS | {"database", "exclude_databases", "compress", "schema_only", "data_only"}
+_LOGICAL_KEYS = _CONN_KEYS | {"database", "exclude_databases", "compress", "schema_only", "data_only", "fingerprint"}
+# What a logical backup records to prove a restore later (see :mod:`.fingerprint`): catalog lists only, plus exact
+# row counts, plus content digests, sequences and large objects.
+FINGERPRINT_LEVELS = ("catalog", "counts", "full")
 _PHYSICAL_KEYS = _CONN_KEYS | {"checkpoint", "max_rate", "server_compression"}
 _RESTORE_KEYS = _CONN_KEYS | {
     "database",
@@ -303,10 +307,14 @@ class LogicalSourceOptions(_Redactable):
     schema_only: bool = False
     data_only: bool = False
     pg_bin_dir: str | None = None
+    fingerprint: str = "catalog"
 
     def __post_init__(self) -> None:
         _check_common(self.conn, self.pg_bin_dir)
         _check_optional_text("database", self.database, what="database name")
+        if self.fingerprint not in FINGERPRINT_LEVELS:
+            raise OptionError("fingerprint", f"invalid value {self.fingerprint!r} "
+                                             f"(accepted: {', '.join(FINGERPRINT_LEVELS)})")
         if self.exclude_databases is None:
             excludes = AWS_DEFAULT_EXCLUDES if self.conn.iam else ()
         else:
@@ -657,6 +665,7 @@ def parse_source_options(
         schema_only=_parse_bool("schema_only", opts.get("schema_only", "false")),
         data_only=_parse_bool("data_only", opts.get("data_only", "false")),
         pg_bin_dir=opts.get("pg_bin_dir"),
+        fingerprint=opts.get("fingerprint", "catalog").strip().lower(),
     )
 
 

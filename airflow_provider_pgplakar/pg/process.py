@@ -154,3 +154,15 @@ def kill_all() -> None:
     for p in procs:
         log.warning("killing %s (pid %d) and its process group", os.path.basename(str(p.args[0])), p.pid)
         _killpg(p)
+
+
+def track_process(proc: subprocess.Popen[bytes]) -> None:
+    """Have :func:`kill_all` kill ``proc``'s process group too (a server started in its own session, e.g. the
+    throwaway verify server of :mod:`.scratch`)."""
+    with _lock:
+        _running.add(proc)
+
+
+def untrack_process(proc: subprocess.Popen[bytes]) -> None:
+    with _lock:
+        _running.discard(proc)

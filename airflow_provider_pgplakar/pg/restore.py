@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from . import PgError, commands
+from .fingerprint import FINGERPRINTS_PATH
 from .iam import password_source
 from .logical import GLOBALS_PATH, MANIFEST_PATH, PasswordSource, Session, database_from_path
 from .options import RestoreOptions
@@ -202,7 +203,7 @@ def _plan(records: list[dict[str, Any]], opts: RestoreOptions) -> tuple[dict | N
     dumps: list[tuple[dict, str]] = []
     for rec in records:
         path = rec["p"]
-        if rec.get("k") != "f" or path == MANIFEST_PATH:
+        if rec.get("k") != "f" or path in (MANIFEST_PATH, FINGERPRINTS_PATH):
             continue
         if path == GLOBALS_PATH or path.endswith("/00000-globals.sql"):
             globals_rec = rec

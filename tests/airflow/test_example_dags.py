@@ -69,10 +69,6 @@ def create_database(server: PgServer, name: str, statements: list[str]) -> None:
             c.execute(q)
 
 
-def row_counts(server: PgServer, dbname: str) -> dict[str, int]:
-    mod = load_dag_module("pgplakar_backup_restore_check")
-    with server.connect(dbname) as c:
-        return mod.table_row_counts(c)
 
 
 @pytest.fixture(autouse=True)
@@ -96,15 +92,16 @@ def test_example_dags_import_without_errors() -> None:
     assert bag.import_errors == {}
     assert set(bag.dag_ids) == {"pgplakar_nightly_backup", "pgplakar_fanout_per_database", "pgplakar_iam_backup",
                                 "pgplakar_weekly_physical",
-                                "pgplakar_backup_restore_check"}
+                                "pgplakar_backup_restore_check", "pgplakar_restore_drill"}
     nightly = bag.dags["pgplakar_nightly_backup"]
     assert nightly.schedule == "15 2 * * *"
     assert nightly.get_task("manifest").upstream_task_ids == {"backup"}
     fanout = bag.dags["pgplakar_fanout_per_database"]
     assert fanout.get_task("backup").max_active_tis_per_dag == 4
     check = bag.dags["pgplakar_backup_restore_check"]
-    assert check.get_task("restore").upstream_task_ids == {"backup", "create_scratch_database"}
-    assert check.get_task("compare_row_counts").upstream_task_ids >= {"restore"}
+    assert check.get_task("verify").upstream_task_ids == {"backup"}
+    drill = bag.dags["pgplakar_restore_drill"]
+    assert drill.get_task("verify").upstream_task_ids == {"newest_snapshots"}
 
 
 def _secrets_absent(dag_id: str, run_id: str, texts: list[str], *needles: str) -> None:
@@ -131,36 +128,63 @@ def test_backup_restore_check_dag_end_to_end(pg15: PgServer, store_dir: Path, mo
                                              capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
                                              airflow_db: None) -> None:
     source = f"shop_{secrets.token_hex(4)}"
-    scratch = f"{source}_scratch"
     create_database(pg15, source, SHOP)
     set_connections(monkeypatch, pg15, store_dir, database="postgres")
     dag = load_dag_module("pgplakar_backup_restore_check").dag
 
     caplog.set_level("DEBUG")
-    dr = dag.test(run_conf={"source_database": source, "scratch_database": scratch, "keep_scratch_database": True})
+    dr = dag.test(run_conf={"source_database": source, "verify_pg_bin_dir": str(pg15.bin_dir)})
     assert dr.state == "success", [(ti.task_id, ti.state) for ti in dr.get_task_instances()]
 
-    backup_ti, restore_ti = dr.get_task_instance("backup"), dr.get_task_instance("restore")
-    snapshot_id = backup_ti.xcom_pull(task_ids="backup")
+    snapshot_id = dr.get_task_instance("backup").xcom_pull(task_ids="backup")
+    report = dr.get_task_instance("verify").xcom_pull(task_ids="verify")
+    assert report["snapshot_id"] == snapshot_id and report["ok"]  # the ID travelled backup -> verify by XCom
+    assert report["server"].startswith("PostgreSQL 15.")
+    (db,) = report["databases"]
+    found = {f["object"]: (f["status"], f["found"]) for f in db["findings"]}
+    assert db["level"] == "full"
+    assert {k: found[k] for k in ("public.customers", "public.empty_table", 'public."Mixed Case"', "sales.orders")} \
+        == {"public.customers": ("ok", 1200), "public.empty_table": ("ok", 0), 'public."Mixed Case"': ("ok", 77),
+            "sales.orders": ("ok", 3500)}
     with Store.open(str(store_dir), PASSPHRASE) as store:
-        assert store.snapshot_ids() == [snapshot_id]
-        labels = store.load_snapshot(snapshot_id).header["labels"]
+        snaps = {s.id: s.header for s in store.snapshots()}
+    labels = snaps[snapshot_id]["labels"]
     assert labels["dag_id"] == "pgplakar_backup_restore_check" and labels["task_id"] == "backup"
     assert labels["run_id"] == dr.run_id and labels["map_index"] == "-1" and labels["try_number"] == "1"
-    summary = restore_ti.xcom_pull(task_ids="restore")
-    assert summary["snapshot"] == snapshot_id and summary["ok"]  # the ID travelled backup -> restore by XCom
-    assert [(r["database"], r["status"]) for r in summary["records"] if r["database"]] == [(scratch, "restored")]
-    assert dr.get_task_instance("create_scratch_database").xcom_pull(task_ids="create_scratch_database") == scratch
-
-    expected = row_counts(pg15, source)
-    assert expected == {"public.customers": 1200, "public.empty_table": 0, 'public.Mixed Case': 77,
-                        "sales.orders": 3500}
-    assert row_counts(pg15, scratch) == expected
-    check = dr.get_task_instance("compare_row_counts").xcom_pull(task_ids="compare_row_counts")
-    assert check["counts"] == expected and check["rows"] == 4777
+    (proof,) = [h for sid, h in snaps.items() if sid != snapshot_id]
+    assert proof["labels"]["verifies"] == snapshot_id and proof["labels"]["verify_status"] == "passed"
+    assert proof["labels"]["task_id"] == "verify" and proof["labels"]["run_id"] == dr.run_id
 
     out, err = capfd.readouterr()
     _secrets_absent(dag.dag_id, dr.run_id, [out, err, caplog.text], pg15.password, PASSPHRASE)
+
+
+def test_restore_drill_verifies_the_newest_snapshot_of_each_source(pg15: PgServer, store_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   airflow_db: None) -> None:
+    from airflow_provider_pgplakar.pg.logical import logical_backup
+    from airflow_provider_pgplakar.pg.options import parse_source_options
+
+    names = [f"drill_{secrets.token_hex(3)}_{s}" for s in ("a", "b")]
+    for name in names:
+        create_database(pg15, name, SHOP[:2])
+    set_connections(monkeypatch, pg15, store_dir)
+    newest = {}
+    with Store.open(str(store_dir), PASSPHRASE) as store:
+        for name in names + names[:1]:  # two snapshots of the first source: only the newer is verified
+            opts = parse_source_options(f"postgres:///{name}", {
+                "host": pg15.host, "port": str(pg15.port), "username": pg15.superuser, "password": pg15.password,
+                "pg_bin_dir": str(pg15.bin_dir)})
+            newest[name] = logical_backup(store, opts).snapshot_id
+    dag = load_dag_module("pgplakar_restore_drill").dag
+    dr = dag.test(run_conf={"verify_pg_bin_dir": str(pg15.bin_dir), "amcheck": False})
+    assert dr.state == "success", [(ti.task_id, ti.state) for ti in dr.get_task_instances()]
+    listed = dr.get_task_instance("newest_snapshots").xcom_pull(task_ids="newest_snapshots")
+    assert sorted(listed) == sorted(newest.values())
+    with Store.open(str(store_dir), PASSPHRASE) as store:
+        proven = {s.header["labels"].get("verifies"): s.header["labels"].get("verify_status")
+                  for s in store.snapshots() if s.header["source"]["kind"] == "pgplakar-verify"}
+    assert proven == {sid: "passed" for sid in newest.values()}
 
 
 def test_fanout_dag_one_snapshot_per_database(pg15: PgServer, store_dir: Path, monkeypatch: pytest.MonkeyPatch,

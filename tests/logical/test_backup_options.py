@@ -92,8 +92,8 @@ def test_single_database(store, src) -> None:
     res = _backup(store, src, database="alpha")
     assert res.databases == ["alpha"]
     recs = _records(store, res.snapshot_id)
-    assert [r["p"] for r in recs] == ["/manifest.json", "/00000-globals.sql", "/00001-alpha.dump"]
-    assert [(r.get("x") or {}).get("type") for r in recs] == ["manifest", "globals", "dump"]
+    assert [r["p"] for r in recs] == ["/manifest.json", "/00000-globals.sql", "/00001-alpha.dump", "/fingerprints.json"]
+    assert [(r.get("x") or {}).get("type") for r in recs] == ["manifest", "globals", "dump", "fingerprints"]
     assert recs[2]["x"]["database"] == "alpha"
     manifest = json.loads(_read(store, recs[0]))
     assert manifest["pgplakar"]["databases_dumped"] == ["alpha"]
@@ -124,7 +124,7 @@ def test_schema_only_restores_empty_tables(store, src, target_db) -> None:
 def test_data_only_has_no_globals_and_fills_existing_schema(store, src, target_db, alpha_state) -> None:
     res = _backup(store, src, database="alpha", data_only="true")
     paths = [r["p"] for r in _records(store, res.snapshot_id)]
-    assert paths == ["/manifest.json", "/00001-alpha.dump"]
+    assert paths == ["/manifest.json", "/00001-alpha.dump", "/fingerprints.json"]
     assert "pg_dumpall" not in store.load_snapshot(res.snapshot_id).header["meta"]["tool_versions"]
     with src.connect(target_db) as c:
         c.execute("CREATE TABLE items (id int PRIMARY KEY, body text NOT NULL)")

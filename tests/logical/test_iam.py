@@ -369,7 +369,7 @@ def test_backup_and_restore_use_the_token_boto3_makes(rds: PgServer, store: Stor
     assert any("--no-role-passwords" in w for w in res.warnings)  # RDS-like user: pg_authid is unreadable
     assert "ssl_mode=prefer is weaker than require" in caplog.text
     records = {r["p"]: r for r in store.records(res.snapshot_id)}
-    assert set(records) == {"/manifest.json", "/00000-globals.sql", "/00001-app.dump"}
+    assert set(records) == {"/manifest.json", "/00000-globals.sql", "/00001-app.dump", "/fingerprints.json"}
     globals_sql = read(store, records["/00000-globals.sql"]).decode()
     assert "CREATE ROLE app_reader;" in globals_sql and f"CREATE ROLE {IAM_USER};" in globals_sql
     assert "PASSWORD" not in globals_sql and "SCRAM-SHA-256" not in globals_sql
@@ -444,7 +444,9 @@ def test_a_fresh_token_for_every_connection_and_every_tool(rds: PgServer, store:
     assert consumers.count("pg_dumpall") == 1 and consumers.count("pg_dump") == len(res.databases)
     # database list and pg_authid probe, then the manifest: its main connection and one per non-template database
     details = [f"connect {d}" for d in res.databases if d not in ("postgres", "template1")]
-    assert [c for c in consumers if c.startswith("connect ")] == ["connect postgres"] * 2 + details
+    # then per dumped database the fingerprint session that exports the snapshot and the probe that imports it
+    snapshots = [f"connect {d}" for d in res.databases for _ in range(2)]
+    assert [c for c in consumers if c.startswith("connect ")] == ["connect postgres"] * 2 + details + snapshots
     manifest = json.loads(read(store, next(r for r in store.records(res.snapshot_id) if r["p"] == "/manifest.json")))
     assert [e for e in manifest["errors"] if e["section"] == "connect"] == []
     assert [p for _, p in used] == made and len(set(made)) == len(made)  # one new token per consumer, in order

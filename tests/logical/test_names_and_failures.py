@@ -250,7 +250,8 @@ def test_pg_dump_killed_mid_stream_commits_nothing(store, src) -> None:
         assert not os.path.exists(f"/proc/{killer.killed}")  # reaped, nothing left running
         _no_partial_snapshot(store, ids_before)
         # the store is still usable: the earlier snapshot restores its records
-        assert [r["p"] for r in store.records(first.snapshot_id)][-1].endswith("-postgres.dump")
+        assert [r["p"] for r in store.records(first.snapshot_id) if r["p"].endswith(".dump")][-1].endswith(
+            "-postgres.dump")
     finally:
         _drop_db(src, "big")
 
@@ -298,23 +299,30 @@ def _table(server: PgServer, db: str, rows: int) -> None:
         c.execute("INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, %s) g", (rows,))
 
 
-def test_database_dropped_before_its_dump_is_skipped_and_recorded(store, src, dst, monkeypatch) -> None:
+@pytest.mark.parametrize("when", ["before_pg_dump", "before_fingerprint"])
+def test_database_dropped_before_its_dump_is_skipped_and_recorded(store, src, dst, monkeypatch, when) -> None:
+    """Dropped (WITH FORCE) while its exported snapshot is open, or before the fingerprint connection is made."""
     from airflow_provider_pgplakar.pg import logical as logical_mod
 
     names = ["vk_alpha", "vk_scratch", "vk_zulu"]
     for i, name in enumerate(names):
         _create_db(src, name)
         _table(src, name, 10 * (i + 1))
-    real_pg_dump = logical_mod.commands.pg_dump
     dropped: list[str] = []
 
-    def drop_scratch_first(tool: str, database: str, **kw: Any) -> list[str]:
-        if database == "vk_scratch":  # listed, its manifest taken; now a tenant job drops it
-            _drop_db(src, database)
-            dropped.append(database)
-        return real_pg_dump(tool, database, **kw)
+    def dropping_first(real: Any) -> Any:
+        def call(first: Any, database: str, *args: Any, **kw: Any) -> Any:
+            if database == "vk_scratch":  # listed, its manifest taken; now a tenant job drops it
+                _drop_db(src, database)
+                dropped.append(database)
+            return real(first, database, *args, **kw)
+        return call
 
-    monkeypatch.setattr(logical_mod.commands, "pg_dump", drop_scratch_first)
+    if when == "before_pg_dump":
+        monkeypatch.setattr(logical_mod.commands, "pg_dump", dropping_first(logical_mod.commands.pg_dump))
+    else:
+        monkeypatch.setattr(logical_mod.fingerprint, "dump_snapshot",
+                            dropping_first(logical_mod.fingerprint.dump_snapshot))
     try:
         location, opts = src_opts(src)
         res = logical_backup(store, parse_source_options(location, opts))

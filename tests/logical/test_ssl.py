@@ -331,7 +331,7 @@ def test_verify_full_scram_backup_and_restore(ssl_setup: SslSetup, store: Any, s
     assert res.databases == ["shop"]
     assert store.snapshot_ids() == [res.snapshot_id]
     paths = [r["p"] for r in store.records(res.snapshot_id)]
-    assert paths == ["/manifest.json", "/00000-globals.sql", "/00001-shop.dump"]
+    assert paths == ["/manifest.json", "/00000-globals.sql", "/00001-shop.dump", "/fingerprints.json"]
 
     target = ssl_setup.new_db()
     ropts = _opts(ssl_setup, SCRAM_ROLE, database=target, **_root(ssl_setup, form))

@@ -107,6 +107,23 @@ def test_pg_dump_default_is_uncompressed_custom_format() -> None:
     ]
 
 
+def test_pg_dump_in_an_exported_snapshot() -> None:
+    assert commands.pg_dump("pg_dump", "sales", snapshot="00000003-0000001B-1") == [
+        "pg_dump",
+        "-Fc",
+        "--no-password",
+        "-Z0",
+        "--snapshot=00000003-0000001B-1",
+        "--dbname=dbname=sales",
+    ]
+
+
+@pytest.mark.parametrize("bad", ["", "-x", "1-2; rm", "--jobs=2", "abc"])
+def test_pg_dump_refuses_a_snapshot_that_is_not_an_id(bad: str) -> None:
+    with pytest.raises(ValueError, match="exported snapshot ID"):
+        commands.pg_dump("pg_dump", "sales", snapshot=bad)
+
+
 def test_pg_dump_compress() -> None:
     assert commands.pg_dump("pg_dump", "sales", compress=True) == [
         "pg_dump",

@@ -201,6 +201,17 @@ def test_booleans(text: str, value: bool) -> None:
     assert parse_source_options("postgres://h", {"compress": text}).compress is value
 
 
+@pytest.mark.parametrize(("text", "level"), [(None, "catalog"), ("counts", "counts"), (" FULL ", "full")])
+def test_fingerprint_levels(text: str | None, level: str) -> None:
+    options = {} if text is None else {"fingerprint": text}
+    assert parse_source_options("postgres://h", options).fingerprint == level
+
+
+def test_bad_fingerprint_level() -> None:
+    with raises_option("fingerprint", "accepted: catalog, counts, full"):
+        parse_source_options("postgres://h", {"fingerprint": "digest"})
+
+
 @pytest.mark.parametrize("text", ["t", "f", "on", "off", "2", "truthy", "y"])
 def test_bad_booleans(text: str) -> None:
     with raises_option("compress", "invalid boolean"):
