@@ -7,6 +7,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ..store.sizes import human_bytes
+
+__all__ = ["emit_json", "human_bytes", "table"]
+
 
 def emit_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=_default)
@@ -26,12 +30,3 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     print(line(headers))
     for r in cells:
         print(line(r))
-
-
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"

@@ -17,6 +17,7 @@ from airflow.sdk import BaseOperator
 from ..hooks.postgres import PgPlakarPostgresHook
 from ..hooks.store import PgPlakarStoreHook
 from ..pg.process import kill_all
+from ..store.sizes import human_bytes
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -104,8 +105,8 @@ class PgPlakarBackupOperator(_PgPlakarOperator):
                                     manifest_only=self.manifest_only, password=hook.password_source(opts))
         for w in result.warnings:
             self.log.warning("%s", w)
-        self.log.info("snapshot %s: %d database(s), %.1f MiB", result.snapshot_id, len(result.databases),
-                      result.bytes / 2**20)
+        self.log.info("snapshot %s: %d database(s), %s", result.snapshot_id, len(result.databases),
+                      human_bytes(result.bytes))
         return result.snapshot_id
 
 
@@ -140,5 +141,4 @@ class PgPlakarRestoreOperator(_PgPlakarOperator):
         with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
             sid = store.resolve(str(self.snapshot_id).strip())
             summary = logical_restore(store, sid, opts, password=hook.password_source(opts))
-        self.log.info("%s", summary.text())
         return summary.as_dict()

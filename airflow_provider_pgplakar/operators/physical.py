@@ -21,6 +21,7 @@ from airflow.sdk import BaseOperator
 from ..hooks.store import PgPlakarStoreHook
 from ..pg import OptionError
 from ..pg.process import kill_all
+from ..store.sizes import human_bytes
 from .logical import _PgPlakarOperator, committed_by_earlier_try, idempotency_key, run_labels
 
 if TYPE_CHECKING:
@@ -91,9 +92,9 @@ class PgPlakarBaseBackupOperator(_PgPlakarOperator):
             result = physical_backup(store, opts, labels=labels, tags=self.tags, idempotency_key=key)
         for w in result.warnings:
             self.log.warning("%s", w)
-        self.log.info("snapshot %s: base backup of PostgreSQL %d, %d files, %.1f MiB (%.1f MiB new), WAL %s..%s",
-                      result.snapshot_id, result.major, result.files, result.bytes / 2**20,
-                      result.new_stored_bytes / 2**20, result.start_lsn, result.end_lsn)
+        self.log.info("snapshot %s: base backup of PostgreSQL %d, %d files, %s (%s new), WAL %s..%s",
+                      result.snapshot_id, result.major, result.files, human_bytes(result.bytes),
+                      human_bytes(result.new_stored_bytes), result.start_lsn, result.end_lsn)
         return result.snapshot_id
 
 
@@ -135,7 +136,6 @@ class PgPlakarPhysicalRestoreOperator(BaseOperator):
                                       tablespace_mapping=_mapping_arg(self.tablespace_mapping),
                                       overwrite=self.overwrite, pg_bin_dir=self.pg_bin_dir or None,
                                       verify=self.verify)
-        self.log.info("%s", result.text())
         return result.as_dict()
 
     def on_kill(self) -> None:

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..store.sizes import human_bytes
 from . import PgError, ToolError
 from .physical import DATA_PREFIX, MANIFEST_PATH, SOURCE_KIND, TABLESPACES_PREFIX
 from .tools import DEBIAN_BIN_GLOB, probe_version
@@ -90,7 +91,7 @@ class PhysicalRestoreResult:
 
     def text(self) -> str:
         lines = [f"restored snapshot {self.snapshot_id[:8]} (PostgreSQL {self.server_version}) to {self.target_dir}: "
-                 f"{self.files} files, {self.bytes / 2**20:.1f} MiB"]
+                 f"{self.files} files, {human_bytes(self.bytes)}"]
         for ts in self.tablespaces:
             lines.append(f"tablespace {ts['oid']}: {ts['location']} -> {ts['restored_to']}")
         lines.append(f"pg_verifybackup: {self.verify_note}")

@@ -38,12 +38,15 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from ..store.sizes import human_bytes
 from . import PgError
 from .basebackup import Archive, BaseBackupStream, CompressionUnsupported, ReplicationConnection, Tablespace
 from .connect import PgConnectError
@@ -156,8 +159,8 @@ def physical_backup(
         w.snapshot_id, server_num, bb.start_lsn, bb.end_lsn, int(bb.timeline or 0), tablespaces, files,
         stats["bytes"], stats["new_stored_bytes"], warnings, w.already_existed,
     )
-    log.info("physical snapshot %s: %d files, %.1f MiB (%.1f MiB new stored), WAL %s..%s", result.snapshot_id,
-             files, result.bytes / 2**20, result.new_stored_bytes / 2**20, result.start_lsn, result.end_lsn)
+    log.info("physical snapshot %s: %d files, %s (%s new stored), WAL %s..%s", result.snapshot_id,
+             files, human_bytes(result.bytes), human_bytes(result.new_stored_bytes), result.start_lsn, result.end_lsn)
     return result
 
 
@@ -185,11 +188,41 @@ def _start(repl: ReplicationConnection, opts: PhysicalSourceOptions, label: str)
     """BASE_BACKUP with the server compression ``opts`` asks for (``auto``: lz4, falling back to none)."""
     method, level, fallback = opts.compression_request()
     try:
-        return repl.base_backup(label=label, checkpoint=opts.checkpoint, max_rate=opts.max_rate,
-                                compression=method, level=level, fallback=fallback)
+        with waiting_for_checkpoint(opts.checkpoint):
+            return repl.base_backup(label=label, checkpoint=opts.checkpoint, max_rate=opts.max_rate,
+                                    compression=method, level=level, fallback=fallback)
     except CompressionUnsupported as exc:
         raise OptionError("server_compression", f"the server refused {opts.server_compression!r}: {exc} (use "
                                                 "server_compression=auto or none)") from None
+
+
+@contextmanager
+def waiting_for_checkpoint(checkpoint: str, every: float | None = None) -> Iterator[None]:
+    """Say that ``BASE_BACKUP`` first waits for a checkpoint, and keep saying it (every ``every`` seconds) until
+    the server starts sending: a spread checkpoint can take minutes during which nothing else would be logged."""
+    every = PROGRESS_EVERY_S if every is None else every
+    if checkpoint == "spread":
+        log.info("base backup: waiting for the server's spread checkpoint before any data flows (it is paced over "
+                 "checkpoint_timeout x checkpoint_completion_target, minutes with the defaults); checkpoint=fast "
+                 "starts at once, at the cost of an I/O burst on the server")
+    else:
+        log.info("base backup: waiting for the server's checkpoint (checkpoint=fast)")
+    done = threading.Event()
+    t0 = time.monotonic()
+
+    def remind() -> None:
+        while not done.wait(every):
+            log.info("base backup: still waiting for the %s checkpoint (%.0fs)%s", checkpoint,
+                     time.monotonic() - t0, "; checkpoint=fast avoids this wait" if checkpoint == "spread" else "")
+
+    reminder = threading.Thread(target=remind, name="pgplakar-checkpoint-wait", daemon=True)
+    reminder.start()
+    try:
+        yield
+    finally:
+        done.set()
+        reminder.join()
+    log.info("base backup: checkpoint done after %.1fs, streaming", time.monotonic() - t0)
 
 
 def _check_tablespaces(tablespaces: list[Tablespace]) -> None:
@@ -239,7 +272,7 @@ def _copy_archive(w: Any, archive: Archive, prefix: str, chunking: Callable[[str
                                           f"{member.type!r}")
     except TarFormatError as exc:
         raise PhysicalBackupError(f"reading {archive.name} from the base backup stream: {exc}") from None
-    log.info("%s: %d files, %.1f MiB", archive.name, files, archive.stream.size / 2**20)
+    log.info("%s: %d files, %s", archive.name, files, human_bytes(archive.stream.size))
     return files
 
 
@@ -274,8 +307,8 @@ class _Progress:
         now = time.monotonic()
         if now - self._last >= PROGRESS_EVERY_S:
             self._last = now
-            log.info("base backup: %d files, %.1f MiB so far (%.1f MiB/s)", self.files, self.bytes / 2**20,
-                     self.bytes / 2**20 / max(now - self._t0, 1e-6))
+            log.info("base backup: %d files, %s so far (%s/s)", self.files, human_bytes(self.bytes),
+                     human_bytes(self.bytes / max(now - self._t0, 1e-6)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
