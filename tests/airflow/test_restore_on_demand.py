@@ -303,3 +303,27 @@ def test_restore_waits_for_the_approval(airflow_db: None) -> None:
     assert dag.get_task("restore_logical").upstream_task_ids == {"route"}
     assert dag.get_task("restore_physical").upstream_task_ids == {"route"}
     assert not dag.get_task("restore_physical").overwrite
+
+
+def test_approved_physical_restore_writes_a_new_data_directory(pg_factory: Any, pg_manager: Any, store: Store,
+                                                               airflow_db: None) -> None:
+    """kind=physical: ``latest`` picks the base backup (not the newer logical one), the confirmation is the target
+    directory, and the restore writes and verifies a data directory there."""
+    from airflow_provider_pgplakar.pg.physical import physical_backup
+    from tests.physical.conftest import phys_opts, scratch_dir
+
+    src = pg_factory(15)
+    physical_id = physical_backup(store, phys_opts(src)).snapshot_id
+    logical_backup(store, _source_opts(src, "postgres"))  # newer, but not of the kind asked for
+    target = scratch_dir(pg_manager, "on-demand")
+    dr, responder = _run(_dag(), {"kind": "physical", "target_dir": str(target), "confirm": str(target),
+                                  "pg_bin_dir": str(src.bin_dir)}, answer="Approve")
+    states = _states(dr)
+    assert dr.state == "success", states
+    assert states["restore_physical"] == "success" and states["restore_logical"] == "skipped"
+    assert responder is not None and str(target) in responder.answered["subject"]
+    plan = dr.get_task_instance("plan").xcom_pull(task_ids="plan")
+    assert plan["snapshot_id"] == physical_id and plan["kind"] == "physical" and plan["destructive"] is False
+    summary = dr.get_task_instance("restore_physical").xcom_pull(task_ids="restore_physical")
+    assert summary["snapshot_id"] == physical_id and summary["verified"] is True
+    assert (target / "PG_VERSION").read_text().strip() == "15"
