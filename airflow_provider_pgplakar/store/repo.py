@@ -130,6 +130,7 @@ class Store:
             ensure()
         if backend.stat("config") is not None:
             raise StoreExistsError(f"{backend.location} already holds a store")
+        _check_writable(backend)
         repo_id = secrets.token_hex(16)
         master = secrets.token_bytes(MASTER_LEN)
         keys = Keys.public(repo_id) if plaintext else Keys.from_master(master)
@@ -239,6 +240,12 @@ class Store:
     def snapshot_context(self, snap_id: str) -> bytes:
         return bytes.fromhex(snap_id) + bytes.fromhex(self.config.repo_id)
 
+    def check_writable(self) -> None:
+        """Refuse to write through a backend that cannot keep create-only writes (an S3 server ignoring
+        ``If-None-Match`` unless ``conditional_writes=false``). Probed once per opened store, by every writer and by
+        prune before they write."""
+        _check_writable(self.backend)
+
     def writer(self, **kwargs: Any) -> Any:
         """A :class:`~.writer.SnapshotWriter` (context manager); see its arguments."""
         from .writer import SnapshotWriter
@@ -326,6 +333,12 @@ class Store:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _check_writable(backend: Backend) -> None:
+    check = getattr(backend, "check_conditional_writes", None)
+    if check is not None:
+        check()
 
 
 def _authenticate_config(config: StoreConfig, master: bytes, location: str) -> None:
