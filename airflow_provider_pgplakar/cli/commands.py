@@ -268,7 +268,8 @@ def cmd_restore(location: str, args: argparse.Namespace) -> int:
     if args.tablespace_mapping or args.pg_bin_dir or args.no_verify:
         raise UsageError("--tablespace-mapping, --pg-bin-dir and --no-verify apply to a whole physical "
                          "(postgres+bin) snapshot only")
-    n = files.restore_records(st, st.records(sid, path), args.to, overwrite=args.overwrite)
+    n = files.restore_records(st, lambda: st.records(sid, path), args.to, overwrite=args.overwrite,
+                              sync=not args.no_sync)
     if args.json:
         output.emit_json({"snapshot": sid, "files": n, "to": os.path.abspath(args.to)})
     else:
