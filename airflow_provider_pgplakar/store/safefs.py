@@ -176,7 +176,7 @@ class SafeTree:
             path = os.path.dirname(path)
         for p in reversed(missing):
             try:
-                os.mkdir(p, mode)
+                os.mkdir(p, mode if p == self.root else 0o777)  # parents: as mkdir -p (umask applies)
                 created.append(p)
             except FileExistsError:
                 pass
