@@ -26,6 +26,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _makedirs(path: Path) -> None:
+    """``mkdir -p`` that fsyncs the parent of every missing directory, so a new ``packs/xx/`` (and the object just
+    linked into it) survives a power loss, not only the object's own directory entry."""
+    missing = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            pass  # a concurrent writer made it: sync its entry anyway, that writer may not have yet
+        _fsync_dir(d.parent)
+
+
 class LocalBackend:
     """Objects are files below ``root``; keys use ``/`` separators."""
 
@@ -40,7 +56,7 @@ class LocalBackend:
 
     def put(self, key: str, data: bytes, *, create_only: bool = True) -> None:
         final = self._path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        _makedirs(final.parent)
         tmp = final.parent / f"{TMP_PREFIX}{secrets.token_hex(8)}"
         from .failpoints import failpoint
 
