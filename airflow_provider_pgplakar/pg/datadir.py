@@ -81,6 +81,7 @@ class RestorePlan:
     names: dict[tuple[str, str], int] = field(default_factory=dict)  # ("u"|"g", name) -> id on this host
     root_owner: tuple[int | None, int | None] = (None, None)
     sync: bool = True
+    require_verify: bool = False
 
     @property
     def major(self) -> int:
@@ -216,7 +217,8 @@ def plan_restore(
     if require_verify and tool is None:
         raise PhysicalRestoreError(f"require_verify: {note}; install it or pass pg_bin_dir (--pg-bin-dir) of a "
                                    f"PostgreSQL {major} installation that has it")
-    plan = RestorePlan(snap.id, target, version, num, tablespaces, tool, note, overwrite, explicit_owner, sync=sync)
+    plan = RestorePlan(snap.id, target, version, num, tablespaces, tool, note, overwrite, explicit_owner, sync=sync,
+                       require_verify=require_verify)
     _check_records(store, snap, plan)
     return plan
 
@@ -533,7 +535,11 @@ def physical_restore(
         result.verified, result.verify_note = _verify(plan.verify_tool, plan.target_dir)
     else:
         result.verified = False
-        result.warnings.append(f"the restored directory was not verified: pg_verifybackup {plan.verify_note}")
+    if not result.verified:
+        result.warnings.append(f"the restored directory was not verified: pg_verifybackup {result.verify_note}")
+        if plan.require_verify:
+            raise PhysicalRestoreError(f"require_verify: {result.warnings[-1]} (the files are left in "
+                                       f"{plan.target_dir})")
         log.warning("%s", result.warnings[-1])
     log.info("%s", result.text())
     return result
@@ -647,7 +653,7 @@ def _verify(tool: str, target: Path) -> tuple[bool, str]:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
                               timeout=VERIFY_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise PhysicalRestoreError(f"pg_verifybackup could not run: {exc}") from None
+        return False, f"could not run ({tool}: {exc})"
     output = (proc.stdout + proc.stderr).strip()
     if proc.returncode != 0:
         raise PhysicalRestoreError(f"pg_verifybackup found problems in {target} (the files are left there for "

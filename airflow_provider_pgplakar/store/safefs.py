@@ -196,7 +196,11 @@ class SafeTree:
         self._closed = True
         try:
             if self._syncer is not None:
-                self._syncer.finish()
+                try:
+                    self._syncer.finish()
+                except OSError:
+                    if success:
+                        raise  # after a failure, the first error is the one to report
                 if success:
                     for parts in sorted(self._sync_dirs, key=len, reverse=True):
                         os.fsync(self._dir(parts, create=False))

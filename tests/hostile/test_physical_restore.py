@@ -163,6 +163,17 @@ def test_require_verify(store, sandbox, monkeypatch) -> None:
         physical_restore(store, sid, sandbox.target, require_verify=True, pg_bin_dir=str(fake))
     assert not sandbox.target.exists()
 
+    # a pg_verifybackup that answers --version but then cannot be executed
+    tool = fake / "pg_verifybackup"
+    tool.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'pg_verifybackup (PostgreSQL) 15.4'; "
+                    "/bin/chmod a-x \"$0\"; exit 0; fi\nexit 0\n")
+    tool.chmod(0o755)
+    res = physical_restore(store, sid, sandbox.target, pg_bin_dir=str(fake))
+    assert res.verified is False and "could not run" in res.verify_note and "not verified" in res.warnings[0]
+    with pytest.raises(PhysicalRestoreError, match="require_verify: the restored directory was not verified: "
+                                                   "pg_verifybackup could not run"):  # (its version is cached)
+        physical_restore(store, sid, sandbox.root / "second", pg_bin_dir=str(fake), require_verify=True)
+
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="ownership needs root")
 def test_owner_names_and_explicit_owner(store, sandbox) -> None:
