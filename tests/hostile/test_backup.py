@@ -15,9 +15,10 @@ import tarfile
 import pytest
 
 from airflow_provider_pgplakar.pg.basebackup import Archive
-from airflow_provider_pgplakar.pg.physical import PhysicalBackupError, _copy_archive, _Progress
+from airflow_provider_pgplakar.pg.physical import PhysicalBackupError, _copy_archive
 from airflow_provider_pgplakar.store import files
 from airflow_provider_pgplakar.store.chunker import Chunking
+from airflow_provider_pgplakar.store.progress import Progress
 
 
 class _Stream(io.BytesIO):
@@ -49,7 +50,7 @@ def tar_bytes(members) -> bytes:
 def back_up_tar(store, members) -> str:
     archive = Archive("base.tar", None, _Stream(tar_bytes(members)))
     with store.writer(source={"kind": "postgres+bin", "origin": "test"}) as w:
-        _copy_archive(w, archive, "/data", lambda name: Chunking(), _Progress())
+        _copy_archive(w, archive, "/data", lambda name: Chunking(), Progress("base backup"))
     return w.snapshot_id
 
 
