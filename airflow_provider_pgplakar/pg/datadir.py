@@ -50,6 +50,7 @@ __all__ = ["PhysicalRestoreError", "PhysicalRestoreResult", "parse_tablespace_ma
            "plan_restore"]
 
 VERIFY_TIMEOUT_S = 3600
+VERIFY_DISABLED = "skipped (verify disabled)"
 DATA = "data"  # the root key of the data directory (tablespace roots are keyed by their oid)
 
 
@@ -213,7 +214,7 @@ def plan_restore(
     tablespaces = _plan_tablespaces(meta.get("tablespaces") or [], mapping)
     target = Path(os.path.abspath(target_dir))
     _check_targets(target, tablespaces, overwrite)
-    tool, note = _find_verifier(major, pg_bin_dir) if verify else (None, "skipped (verify disabled)")
+    tool, note = _find_verifier(major, pg_bin_dir) if verify else (None, VERIFY_DISABLED)
     if require_verify and tool is None:
         raise PhysicalRestoreError(f"require_verify: {note}; install it or pass pg_bin_dir (--pg-bin-dir) of a "
                                    f"PostgreSQL {major} installation that has it")
@@ -535,7 +536,7 @@ def physical_restore(
         result.verified, result.verify_note = _verify(plan.verify_tool, plan.target_dir)
     else:
         result.verified = False
-    if not result.verified:
+    if not result.verified and result.verify_note != VERIFY_DISABLED:  # not asked for: no warning
         result.warnings.append(f"the restored directory was not verified: pg_verifybackup {result.verify_note}")
         if plan.require_verify:
             raise PhysicalRestoreError(f"require_verify: {result.warnings[-1]} (the files are left in "
