@@ -32,8 +32,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _make_dirs(path: Path) -> None:
-    """``mkdir -p`` with mode 0700 (chmod after mkdir: the umask may have removed bits or left others), fsyncing each
-    new directory's parent so the new entry is durable."""
+    """``mkdir -p`` with mode 0700 (chmod after mkdir: the umask may have removed bits or left others), fsyncing the
+    parent of every missing directory, so a new ``packs/xx/`` (and the object just linked into it) survives a power
+    loss, not only the object's own directory entry."""
     missing = []
     while not path.is_dir():
         missing.append(path)
@@ -41,9 +42,9 @@ def _make_dirs(path: Path) -> None:
     for d in reversed(missing):
         try:
             os.mkdir(d, DIR_MODE)
+            os.chmod(d, DIR_MODE)
         except FileExistsError:
-            continue  # made concurrently by another writer
-        os.chmod(d, DIR_MODE)
+            pass  # a concurrent writer made it: sync its entry anyway, that writer may not have yet
         _fsync_dir(d.parent)
 
 
