@@ -112,3 +112,16 @@ def test_conforming_server_passes_the_probe_once(s3_bucket: tuple[str, str]) -> 
     backend.check_conditional_writes()
     assert len(calls) == 2 and calls[0].startswith("probes/")
     assert _keys(endpoint, bucket) == []
+
+
+@pytest.mark.parametrize("value", ["false", "False", "0", "no", False])
+def test_the_fallback_is_recognised_as_text_or_bool(s3_bucket: tuple[str, str], ignoring: str, value: object,
+                                                    tmp_path: Path) -> None:
+    """The connection extra may arrive as text ("false" from an env-var connection): it must not read as true."""
+    _endpoint, bucket = s3_bucket
+    from airflow_provider_pgplakar.store.location import open_backend
+
+    backend = open_backend(s3_location(ignoring, bucket, "s"), {"conditional_writes": value})
+    assert isinstance(backend, S3Backend) and backend.conditional_writes is False
+    backend.check_conditional_writes()  # the explicit fallback: no probe, no refusal
+    assert open_backend(s3_location(ignoring, bucket, "s") + f"&conditional_writes={value}").conditional_writes is False
