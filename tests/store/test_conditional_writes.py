@@ -125,3 +125,19 @@ def test_the_fallback_is_recognised_as_text_or_bool(s3_bucket: tuple[str, str], 
     assert isinstance(backend, S3Backend) and backend.conditional_writes is False
     backend.check_conditional_writes()  # the explicit fallback: no probe, no refusal
     assert open_backend(s3_location(ignoring, bucket, "s") + f"&conditional_writes={value}").conditional_writes is False
+
+
+def test_a_probe_that_cannot_be_deleted_does_not_fail_the_backup(
+    s3_bucket: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backup-only role without s3:DeleteObject still backs up: the leftover probe is inert."""
+    endpoint, bucket = s3_bucket
+    backend = S3Backend(bucket, "p", endpoint_url=endpoint)
+
+    def denied(key: str) -> None:
+        raise StoreError(f"S3 refused access to {key} (AccessDenied)")
+
+    backend.delete = denied  # type: ignore[method-assign]
+    backend.check_conditional_writes()
+    assert "could not delete the conditional-write probe" in caplog.text
+    assert [k for k in _keys(endpoint, bucket) if k.startswith("p/probes/")]
