@@ -136,9 +136,28 @@ def test_jobs4_backup_restores_identically_to_jobs1(store, src, dst, cluster, mo
     seq = logical_backup(store, parse_source_options(location, dict(opts, jobs="1")))
     assert started == sorted(cluster, key=lambda n: n.encode())  # jobs=1: listing order
     started.clear()
+    # a fresh password per connection and per tool process, asked for on the dump threads (as IAM tokens are)
+    asked: list[str] = []
+    tools: list[tuple[str, str]] = []
+    real_run_tool = logical_mod.run_tool
+
+    def password() -> str:
+        asked.append(threading.current_thread().name)
+        return src.password
+
+    def spy_run_tool(argv: list[str], env: dict[str, str], *a: Any, **kw: Any) -> Any:
+        tools.append((os.path.basename(argv[0]), threading.current_thread().name))
+        return real_run_tool(argv, env, *a, **kw)
+
+    monkeypatch.setattr(logical_mod, "run_tool", spy_run_tool)
     t0 = time.monotonic()
-    par = logical_backup(store, parse_source_options(location, dict(opts, jobs="4")))
+    par = logical_backup(store, parse_source_options(location, dict(opts, jobs="4")), password=password)
     elapsed = time.monotonic() - t0
+    dump_threads = [t for name, t in tools if name == "pg_dump"]
+    assert len(dump_threads) == len(cluster) and all(t.startswith("pgplakar-dump") for t in dump_threads)
+    assert len(set(dump_threads)) > 1  # really in parallel
+    # per database: the fingerprint connection, the snapshot-import probe and pg_dump, each with its own password
+    assert sum(t.startswith("pgplakar-dump") for t in asked) == 3 * len(cluster)
 
     by_size = sorted(cluster, key=lambda n: -AWKWARD[n])
     assert set(started[:4]) == set(by_size[:4]) and started[4] == by_size[4], started  # largest first
