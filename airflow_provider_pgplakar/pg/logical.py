@@ -251,7 +251,7 @@ def _sizes(s: Session, databases: list[str]) -> dict[str, int]:
     """``pg_database_size`` of each database we may connect to (what ``jobs`` schedules largest first); {} if the
     sizes cannot be read (the dumps then start in listing order)."""
     try:
-        with s.connect("postgres" if "postgres" in databases else databases[0]) as c:
+        with s.connect("postgres") as c:  # as the listing did (sizes are asked for whole-cluster backups only)
             rows = c.execute(
                 "SELECT datname::text, CASE WHEN pg_catalog.has_database_privilege(oid, 'CONNECT') "
                 "THEN pg_catalog.pg_database_size(oid) END FROM pg_catalog.pg_database WHERE datname = ANY(%s)",

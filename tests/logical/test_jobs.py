@@ -27,6 +27,7 @@ from airflow_provider_pgplakar.pg.process import ToolFailed
 from airflow_provider_pgplakar.pg.restore import logical_restore
 from airflow_provider_pgplakar.store.check import check
 from airflow_provider_pgplakar.store.errors import StoreError
+from airflow_provider_pgplakar.store.repo import Store
 from tests.logical.conftest import src_opts
 from tests.logical.test_names_and_failures import _Killer, _proc_children
 from tests.pgservers import PgManager, PgServer
@@ -221,6 +222,26 @@ def test_killing_one_parallel_dump_stops_the_others_and_commits_nothing(store, s
     finally:
         for name in big:
             _drop(src, name)
+
+
+def test_cli_backup_with_jobs(src, cluster, tmp_path, monkeypatch, capsys) -> None:
+    from airflow_provider_pgplakar.cli.main import main as cli_main
+
+    monkeypatch.setenv("PGPLAKAR_PASSPHRASE", "cli jobs passphrase")
+    monkeypatch.setenv("PGPASSWORD", src.password)
+    at = ["at", str(tmp_path / "cli-store")]
+    assert cli_main([*at, "create"]) == 0
+    capsys.readouterr()
+    location = f"postgres://{src.superuser}@{src.host}:{src.port}/"
+    assert cli_main([*at, "backup", "--json", location, f"pg_bin_dir={src.bin_dir}", "jobs=3",
+                     f"exclude_databases={EXCLUDE}"]) == 0
+    snap = json.loads(capsys.readouterr().out)["snapshot"]
+    with Store.open(str(tmp_path / "cli-store"), "cli jobs passphrase") as st:
+        header = st.load_snapshot(snap).header
+        dumps = [r["x"]["database"] for r in st.records(snap) if r["p"].endswith(".dump")]
+    assert header["meta"]["options"]["jobs"] == 3 and dumps == sorted(cluster, key=lambda n: n.encode())
+    assert cli_main([*at, "backup", location, f"pg_bin_dir={src.bin_dir}", "jobs=0"]) == 1
+    assert "jobs: 0 is out of range (must be between 1 and 32)" in capsys.readouterr().err
 
 
 def test_jobs_option_bounds() -> None:
