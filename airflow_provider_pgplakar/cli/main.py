@@ -162,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("no command given (try --help)")
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="pgplakar: %(message)s", stream=sys.stderr)
+        _progress_output(args)
         from .commands import run
 
         return run(location, args)
@@ -185,6 +186,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pgplakar: error: internal error {type(e).__name__}: {_one_line(e)} (rerun with --debug)",
               file=sys.stderr)
         return 1
+
+
+def _progress_output(args: argparse.Namespace) -> None:
+    """Progress of long work: JSON lines with ``--json``, a redrawn bar on a terminal, log lines with ``-v``."""
+    from ..store import progress
+    from .output import progress_bar, progress_json
+
+    if args.json:
+        progress.set_sink(progress_json)
+    elif sys.stderr.isatty():
+        progress.set_sink(progress_bar, every=1.0)
 
 
 def _one_line(e: BaseException) -> str:
