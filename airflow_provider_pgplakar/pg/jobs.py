@@ -105,10 +105,15 @@ def run_ordered(items: Sequence[T], work: Callable[[T], R], deliver: Callable[[i
             deliver(i, work(item))
         return
     order = sorted(range(len(items)), key=lambda i: -size(items[i]))  # stable: ties keep the listing order
+
+    def guarded(item: T) -> R:  # a thread freed by the failure may take the next item before it is cancelled
+        stopper.check()
+        return work(item)
+
     done: dict[int, R] = {}
     first_error: BaseException | None = None
     with ThreadPoolExecutor(min(jobs, len(items)), thread_name_prefix="pgplakar-dump") as pool:
-        futures: dict[Future[R], int] = {pool.submit(work, items[i]): i for i in order}
+        futures: dict[Future[R], int] = {pool.submit(guarded, items[i]): i for i in order}
         pending = set(futures)
         next_i = 0
         try:

@@ -274,15 +274,19 @@ def test_run_ordered_delivers_in_listing_order_largest_first() -> None:
 
 def test_run_ordered_first_failure_stops_the_rest() -> None:
     stopper = Stopper()
-    ran: list[str] = []
     release = threading.Event()
+    outcome: dict[str, str] = {}
 
     def work(item: str) -> str:
-        ran.append(item)
         if item == "boom":
             raise ValueError("the first failure")
         release.wait(5)  # a long dump: ended by the stop below
-        stopper.check()
+        try:
+            stopper.check()
+        except Exception:
+            outcome[item] = "stopped"
+            raise
+        outcome[item] = "finished"
         return item
 
     real_stop = stopper.stop
@@ -293,10 +297,13 @@ def test_run_ordered_first_failure_stops_the_rest() -> None:
 
     stopper.stop = stop  # type: ignore[method-assign]
     delivered: list[int] = []
+    t0 = time.monotonic()
     with pytest.raises(ValueError, match="the first failure"):
         run_ordered(["long", "boom", "never", "never2"], work, lambda i, r: delivered.append(i), jobs=2,
                     size=lambda x: {"long": 3, "boom": 2}.get(x, 1), stopper=stopper)
-    assert delivered == [] and "never" not in ran and "never2" not in ran and stopper.stopped
+    assert time.monotonic() - t0 < 4  # the long one was stopped, not waited for
+    assert delivered == [] and stopper.stopped
+    assert outcome["long"] == "stopped" and "finished" not in outcome.values()
 
 
 def test_stopper_kills_a_tool_started_after_the_stop() -> None:
