@@ -140,6 +140,7 @@ class SnapshotWriter:
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def __enter__(self) -> SnapshotWriter:
         st = self.store
+        st.check_writable()
         self._lease = acquire(st.backend, st.keys, "backup", wait=self.lock_wait)
         try:
             st.cache.sync(st.backend, st.keys)  # after the lease: no prune can remove what we dedup against
