@@ -112,8 +112,8 @@ class PgPlakarPhysicalRestoreOperator(BaseOperator):
         version, checked before anything is written; its ``pg_verifybackup`` verifies the result.
     :param overwrite: empty a non-empty ``target_dir`` first (never a tablespace directory unless it is mapped
         explicitly in ``tablespace_mapping``; never a running server's directory).
-    :param require_verify: fail before writing when no ``pg_verifybackup`` of the backup's major is available
-        (without it the result says ``verified: false`` and the task logs a warning).
+    :param require_verify: fail when no ``pg_verifybackup`` of the backup's major is available (checked before
+        writing) or it cannot run (without it the result says ``verified: false`` and the task logs a warning).
     :param owner: ``USER[:GROUP]`` for every restored file when the worker runs as root (default: the snapshot's
         owner names, i.e. ``postgres``); templated.
     :param sync: fsync every restored file and directory before succeeding (default true; false is faster).
