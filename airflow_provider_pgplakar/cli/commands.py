@@ -277,8 +277,16 @@ def cmd_restore(location: str, args: argparse.Namespace) -> int:
 
 
 def cmd_check(location: str, args: argparse.Namespace) -> int:
+    subset = None
+    if args.read_data_subset is not None:  # refused before the store is opened
+        if args.read_data:
+            raise UsageError("give --read-data or --read-data-subset, not both")
+        try:
+            subset = check_mod.parse_subset(args.read_data_subset)
+        except ValueError as e:
+            raise UsageError(f"--read-data-subset: {str(e).split(': ', 1)[1]}") from None
     st = _open(location, args)
-    rep = check_mod.check(st, read_data=args.read_data,
+    rep = check_mod.check(st, read_data=args.read_data, read_data_subset=subset,
                           progress=(lambda m: print(f"pgplakar: {m}", file=sys.stderr)) if args.verbose else None)
     if args.json:
         output.emit_json(rep.as_dict())
@@ -288,7 +296,8 @@ def cmd_check(location: str, args: argparse.Namespace) -> int:
         for n in rep.notes:
             print(f"note: {n}")
         print(f"{'ok' if rep.ok else 'FAILED'}: {rep.snapshots} snapshots, {rep.records} records, {rep.packs} packs"
-              + (f", {rep.blobs_read} blobs / {output.human_bytes(rep.bytes_read)} read" if args.read_data else ""))
+              + (f", {rep.blobs_read} blobs / {output.human_bytes(rep.bytes_read)} read" if rep.read_data else "")
+              + (f" ({rep.packs_read} packs of subset {rep.subset})" if rep.subset else ""))
     return 0 if rep.ok else 3
 
 

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("check", "verify the store's metadata (and with --read-data every byte)")
     p.add_argument("--read-data", action="store_true")
+    p.add_argument("--read-data-subset", metavar="n/m|/m|x%", help="read only some packs: slice n of m, today's "
+                   "slice of m (a daily check reads everything within m days), or x%% at random")
 
     p = cmd("forget", "remove snapshots by ID or by a retention policy")
     p.add_argument("ids", nargs="*", metavar="SNAPSHOT")
