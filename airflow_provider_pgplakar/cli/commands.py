@@ -9,9 +9,10 @@ from typing import Any
 
 from ..store import check as check_mod
 from ..store import files
+from ..store import forget as forget_mod
 from ..store import prune as prune_mod
 from ..store.errors import StoreError
-from ..store.forget import plan_forget, source_label
+from ..store.forget import source_label
 from ..store.repo import Store
 from ..store.retention import Policy, parse_group_by
 from . import output
@@ -303,43 +304,40 @@ def cmd_check(location: str, args: argparse.Namespace) -> int:
 
 def cmd_forget(location: str, args: argparse.Namespace) -> int:
     within = parse_duration(args.keep_within) if args.keep_within is not None else None  # refused before opening
-    st = _open(location, args)
     policy_given = any(getattr(args, f"keep_{r}") for r in ("last", "hourly", "daily", "weekly", "monthly", "yearly"))
     policy_given = policy_given or within is not None or bool(args.keep_tag)
     if args.ids and policy_given:
         raise UsageError("give snapshot IDs or a --keep-* policy, not both")
     if not args.ids and not policy_given:
         raise UsageError("forget needs snapshot IDs or at least one --keep-* rule")
-    if args.ids:
-        remove = [st.resolve(i) for i in args.ids]
-        result: Any = {"removed": remove}
-    else:
+    policy = None
+    if policy_given:
         policy = Policy(
             keep_last=args.keep_last, keep_hourly=args.keep_hourly, keep_daily=args.keep_daily,
             keep_weekly=args.keep_weekly, keep_monthly=args.keep_monthly, keep_yearly=args.keep_yearly,
             keep_within=within,
             keep_tags=tuple(args.keep_tag), tz=args.tz,
         )
-        decisions = plan_forget(st, policy, parse_group_by(args.group_by))
-        remove = [s.id for d in decisions for s in d.remove]
-        result = {"groups": [{"group": repr(d.group), "keep": [{"id": s.id, "reasons": r} for s, r in d.keep],
-                              "remove": [s.id for s in d.remove]} for d in decisions], "removed": remove}
-        if not args.json:
-            for d in decisions:
-                print(f"group {d.group}: keep {len(d.keep)}, remove {len(d.remove)}")
-                for s, reasons in d.keep:
-                    print(f"  keep   {s.id[:8]} {s.time.isoformat()}  ({', '.join(reasons)})")
-                for s in d.remove:
-                    print(f"  remove {s.id[:8]} {s.time.isoformat()}")
-    if not args.dry_run:
-        st.forget(remove)
-        if args.prune:
-            result["prune"] = prune_mod.prune(st).as_dict()
-    result["dry_run"] = args.dry_run
+    try:
+        group_by = parse_group_by(args.group_by)
+    except ValueError as e:
+        raise UsageError(f"--group-by: {e}") from None
+    st = _open(location, args)
+    res = forget_mod.forget(st, policy, ids=args.ids, group_by=group_by, dry_run=args.dry_run)
+    result: dict[str, Any] = res.as_dict()
+    if not args.json:
+        for g in res.groups:
+            print(f"group {g['group']}: keep {len(g['keep'])}, remove {len(g['remove'])}")
+            for k in g["keep"]:
+                print(f"  keep   {k['id'][:8]} {k['time']}  ({', '.join(k['reasons'])})")
+            for sid in g["remove"]:
+                print(f"  remove {sid[:8]}")
+    if not args.dry_run and args.prune:
+        result["prune"] = prune_mod.prune(st).as_dict()
     if args.json:
         output.emit_json(result)
     else:
-        print(f"{'would remove' if args.dry_run else 'removed'} {len(remove)} snapshot(s)")
+        print(f"{'would remove' if args.dry_run else 'removed'} {len(res.removed)} snapshot(s)")
     return 0
 
 

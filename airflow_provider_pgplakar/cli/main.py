@@ -15,7 +15,7 @@ from typing import Any
 
 from ..pg import PgError
 from ..store.errors import StoreError
-from ..store.retention import DURATION_HELP, Duration
+from ..store.retention import DEFAULT_GROUP_BY, DURATION_HELP, Duration
 from ..store.retention import parse_duration as retention_duration
 
 DEFAULT_STORE = os.path.join(os.path.expanduser("~"), ".pgplakar")
@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-within", metavar="DURATION", help="keep everything within DURATION of the group's newest "
                    "snapshot, restic's units: y, m (months), w, d, h, e.g. 6m, 1y6m, 7d12h")
     p.add_argument("--keep-tag", action="append", default=[], help="keep snapshots with this tag")
-    p.add_argument("--group-by", default="source,labels", help="source,labels | label:NAME,... | '' for one group")
+    p.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY),
+                   help="source (default: kind, host, port, database or data directory) | labels | tags | "
+                        "label:NAME, comma-separated | '' for one group")
     p.add_argument("--tz", default="UTC", help="time zone of calendar buckets (default UTC)")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--prune", action="store_true", help="prune afterwards")
