@@ -318,10 +318,7 @@ def cmd_forget(location: str, args: argparse.Namespace) -> int:
             keep_within=within,
             keep_tags=tuple(args.keep_tag), tz=args.tz,
         )
-    try:
-        group_by = parse_group_by(args.group_by)
-    except ValueError as e:
-        raise UsageError(f"--group-by: {e}") from None
+    group_by = _group_by(args.group_by)
     st = _open(location, args)
     res = forget_mod.forget(st, policy, ids=args.ids, group_by=group_by, dry_run=args.dry_run)
     result: dict[str, Any] = res.as_dict()
@@ -350,6 +347,56 @@ def cmd_prune(location: str, args: argparse.Namespace) -> int:
         verb = "would delete" if args.dry_run else "deleted"
         print(f"{verb} {rep.packs_deleted} pack(s) ({rep.packs_repacked} repacked), "
               f"{output.human_bytes(rep.bytes_freed)} freed; {rep.snapshots} snapshots kept")
+    return 0
+
+
+def _group_by(text: str) -> tuple[str, ...]:
+    try:
+        return parse_group_by(text)
+    except ValueError as e:
+        raise UsageError(f"--group-by: {e}") from None
+
+
+def cmd_stats(location: str, args: argparse.Namespace) -> int:
+    from ..store.stats import age_text, store_stats
+
+    group_by = _group_by(args.group_by)
+    st = _open(location, args)
+    rep = store_stats(st, group_by=group_by)
+    for e in rep.unreadable:
+        print(f"pgplakar: warning: {e}", file=sys.stderr)
+    if args.json:
+        output.emit_json(rep.as_dict())
+        return 0
+    hb = output.human_bytes
+    output.table(["source", "snapshots", "newest", "time", "age", "size", "new", "stored (all)"],
+                 [[s.source, s.snapshots, s.newest[:8], s.newest_time[:19].replace("T", " "), age_text(s.age_s),
+                   hb(s.bytes), hb(s.new_stored_bytes), hb(s.stored_bytes_total)] for s in rep.sources])
+    print(f"store: {rep.snapshots} snapshots, {hb(rep.logical_bytes)} logical, {hb(rep.stored_bytes)} stored in "
+          f"{rep.packs} packs, dedup ratio {rep.dedup_ratio:.2f}")
+    return 0
+
+
+def cmd_freshness(location: str, args: argparse.Namespace) -> int:
+    from ..store.stats import age_text, freshness, parse_max_age
+
+    try:
+        max_age = parse_max_age(args.max_age)
+    except ValueError as e:
+        raise UsageError(f"--max-age: {str(e).split(': ', 1)[1]}") from None
+    group_by = _group_by(args.group_by)
+    st = _open(location, args)
+    rep = freshness(st, max_age, group_by=group_by)
+    if args.json:
+        output.emit_json(rep.as_dict())
+    else:
+        stale = {id(s) for s in rep.stale}
+        for s in rep.sources:
+            print(f"{'STALE' if id(s) in stale else 'ok   '} {s.source}: newest {s.newest[:8]} at "
+                  f"{s.newest_time[:19].replace('T', ' ')} ({age_text(s.age_s)} old)")
+    if not rep.ok:
+        print(f"pgplakar: {rep.failure_text()}", file=sys.stderr)
+        return 3
     return 0
 
 

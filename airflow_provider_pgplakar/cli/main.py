@@ -1,7 +1,7 @@
 """``pgplakar [options] at STORE COMMAND ...`` — Plakar's verbs on our store.
 
 Exit status: 0 on success, 1 on any failure (one line on stderr, no traceback unless ``--debug``), 2 on usage
-errors, 3 when ``check`` finds problems or ``verify`` fails, 130 on Ctrl-C.
+errors, 3 when ``check`` finds problems, ``verify`` fails or ``freshness`` finds a stale source, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("prune", "delete data no snapshot references (waits for no one: fails if a backup runs)")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait this long for running backups")
+
+    p = cmd("stats", "per source the newest snapshot, its age and sizes; the store's totals and dedup ratio")
+    p.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY), help="what a source is (as for forget)")
+
+    p = cmd("freshness", "exit 3 naming every source whose newest snapshot is older than --max-age")
+    p.add_argument("--max-age", required=True, metavar="DURATION", help="e.g. 26h, 2d, 1w (y, m months, w, d, h)")
+    p.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY), help="what a source is (as for forget)")
 
     p = cmd("info", "show the store's settings, or a snapshot's header")
     p.add_argument("target", nargs="?", metavar="SNAPSHOT")
