@@ -21,6 +21,9 @@ def get_provider_info() -> dict:
             {"integration-name": "PgPlakar", "external-doc-url": "https://plakar.io/", "tags": ["software"]}
         ],
         "hooks": [{"integration-name": "PgPlakar", "python-modules": ["airflow_provider_pgplakar.hooks.store"]}],
+        "operators": [{"integration-name": "PgPlakar", "python-modules": [
+            "airflow_provider_pgplakar.operators.logical", "airflow_provider_pgplakar.operators.physical",
+            "airflow_provider_pgplakar.operators.verify", "airflow_provider_pgplakar.operators.maintenance"]}],
         "connection-types": [
             {
                 "connection-type": "pgplakar_store",

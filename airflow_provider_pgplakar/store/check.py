@@ -91,6 +91,14 @@ def parse_subset(text: str, now: float | None = None) -> Subset:
     return Subset(f"{n}/{m}", n=n, m=m)
 
 
+class CheckFailed(StoreError):
+    """``check`` found problems; the message names the broken objects and the snapshots they affect."""
+
+    def __init__(self, report: CheckReport) -> None:
+        super().__init__(report.failure_text())
+        self.report = report
+
+
 @dataclass
 class CheckReport:
     problems: list[Problem] = field(default_factory=list)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pendulum
 
+from .errors import StoreError
 from .forget import group_text, snapshot_info, source_label
 from .retention import DEFAULT_GROUP_BY, Duration, group_key, parse_duration
 
@@ -117,6 +118,14 @@ def store_stats(store: Store, *, group_by: Sequence[str] = DEFAULT_GROUP_BY, now
             stored_bytes_total=sum(int((m.header.get("stats") or {}).get("new_stored_bytes", 0)) for m in members),
         ))
     return out
+
+
+class StaleSources(StoreError):
+    """A source's newest snapshot is older than the maximum age (or the store holds no backup at all)."""
+
+    def __init__(self, report: FreshnessReport) -> None:
+        super().__init__(report.failure_text())
+        self.report = report
 
 
 @dataclass
