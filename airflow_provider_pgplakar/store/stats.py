@@ -173,3 +173,62 @@ def freshness(store: Store, max_age: str | timedelta | Duration, *, group_by: Se
     rep = FreshnessReport(max_age=text, sources=store_stats(store, group_by=group_by, now=t, totals=False).sources)
     rep.stale = [s for s in rep.sources if pendulum.parse(s.newest_time) < cutoff]
     return rep
+
+
+def parse_newer_than(value: str | datetime | timedelta | None, now: datetime | None = None) -> datetime | None:
+    """An absolute time from an ISO timestamp (``2026-06-01T02:00:00+00:00``; naive means UTC), a datetime, or a
+    duration back from ``now`` (``"26h"``, ``"2d"``, a timedelta); None or ``""`` means no bound."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return pendulum.instance(value) if value.tzinfo else pendulum.instance(value, tz="UTC")
+    if isinstance(value, timedelta):
+        return _now(now) - value
+    try:
+        return parse_duration(value).before(_now(now), "UTC")
+    except ValueError:
+        pass
+    try:
+        parsed = pendulum.parse(value, tz="UTC")
+    except Exception:
+        parsed = None
+    if not isinstance(parsed, datetime):
+        raise ValueError(f"newer_than: {value!r} is neither a timestamp (2026-06-01T02:00:00+00:00) nor a duration "
+                         "(26h, 2d)")
+    return parsed
+
+
+@dataclass(frozen=True)
+class SnapshotFilter:
+    """What a waiting task looks for: all ``tags``, all ``labels`` (equal values), a source whose identity
+    (:func:`.forget.source_key`, e.g. ``postgres:db1:5432/sales``) matches the glob ``source``, started after
+    ``newer_than``. Verify reports never match."""
+
+    tags: tuple[str, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    source: str | None = None
+    newer_than: datetime | None = None
+
+    def matches(self, snap: Snapshot) -> bool:
+        import fnmatch
+
+        from .forget import source_key
+
+        h = snap.header
+        src = h.get("source") or {}
+        if src.get("kind") in NOT_BACKUP_KINDS:
+            return False
+        if not set(self.tags) <= set(h.get("tags") or ()):
+            return False
+        labels = h.get("labels") or {}
+        if any(str(labels.get(k)) != v for k, v in self.labels):
+            return False
+        if self.source and not fnmatch.fnmatchcase(source_key(src), self.source):
+            return False
+        return self.newer_than is None or pendulum.parse(snap.time) > self.newer_than
+
+
+def newest_matching(store: Store, flt: SnapshotFilter) -> Snapshot | None:
+    """The newest snapshot matching ``flt``, or None."""
+    found = [s for s in store.snapshots() if flt.matches(s)]
+    return max(found, key=lambda s: (s.time, s.id)) if found else None
