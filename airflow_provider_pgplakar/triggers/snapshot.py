@@ -67,5 +67,5 @@ class PgPlakarSnapshotTrigger(BaseTrigger):
                 self.log.info("snapshot %s matches (%s)", found["snapshot_id"], found["source"])
                 yield TriggerEvent({"status": "success", **found})
                 return
-            self.log.info("no matching snapshot yet; next poll in %.0f s", self.poll_interval)
+            self.log.info("no matching snapshot yet; next poll in %g s", self.poll_interval)
             await asyncio.sleep(self.poll_interval)
