@@ -22,6 +22,7 @@ from ..hooks.store import PgPlakarStoreHook
 from ..pg import OptionError
 from ..pg.process import kill_all
 from .logical import _PgPlakarOperator, committed_by_earlier_try, idempotency_key, run_labels
+from .outcome import PHYSICAL_SCHEME, backup_stats, report, source_uri
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -63,8 +64,9 @@ class PgPlakarBaseBackupOperator(_PgPlakarOperator):
 
     def __init__(self, *, checkpoint: str | None = None, max_rate: int | str | None = None,
                  server_compression: str | None = None, tags: Sequence[str] = (),
-                 labels: Mapping[str, str] | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+                 labels: Mapping[str, str] | None = None, emit_assets: bool = True, **kwargs: Any) -> None:
+        super().__init__(emit_assets=emit_assets, **kwargs)
+        self.emit_assets = emit_assets
         self.checkpoint = checkpoint
         self.max_rate = max_rate
         self.server_compression = server_compression
@@ -85,16 +87,18 @@ class PgPlakarBaseBackupOperator(_PgPlakarOperator):
         labels = {**self.labels, **run_labels(context)}
         key = idempotency_key(labels) + "/physical"
         with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
-            existing = committed_by_earlier_try(store, key, self.log)
-            if existing:
-                return existing
-            result = physical_backup(store, opts, labels=labels, tags=self.tags, idempotency_key=key)
-        for w in result.warnings:
-            self.log.warning("%s", w)
-        self.log.info("snapshot %s: base backup of PostgreSQL %d, %d files, %.1f MiB (%.1f MiB new), WAL %s..%s",
-                      result.snapshot_id, result.major, result.files, result.bytes / 2**20,
-                      result.new_stored_bytes / 2**20, result.start_lsn, result.end_lsn)
-        return result.snapshot_id
+            sid = committed_by_earlier_try(store, key, self.log)
+            if sid is None:
+                result = physical_backup(store, opts, labels=labels, tags=self.tags, idempotency_key=key)
+                for w in result.warnings:
+                    self.log.warning("%s", w)
+                self.log.info("base backup of PostgreSQL %d: %d files, WAL %s..%s", result.major, result.files,
+                              result.start_lsn, result.end_lsn)
+                sid = result.snapshot_id
+            stats = backup_stats(store, sid)
+        report(context, self.log, stats,
+               [source_uri(PHYSICAL_SCHEME, opts.conn.host, opts.conn.port)] if self.emit_assets else [])
+        return sid
 
 
 class PgPlakarPhysicalRestoreOperator(BaseOperator):

@@ -232,7 +232,7 @@ class ReplicationConnection:
         if compression is not None and compression not in COMPRESSION_SUFFIX:
             raise ValueError(f"compression must be one of {', '.join(COMPRESSION_SUFFIX)}, got {compression!r}")
         options = [f"LABEL {_quote(label)}", "WAL true", "WAIT false", f"CHECKPOINT {_quote(checkpoint)}",
-                   "MANIFEST 'yes'", "MANIFEST_CHECKSUMS 'CRC32C'", "PROGRESS false"]
+                   "MANIFEST 'yes'", "MANIFEST_CHECKSUMS 'CRC32C'", "PROGRESS true"]
         # TABLESPACE_MAP is left off: pg_tblspc/<oid> then travels as real symlinks, which restore re-points.
         if max_rate is not None:
             options.append(f"MAX_RATE {int(max_rate)}")

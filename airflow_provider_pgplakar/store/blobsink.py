@@ -259,7 +259,7 @@ class BlobSink:
         with self._shared.lock:
             if self._shared.error is None:
                 self._shared.error = e
-                log.error("pipeline failure: %s", e)
+                log.debug("pipeline failure: %s", e)  # re-raised to the caller, which reports it once
 
     # -- uploaders -----------------------------------------------------------------------------------------------
     def _upload_loop(self) -> None:

@@ -25,7 +25,7 @@ from airflow_provider_pgplakar.pg import OptionError
 from airflow_provider_pgplakar.store.repo import Store
 from tests.conftest import REPO_ROOT
 from tests.physical.conftest import make_tablespace_dir, scratch_dir
-from tests.task_context import FakeTI, context
+from tests.task_context import FakeTI, alias_events, context
 
 
 def phys_ti(**kw: Any) -> FakeTI:
@@ -72,6 +72,13 @@ def test_base_backup_and_restore_operators(pg_factory, pg_manager, tmp_path, mon
     assert header["meta"]["options"]["server_compression"] == "zstd:2"
     assert header["meta"]["server_compression"] == "zstd"
     assert src.password not in json.dumps(header, default=repr)
+    stats = ti.pushed["stats"]  # the second XCom and the Asset events (one per try: the retry reports it again)
+    assert (stats["snapshot_id"], stats["kind"], stats["bytes"]) == (sid, "postgres+bin", header["stats"]["bytes"])
+    assert stats["databases"] == [] and stats["new_stored_bytes"] == header["stats"]["new_stored_bytes"]
+    events = alias_events(ctx, "pgplakar-backups")
+    assert [uri for uri, _ in events] == [f"pgplakar+bin://{src.host}:{src.port}/"] * 2
+    assert events[0][1]["snapshot_id"] == sid and events[0][1]["bytes"] == stats["bytes"]
+    assert src.password not in json.dumps(events, default=repr)
 
     target = scratch_dir(pg_manager, "op-restore")
     new_ts = scratch_dir(pg_manager, "op-ts")
