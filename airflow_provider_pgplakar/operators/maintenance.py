@@ -105,12 +105,13 @@ class PgPlakarForgetOperator(_StoreOperator):
         self.policy = Policy(keep_last=keep_last, keep_hourly=keep_hourly, keep_daily=keep_daily,
                              keep_weekly=keep_weekly, keep_monthly=keep_monthly, keep_yearly=keep_yearly,
                              keep_within=keep_within, keep_tags=tuple(keep_tags), tz=tz)
-        if snapshot_ids and not self.policy.is_empty():
+        if snapshot_ids is not None and not self.policy.is_empty():
             raise ValueError(f"{task}: give snapshot_ids or keep_* rules, not both")
         if snapshot_ids is None and self.policy.is_empty():
             raise ValueError(f"{task}: refusing to forget every snapshot: give at least one keep_* rule")
         self.group_by = _group_by(group_by)
-        self.snapshot_ids = None if snapshot_ids is None else list(snapshot_ids)
+        # a list, or an XComArg / template resolved at run time (e.g. the output of a task choosing IDs)
+        self.snapshot_ids = list(snapshot_ids) if isinstance(snapshot_ids, (list, tuple)) else snapshot_ids
         self.dry_run = dry_run
 
     def execute(self, context: Context) -> dict[str, Any]:
@@ -118,7 +119,8 @@ class PgPlakarForgetOperator(_StoreOperator):
 
         with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
             if self.snapshot_ids is not None:
-                ids = [str(i).strip() for i in self.snapshot_ids if str(i).strip()]
+                given = [self.snapshot_ids] if isinstance(self.snapshot_ids, str) else self.snapshot_ids
+                ids = [str(i).strip() for i in given if str(i).strip()]
                 if not ids:
                     self.log.info("no snapshot IDs given: nothing to forget")
                     return {"kept": store.snapshot_ids(), "removed": [], "groups": [], "dry_run": self.dry_run}

@@ -82,11 +82,15 @@ def test_forget_then_prune_frees_the_data_and_keeps_the_rest_exact(location: str
     by_id = run(PgPlakarForgetOperator(task_id="forget_ids", store_conn_id="maint_store",
                                        snapshot_ids=["{{ params.victim }}"]), victim=crm[:8])
     assert by_id["removed"] == [crm] and by_id["kept"] == [ids[2]]
+    nothing = run(PgPlakarForgetOperator(task_id="forget_ids", store_conn_id="maint_store", snapshot_ids=[]))
+    assert nothing["removed"] == [] and nothing["kept"] == [ids[2]]
 
 
 def test_forget_refuses_contradictions_at_parse_time() -> None:
     with pytest.raises(ValueError, match="not both"):
         PgPlakarForgetOperator(task_id="f", keep_last=1, snapshot_ids=["abcd"])
+    with pytest.raises(ValueError, match="not both"):  # an empty ID list must not silently disable the policy
+        PgPlakarForgetOperator(task_id="f", keep_last=1, snapshot_ids=[])
     with pytest.raises(ValueError, match="at least one keep"):
         PgPlakarForgetOperator(task_id="f")
     with pytest.raises(ValueError, match="keep_within"):
