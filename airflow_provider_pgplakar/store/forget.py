@@ -4,6 +4,10 @@
 Snapshots are grouped by default by what identifies their source (:func:`source_key`): the kind of backup and the
 host, port and database (or the data directory's server, or a file path) — never by the Airflow run that took them,
 so snapshots of one database taken by a fanned-out task (``map_index`` 0 today, 3 next week) stay one group.
+
+Verify reports (kind ``pgplakar-verify``, labelled ``verifies=<snapshot id>``, written by ``pg/verify.py``) are
+evidence about a backup, not backups: a policy does not group them (each would be a group of one, kept forever);
+a report goes when the snapshot it verifies goes, and stays while it stays.
 """
 
 from __future__ import annotations
@@ -14,10 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 import pendulum
 
-from .retention import DEFAULT_GROUP_BY, Decision, Policy, SnapshotInfo, apply_policy
+from .retention import DEFAULT_GROUP_BY, Policy, SnapshotInfo, apply_policy
 
 if TYPE_CHECKING:
     from .repo import Snapshot, Store
+
+
+#: Snapshot kinds that are not backups of a source (pg/verify.py's VERIFY_KIND) and the label naming what they prove.
+NOT_BACKUP_KINDS: frozenset[str] = frozenset({"pgplakar-verify"})
+VERIFIES_LABEL = "verifies"
 
 
 def source_label(source: dict) -> str:
@@ -43,10 +52,6 @@ def snapshot_info(s: Snapshot) -> SnapshotInfo:
         id=s.id, time=pendulum.parse(s.time), source=source_key(s.header.get("source") or {}),
         labels=s.header.get("labels") or {}, tags=tuple(s.header.get("tags") or ()),
     )
-
-
-def plan_forget(store: Store, policy: Policy, group_by: Sequence[str] = DEFAULT_GROUP_BY) -> list[Decision]:
-    return apply_policy([snapshot_info(s) for s in store.snapshots()], policy, group_by)
 
 
 def group_text(group: tuple) -> str:
@@ -92,7 +97,10 @@ def forget(store: Store, policy: Policy | None = None, *, ids: Sequence[str] = (
         result.kept = [i for i in store.snapshot_ids() if i not in set(result.removed)]
     else:
         assert policy is not None
-        for d in plan_forget(store, policy, group_by):
+        snaps = store.snapshots()
+        reports = [s for s in snaps if (s.header.get("source") or {}).get("kind") in NOT_BACKUP_KINDS]
+        backups = [s for s in snaps if s not in reports]
+        for d in apply_policy([snapshot_info(s) for s in backups], policy, group_by):
             result.groups.append({
                 "group": group_text(d.group),
                 "keep": [{"id": s.id, "time": s.time.isoformat(), "reasons": r} for s, r in d.keep],
@@ -100,6 +108,20 @@ def forget(store: Store, policy: Policy | None = None, *, ids: Sequence[str] = (
             })
             result.kept += [s.id for s, _ in d.keep]
             result.removed += [s.id for s in d.remove]
+        if reports:
+            existing, removing = set(store.snapshot_ids()), set(result.removed)
+            group: dict[str, Any] = {"group": "verify reports (follow the snapshot they verify)", "keep": [],
+                                     "remove": []}
+            for r in reports:
+                target = str((r.header.get("labels") or {}).get(VERIFIES_LABEL, ""))
+                if target and (target in removing or target not in existing):
+                    group["remove"].append(r.id)
+                    result.removed.append(r.id)
+                else:
+                    group["keep"].append({"id": r.id, "time": r.time,
+                                          "reasons": [f"verifies {target[:8]}" if target else "verifies unknown"]})
+                    result.kept.append(r.id)
+            result.groups.append(group)
     if not dry_run:
         store.forget(result.removed)
     return result

@@ -17,14 +17,12 @@ from typing import TYPE_CHECKING, Any
 import pendulum
 
 from .errors import StoreError
-from .forget import group_text, snapshot_info, source_label
+from .forget import NOT_BACKUP_KINDS, group_text, snapshot_info, source_label
 from .retention import DEFAULT_GROUP_BY, Duration, group_key, parse_duration
 
 if TYPE_CHECKING:
     from .repo import Snapshot, Store
 
-#: Snapshot kinds that are not backups of a source (pg/verify.py's VERIFY_KIND).
-NOT_BACKUP_KINDS: frozenset[str] = frozenset({"pgplakar-verify"})
 
 
 def age_text(seconds: float) -> str:

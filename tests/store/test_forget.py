@@ -63,3 +63,23 @@ def test_forget_by_ids_and_refusals(store: Store) -> None:
         with pytest.raises(ValueError, match=msg):
             forget(store, **kwargs)
     assert store.snapshot_ids() == [b]
+
+
+def test_verify_reports_follow_the_snapshot_they_verify(store: Store) -> None:
+    """A report is not a source (alone in its group it was kept forever): it goes with its snapshot."""
+    from airflow_provider_pgplakar.pg.verify import VERIFIES_LABEL, VERIFY_KIND
+    from airflow_provider_pgplakar.store.forget import NOT_BACKUP_KINDS
+    from airflow_provider_pgplakar.store.forget import VERIFIES_LABEL as LABEL
+
+    assert VERIFY_KIND in NOT_BACKUP_KINDS and VERIFIES_LABEL == LABEL
+    old = put(store, "2026-03-01T02:00:00+00:00", "postgres://u@db1:5432/sales")
+    new = put(store, "2026-03-02T02:00:00+00:00", "postgres://u@db1:5432/sales")
+    of_old = put(store, "2026-03-03T02:00:00+00:00", f"verify of {old}", kind=VERIFY_KIND, verifies=old)
+    of_new = put(store, "2026-03-03T03:00:00+00:00", f"verify of {new}", kind=VERIFY_KIND, verifies=new)
+    orphan = put(store, "2026-03-03T04:00:00+00:00", "verify of gone", kind=VERIFY_KIND, verifies="f" * 32)
+    unknown = put(store, "2026-03-03T05:00:00+00:00", "verify of ?", kind=VERIFY_KIND)
+    res = forget(store, Policy(keep_last=1))
+    assert sorted(res.removed) == sorted([old, of_old, orphan])
+    assert sorted(res.kept) == sorted([new, of_new, unknown])
+    assert res.groups[-1]["group"].startswith("verify reports") and len(res.groups) == 2
+    assert sorted(store.snapshot_ids()) == sorted([new, of_new, unknown])
