@@ -236,7 +236,10 @@ def _physical_restore(st: Store, sid: str, args: argparse.Namespace) -> int:
     from ..pg.datadir import physical_restore
 
     res = physical_restore(st, sid, args.to, tablespace_mapping=args.tablespace_mapping, overwrite=args.overwrite,
-                           pg_bin_dir=args.pg_bin_dir, verify=not args.no_verify)
+                           pg_bin_dir=args.pg_bin_dir, verify=not args.no_verify,
+                           require_verify=args.require_verify, owner=args.owner, sync=not args.no_sync)
+    for w in res.warnings:
+        print(f"pgplakar: warning: {w}", file=sys.stderr)
     if args.json:
         output.emit_json(res.as_dict())
     else:
@@ -275,10 +278,11 @@ def cmd_restore(location: str, args: argparse.Namespace) -> int:
 
     if path is None and is_physical_snapshot(st, sid):  # a whole physical snapshot: a startable data directory
         return _physical_restore(st, sid, args)
-    if args.tablespace_mapping or args.pg_bin_dir or args.no_verify:
-        raise UsageError("--tablespace-mapping, --pg-bin-dir and --no-verify apply to a whole physical "
-                         "(postgres+bin) snapshot only")
-    n = files.restore_records(st, st.records(sid, path), args.to, overwrite=args.overwrite)
+    if args.tablespace_mapping or args.pg_bin_dir or args.no_verify or args.require_verify or args.owner:
+        raise UsageError("--tablespace-mapping, --pg-bin-dir, --no-verify, --require-verify and --owner apply to a "
+                         "whole physical (postgres+bin) snapshot only")
+    n = files.restore_records(st, lambda: st.records(sid, path), args.to, overwrite=args.overwrite,
+                              sync=not args.no_sync)
     if args.json:
         output.emit_json({"snapshot": sid, "files": n, "to": os.path.abspath(args.to)})
     else:
