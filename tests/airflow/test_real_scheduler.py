@@ -8,10 +8,12 @@ manual trigger there and nowhere in ``dag.test()``). Everything goes through the
 simple auth manager's ``/auth/token``:
 
 * ``pgplakar_nightly_backup`` triggered with no logical date (as the UI's trigger button and most API clients do):
-  task states, the snapshot ID as XCom, the scratch database ``*_restore_check`` left out of the snapshot;
+  task states, the snapshot ID as XCom, an Asset event per database with the snapshot ID in its ``extra``, the
+  scratch database ``*_restore_check`` left out of the snapshot;
 * ``pgplakar_restore_on_demand``: the plan, the human-in-the-loop approval answered with
   ``PATCH .../hitlDetails``, then the restore, checked on the restored rows;
-* no secret (PostgreSQL password, store passphrase) in any task log file, rendered template field or XCom.
+* no secret (PostgreSQL password, store passphrase) in any task log file, rendered template field, XCom or Asset
+  event.
 
 It takes one to a few minutes (three Airflow processes starting on a shared machine), so it is marked slow; it runs
 in the default test command all the same.
@@ -33,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -256,6 +259,11 @@ def test_backup_and_approved_restore_through_the_rest_api(deployment: Deployment
         header = store.load_snapshot(snapshot_id).header
     assert header["labels"]["run_id"] == run and header["labels"]["dag_id"] == "pgplakar_nightly_backup"
     assert "shop" in header["meta"]["databases"] and "shop_restore_check" not in header["meta"]["databases"]
+    events = dep.request("GET", "/api/v2/assets/events?source_dag_id=pgplakar_nightly_backup&source_task_id=backup"
+                                f"&source_run_id={quote(run, safe='')}")["asset_events"]
+    by_database = {(e["extra"] or {}).get("database"): e for e in events}
+    assert by_database["shop"]["uri"] == f"pgplakar://{source.host}:{source.port}/shop"
+    assert by_database["shop"]["extra"]["snapshot_id"] == snapshot_id and "shop_restore_check" not in by_database
 
     # 2. damage, then restore on demand: plan, human approval through the REST API, restore
     with source.connect("shop") as c:
@@ -291,7 +299,7 @@ def test_backup_and_approved_restore_through_the_rest_api(deployment: Deployment
     assert any("restore plan: logical snapshot" in t for t in texts), "task logs not found"
     texts += [json.dumps(dep.rendered_fields(d, r)) for d, r in (("pgplakar_nightly_backup", run),
                                                                 ("pgplakar_restore_on_demand", restore))]
-    texts += [json.dumps([snapshot_id, plan, summary])]
+    texts += [json.dumps([snapshot_id, plan, summary, events])]
     for secret in (source.password, PASSPHRASE):
         for text in texts:
             assert secret not in text
