@@ -1,10 +1,10 @@
 """A real Airflow deployment, not ``dag.test()``: api-server, scheduler and dag-processor processes with the
 LocalExecutor and a PostgreSQL metadata database, on loopback, with ``AIRFLOW_HOME`` in a temp directory.
 
-``dag.test()`` runs tasks in-process from the DAG object it was given; here the dag-processor parses the example DAG
-files, the scheduler serializes, schedules and hands the tasks to the executor's worker processes, which talk to the
-API server's execution API, exactly as in a deployment (issue 11 §6: `pgplakar_weekly_physical` failed on every
-manual trigger there and nowhere in ``dag.test()``). Everything goes through the public REST API with a JWT from the
+``dag.test()`` runs tasks in-process from the DAG object it was given; here the dag-processor parses every example
+DAG file (no import error allowed), the scheduler schedules from the serialized DAGs and hands the tasks to the
+executor's worker processes, which talk to the API server's execution API, exactly as in a deployment (issue 11
+§6/§7: ``pgplakar_weekly_physical`` failed on every manual trigger there and nowhere in ``dag.test()``). Everything goes through the public REST API with a JWT from the
 simple auth manager's ``/auth/token``:
 
 * ``pgplakar_nightly_backup`` triggered with no logical date (as the UI's trigger button and most API clients do):
@@ -47,7 +47,7 @@ pytestmark = pytest.mark.slow
 
 PASSPHRASE = "real-scheduler store passphrase"
 ADMIN_PASSWORD = secrets.token_urlsafe(12)
-DAGS = ("pgplakar_nightly_backup.py", "pgplakar_restore_on_demand.py")
+RUN = ("pgplakar_nightly_backup", "pgplakar_restore_on_demand")  # every example DAG is parsed; these two run
 START_TIMEOUT = 300.0
 RUN_TIMEOUT = 420.0
 # Variables of the suite's own in-process Airflow that must not leak into the deployment.
@@ -160,8 +160,9 @@ def deployment(pg15: PgServer, source: PgServer, tmp_path_factory: pytest.TempPa
     home = tmp_path_factory.mktemp("airflow-deployment")
     dags = home / "dags"
     dags.mkdir()
-    for name in DAGS:
-        (dags / name).write_text((REPO_ROOT / "example_dags" / name).read_text())
+    example_dags = sorted((REPO_ROOT / "example_dags").glob("pgplakar_*.py"))
+    for path in example_dags:
+        (dags / path.name).write_text(path.read_text())
     store_dir = home / "store"
     Store.create(str(store_dir), PASSPHRASE).close()
 
@@ -180,7 +181,7 @@ def deployment(pg15: PgServer, source: PgServer, tmp_path_factory: pytest.TempPa
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",  # only RUN are unpaused (no Asset-triggered runs)
         "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base_url}/execution/",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
@@ -225,12 +226,14 @@ def deployment(pg15: PgServer, source: PgServer, tmp_path_factory: pytest.TempPa
         dep.token = dep.wait("the API server", token, START_TIMEOUT)
 
         def parsed() -> bool:
-            dags_listed = dep.request("GET", "/api/v2/dags?dag_id_pattern=pgplakar")["dags"]
-            return {d["dag_id"] for d in dags_listed} >= {"pgplakar_nightly_backup", "pgplakar_restore_on_demand"}
+            errors = dep.request("GET", "/api/v2/importErrors")
+            assert errors["total_entries"] == 0, errors
+            listed = dep.request("GET", "/api/v2/dags?dag_id_pattern=pgplakar&limit=100")["total_entries"]
+            return listed == len(example_dags)
 
-        dep.wait("the dag-processor to parse the example DAGs", parsed, START_TIMEOUT)
-        errors = dep.request("GET", "/api/v2/importErrors")
-        assert errors["total_entries"] == 0, errors
+        dep.wait("the dag-processor to parse every example DAG", parsed, START_TIMEOUT)
+        for dag_id in RUN:
+            dep.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
         yield dep
     finally:
         dep.stop()
