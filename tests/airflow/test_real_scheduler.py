@@ -4,8 +4,8 @@ LocalExecutor and a PostgreSQL metadata database, on loopback, with ``AIRFLOW_HO
 ``dag.test()`` runs tasks in-process from the DAG object it was given; here the dag-processor parses every example
 DAG file (no import error allowed), the scheduler schedules from the serialized DAGs and hands the tasks to the
 executor's worker processes, which talk to the API server's execution API, exactly as in a deployment (issue 11
-§6/§7: ``pgplakar_weekly_physical`` failed on every manual trigger there and nowhere in ``dag.test()``). Everything goes through the public REST API with a JWT from the
-simple auth manager's ``/auth/token``:
+§6/§7: ``pgplakar_weekly_physical`` failed on every manual trigger there and nowhere in ``dag.test()``).
+Everything goes through the public REST API with a JWT from the simple auth manager's ``/auth/token``:
 
 * ``pgplakar_nightly_backup`` triggered with no logical date (as the UI's trigger button and most API clients do):
   task states, the snapshot ID as XCom, an Asset event per database with the snapshot ID in its ``extra``, the
