@@ -34,6 +34,7 @@ from typing import Any
 
 from . import PgError, ToolError
 from .physical import DATA_PREFIX, MANIFEST_PATH, SOURCE_KIND, TABLESPACES_PREFIX
+from .secrets import base_tool_env
 from .tools import DEBIAN_BIN_GLOB, probe_version
 
 log = logging.getLogger(__name__)
@@ -429,7 +430,7 @@ def _verify(tool: str, target: Path) -> tuple[bool, str]:
     argv.append(str(target))
     try:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
-                              timeout=VERIFY_TIMEOUT_S, check=False)
+                              timeout=VERIFY_TIMEOUT_S, check=False, env=base_tool_env())
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise PhysicalRestoreError(f"pg_verifybackup could not run: {exc}") from None
     output = (proc.stdout + proc.stderr).strip()

@@ -31,6 +31,7 @@ from typing import Any
 from . import PgError
 from .options import ConnOptions
 from .process import track_process, untrack_process
+from .secrets import base_tool_env
 from .tools import find_tool
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def server_user() -> tuple[int, int] | None:
 
 
 def _server_env(home: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env = base_tool_env()  # no credentials of the task, no PG* of the worker
     env.update({"LC_ALL": "C", "LANG": "C", "HOME": home})
     return env
 
