@@ -16,6 +16,7 @@ from airflow.sdk import BaseOperator
 
 from ..hooks.postgres import PgPlakarPostgresHook
 from ..hooks.store import PgPlakarStoreHook
+from ..pg.options import SSL_KEY_DATA_ALIAS
 from ..pg.process import kill_all
 
 if TYPE_CHECKING:
@@ -47,6 +48,15 @@ def committed_by_earlier_try(store: Any, key: str, task_log: Any) -> str | None:
     return None
 
 
+def masked_option_names(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` with ``ssl_key_data`` renamed ``ssl_private_key_data``: ``options`` is a template field, and
+    Airflow masks a rendered value by its key name (``private_key``), not ``ssl_key_data``."""
+    out = dict(options or {})
+    if "ssl_key_data" in out and SSL_KEY_DATA_ALIAS not in out:
+        out[SSL_KEY_DATA_ALIAS] = out.pop("ssl_key_data")
+    return out
+
+
 class _PgPlakarOperator(BaseOperator):
     ui_color = "#d0e4f5"
 
@@ -57,7 +67,7 @@ class _PgPlakarOperator(BaseOperator):
         self.store_conn_id = store_conn_id
         self.postgres_conn_id = postgres_conn_id
         self.location = location
-        self.options = dict(options or {})
+        self.options = masked_option_names(options)
 
     def _pg_hook(self) -> PgPlakarPostgresHook:
         return PgPlakarPostgresHook(None if self.location else self.postgres_conn_id, location=self.location)

@@ -71,11 +71,15 @@ _FALSE = {"false", "0", "no"}
 # Plausible AWS region names: us-east-1, eu-west-3, us-gov-west-1, cn-north-1, us-isob-east-1.
 _REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]+")
 _SSL_PAIRS = (("ssl_cert", "ssl_cert_data"), ("ssl_key", "ssl_key_data"), ("ssl_root_cert", "ssl_root_cert_data"))
+# Another name for ``ssl_key_data``: Airflow's secret masker hides values whose key contains ``private_key`` (in the
+# UI, the REST API and rendered templates) but shows ``ssl_key_data`` in clear; the Airflow glue uses this name.
+SSL_KEY_DATA_ALIAS = "ssl_private_key_data"
 _REDACTED = "***"
 
 # Option names accepted per kind. ``location`` is passed separately.
 _CONN_KEYS = frozenset(
-    {"host", "port", "username", "password", "pg_bin_dir", "ssl_mode"} | {k for pair in _SSL_PAIRS for k in pair}
+    {"host", "port", "username", "password", "pg_bin_dir", "ssl_mode", SSL_KEY_DATA_ALIAS}
+    | {k for pair in _SSL_PAIRS for k in pair}
 )
 _LOGICAL_KEYS = _CONN_KEYS | {"database", "exclude_databases", "compress", "schema_only", "data_only", "fingerprint"}
 # What a logical backup records to prove a restore later (see :mod:`.fingerprint`): catalog lists only, plus exact
@@ -634,6 +638,11 @@ def _conn_from(loc: ParsedLocation, opts: dict[str, str]) -> ConnOptions:
     for pair in _SSL_PAIRS:
         for key in pair:
             kwargs[key] = opts.get(key)
+    if SSL_KEY_DATA_ALIAS in opts:
+        if "ssl_key_data" in opts:
+            raise OptionError(SSL_KEY_DATA_ALIAS, f"{SSL_KEY_DATA_ALIAS} and ssl_key_data are the same option; give "
+                                                  f"one ({SSL_KEY_DATA_ALIAS} is the name Airflow masks)")
+        kwargs["ssl_key_data"] = opts[SSL_KEY_DATA_ALIAS]
     return ConnOptions(**kwargs)
 
 
