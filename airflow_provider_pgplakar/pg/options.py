@@ -190,7 +190,7 @@ class ConnOptions:
     username: str | None = None
     password: str | None = None
     region: str | None = None
-    ssl_mode: str = "prefer"
+    ssl_mode: str | None = None  # None: the default, prefer (require for postgres+aws)
     ssl_cert: str | None = None
     ssl_cert_data: str | None = None
     ssl_key: str | None = None
@@ -207,6 +207,9 @@ class ConnOptions:
         if self.password is not None:
             if not isinstance(self.password, str) or "\0" in self.password:
                 raise OptionError("password", "must be a string without NUL characters")
+        if self.ssl_mode is None:
+            # RDS IAM needs TLS, and on "prefer" an active attacker can downgrade the connection and read the token.
+            object.__setattr__(self, "ssl_mode", "require" if self.region is not None else "prefer")
         if self.ssl_mode not in SSL_MODES:
             raise OptionError("ssl_mode", f"invalid value {self.ssl_mode!r} (accepted: {', '.join(SSL_MODES)})")
         self._check_ssl_files()
@@ -626,7 +629,7 @@ def _conn_from(loc: ParsedLocation, opts: dict[str, str]) -> ConnOptions:
         "port": DEFAULT_PORT if port is None else port,
         "username": opts.get("username", loc.username),
         "password": opts.get("password", loc.password),
-        "ssl_mode": opts.get("ssl_mode", "prefer").strip(),
+        "ssl_mode": opts["ssl_mode"].strip() if "ssl_mode" in opts else None,
         "region": opts["region"].strip() if "region" in opts else None,
     }
     if loc.scheme == AWS:
