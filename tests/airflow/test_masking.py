@@ -24,7 +24,8 @@ from airflow_provider_pgplakar.store.repo import Store
 from tests.task_context import FakeTI, context
 
 RAW_KEY = "c2VjcmV0LXN0b3JlLWtleS1iYXNlNjQtZm9yLXRlc3RzLW9ubHk="
-PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQCmaskedkey\n-----END PRIVATE KEY-----\n"
+PEM_KEY = ("-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQCmaskedkey\n"
+           "-----END PRIVATE KEY-----\n")
 PEM_CERT = "-----BEGIN CERTIFICATE-----\nMIIDdzCCAl+gAwIBAgIUpubliccert\n-----END CERTIFICATE-----\n"
 
 
@@ -102,7 +103,8 @@ def test_both_names_are_one_option(monkeypatch: pytest.MonkeyPatch) -> None:
     conn = parse_source_options("postgres://", {"ssl_cert_data": PEM_CERT, "ssl_private_key_data": PEM_KEY}).conn
     assert conn.ssl_key_data == PEM_KEY and "MIIEvQ" not in repr(conn)
     # an operator option under either name replaces the connection's inline key under the other
-    monkeypatch.setenv("AIRFLOW_CONN_PG_TLS", json.dumps({"conn_type": "postgres", "host": "db", "login": "u", "extra": {
-        "ssl_cert_data": PEM_CERT, "ssl_key_data": PEM_KEY.replace("masked", "oldkey")}}))
+    extra = {"ssl_cert_data": PEM_CERT, "ssl_key_data": PEM_KEY.replace("masked", "oldkey")}
+    monkeypatch.setenv("AIRFLOW_CONN_PG_TLS", json.dumps({"conn_type": "postgres", "host": "db", "login": "u",
+                                                          "extra": extra}))
     opts = PgPlakarPostgresHook("pg_tls").source_options({"ssl_private_key_data": PEM_KEY})
     assert opts.conn.ssl_key_data == PEM_KEY
