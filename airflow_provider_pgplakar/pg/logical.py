@@ -32,7 +32,7 @@ from . import PgError, commands, fingerprint
 from .connect import PgConnectError
 from .iam import password_source
 from .options import AWS_DEFAULT_EXCLUDES, LogicalSourceOptions
-from .process import ToolFailed, run_tool
+from .process import ToolFailed, check_cancelled, run_tool
 from .secrets import SslFiles, libpq_env, ssl_files
 from .tools import Tool, find_tool
 
@@ -161,6 +161,7 @@ def logical_backup(
                 dump_tool = str(s.tool("pg_dump", major).path)
                 prints: dict[str, Any] = {}
                 for n, db in enumerate(selected, 1):
+                    check_cancelled()
                     level = fingerprint.effective_level(opts.fingerprint, schema_only=opts.schema_only,
                                                         data_only=opts.data_only)
                     gone = None if opts.database is not None else (lambda e, db=db: _vanished(s, db, e))
@@ -191,6 +192,7 @@ def logical_backup(
                     warnings.extend([fp.warning] if fp.warning else [])
                 w.add_bytes(fingerprint.FINGERPRINTS_PATH, fingerprint.encode(prints), mode=0o444,
                             meta={"type": "fingerprints"})
+            check_cancelled()  # a cancelled backup never commits
         snap_id = w.snapshot_id
         total = store.load_snapshot(snap_id).header["stats"]["bytes"]
         return BackupResult(snap_id, dumped, warnings, w.already_existed, total)
