@@ -2,6 +2,7 @@
 
 - ``on_kill`` while the manifest's catalog query waits on a lock: nothing else runs (no pg_dumpall, no pg_dump),
   the error says the task was cancelled, nothing is committed.
+- SIGTERM to the ``pgplakar`` CLI mid-dump: pg_dump is killed, exit status 143, nothing is committed.
 - SIGKILL of the process running a backup while its pg_dump waits on a lock: pg_dump dies with it (parent-death
   signal), every server connection of the backup closes, nothing is committed.
 """
@@ -149,5 +150,30 @@ def test_sigkill_of_the_backup_process_kills_pg_dump_and_closes_its_connections(
         locker.rollback()
         _until("the backup's server connections to close",
                lambda: not set(backends) & set(_backends(watcher, db)), timeout=30)
+    with Store.open(store.location, "pw") as st:
+        assert st.snapshot_ids() == []
+
+
+def test_sigterm_cancels_a_cli_backup(db: str, pg15: PgServer, store: Store) -> None:
+    loc, opts = src_opts(pg15, database=db)
+    argv = [sys.executable, "-c", "import sys; from airflow_provider_pgplakar.cli.main import main; sys.exit(main())",
+            "at", store.location, "backup", loc, *(f"{k}={v}" for k, v in opts.items() if k != "password")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PGPLAKAR_PASSPHRASE": "pw", "PGPASSWORD": pg15.password}
+    with pg15.connect(db, autocommit=False) as locker, pg15.connect() as watcher:
+        locker.execute("LOCK TABLE notes IN ACCESS EXCLUSIVE MODE")
+        cli = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            dumps = _until("pg_dump to wait on the lock",
+                           lambda: _backends(watcher, db, waiting=True) and _children(cli.pid, "pg_dump"))
+            cli.send_signal(signal.SIGTERM)
+            out, err = cli.communicate(timeout=60)  # ends while the lock is still held
+        finally:
+            cli.kill()
+            cli.wait()
+        assert cli.returncode == 143, (out, err)
+        assert "pgplakar: error: the task was cancelled" in err and "killed by signal" not in err, err
+        for pid in dumps:
+            assert not os.path.exists(f"/proc/{pid}")
+        locker.rollback()
     with Store.open(store.location, "pw") as st:
         assert st.snapshot_ids() == []
