@@ -214,13 +214,15 @@ class Spy:
 
 def _read_cmdline(proc: Any) -> bytes | None:
     """The child's ``/proc/<pid>/cmdline``. With vfork, Popen can return before the kernel has set up the new
-    image's arguments (the file reads empty for a moment), so retry briefly while the child is alive."""
+    image's arguments (the file reads empty for a moment), and the setpriv wrapper execs the tool a moment later,
+    so retry briefly while the child is alive."""
     for _ in range(500):
         try:
             data = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
         except OSError:
             return None
-        if data or proc.poll() is not None:
+        wrapper = data.split(b"\0", 1)[0].endswith(b"setpriv")  # not yet exec'd the tool (pg/process.py)
+        if (data and not wrapper) or proc.poll() is not None:
             return data or None
         time.sleep(0.001)
     return None
@@ -252,6 +254,8 @@ def spy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Spy]:
                     path.read_text(),
                 )
         argv = [args] if isinstance(args, str | bytes) else [str(x) for x in args]
+        if "--pdeathsig" in argv[:2]:  # the tool as started through setpriv (pg/process.py)
+            argv = argv[argv.index("--") + 1:]
         result.spawns.append(Spawn(argv, env, cmdline, files))
         return proc
 
