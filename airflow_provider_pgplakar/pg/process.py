@@ -123,6 +123,14 @@ def with_parent_death_signal(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-I", "-S", "-c", _PDEATHSIG_WRAPPER, str(os.getpid()), *argv]
 
 
+def _tool_name(args: Any) -> str:
+    """The tool's name in the argv of a :func:`spawn`, not the wrapper's."""
+    argv = [str(a) for a in args]
+    start = argv.index(str(os.getpid())) + 1 if _PDEATHSIG_WRAPPER in argv else (
+        argv.index("--") + 1 if "--pdeathsig" in argv[:2] else 0)
+    return os.path.basename(argv[start]) if start < len(argv) else os.path.basename(argv[0])
+
+
 def spawn(argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
     """Start ``argv`` (never a shell) in its own session with the parent-death signal, registered for
     :func:`kill_all`; refused once the task is cancelled. Untrack it with :func:`untrack_process` when done."""
@@ -265,7 +273,7 @@ def kill_all() -> None:
             except Exception as e:  # best effort: the process group kill below still happens
                 log.warning("could not cancel a running query: %s", e)
     for p in procs:
-        log.warning("killing %s (pid %d) and its process group", os.path.basename(str(p.args[0])), p.pid)
+        log.warning("killing %s (pid %d) and its process group", _tool_name(p.args), p.pid)
         _killpg(p)
 
 

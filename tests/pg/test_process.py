@@ -110,6 +110,9 @@ def test_wrapped_argv() -> None:
     argv = with_parent_death_signal(["/usr/bin/pg_dump", "--dbname=x"])
     assert argv[-2:] == ["/usr/bin/pg_dump", "--dbname=x"]
     assert argv[:3] == [process_mod._setpriv(), "--pdeathsig", "KILL"]
+    assert process_mod._tool_name(argv) == "pg_dump" == process_mod._tool_name(["/usr/bin/pg_dump"])
+    python = [sys.executable, "-I", "-S", "-c", process_mod._PDEATHSIG_WRAPPER, str(os.getpid()), "/bin/psql"]
+    assert process_mod._tool_name(python) == "psql"
 
 
 def test_cancel_stops_tools_and_refuses_new_ones() -> None:
