@@ -43,6 +43,7 @@ def _options_line(cls: type, skip: frozenset[str] = frozenset({"conn"})) -> str:
         if f.name in skip or f.name.startswith("_"):
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
+        default = f.metadata.get("help_default", default)
         if isinstance(default, bool):
             default = str(default).lower()
         parts.append(f"{f.name} [{default}]" if default not in (None, (), "") else f.name)

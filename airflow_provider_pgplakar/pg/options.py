@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -193,7 +193,8 @@ class ConnOptions:
     username: str | None = None
     password: str | None = None
     region: str | None = None
-    ssl_mode: str | None = None  # None: the default, prefer (require for postgres+aws)
+    # None: the default, prefer (require for postgres+aws); the CLI help shows help_default
+    ssl_mode: str | None = field(default=None, metadata={"help_default": "prefer; postgres+aws: require"})
     ssl_cert: str | None = None
     ssl_cert_data: str | None = None
     ssl_key: str | None = None

@@ -80,7 +80,16 @@ def _descendants(root: int, name: str) -> list[int]:
                 return True
         return False
 
-    return [pid for pid, (_, comm) in procs.items() if comm == name and under(pid)]
+    return [pid for pid, (_, comm) in procs.items() if comm == name and under(pid) and not _probe(pid)]
+
+
+def _probe(pid: int) -> bool:
+    """A ``--version`` probe of tool discovery, not a tool run."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"--version" in f.read().split(b"\0")
+    except OSError:
+        return True
 
 
 def _backends(watcher: Any, db: str, *, waiting: bool = False) -> list[int]:
