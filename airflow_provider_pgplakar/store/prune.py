@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from .blobsink import BlobSink
 from .errors import IntegrityError, StoreError
 from .index import write_segments
-from .locks import acquire, is_stale, list_leases
+from .locks import Lease, acquire, is_stale, list_leases
 from .pack import CHUNKLIST, TREE, decode_blob, pack_key, pack_object_name
 from .reader import chunk_refs, iter_records
 
@@ -51,9 +51,15 @@ class PruneReport:
 def prune(store: Store, *, dry_run: bool = False, lock_wait: float = 0.0) -> PruneReport:
     lease = acquire(store.backend, store.keys, "prune", wait=lock_wait)
     try:
-        return _prune(store, dry_run)
+        return _prune(store, dry_run, lease)
     finally:
         lease.release()
+
+
+def _before_deleting(lease: Lease, what: str) -> None:
+    """Our own lease must still be fresh on both clocks before a deletion phase: if it went stale (refreshes
+    failed, the VM was suspended), a backup may have started meanwhile and use what we are about to delete."""
+    lease.check_fresh(f"not deleting {what}")
 
 
 def _mark(store: Store, rep: PruneReport) -> None:
@@ -82,7 +88,7 @@ def _mark(store: Store, rep: PruneReport) -> None:
     rep.live_blobs = db.execute("SELECT count(*) FROM temp.live").fetchone()[0]
 
 
-def _prune(store: Store, dry_run: bool) -> PruneReport:
+def _prune(store: Store, dry_run: bool, lease: Lease) -> PruneReport:
     rep = PruneReport(dry_run=dry_run)
     store.sync_index()
     if store.cache.bad_segments:
@@ -137,11 +143,14 @@ def _prune(store: Store, dry_run: bool) -> PruneReport:
         entries.append({"id": pid, "size": size, "kind": kind, "salt": salt, "blobs": [list(r) for r in rows]})
     old_segments = sorted(store.cache.segments())
     write_segments(store.backend, store.keys, entries, old_segments)
+    _before_deleting(lease, "superseded index segments")
     for seg in old_segments:
         store.backend.delete(f"index/{seg}")
     rep.segments_replaced = len(old_segments)
+    _before_deleting(lease, "packs")
     for pid, _size in delete + orphans + [(r[1], r[2]) for r in repack]:
         store.backend.delete(pack_object_name(pid))
+    _before_deleting(lease, "stale leases and temporary files")
     _cleanup(store)
     store.cache.reset()
     store.sync_index()
@@ -219,6 +228,7 @@ def repair_index(store: Store) -> int:
             entries.append({"id": pid, "size": obj.size, "kind": kind, "salt": salt,
                             "blobs": [[b.blob_type, b.blob_id, b.offset, b.length, b.raw_len] for b in blobs]})
         write_segments(store.backend, store.keys, entries)
+        _before_deleting(lease, "the old index segments")
         for key in old:
             store.backend.delete(key)
         store.cache.reset()

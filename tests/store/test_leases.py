@@ -132,3 +132,81 @@ def test_pid_reuse_and_version_1_leases(tmp_path: Path) -> None:
     stale = {le.id: locks.is_stale(le, now) for le in locks.list_leases(st.backend, st.keys)}
     assert stale == {alive: False, reused: True, other_boot: False, v1_dead: False}
     st.close()
+
+
+def _skew(monkeypatch: pytest.MonkeyPatch, st: Store, seconds: float) -> None:
+    """The storage clock runs ``seconds`` ahead of what this process saw: what a suspended VM (whose monotonic
+    clock stopped) finds on resume."""
+    real = type(st.backend).now
+    monkeypatch.setattr(st.backend, "now", lambda: real(st.backend) + seconds)
+
+
+def test_writer_does_not_commit_with_a_lease_stale_on_the_storage_clock(
+        location: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_provider_pgplakar.store.errors import LeaseExpired
+
+    st = Store.create(location, PASSPHRASE)
+    with pytest.raises(LeaseExpired, match="old on the storage clock"), st.writer() as w:
+        w.add_bytes("/a", rand(200 * KiB, 1))
+        _skew(monkeypatch, st, locks.ABORT_AFTER + 60)  # the monotonic clock saw no time pass
+    assert st.snapshot_ids() == []
+    assert not any(True for _ in st.backend.list("locks/"))
+    monkeypatch.undo()
+    with st.writer() as w:  # a fresh lease commits
+        w.add_bytes("/a", rand(200 * KiB, 1))
+    assert st.snapshot_ids() == [w.snapshot_id]
+    st.close()
+
+
+def test_a_lease_removed_or_stale_at_refresh_is_lost_for_good(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_provider_pgplakar.store.errors import LeaseExpired
+
+    st = Store.create(str(tmp_path / "store"), PASSPHRASE)
+    lease = locks.acquire(st.backend, st.keys, "backup")
+    _skew(monkeypatch, st, locks.ABORT_AFTER + 60)
+    lease.refresh()  # does not rewrite a lease a prune may already have judged stale
+    monkeypatch.undo()
+    assert lease.lost
+    with pytest.raises(LeaseExpired):
+        lease.check_fresh()
+    lease.release()
+    other = locks.acquire(st.backend, st.keys, "backup")
+    st.backend.delete(other.key)  # what a prune does to a lease it judged stale
+    other.refresh()
+    assert st.backend.stat(other.key) is None, "a removed lease was resurrected"
+    with pytest.raises(LeaseExpired, match="removed"):
+        other.check_fresh()
+    st.close()
+
+
+def test_prune_rechecks_its_lease_before_deleting(
+        location: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_provider_pgplakar.store.errors import LeaseExpired
+
+    st = Store.create(location, PASSPHRASE, pack_target=256 * KiB)
+    with st.writer() as w:
+        w.add_bytes("/gone", rand(600 * KiB, 1))
+    with st.writer() as w:
+        w.add_bytes("/kept", rand(300 * KiB, 2))
+    kept = w.snapshot_id
+    st.forget([s for s in st.snapshot_ids() if s != kept])
+    packs = {o.key for o in st.backend.list("packs/")}
+    segments = {o.key for o in st.backend.list("index/")}
+    real_write = prune_mod.write_segments
+
+    def write_then_suspend(*args, **kwargs):  # the VM sleeps between writing the new index and deleting
+        out = real_write(*args, **kwargs)
+        _skew(monkeypatch, st, locks.ABORT_AFTER + 60)
+        return out
+
+    monkeypatch.setattr(prune_mod, "write_segments", write_then_suspend)
+    with pytest.raises(LeaseExpired, match="not deleting superseded index segments"):
+        prune_mod.prune(st)
+    monkeypatch.undo()
+    assert packs <= {o.key for o in st.backend.list("packs/")}, "a prune with a stale lease deleted packs"
+    assert segments <= {o.key for o in st.backend.list("index/")}
+    assert not any(True for _ in st.backend.list("locks/"))
+    rep = prune_mod.prune(st)
+    assert rep.packs_deleted > 0
+    assert_restores(st, kept, {"/kept": rand(300 * KiB, 2)}, tmp_path / "restore")
+    st.close()
