@@ -65,6 +65,7 @@ class CheckReport:
 def check(store: Store, read_data: bool = False, progress: Callable[[str], None] | None = None) -> CheckReport:
     rep = CheckReport()
     say = progress or (lambda msg: log.info("%s", msg))
+    store.ensure_read_lease()  # prune must not delete or repack what we are about to read
     for obj in store.backend.list("keys/"):
         try:
             load_checked(store.backend.get(obj.key), obj.key)

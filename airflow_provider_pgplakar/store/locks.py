@@ -294,3 +294,44 @@ def acquire(backend: Backend, keys: Keys, kind: str, wait: float = 0.0, poll: fl
             log.info("store busy (%s); waiting%s", conflicts[0].describe(), waited)
             next_log = now + WAIT_LOG_EVERY
         time.sleep(min(poll * (0.5 + random.random()), max(0.0, deadline - now) + 0.01))
+
+
+class StoreLeases:
+    """The leases one opened store holds. Reads need a ``read`` lease, taken on the first read and kept until the
+    store is closed (a restore reads packs for hours; prune must neither delete nor repack them meanwhile). A
+    ``backup`` or ``prune`` lease this store holds protects its reads as well, so none is taken then."""
+
+    def __init__(self, backend: Backend, keys: Keys, wait: float) -> None:
+        self.backend, self.keys, self.wait = backend, keys, wait
+        self.read: Lease | None = None
+        self._held: list[Lease] = []
+        self._lock = threading.Lock()
+
+    def hold(self, lease: Lease) -> None:
+        with self._lock:
+            self._held.append(lease)
+
+    def drop(self, lease: Lease) -> None:
+        with self._lock:
+            if lease in self._held:
+                self._held.remove(lease)
+
+    def ensure_read(self) -> bool:
+        """Make sure reads are protected; True when a read lease was just taken (the caller re-syncs its index:
+        a prune may have run since it last did)."""
+        with self._lock:
+            if self._held:
+                return False
+            if self.read is not None:
+                if self.read.lost:
+                    raise LeaseExpired(f"read lease {self.read.id} {self.read.lost}: a prune may have changed the "
+                                       "packs being read; retry")
+                return False
+            self.read = acquire(self.backend, self.keys, "read", wait=self.wait)
+            return True
+
+    def release_read(self) -> None:
+        with self._lock:
+            lease, self.read = self.read, None
+        if lease is not None:
+            lease.release()

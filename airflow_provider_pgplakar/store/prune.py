@@ -48,12 +48,25 @@ class PruneReport:
         return dict(self.__dict__)
 
 
-def prune(store: Store, *, dry_run: bool = False, lock_wait: float = 0.0) -> PruneReport:
+def _exclusive(store: Store, lock_wait: float = 0.0) -> Lease:
+    """The prune lease; this store's own read lease (from an earlier restore or check) would conflict with it."""
+    store.leases.release_read()
     lease = acquire(store.backend, store.keys, "prune", wait=lock_wait)
+    store.leases.hold(lease)
+    return lease
+
+
+def _release(store: Store, lease: Lease) -> None:
+    store.leases.drop(lease)
+    lease.release()
+
+
+def prune(store: Store, *, dry_run: bool = False, lock_wait: float = 0.0) -> PruneReport:
+    lease = _exclusive(store, lock_wait)
     try:
         return _prune(store, dry_run, lease)
     finally:
-        lease.release()
+        _release(store, lease)
 
 
 def _before_deleting(lease: Lease, what: str) -> None:
@@ -203,7 +216,7 @@ def repair_index(store: Store) -> int:
     """Rebuild ``index/`` from pack headers (after index segments were lost or corrupted). Returns packs indexed."""
     from .pack import parse_pack
 
-    lease = acquire(store.backend, store.keys, "prune")
+    lease = _exclusive(store)
     try:
         old = [o.key for o in store.backend.list("index/")]
         store.sync_index()  # the readable segments: the fallback for packs whose own header is damaged
@@ -235,4 +248,4 @@ def repair_index(store: Store) -> int:
         store.sync_index()
         return len(entries)
     finally:
-        lease.release()
+        _release(store, lease)

@@ -49,6 +49,7 @@ DEFAULT_PACK_TARGET = 16 * 1024 * 1024
 # (ratio 1.43 vs 1.52; see the README's benchmark table). Stores record their level, so `create
 # --compression-level 3` (or up to 19) remains a per-store choice.
 DEFAULT_COMPRESSION_LEVEL = 1
+READ_LOCK_WAIT = 3600.0  # how long a reader waits for a running prune (it logs every 30 s meanwhile)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,9 @@ class Store:
 
         self.cache = IndexCache(Path(root) / config.repo_id / "index.sqlite", config.repo_id)
         self._master: bytes | None = None  # set when unlocked by passphrase (needed to add keys / export)
+        from .locks import StoreLeases
+
+        self.leases = StoreLeases(backend, keys, READ_LOCK_WAIT)
 
     @property
     def location(self) -> str:
@@ -319,7 +323,13 @@ class Store:
     def sync_index(self) -> None:
         self.cache.sync(self.backend, self.keys)
 
+    def ensure_read_lease(self) -> None:
+        """Called before reading packs: a shared ``read`` lease keeps prune from deleting or repacking them."""
+        if self.leases.ensure_read():
+            self.sync_index()
+
     def close(self) -> None:
+        self.leases.release_read()
         self.cache.close()
 
     def __enter__(self) -> Store:

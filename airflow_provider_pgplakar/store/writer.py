@@ -133,6 +133,7 @@ class SnapshotWriter:
     def __enter__(self) -> SnapshotWriter:
         st = self.store
         self._lease = acquire(st.backend, st.keys, "backup", wait=self.lock_wait)
+        st.leases.hold(self._lease)  # reads through this store (a parent snapshot) need no read lease meanwhile
         try:
             st.cache.sync(st.backend, st.keys)  # after the lease: no prune can remove what we dedup against
             self._sink = BlobSink(
@@ -141,7 +142,7 @@ class SnapshotWriter:
                 uploaders=st.uploaders,
             )
         except BaseException:
-            self._lease.release()
+            self._release_lease()
             raise
         self._manifest = _Manifest(self._sink, st.keys.id_key)
         self._t0 = time.time()
@@ -160,9 +161,13 @@ class SnapshotWriter:
             if self._sink is not None:
                 self._sink.abort()
         finally:
-            if self._lease is not None:
-                self._lease.release()
-                self._lease = None
+            self._release_lease()
+
+    def _release_lease(self) -> None:
+        if self._lease is not None:
+            self.store.leases.drop(self._lease)
+            self._lease.release()
+            self._lease = None
 
     # -- records -------------------------------------------------------------------------------------------------
     def _record(self, path: str, kind: str, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -345,8 +350,7 @@ class SnapshotWriter:
             self._sink.abort()
             raise
         finally:
-            self._lease.release()
-            self._lease = None
+            self._release_lease()
 
 
 def _user() -> str:
