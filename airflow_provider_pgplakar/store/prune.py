@@ -155,9 +155,10 @@ def _prune(store: Store, dry_run: bool, lease: Lease) -> PruneReport:
                           "ON o.id=b.id AND o.pack=b.pack WHERE b.pack=?", (no,)).fetchall()
         entries.append({"id": pid, "size": size, "kind": kind, "salt": salt, "blobs": [list(r) for r in rows]})
     old_segments = sorted(store.cache.segments())
-    write_segments(store.backend, store.keys, entries, old_segments)
+    # supersedes is cumulative: an old segment re-uploaded later is recognised however many prunes ago it went
+    write_segments(store.backend, store.keys, entries, set(old_segments) | store.cache.superseded())
     _before_deleting(lease, "superseded index segments")
-    for seg in old_segments:
+    for seg in old_segments + sorted(store.cache.superseded_listed):
         store.backend.delete(f"index/{seg}")
     rep.segments_replaced = len(old_segments)
     _before_deleting(lease, "packs")
@@ -195,7 +196,7 @@ def _repack(store: Store, repack: list[tuple[int, str, int, bytes]]) -> list[dic
 
 
 class _NoDedup:
-    def known_blobs(self, blob_ids: list[bytes]) -> set[bytes]:
+    def known_blobs(self, blob_ids: list[bytes], packs: set[int] | None = None) -> set[bytes]:
         return set()
 
 
@@ -240,7 +241,8 @@ def repair_index(store: Store) -> int:
             kind = "data" if all(b.blob_type not in (TREE, CHUNKLIST) for b in blobs) else "tree"
             entries.append({"id": pid, "size": obj.size, "kind": kind, "salt": salt,
                             "blobs": [[b.blob_type, b.blob_id, b.offset, b.length, b.raw_len] for b in blobs]})
-        write_segments(store.backend, store.keys, entries)
+        superseded = {key.rsplit("/", 1)[-1] for key in old} | store.cache.superseded()
+        write_segments(store.backend, store.keys, entries, superseded)
         _before_deleting(lease, "the old index segments")
         for key in old:
             store.backend.delete(key)
