@@ -17,11 +17,13 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 import secrets
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -296,14 +298,26 @@ def acquire(backend: Backend, keys: Keys, kind: str, wait: float = 0.0, poll: fl
         time.sleep(min(poll * (0.5 + random.random()), max(0.0, deadline - now) + 0.01))
 
 
+def _write_refused(e: BaseException) -> bool:
+    """The store refuses our writes (read-only credentials or mount), as opposed to any other failure."""
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return True
+    s3 = sys.modules.get(__package__ + ".s3")  # loaded whenever the backend is S3; not imported for local stores
+    return s3 is not None and isinstance(e, s3.S3AccessError)
+
+
 class StoreLeases:
     """The leases one opened store holds. Reads need a ``read`` lease, taken on the first read and kept until the
     store is closed (a restore reads packs for hours; prune must neither delete nor repack them meanwhile). A
-    ``backup`` or ``prune`` lease this store holds protects its reads as well, so none is taken then."""
+    ``backup`` or ``prune`` lease this store holds protects its reads as well, so none is taken then.
+
+    With read-only access (a restore host's credentials, a read-only mount) no lease can be written: reads go on
+    without one, with a warning. A prune running meanwhile can then make a read fail; it never returns wrong bytes."""
 
     def __init__(self, backend: Backend, keys: Keys, wait: float) -> None:
         self.backend, self.keys, self.wait = backend, keys, wait
         self.read: Lease | None = None
+        self.unprotected: str | None = None  # why reads run without a lease (write access refused)
         self._held: list[Lease] = []
         self._lock = threading.Lock()
 
@@ -320,14 +334,22 @@ class StoreLeases:
         """Make sure reads are protected; True when a read lease was just taken (the caller re-syncs its index:
         a prune may have run since it last did)."""
         with self._lock:
-            if self._held:
+            if self._held or self.unprotected:
                 return False
             if self.read is not None:
                 if self.read.lost:
                     raise LeaseExpired(f"read lease {self.read.id} {self.read.lost}: a prune may have changed the "
                                        "packs being read; retry")
                 return False
-            self.read = acquire(self.backend, self.keys, "read", wait=self.wait)
+            try:
+                self.read = acquire(self.backend, self.keys, "read", wait=self.wait)
+            except Exception as e:
+                if not _write_refused(e):
+                    raise
+                self.unprotected = str(e)
+                log.warning("cannot write a read lease to %s (%s): reading without one; a prune running meanwhile "
+                            "can make this read fail (it never returns wrong bytes)", self.backend.location, e)
+                return False
             return True
 
     def release_read(self) -> None:

@@ -172,3 +172,36 @@ def test_big_restore_survives_prune_with_repack(tmp_path: Path, caplog: pytest.L
     assert stream.read() == late
     stream.close()
     st.close()
+
+
+def test_read_only_access_reads_without_a_lease(location: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A restore host with read-only credentials (or a read-only mount) still restores, with a warning."""
+    st = Store.create(location, PASSPHRASE)
+    with st.writer() as w:
+        w.add_bytes("/a", b"abc" * 1000)
+    reader = Store.open(location, PASSPHRASE, cache_dir=tmp_path / "reader-cache")
+    refused: BaseException
+    if location.startswith("s3://"):
+        import botocore.exceptions
+
+        from airflow_provider_pgplakar.store.s3 import S3AccessError
+
+        err = botocore.exceptions.ClientError({"Error": {"Code": "AccessDenied"}}, "PutObject")
+        refused = S3AccessError(str(err))
+    else:
+        refused = PermissionError(13, "Permission denied")
+    real_put = type(reader.backend).put
+
+    def put(self, key, data, *, create_only=True):  # noqa: ANN001, ANN202 - the backend's signature
+        if key.startswith("locks/"):
+            raise refused
+        return real_put(self, key, data, create_only=create_only)
+
+    monkeypatch.setattr(reader.backend, "put", put.__get__(reader.backend))
+    caplog.set_level(logging.WARNING)
+    assert_restores(reader, w.snapshot_id, {"/a": b"abc" * 1000}, tmp_path / "restore")
+    assert "reading without one" in caplog.text
+    assert _kinds(st) == []
+    reader.close()
+    st.close()
