@@ -106,10 +106,12 @@ def test_cli_commands_release_their_read_lease(tmp_path: Path) -> None:
     with st.writer() as w:
         w.add_bytes("/a", b"abc" * 1000)
     for args in (["check", "--read-data"], ["restore", w.snapshot_id, "-to", str(tmp_path / "out")],
-                 ["ls", w.snapshot_id]):
+                 ["ls", w.snapshot_id], ["cat", f"{w.snapshot_id}:/a"]):
         p = cli("at", location, *args)
         assert p.finish() == 0, p.text("stderr")
         assert not any(True for _ in st.backend.list("locks/")), f"{args[0]} left its lease behind"
+        if args[0] == "cat":
+            assert p.text("stdout") == "abc" * 1000
     assert (tmp_path / "out" / "a").read_bytes() == b"abc" * 1000
     rep = check_mod.check(st)
     assert rep.ok and _kinds(st) == ["read"]
