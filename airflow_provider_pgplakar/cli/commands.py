@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Any
 
@@ -59,6 +60,7 @@ def cmd_create(location: str, args: argparse.Namespace) -> int:
     return 0
 
 
+URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 PG_SCHEMES = ("postgres://", "postgresql://", "postgres+aws://", "postgresql+aws://", "postgres+bin://",
               "postgresql+bin://")
 
@@ -77,6 +79,10 @@ def _pg_options(items: list[str], location: str = "") -> dict[str, str]:
 def cmd_backup(location: str, args: argparse.Namespace) -> int:
     if args.path.startswith(PG_SCHEMES):
         return _pg_backup(location, args)
+    scheme = URL_SCHEME.match(args.path)
+    if scheme and not os.path.exists(args.path):
+        raise UsageError(f"unknown scheme {scheme.group(1)!r} in {scheme.group(0)}…: a source is a directory, a file, "
+                         "or a postgres://, postgres+aws:// or postgres+bin:// location")
     if args.pg_options:
         raise UsageError("key=value options are for postgres:// sources only")
     st = _open(location, args)
@@ -98,7 +104,10 @@ def cmd_ls(location: str, args: argparse.Namespace) -> int:
     st = _open(location, args)
     if args.target:
         snap_ref, path = _split_target(args.target)
-        recs = list(st.records(st.resolve(snap_ref), path))
+        snap = st.load_snapshot(st.resolve(snap_ref))
+        recs = list(st.records(snap, path))
+        if not recs and path not in (None, "/"):
+            raise StoreError(f"no record {path!r} in snapshot {snap.short_id}")
         if args.json:
             output.emit_json([_record_view(r) for r in recs])
         else:
@@ -235,7 +244,10 @@ def _physical_restore(st: Store, sid: str, args: argparse.Namespace) -> int:
     from ..pg.datadir import physical_restore
 
     res = physical_restore(st, sid, args.to, tablespace_mapping=args.tablespace_mapping, overwrite=args.overwrite,
-                           pg_bin_dir=args.pg_bin_dir, verify=not args.no_verify)
+                           pg_bin_dir=args.pg_bin_dir, verify=not args.no_verify,
+                           require_verify=args.require_verify, owner=args.owner, sync=not args.no_sync)
+    for w in res.warnings:
+        print(f"pgplakar: warning: {w}", file=sys.stderr)
     if args.json:
         output.emit_json(res.as_dict())
     else:
@@ -274,10 +286,11 @@ def cmd_restore(location: str, args: argparse.Namespace) -> int:
 
     if path is None and is_physical_snapshot(st, sid):  # a whole physical snapshot: a startable data directory
         return _physical_restore(st, sid, args)
-    if args.tablespace_mapping or args.pg_bin_dir or args.no_verify:
-        raise UsageError("--tablespace-mapping, --pg-bin-dir and --no-verify apply to a whole physical "
-                         "(postgres+bin) snapshot only")
-    n = files.restore_records(st, st.records(sid, path), args.to, overwrite=args.overwrite)
+    if args.tablespace_mapping or args.pg_bin_dir or args.no_verify or args.require_verify or args.owner:
+        raise UsageError("--tablespace-mapping, --pg-bin-dir, --no-verify, --require-verify and --owner apply to a "
+                         "whole physical (postgres+bin) snapshot only")
+    n = files.restore_records(st, lambda: st.records(sid, path), args.to, overwrite=args.overwrite,
+                              sync=not args.no_sync)
     if args.json:
         output.emit_json({"snapshot": sid, "files": n, "to": os.path.abspath(args.to)})
     else:
@@ -373,7 +386,14 @@ def cmd_info(location: str, args: argparse.Namespace) -> int:
     if args.json:
         output.emit_json(info)
     else:
-        for k, v in info.items():
+        ch, comp = c.chunker, c.compression
+        human = {**info,
+                 "chunker": f"{ch.get('alg')} {output.human_bytes(ch.get('min', 0))} / "
+                            f"{output.human_bytes(ch.get('avg', 0))} / {output.human_bytes(ch.get('max', 0))} "
+                            f"(min / average / max; {ch.get('lib')})",
+                 "compression": f"{comp.get('alg')} level {comp.get('level')}" if comp.get("level") else "none",
+                 "pack_target": output.human_bytes(c.pack_target)}
+        for k, v in human.items():
             print(f"{k:12} {v}")
     return 0
 

@@ -25,6 +25,54 @@ class UsageError(Exception):
     """Bad command-line input (exit status 2)."""
 
 
+COMMANDS = frozenset({"create", "backup", "ls", "verify", "cat", "restore", "check", "forget", "prune", "info",
+                      "key", "repair"})
+
+
+def _options_line(cls: type, skip: frozenset[str] = frozenset({"conn"})) -> str:
+    """``name [default], ...`` for one option dataclass: the help lists what the parser accepts, always current."""
+    import dataclasses
+
+    parts = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name.startswith("_"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if isinstance(default, bool):
+            default = str(default).lower()
+        parts.append(f"{f.name} [{default}]" if default not in (None, (), "") else f.name)
+    return ", ".join(parts)
+
+
+def _wrap(title: str, text: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=100, initial_indent=f"  {title}: ", subsequent_indent="      ")
+
+
+def _source_options_help() -> str:
+    from ..pg.options import ConnOptions, LogicalSourceOptions, PhysicalSourceOptions
+
+    return "\n".join([
+        "PostgreSQL source options (key=value; [default]; meanings in the README's option tables):",
+        _wrap("postgres://, postgres+aws://", _options_line(LogicalSourceOptions)),
+        _wrap("postgres+bin://", _options_line(PhysicalSourceOptions)),
+        _wrap("connection, every scheme", _options_line(ConnOptions, frozenset({"region"}))
+              + "; region (postgres+aws); the password is best given in $PGPASSWORD"),
+    ])
+
+
+def _restore_options_help() -> str:
+    from ..pg.options import ConnOptions, RestoreOptions
+
+    return "\n".join([
+        "Restore into a server (-to postgres://...; key=value; [default]; meanings in the README):",
+        _wrap("restore", _options_line(RestoreOptions)),
+        _wrap("connection", _options_line(ConnOptions, frozenset({"region"}))),
+        "A directory target restores files; a physical snapshot becomes a data directory (see the flags above).",
+    ])
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE (else "
@@ -58,15 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def cmd(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, parents=[sub_common], description=help)
+        return sub.add_parser(name, help=help, parents=[sub_common], description=help,
+                              prog=f"pgplakar [options] at STORE {name}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
 
     p = cmd("create", "create a new store (encrypted unless --plaintext)")
     p.add_argument("--plaintext", action="store_true", help="no encryption (integrity checks remain)")
     p.add_argument("--compression-level", type=int, default=1, help="zstd level 0..19 (0 = off; default 1)")
 
     p = cmd("backup", "back up a local directory or file, or PostgreSQL (postgres://... [key=value ...])")
+    p.epilog = _source_options_help()
     p.add_argument("path", help="directory, file, or postgres:// | postgres+aws:// | postgres+bin:// location")
-    p.add_argument("pg_options", nargs="*", metavar="key=value", help="source options (seed names)")
+    p.add_argument("pg_options", nargs="*", metavar="key=value",
+                   help="PostgreSQL source options, listed below with their defaults")
     p.add_argument("--tag", action="append", default=[], help="snapshot tag (repeatable)")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="snapshot label (repeatable)")
     p.add_argument("--idempotency-key", help="retries with the same key end with one snapshot")
@@ -91,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "logical snapshot into a server")
     p.add_argument("-to", "--to", dest="to", required=True, metavar="DIR|postgres://...")
     p.add_argument("items", nargs="+", metavar="[key=value ...] SNAPSHOT[:/path]",
-                   help="destination options (postgres:// only), then the snapshot")
+                   help="destination options (postgres:// only, listed below with their defaults), then the snapshot")
+    p.epilog = _restore_options_help()
     p.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
                    help="replace existing files (a physical snapshot: empty a non-empty data or tablespace "
                         "directory first)")
@@ -100,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pg-bin-dir", metavar="DIR", help="physical snapshots: PostgreSQL bin directory that will "
                    "start the data directory (its major version is checked first; its pg_verifybackup is used)")
     p.add_argument("--no-verify", action="store_true", help="physical snapshots: skip pg_verifybackup")
+    p.add_argument("--require-verify", action="store_true", help="physical snapshots: fail (before writing) when "
+                   "no pg_verifybackup of the backup's major is available, instead of a warning")
+    p.add_argument("--owner", metavar="USER[:GROUP]", help="physical snapshots restored as root: give every file "
+                   "this owner (default: the snapshot's owner names, e.g. postgres)")
+    p.add_argument("--no-sync", action="store_true", help="do not fsync restored files and directories (faster; "
+                   "a crash soon after may lose them)")
 
     p = cmd("check", "verify the store's metadata (and with --read-data every byte)")
     p.add_argument("--read-data", action="store_true")
@@ -147,6 +206,8 @@ def split_at(argv: Sequence[str]) -> tuple[str, list[str]]:
                 raise UsageError("`at` needs a store location")
             return args[i + 1], args[:i] + args[i + 2 :]
         if not a.startswith("-"):
+            if a not in COMMANDS and i + 1 < len(args) and args[i + 1] in COMMANDS:
+                raise UsageError(f"{a!r} is not a command; to name a store write `pgplakar at {a} {args[i + 1]} …`")
             break
         skip = a in ("--passphrase-file", "--key-file", "--cache-dir")
     return os.environ.get("PGPLAKAR_STORE", DEFAULT_STORE), args
@@ -162,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("no command given (try --help)")
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="pgplakar: %(message)s", stream=sys.stderr)
+        _progress_output(args)
         from .commands import run
 
         return run(location, args)
@@ -185,6 +247,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pgplakar: error: internal error {type(e).__name__}: {_one_line(e)} (rerun with --debug)",
               file=sys.stderr)
         return 1
+
+
+def _progress_output(args: argparse.Namespace) -> None:
+    """Progress of long work: JSON lines with ``--json``, a redrawn bar on a terminal, log lines with ``-v``."""
+    from ..store import progress
+    from .output import progress_bar, progress_json
+
+    if args.json:
+        progress.set_sink(progress_json)
+    elif sys.stderr.isatty():
+        progress.set_sink(progress_bar, every=1.0)
 
 
 def _one_line(e: BaseException) -> str:

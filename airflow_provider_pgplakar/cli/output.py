@@ -1,4 +1,4 @@
-"""Human tables by default, JSON for scripts."""
+"""Human tables by default, JSON for scripts; progress as a redrawn line on a terminal or JSON lines."""
 
 from __future__ import annotations
 
@@ -6,6 +6,11 @@ import json
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from ..store.progress import ProgressEvent
+from ..store.sizes import human_bytes
+
+__all__ = ["emit_json", "human_bytes", "progress_bar", "progress_json", "table"]
 
 
 def emit_json(obj: Any) -> None:
@@ -28,10 +33,18 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         print(line(r))
 
 
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+def progress_bar(event: ProgressEvent) -> None:
+    """One line on stderr, redrawn in place; the final report of an operation ends it."""
+    text = event.text()
+    width = 20
+    if event.total and not event.waiting:
+        filled = min(width, int(width * event.done / event.total))
+        text = f"[{'#' * filled}{'.' * (width - filled)}] {text}"
+    sys.stderr.write(f"\r\x1b[K{text}" + ("\n" if event.final else ""))
+    sys.stderr.flush()
+
+
+def progress_json(event: ProgressEvent) -> None:
+    """One JSON object per line on stderr (stdout keeps the command's own JSON result)."""
+    sys.stderr.write(json.dumps({"progress": event.as_dict()}, sort_keys=True) + "\n")
+    sys.stderr.flush()

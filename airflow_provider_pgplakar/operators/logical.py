@@ -17,6 +17,7 @@ from airflow.sdk import BaseOperator
 from ..hooks.postgres import PgPlakarPostgresHook
 from ..hooks.store import PgPlakarStoreHook
 from ..pg.process import kill_all
+from .outcome import BACKUPS_ALIAS, LOGICAL_SCHEME, backup_stats, report, source_uri
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -53,6 +54,10 @@ class _PgPlakarOperator(BaseOperator):
     def __init__(self, *, store_conn_id: str = PgPlakarStoreHook.default_conn_name,
                  postgres_conn_id: str | None = PgPlakarPostgresHook.default_conn_name, location: str | None = None,
                  options: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        if kwargs.pop("emit_assets", False):  # backups: the sources are Assets, known only at run time
+            from airflow.sdk import AssetAlias
+
+            kwargs["outlets"] = [*(kwargs.get("outlets") or []), AssetAlias(BACKUPS_ALIAS)]
         super().__init__(**kwargs)
         self.store_conn_id = store_conn_id
         self.postgres_conn_id = postgres_conn_id
@@ -72,16 +77,25 @@ class PgPlakarBackupOperator(_PgPlakarOperator):
     :param database: one database (templated; e.g. ``{{ params.db }}`` or a mapped value); None = the connection's
         database if it has one, else every database; ``""`` forces the whole cluster.
     :param options: seed option names (``exclude_databases``, ``compress``, ``schema_only``, ``data_only``,
-        ``pg_bin_dir``, ``ssl_*``); they override the connection.
+        ``fingerprint``, ``jobs``, ``pg_bin_dir``, ``ssl_*``); they override the connection.
+    :param jobs: databases dumped at once into the one snapshot (templated; overrides ``options`` and the
+        connection; None = theirs, else 1). One task, one snapshot; a mapped task per database is the alternative
+        (README, "Many databases").
     :param manifest_only: capture only ``/manifest.json`` (what :class:`PgPlakarManifestOperator` does).
+    :param emit_assets: emit one Asset event per database, ``pgplakar://HOST:PORT/DATABASE``, through the outlet
+        alias ``pgplakar-backups`` (default True; see :mod:`.outcome`). A second XCom, ``stats``, holds the summary.
     """
 
-    template_fields: Sequence[str] = ("database", "tags", "labels", "options", "postgres_conn_id", "store_conn_id")
+    template_fields: Sequence[str] = ("database", "jobs", "tags", "labels", "options", "postgres_conn_id",
+                                      "store_conn_id")
 
-    def __init__(self, *, database: str | None = None, tags: Sequence[str] = (),
-                 labels: Mapping[str, str] | None = None, manifest_only: bool = False, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *, database: str | None = None, jobs: int | str | None = None, tags: Sequence[str] = (),
+                 labels: Mapping[str, str] | None = None, manifest_only: bool = False, emit_assets: bool = True,
+                 **kwargs: Any) -> None:
+        super().__init__(emit_assets=emit_assets and not manifest_only, **kwargs)
+        self.emit_assets = emit_assets and not manifest_only
         self.database = database
+        self.jobs = jobs
         self.tags = list(tags)
         self.labels = dict(labels or {})
         self.manifest_only = manifest_only
@@ -92,21 +106,25 @@ class PgPlakarBackupOperator(_PgPlakarOperator):
         overrides = dict(self.options)
         if self.database is not None:
             overrides["database"] = self.database
+        if self.jobs is not None:
+            overrides["jobs"] = self.jobs
         hook = self._pg_hook()
         opts = hook.source_options(overrides)
         labels = {**self.labels, **run_labels(context)}
         key = idempotency_key(labels) + ("/manifest" if self.manifest_only else "")
         with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
-            existing = committed_by_earlier_try(store, key, self.log)
-            if existing:
-                return existing
-            result = logical_backup(store, opts, labels=labels, tags=self.tags, idempotency_key=key,
-                                    manifest_only=self.manifest_only, password=hook.password_source(opts))
-        for w in result.warnings:
-            self.log.warning("%s", w)
-        self.log.info("snapshot %s: %d database(s), %.1f MiB", result.snapshot_id, len(result.databases),
-                      result.bytes / 2**20)
-        return result.snapshot_id
+            sid = committed_by_earlier_try(store, key, self.log)
+            if sid is None:
+                result = logical_backup(store, opts, labels=labels, tags=self.tags, idempotency_key=key,
+                                        manifest_only=self.manifest_only, password=hook.password_source(opts))
+                for w in result.warnings:
+                    self.log.warning("%s", w)
+                sid = result.snapshot_id
+            stats = backup_stats(store, sid)
+        uris = [source_uri(LOGICAL_SCHEME, opts.conn.host, opts.conn.port, row["database"])
+                for row in stats["databases"]] if self.emit_assets else []
+        report(context, self.log, stats, uris)
+        return sid
 
 
 class PgPlakarManifestOperator(PgPlakarBackupOperator):

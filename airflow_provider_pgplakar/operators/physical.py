@@ -22,6 +22,7 @@ from ..hooks.store import PgPlakarStoreHook
 from ..pg import OptionError
 from ..pg.process import kill_all
 from .logical import _PgPlakarOperator, committed_by_earlier_try, idempotency_key, run_labels
+from .outcome import PHYSICAL_SCHEME, backup_stats, report, source_uri
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -63,8 +64,9 @@ class PgPlakarBaseBackupOperator(_PgPlakarOperator):
 
     def __init__(self, *, checkpoint: str | None = None, max_rate: int | str | None = None,
                  server_compression: str | None = None, tags: Sequence[str] = (),
-                 labels: Mapping[str, str] | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+                 labels: Mapping[str, str] | None = None, emit_assets: bool = True, **kwargs: Any) -> None:
+        super().__init__(emit_assets=emit_assets, **kwargs)
+        self.emit_assets = emit_assets
         self.checkpoint = checkpoint
         self.max_rate = max_rate
         self.server_compression = server_compression
@@ -85,16 +87,18 @@ class PgPlakarBaseBackupOperator(_PgPlakarOperator):
         labels = {**self.labels, **run_labels(context)}
         key = idempotency_key(labels) + "/physical"
         with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
-            existing = committed_by_earlier_try(store, key, self.log)
-            if existing:
-                return existing
-            result = physical_backup(store, opts, labels=labels, tags=self.tags, idempotency_key=key)
-        for w in result.warnings:
-            self.log.warning("%s", w)
-        self.log.info("snapshot %s: base backup of PostgreSQL %d, %d files, %.1f MiB (%.1f MiB new), WAL %s..%s",
-                      result.snapshot_id, result.major, result.files, result.bytes / 2**20,
-                      result.new_stored_bytes / 2**20, result.start_lsn, result.end_lsn)
-        return result.snapshot_id
+            sid = committed_by_earlier_try(store, key, self.log)
+            if sid is None:
+                result = physical_backup(store, opts, labels=labels, tags=self.tags, idempotency_key=key)
+                for w in result.warnings:
+                    self.log.warning("%s", w)
+                self.log.info("base backup of PostgreSQL %d: %d files, WAL %s..%s", result.major, result.files,
+                              result.start_lsn, result.end_lsn)
+                sid = result.snapshot_id
+            stats = backup_stats(store, sid)
+        report(context, self.log, stats,
+               [source_uri(PHYSICAL_SCHEME, opts.conn.host, opts.conn.port)] if self.emit_assets else [])
+        return sid
 
 
 class PgPlakarPhysicalRestoreOperator(BaseOperator):
@@ -106,16 +110,24 @@ class PgPlakarPhysicalRestoreOperator(BaseOperator):
         rendered string is read as a JSON object or list, e.g. ``"{{ params.mapping | tojson }}"``).
     :param pg_bin_dir: bin directory of the PostgreSQL that will start it: refused unless it is the backup's major
         version, checked before anything is written; its ``pg_verifybackup`` verifies the result.
-    Returns the restore summary (a small dict: major version, files, tablespaces, verification).
+    :param overwrite: empty a non-empty ``target_dir`` first (never a tablespace directory unless it is mapped
+        explicitly in ``tablespace_mapping``; never a running server's directory).
+    :param require_verify: fail before writing when no ``pg_verifybackup`` of the backup's major is available
+        (without it the result says ``verified: false`` and the task logs a warning).
+    :param owner: ``USER[:GROUP]`` for every restored file when the worker runs as root (default: the snapshot's
+        owner names, i.e. ``postgres``); templated.
+    :param sync: fsync every restored file and directory before succeeding (default true; false is faster).
+    Returns the restore summary (a small dict: major version, files, tablespaces, verification, warnings).
     """
 
-    template_fields: Sequence[str] = ("snapshot_id", "target_dir", "tablespace_mapping", "pg_bin_dir",
+    template_fields: Sequence[str] = ("snapshot_id", "target_dir", "tablespace_mapping", "pg_bin_dir", "owner",
                                       "store_conn_id")
     ui_color = "#d0e4f5"
 
     def __init__(self, *, snapshot_id: str, target_dir: str,
                  tablespace_mapping: Mapping[str, str] | Sequence[str] | None = None, overwrite: bool = False,
-                 pg_bin_dir: str | None = None, verify: bool = True,
+                 pg_bin_dir: str | None = None, verify: bool = True, require_verify: bool = False,
+                 owner: str | None = None, sync: bool = True,
                  store_conn_id: str = PgPlakarStoreHook.default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.snapshot_id = snapshot_id
@@ -124,6 +136,9 @@ class PgPlakarPhysicalRestoreOperator(BaseOperator):
         self.overwrite = overwrite
         self.pg_bin_dir = pg_bin_dir
         self.verify = verify
+        self.require_verify = require_verify
+        self.owner = owner
+        self.sync = sync
         self.store_conn_id = store_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
@@ -134,7 +149,10 @@ class PgPlakarPhysicalRestoreOperator(BaseOperator):
             result = physical_restore(store, sid, str(self.target_dir),
                                       tablespace_mapping=_mapping_arg(self.tablespace_mapping),
                                       overwrite=self.overwrite, pg_bin_dir=self.pg_bin_dir or None,
-                                      verify=self.verify)
+                                      verify=self.verify, require_verify=self.require_verify,
+                                      owner=self.owner or None, sync=self.sync)
+        for w in result.warnings:
+            self.log.warning("%s", w)
         self.log.info("%s", result.text())
         return result.as_dict()
 

@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from ..store.progress import Progress, heartbeat
+from ..store.sizes import human_bytes
 from . import PgError
 from .basebackup import Archive, BaseBackupStream, CompressionUnsupported, ReplicationConnection, Tablespace
 from .connect import PgConnectError
@@ -77,7 +78,6 @@ BACKUP_MANIFEST_PATH = f"{DATA_PREFIX}/backup_manifest"
 # 128 KiB blocks made the full backup as fast or up to 9 % slower (per-blob work on 2 cores) for ~3 % fewer bytes
 # in the second backup; 64 KiB stored *more* after the change (small blocks compress worse).
 RELATION_BLOCK_SIZE = 256 * 1024
-PROGRESS_EVERY_S = 30.0
 _RELATION_DIRS = ("base/", "global/")
 
 
@@ -140,6 +140,8 @@ def physical_backup(
                 w.add_bytes(MANIFEST_PATH, json.dumps(manifest, indent=2).encode(), mode=0o444,
                             meta={"type": "manifest"})
                 bb = _start(repl, opts, f"pgplakar {w.snapshot_id}")
+                log.info("base backup started at %s: ~%s to read", bb.start_lsn,
+                         human_bytes(_expected_bytes(bb.tablespaces) or 0))
                 meta["server_compression"] = bb.compression or "none"
                 _check_tablespaces(bb.tablespaces)
                 files = _copy_archives(w, bb, fixed)
@@ -169,7 +171,7 @@ def _copy_archives(w: Any, bb: BaseBackupStream, fixed: Any) -> int:
     from ..store.chunker import Chunking
 
     files = 0
-    progress = _Progress()
+    progress = Progress("base backup", total=_expected_bytes(bb.tablespaces), estimate=True)
     for archive in bb.archives():
         prefix = _archive_prefix(w, archive)
         relation_archive = archive.tablespace is not None
@@ -178,15 +180,27 @@ def _copy_archives(w: Any, bb: BaseBackupStream, fixed: Any) -> int:
             return fixed if relation_archive or name.startswith(_RELATION_DIRS) else Chunking()
 
         files += _copy_archive(w, archive, prefix, chunking, progress)
+    progress.finish()
     return files
+
+
+def _expected_bytes(tablespaces: list[Tablespace]) -> int | None:
+    """The server's size estimate for the whole backup (``PROGRESS true``); None when it sent none."""
+    sizes = [t.size_kb for t in tablespaces]
+    return None if any(s is None for s in sizes) else 1024 * sum(s or 0 for s in sizes)
 
 
 def _start(repl: ReplicationConnection, opts: PhysicalSourceOptions, label: str) -> BaseBackupStream:
     """BASE_BACKUP with the server compression ``opts`` asks for (``auto``: lz4, falling back to none)."""
     method, level, fallback = opts.compression_request()
+    waiting = "waiting for the server's checkpoint"
+    if opts.checkpoint == "spread":
+        waiting += " (checkpoint=spread paces it over checkpoint_timeout; checkpoint=fast starts at once)"
+        log.info("base backup: %s", waiting)
     try:
-        return repl.base_backup(label=label, checkpoint=opts.checkpoint, max_rate=opts.max_rate,
-                                compression=method, level=level, fallback=fallback)
+        with heartbeat("base backup", waiting):
+            return repl.base_backup(label=label, checkpoint=opts.checkpoint, max_rate=opts.max_rate,
+                                    compression=method, level=level, fallback=fallback)
     except CompressionUnsupported as exc:
         raise OptionError("server_compression", f"the server refused {opts.server_compression!r}: {exc} (use "
                                                 "server_compression=auto or none)") from None
@@ -210,20 +224,24 @@ def _archive_prefix(w: Any, archive: Archive) -> str:
     return prefix
 
 
-def _copy_archive(w: Any, archive: Archive, prefix: str, chunking: Callable[[str], Any], progress: _Progress) -> int:
+def _copy_archive(w: Any, archive: Archive, prefix: str, chunking: Callable[[str], Any], progress: Progress) -> int:
     files = 0
+    links: set[str] = set()  # symlink members: nothing may sit below one (a restore would write through it)
     tar = TarReader(archive.stream)
     try:
         for member in tar:
             name = _member_name(archive.name, member.name)
+            _check_not_below_link(archive.name, name, links)
             path = f"{prefix}/{name}"
             attrs = _attrs(member)
             if member.isdir():
                 w.add_entry(path, "d", **attrs)
             elif member.issym():
+                links.add(name)
                 w.add_entry(path, "l", link_target=member.linkname, **attrs)
             elif member.islnk():
                 target = _member_name(archive.name, member.linkname)
+                _check_not_below_link(archive.name, target, links, hard_link=name)
                 w.add_entry(path, "h", link_target=f"{prefix}/{target}", **attrs)
             elif member.isreg():
                 how = chunking(name)
@@ -243,6 +261,18 @@ def _copy_archive(w: Any, archive: Archive, prefix: str, chunking: Callable[[str
     return files
 
 
+def _check_not_below_link(archive: str, name: str, links: set[str], hard_link: str | None = None) -> None:
+    """Refuse a member (or a hard link's target) at or below a symlink member: such a snapshot could only be
+    restored by writing through the link, so it is never made."""
+    parts = name.split("/")
+    for i in range(1, len(parts) + 1):
+        above = "/".join(parts[:i])
+        if above in links:
+            what = f"hard link {hard_link!r} points at {name!r}" if hard_link else f"member {name!r}"
+            raise PhysicalBackupError(f"{archive}: {what}, which lies at or below the symlink member {above!r}: "
+                                      "refusing an archive a restore would have to write through a symlink")
+
+
 def _member_name(archive: str, name: str) -> str:
     """A tar member name as a relative snapshot path; anything that could escape its prefix is refused."""
     clean = name.removeprefix("./").rstrip("/")
@@ -260,22 +290,6 @@ def _attrs(member: Member) -> dict[str, Any]:
     if member.gname:
         attrs["gname"] = member.gname
     return attrs
-
-
-class _Progress:
-    def __init__(self) -> None:
-        self.bytes = 0
-        self.files = 0
-        self._t0 = self._last = time.monotonic()
-
-    def add(self, size: int) -> None:
-        self.bytes += size
-        self.files += 1
-        now = time.monotonic()
-        if now - self._last >= PROGRESS_EVERY_S:
-            self._last = now
-            log.info("base backup: %d files, %.1f MiB so far (%.1f MiB/s)", self.files, self.bytes / 2**20,
-                     self.bytes / 2**20 / max(now - self._t0, 1e-6))
 
 
 # ----------------------------------------------------------------------------------------------------------------

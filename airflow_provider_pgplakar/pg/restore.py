@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from ..store.progress import Progress
 from . import PgError, commands
 from .fingerprint import FINGERPRINTS_PATH
 from .iam import password_source
@@ -155,6 +156,14 @@ def _filter_line(line: bytes, existing: set[str], login_role: str) -> bytes:
         log.warning("keeping the password of %s, the role this restore logs in as", login_role)
         return _PASSWORD.sub("", text).encode()
     return line
+
+
+def counted(chunks: Iterator[bytes], progress: Progress) -> Iterator[bytes]:
+    """``chunks`` unchanged, their bytes counted into ``progress`` (closing line once they are all read)."""
+    for piece in chunks:
+        progress.add(len(piece))
+        yield piece
+    progress.finish()
 
 
 def _feed(src: Iterator[bytes], dst: IO[bytes], errors: list[BaseException]) -> None:
@@ -310,7 +319,8 @@ def _restore_dump(store: Any, s: Session, rec: dict, db: str, opts: RestoreOptio
             _restore_staged(store, s, rec, tool, connect_db, opts.jobs, kwargs)
         else:
             with store.open_record(rec) as src:
-                _run_with_input(commands.pg_restore(tool, connect_db, **kwargs), s.env(), src.iter_chunks())
+                _run_with_input(commands.pg_restore(tool, connect_db, **kwargs), s.env(),
+                                counted(src.iter_chunks(), Progress(f"restore of {rec['p']}", rec.get("s"))))
     except Exception as e:
         summary.results.append(RecordResult(rec["p"], target, "failed", str(e)))
         if opts.exit_on_error:

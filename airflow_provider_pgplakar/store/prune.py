@@ -50,6 +50,7 @@ class PruneReport:
 
 def _exclusive(store: Store, lock_wait: float = 0.0) -> Lease:
     """The prune lease; this store's own read lease (from an earlier restore or check) would conflict with it."""
+    store.check_writable()
     store.leases.release_read()
     lease = acquire(store.backend, store.keys, "prune", wait=lock_wait)
     store.leases.hold(lease)

@@ -35,6 +35,7 @@ from .index import write_segments
 from .locks import Lease, acquire
 from .objects import seal_object
 from .pack import CHUNKLIST, DATA, TREE, pack_object_name
+from .progress import Progress
 from .readahead import Readahead
 
 if TYPE_CHECKING:
@@ -58,7 +59,6 @@ FIXED_WINDOW = 8  # pending batches per record (the sink's semaphore bounds the 
 # 4 leaves of ~320 records, 27 KiB stored; ~8 leaves of ~48, 24 KiB; ~12 of ~24, ~14 KiB).
 LEAF_MIN, LEAF_MAX, LEAF_MAX_BYTES = 8, 8192, 1 << 20
 LEAF_CUT_MOD = 16
-PROGRESS_EVERY = 30.0
 DEPENDENCY_STAT_MAX = 64  # up to this many referenced packs are checked one HEAD/stat each, more by listing packs/
 
 
@@ -67,6 +67,14 @@ class RecordInfo:
     path: str
     size: int
     sha256: str | None
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """A record whose content is stored, not yet in the snapshot (see :meth:`SnapshotWriter.store_stream`)."""
+
+    info: RecordInfo
+    rec: dict[str, Any]
 
 
 class _NoDigest:
@@ -133,6 +141,7 @@ class SnapshotWriter:
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def __enter__(self) -> SnapshotWriter:
         st = self.store
+        st.check_writable()
         self._lease = acquire(st.backend, st.keys, "backup", wait=self.lock_wait)
         st.leases.hold(self._lease)  # reads through this store (a parent snapshot) need no read lease meanwhile
         try:
@@ -188,20 +197,39 @@ class SnapshotWriter:
         return rec
 
     def add_stream(self, path: str, stream: BinaryIO, *, chunking: Chunking = Chunking(), sha256: bool = True,
-                   **attrs: Any) -> RecordInfo:
+                   expected_size: int | None = None, **attrs: Any) -> RecordInfo:
         """Add a file record from any readable stream of unknown length; size and SHA-256 are filled at EOF.
 
         ``sha256=False`` leaves out the whole-record SHA-256 (readers then check sizes and, as always, every
         chunk's keyed BLAKE3 ID): for callers whose data carries its own end-to-end checksum, such as relation
         files listed with CRC32C in a PostgreSQL backup manifest, where it cost a fifth of a backup's CPU.
+        ``expected_size`` (an estimate, e.g. a database's size for its dump) gives the progress lines of a long
+        record a share done and an ETA.
         """
+        return self.add_stored(self.store_stream(path, stream, chunking=chunking, sha256=sha256,
+                                                 expected_size=expected_size, **attrs))
+
+    def add_stored(self, stored: StoredRecord) -> RecordInfo:
+        """Append a record made by :meth:`store_stream` to the snapshot (records keep the order of these calls)."""
+        assert self._manifest is not None, "use the writer as a context manager"
+        self._manifest.add(stored.rec)
+        self._bytes += stored.info.size
+        return stored.info
+
+    def store_stream(self, path: str, stream: BinaryIO, *, chunking: Chunking = Chunking(), sha256: bool = True,
+                     expected_size: int | None = None, **attrs: Any) -> StoredRecord:
+        """Store a stream's content like :meth:`add_stream` but leave the record out of the snapshot until
+        :meth:`add_stored`: several threads may call this at once (the blob sink is thread-safe), while the
+        manifest is appended to on one thread in the order the caller chooses, whatever order streams end in.
+        Each call holds its own bounded read-ahead (see :mod:`.readahead`); the sink's bounds are shared.
+        A record stored but never added costs only orphan blobs, as an abort does."""
         assert self._sink is not None and self._manifest is not None, "use the writer as a context manager"
         rec = self._record(path, "f", attrs)
         digest: Any = hashlib.sha256() if sha256 else _NoDigest()
         refs: list[list[Any]] = []
         chunklists: list[bytes] = []
         size = 0
-        last_log = time.monotonic()
+        progress = Progress(path, total=expected_size, estimate=True)
         source = self._fixed_refs(stream, chunking.block_size, digest) if chunking.block_size else \
             self._cdc_refs(stream, chunking, digest)
         try:
@@ -212,11 +240,10 @@ class SnapshotWriter:
                                                    and refs[-1][0][-1] % CHUNKLIST_CUT_MOD == 0):
                     chunklists.append(self._sink.add(CHUNKLIST, msgpack.packb(refs, use_bin_type=True)))
                     refs = []
-                if time.monotonic() - last_log > PROGRESS_EVERY:
-                    last_log = time.monotonic()
-                    log.info("%s: %.1f MiB read, %d new chunks so far", path, size / 2**20, self._sink.stats.new_chunks)
+                progress.add(ref[1])
         finally:
             source.close()
+        progress.finish()
         if chunklists or len(refs) > INLINE_REFS:
             if refs:
                 chunklists.append(self._sink.add(CHUNKLIST, msgpack.packb(refs, use_bin_type=True)))
@@ -226,9 +253,7 @@ class SnapshotWriter:
         rec["s"] = size
         if sha256:
             rec["d"] = digest.digest()
-        self._manifest.add(rec)
-        self._bytes += size
-        return RecordInfo(path, size, digest.hexdigest() if sha256 else None)
+        return StoredRecord(RecordInfo(path, size, digest.hexdigest() if sha256 else None), rec)
 
     def _cdc_refs(self, stream: BinaryIO, chunking: Chunking, digest: Any) -> Generator[list[Any], None, None]:
         """Content-defined chunks: cut and SHA-256 on helper threads, BLAKE3 and dedup here (see readahead)."""

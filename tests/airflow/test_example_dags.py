@@ -92,7 +92,8 @@ def test_example_dags_import_without_errors() -> None:
     assert bag.import_errors == {}
     assert set(bag.dag_ids) == {"pgplakar_nightly_backup", "pgplakar_fanout_per_database", "pgplakar_iam_backup",
                                 "pgplakar_weekly_physical",
-                                "pgplakar_backup_restore_check", "pgplakar_restore_drill"}
+                                "pgplakar_backup_restore_check", "pgplakar_restore_drill",
+                                "pgplakar_verify_after_backup"}
     nightly = bag.dags["pgplakar_nightly_backup"]
     assert nightly.schedule == "15 2 * * *"
     assert nightly.get_task("manifest").upstream_task_ids == {"backup"}
@@ -102,6 +103,8 @@ def test_example_dags_import_without_errors() -> None:
     assert check.get_task("verify").upstream_task_ids == {"backup"}
     drill = bag.dags["pgplakar_restore_drill"]
     assert drill.get_task("verify").upstream_task_ids == {"newest_snapshots"}
+    after = bag.dags["pgplakar_verify_after_backup"]
+    assert "pgplakar-backups" in repr(after.timetable.asset_condition)
 
 
 def _secrets_absent(dag_id: str, run_id: str, texts: list[str], *needles: str) -> None:
@@ -155,8 +158,34 @@ def test_backup_restore_check_dag_end_to_end(pg15: PgServer, store_dir: Path, mo
     assert proof["labels"]["verifies"] == snapshot_id and proof["labels"]["verify_status"] == "passed"
     assert proof["labels"]["task_id"] == "verify" and proof["labels"]["run_id"] == dr.run_id
 
+    # the backup's Asset event (through the pgplakar-backups alias) and its stats XCom
+    stats = dr.get_task_instance("backup").xcom_pull(task_ids="backup", key="stats")
+    assert stats["snapshot_id"] == snapshot_id and stats["kind"] == "postgres"
+    assert [row["database"] for row in stats["databases"]] == [source] and stats["databases"][0]["bytes"] > 0
+    assert stats["bytes"] == snaps[snapshot_id]["stats"]["bytes"] and stats["new_bytes"] > 0
+    (event,) = asset_events(dag.dag_id, dr.run_id)
+    assert event[0] == f"pgplakar://{pg15.host}:{pg15.port}/{source}"
+    assert event[1] == {"snapshot_id": snapshot_id, "store": str(store_dir), "kind": "postgres",
+                        "bytes": stats["bytes"], "new_bytes": stats["new_bytes"], "duration_s": stats["duration_s"],
+                        "database": source, "database_bytes": stats["databases"][0]["bytes"]}
+
     out, err = capfd.readouterr()
+    logs = out + err + caplog.text
+    assert f"snapshot {snapshot_id} (postgres) in {store_dir}: " in logs and f"  {source}: " in logs  # the summary
     _secrets_absent(dag.dag_id, dr.run_id, [out, err, caplog.text], pg15.password, PASSPHRASE)
+
+
+def asset_events(dag_id: str, run_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """(URI, extra) of the Asset events the run's tasks emitted."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        rows = session.execute(select(AssetModel.uri, AssetEvent.extra).join(
+            AssetModel, AssetEvent.asset_id == AssetModel.id).where(
+            AssetEvent.source_dag_id == dag_id, AssetEvent.source_run_id == run_id)).all()
+    return [(uri, extra) for uri, extra in rows]
 
 
 def test_restore_drill_verifies_the_newest_snapshot_of_each_source(pg15: PgServer, store_dir: Path,
