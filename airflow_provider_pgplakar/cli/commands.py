@@ -380,7 +380,8 @@ def cmd_info(location: str, args: argparse.Namespace) -> int:
                 print(f"{k:15} {v}")
         return 0
     c = st.config
-    info = {"location": st.location, "repo_id": c.repo_id, "encryption": c.encryption, "chunker": c.chunker,
+    info = {"location": st.location, "format": c.format, "repo_id": c.repo_id, "encryption": c.encryption,
+            "chunker": c.chunker,
             "compression": c.compression, "pack_target": c.pack_target, "created": c.created,
             "snapshots": len(st.snapshot_ids())}
     if args.json:

@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pg-bin-dir", metavar="DIR", help="physical snapshots: PostgreSQL bin directory that will "
                    "start the data directory (its major version is checked first; its pg_verifybackup is used)")
     p.add_argument("--no-verify", action="store_true", help="physical snapshots: skip pg_verifybackup")
-    p.add_argument("--require-verify", action="store_true", help="physical snapshots: fail (before writing) when "
-                   "no pg_verifybackup of the backup's major is available, instead of a warning")
+    p.add_argument("--require-verify", action="store_true", help="physical snapshots: fail when no pg_verifybackup "
+                   "of the backup's major is available (checked before writing) or it cannot run, instead of a warning")
     p.add_argument("--owner", metavar="USER[:GROUP]", help="physical snapshots restored as root: give every file "
                    "this owner (default: the snapshot's owner names, e.g. postgres)")
     p.add_argument("--no-sync", action="store_true", help="do not fsync restored files and directories (faster; "

@@ -331,11 +331,28 @@ def _check_not_in_use(what: str, path: Path, busy: list[tuple[int, Path, str]]) 
 def _check_empty(what: str, path: Path, overwrite: bool) -> None:
     entries = _entries(what, path)
     if "postmaster.pid" in entries:
-        raise PhysicalRestoreError(f"the {what} {path} holds postmaster.pid: a server may be running on it; stop it "
-                                   "(or remove a stale postmaster.pid) first")
+        raise PhysicalRestoreError(f"the {what} {path} holds postmaster.pid: a server may be running on it"
+                                   f"{_pid_state(path / 'postmaster.pid')}; stop it (or remove a stale "
+                                   "postmaster.pid) first")
     if entries and not overwrite:
         raise PhysicalRestoreError(f"the {what} {path} is not empty: restore into an empty directory, or pass "
                                    "overwrite (--force) to empty it first")
+
+
+def _pid_state(pidfile: Path) -> str:
+    """Whether the pid in a ``postmaster.pid`` is alive here (either way the directory is refused: a server in
+    another pid namespace, such as a container, looks dead from here)."""
+    try:
+        with open(pidfile, "rb") as f:
+            pid = int(f.read(64).split(b"\n", 1)[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, PermissionError):
+            return f" (pid {pid} is running)"
+        if isinstance(exc, ProcessLookupError):
+            return f" (pid {pid} is not running on this host: stale, or a server in another container)"
+        return ""
+    return f" (pid {pid} is running)"
 
 
 def _check_tablespace(t: TablespaceTarget, overwrite: bool) -> None:

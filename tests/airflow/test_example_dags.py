@@ -162,6 +162,7 @@ def test_backup_restore_check_dag_end_to_end(pg15: PgServer, store_dir: Path, mo
     stats = dr.get_task_instance("backup").xcom_pull(task_ids="backup", key="stats")
     assert stats["snapshot_id"] == snapshot_id and stats["kind"] == "postgres"
     assert [row["database"] for row in stats["databases"]] == [source] and stats["databases"][0]["bytes"] > 0
+    assert stats["databases"][0]["seconds"] > 0  # how long its pg_dump ran
     assert stats["bytes"] == snaps[snapshot_id]["stats"]["bytes"] and stats["new_bytes"] > 0
     (event,) = asset_events(dag.dag_id, dr.run_id)
     assert event[0] == f"pgplakar://{pg15.host}:{pg15.port}/{source}"

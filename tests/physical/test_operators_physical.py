@@ -92,7 +92,7 @@ def test_base_backup_and_restore_operators(pg_factory, pg_manager, tmp_path, mon
     restore = PgPlakarPhysicalRestoreOperator(
         task_id="restore", snapshot_id="{{ ti.xcom_pull(task_ids='base_backup') }}", target_dir="{{ params.dir }}",
         tablespace_mapping="{{ params.mapping | tojson }}", pg_bin_dir=str(src.bin_dir), require_verify=True,
-        owner="{{ params.owner }}", sync=False)
+        file_owner="{{ params.owner }}", sync=False)
     rctx = context(phys_ti(task_id="restore", xcoms={"base_backup": sid}), dir=str(target),
                    mapping={str(ts_dir): str(new_ts)}, owner="nobody" if os.geteuid() == 0 else "")
     restore.render_template_fields(rctx)
