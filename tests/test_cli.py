@@ -258,7 +258,7 @@ def test_info(created: Cli, src: Path) -> None:
     fields = {line.split(None, 1)[0]: line.split(None, 1)[1] for line in lines}
     assert fields["encryption"] == "aes256gcm" and fields["snapshots"] == "1" and fields["location"] == cli.location
     info = cli.json("info")
-    assert info["repo_id"] == fields["repo_id"] and info["encryption"] == "aes256gcm"
+    assert info["repo_id"] == fields["repo_id"] and info["encryption"] == "aes256gcm" and info["format"] == 2
     header = cli.json("info", sid[:8])
     assert header["id"] == sid and header["tags"] == ["nightly"] and header["labels"] == {"db": "main"}
     assert "manifest" not in header

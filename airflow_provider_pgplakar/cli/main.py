@@ -1,8 +1,9 @@
 """``pgplakar [options] at STORE COMMAND ...`` — Plakar's verbs on our store.
 
 Exit status: 0 on success, 1 on any failure (one line on stderr, no traceback unless ``--debug``), 2 on usage
-errors, 3 when ``check`` finds problems or ``verify`` fails, 130 on Ctrl-C, 143 when cancelled by SIGTERM (running
-tools are stopped, nothing further starts and a backup commits nothing: :func:`..pg.process.cancel`).
+errors, 3 when ``check`` finds problems, ``verify`` fails or ``freshness`` finds a stale source, 130 on Ctrl-C, 143
+when cancelled by SIGTERM (running tools are stopped, nothing further starts and a backup commits nothing:
+:func:`..pg.process.cancel`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from ..pg import PgError
 from ..pg.process import TaskCancelled, cancel, cancellable
 from ..store.errors import StoreError
-from ..store.retention import DURATION_HELP, Duration
+from ..store.retention import DEFAULT_GROUP_BY, DURATION_HELP, Duration
 from ..store.retention import parse_duration as retention_duration
 
 DEFAULT_STORE = os.path.join(os.path.expanduser("~"), ".pgplakar")
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("check", "verify the store's metadata (and with --read-data every byte)")
     p.add_argument("--read-data", action="store_true")
+    p.add_argument("--read-data-subset", metavar="n/m|/m|x%", help="read only some packs: slice n of m, today's "
+                   "slice of m (a daily check reads everything within m days), or x%% at random")
 
     p = cmd("forget", "remove snapshots by ID or by a retention policy")
     p.add_argument("ids", nargs="*", metavar="SNAPSHOT")
@@ -176,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-within", metavar="DURATION", help="keep everything within DURATION of the group's newest "
                    "snapshot, restic's units: y, m (months), w, d, h, e.g. 6m, 1y6m, 7d12h")
     p.add_argument("--keep-tag", action="append", default=[], help="keep snapshots with this tag")
-    p.add_argument("--group-by", default="source,labels", help="source,labels | label:NAME,... | '' for one group")
+    p.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY),
+                   help="source (default: kind, host, port, database or data directory) | labels | tags | "
+                        "label:NAME, comma-separated | '' for one group")
     p.add_argument("--tz", default="UTC", help="time zone of calendar buckets (default UTC)")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--prune", action="store_true", help="prune afterwards")
@@ -184,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("prune", "delete data no snapshot references (waits for no one: fails if a backup runs)")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait this long for running backups")
+
+    p = cmd("stats", "per source the newest snapshot, its age and sizes; the store's totals and dedup ratio")
+    p.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY), help="what a source is (as for forget)")
+
+    p = cmd("freshness", "exit 3 naming every source whose newest snapshot is older than --max-age")
+    p.add_argument("--max-age", required=True, metavar="DURATION", help="e.g. 26h, 2d, 1w (y, m months, w, d, h)")
+    p.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY), help="what a source is (as for forget)")
 
     p = cmd("info", "show the store's settings, or a snapshot's header")
     p.add_argument("target", nargs="?", metavar="SNAPSHOT")
