@@ -38,7 +38,8 @@ def test_ui_form_comes_from_provider_metadata(conn_type: str) -> None:
     postgres = meta["postgres"]
     assert postgres.standard_fields is not None and postgres.standard_fields.url_schema.title == "Database"
     fields = form.extra_fields or {}
-    assert {"location", "key", "endpoint_url", "aws_secret_access_key"} <= {k.rsplit("__", 1)[-1] for k in fields}
+    names = {k.rsplit("__", 1)[-1] for k in fields}
+    assert {"location", "secret_key", "endpoint_url", "aws_secret_access_key"} <= names
     secret = next(v for k, v in fields.items() if k.endswith("aws_secret_access_key"))
     assert secret["schema"]["format"] == "password"
     assert form.standard_fields is not None
