@@ -25,11 +25,14 @@ system-deps:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql-15; \
 	else echo "note: PostgreSQL 15 is not installed ($(PG15_BIN)); as root: apt-get install postgresql-15"; fi
 
-test: venv system-deps
+# lint first: a style or type error fails `make test` (and so CI) before any server starts
+test: venv system-deps lint
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
+# ruff, then mypy (configured in pyproject.toml: strict on store/ and pg/)
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 demo: venv
 	$(VENV_PY) scripts/demo.py

@@ -112,7 +112,8 @@ class PgPlakarForgetOperator(_StoreOperator):
         self.group_by = _group_by(group_by)
         # a list, or an XComArg / template resolved at run time (e.g. the output of a task choosing IDs)
         self.snapshot_ids = list(snapshot_ids) if isinstance(snapshot_ids, (list, tuple)) else snapshot_ids
-        self.dry_run = dry_run
+        # not ``self.dry_run``: that name is BaseOperator.dry_run(), the template-rendering check
+        self.is_dry_run = dry_run
 
     def execute(self, context: Context) -> dict[str, Any]:
         from ..store.forget import forget
@@ -123,14 +124,14 @@ class PgPlakarForgetOperator(_StoreOperator):
                 ids = [str(i).strip() for i in given if str(i).strip()]
                 if not ids:
                     self.log.info("no snapshot IDs given: nothing to forget")
-                    return {"kept": store.snapshot_ids(), "removed": [], "groups": [], "dry_run": self.dry_run}
-                res = forget(store, ids=ids, dry_run=self.dry_run)
+                    return {"kept": store.snapshot_ids(), "removed": [], "groups": [], "dry_run": self.is_dry_run}
+                res = forget(store, ids=ids, dry_run=self.is_dry_run)
             else:
-                res = forget(store, self.policy, group_by=self.group_by, dry_run=self.dry_run)
+                res = forget(store, self.policy, group_by=self.group_by, dry_run=self.is_dry_run)
         for g in res.groups:
             self.log.info("group %s: keep %d, remove %d", g["group"], len(g["keep"]), len(g["remove"]))
         removed = ": " + " ".join(i[:8] for i in res.removed) if res.removed else ""
-        self.log.info("%s %d snapshot(s), kept %d%s", "would remove" if self.dry_run else "removed",
+        self.log.info("%s %d snapshot(s), kept %d%s", "would remove" if self.is_dry_run else "removed",
                       len(res.removed), len(res.kept), removed)
         return res.as_dict()
 
@@ -146,17 +147,17 @@ class PgPlakarPruneOperator(_StoreOperator):
 
     def __init__(self, *, dry_run: bool = False, lock_wait: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.dry_run = dry_run
+        self.is_dry_run = dry_run
         self.lock_wait = lock_wait
 
     def execute(self, context: Context) -> dict[str, Any]:
         from ..store.prune import prune
 
         with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
-            rep = prune(store, dry_run=self.dry_run, lock_wait=self.lock_wait)
+            rep = prune(store, dry_run=self.is_dry_run, lock_wait=self.lock_wait)
         self.log.info("prune%s: %d pack(s) %s (%d repacked), %.1f MiB freed; %d snapshot(s) kept",
-                      " (dry run)" if self.dry_run else "", rep.packs_deleted,
-                      "would go" if self.dry_run else "deleted", rep.packs_repacked, rep.bytes_freed / 2**20,
+                      " (dry run)" if self.is_dry_run else "", rep.packs_deleted,
+                      "would go" if self.is_dry_run else "deleted", rep.packs_repacked, rep.bytes_freed / 2**20,
                       rep.snapshots)
         return rep.as_dict()
 

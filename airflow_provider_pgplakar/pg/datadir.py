@@ -608,6 +608,8 @@ class _Writer:
     def owner_text(self) -> str:
         if os.geteuid() != 0:
             return ""
+        uid: int | None
+        gid: int | None
         if self.plan.owner is not None:
             uid, gid = self.plan.owner.uid, self.plan.owner.gid
         else:

@@ -40,7 +40,7 @@ class Lz4Steps:
         """Up to STEP_MAX bytes of output; None when more input is needed (or the frame ended)."""
         while not self.done and (self._pending or not self._dec.needs_input):
             try:
-                out = self._dec.decompress(self._pending, max_length=STEP_MAX)
+                out: bytes = self._dec.decompress(self._pending, max_length=STEP_MAX)
             except RuntimeError as e:
                 raise DecompressError(str(e)) from None
             self._pending = b""

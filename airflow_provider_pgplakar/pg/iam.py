@@ -166,7 +166,7 @@ class IamTokenSource:
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         try:
-            token = self._rds().generate_db_auth_token(
+            token: str = self._rds().generate_db_auth_token(
                 DBHostname=self.host, Port=self.port, DBUsername=self.username, Region=self.region
             )
         except NoCredentialsError:

@@ -141,7 +141,8 @@ def logical_backup(
     # postgres+aws: a fresh IAM token per connection and tool run (made one at a time: dumps run on threads)
     pw = _one_at_a_time(password_source(opts.conn, password))
     with ssl_files(opts.conn) as ssl:
-        s = Session(opts.conn, ssl, pw, opts.pg_bin_dir, extra_dirs, stopper=Stopper())
+        stopper = Stopper()
+        s = Session(opts.conn, ssl, pw, opts.pg_bin_dir, extra_dirs, stopper=stopper)
         with s.connect(opts.database or "postgres") as c:
             server_num = server_version_num(c)
             all_dbs = list_databases(c)
@@ -206,7 +207,7 @@ def logical_backup(
                     prints[db] = d.fingerprints
                     warnings.extend([d.warning] if d.warning else [])
 
-                run_ordered(list(enumerate(selected, 1)), dump, deliver, jobs=opts.jobs, stopper=s.stopper,
+                run_ordered(list(enumerate(selected, 1)), dump, deliver, jobs=opts.jobs, stopper=stopper,
                             size=lambda item: sizes.get(item[1], 0), name=lambda item: f"database {item[1]!r}")
                 w.add_bytes(fingerprint.FINGERPRINTS_PATH, fingerprint.encode(prints), mode=0o444,
                             meta={"type": "fingerprints"})
@@ -304,7 +305,8 @@ def _gone(s: Session, database: str) -> bool:
     """``pg_database`` no longer lists ``database``."""
     with s.connect("postgres") as c:
         row = c.execute("SELECT count(*) FROM pg_catalog.pg_database WHERE datname = %s", (database,)).fetchone()
-    return row[0] == 0
+    count: int = row[0]
+    return count == 0
 
 
 def _stream(w: Any, s: Session, path: str, argv: list[str], meta: dict[str, Any],

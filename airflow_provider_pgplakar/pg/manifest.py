@@ -34,6 +34,7 @@ schema-qualified the same way whatever the role's settings (as pg_dump does). Ev
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -173,7 +174,8 @@ def _server_version(conn: psycopg.Connection) -> dict[str, Any]:
 
 
 def _system_identifier(conn: psycopg.Connection) -> str:
-    return _rows(conn, "SELECT system_identifier::text AS id FROM pg_catalog.pg_control_system()")[0]["id"]
+    sysid: str = _rows(conn, "SELECT system_identifier::text AS id FROM pg_catalog.pg_control_system()")[0]["id"]
+    return sysid
 
 
 def _in_recovery(conn: psycopg.Connection) -> bool:
@@ -445,7 +447,7 @@ def _collect_relations(conn: psycopg.Connection, errors: _Errors, database: str)
         return None  # columns, constraints and indexes would have nothing to attach to
     by_oid = {rel.pop("oid"): _omit_empty(rel, _RELATION_OPTIONAL) for rel in relations}
     for key, collect in _CHILD_SECTIONS:
-        rows = _section(conn, errors, database, key, lambda collect=collect: collect(conn)) or []
+        rows = _section(conn, errors, database, key, functools.partial(collect, conn)) or []
         for row in rows:
             rel = by_oid.get(row.pop("oid"))
             if rel is not None:
@@ -457,7 +459,7 @@ def _collect_database(conn: psycopg.Connection, entry: dict[str, Any], errors: _
     """Add extensions, schemas and relations to ``entry`` in place, each best-effort on its own."""
     name = entry["name"]
     for key, collect in (("extensions", _extensions), ("schemas", _schemas)):
-        value = _section(conn, errors, name, key, lambda collect=collect: collect(conn))
+        value = _section(conn, errors, name, key, functools.partial(collect, conn))
         if value:
             entry[key] = value
     relations = _collect_relations(conn, errors, name)

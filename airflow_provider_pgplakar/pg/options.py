@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote, unquote
 
 from airflow_provider_pgplakar.pg import OptionError
@@ -242,8 +242,8 @@ class ConnOptions:
             raise OptionError("ssl_mode", "ssl_mode=disable contradicts the SSL certificates given")
 
     def _check_iam(self) -> None:
-        _check_text("region", self.region, what="region")
-        if not _REGION_RE.fullmatch(self.region):
+        region = _check_text("region", self.region, what="region")
+        if not _REGION_RE.fullmatch(region):
             raise OptionError("region", f"{self.region!r} is not an AWS region name (e.g. us-east-1)")
         if self.username is None:
             raise OptionError("username", "postgres+aws needs the IAM-enabled database user (username)")
@@ -274,6 +274,8 @@ class ConnOptions:
 
 class _Redactable:
     """Shared ``redacted()``/``__repr__`` for the option classes that embed a :class:`ConnOptions`."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # every subclass is a dataclass
 
     def redacted(self) -> dict[str, object]:
         """All fields with secrets masked (the nested ``conn`` is redacted too)."""

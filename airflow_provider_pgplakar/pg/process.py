@@ -21,6 +21,7 @@ must be waited for by the thread that started it (what :func:`run_tool`'s block 
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import os
 import shutil
@@ -189,8 +190,8 @@ class Tool:
             raise
 
     @property
-    def stdout(self) -> IO[bytes]:
-        assert self.proc.stdout is not None
+    def stdout(self) -> io.BufferedReader:
+        assert isinstance(self.proc.stdout, io.BufferedReader)  # piped with Popen's default buffering
         return self.proc.stdout
 
     @property

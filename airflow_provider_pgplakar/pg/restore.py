@@ -207,9 +207,10 @@ def _archive_major(meta: dict[str, Any]) -> int:
     return int(m.group(1)) if m else 0
 
 
-def _plan(records: list[dict[str, Any]], opts: RestoreOptions) -> tuple[dict | None, list[tuple[dict, str]]]:
+def _plan(records: list[dict[str, Any]],
+          opts: RestoreOptions) -> tuple[dict[str, Any] | None, list[tuple[dict[str, Any], str]]]:
     globals_rec = None
-    dumps: list[tuple[dict, str]] = []
+    dumps: list[tuple[dict[str, Any], str]] = []
     for rec in records:
         path = rec["p"]
         if rec.get("k") != "f" or path in (MANIFEST_PATH, FINGERPRINTS_PATH):
@@ -269,7 +270,7 @@ def logical_restore(store: Any, snapshot_id: str, opts: RestoreOptions, *, passw
     return summary
 
 
-def _restore_globals(store: Any, s: Session, rec: dict, opts: RestoreOptions, min_major: int,
+def _restore_globals(store: Any, s: Session, rec: dict[str, Any], opts: RestoreOptions, min_major: int,
                      existing_roles: set[str], login_role: str, summary: RestoreSummary) -> None:
     psql = str(s.tool("psql", min_major).path)
     stop = opts.exit_on_error and not opts.ignore_globals_errors
@@ -302,7 +303,7 @@ def _restore_globals(store: Any, s: Session, rec: dict, opts: RestoreOptions, mi
             raise RestoreFailed(summary)
 
 
-def _restore_dump(store: Any, s: Session, rec: dict, db: str, opts: RestoreOptions, min_major: int,
+def _restore_dump(store: Any, s: Session, rec: dict[str, Any], db: str, opts: RestoreOptions, min_major: int,
                   summary: RestoreSummary) -> None:
     tool = str(s.tool("pg_restore", min_major).path)
     target = opts.database or db
@@ -310,7 +311,7 @@ def _restore_dump(store: Any, s: Session, rec: dict, db: str, opts: RestoreOptio
     # recreate: --clean with --create drops the database first (a plain --create fails if it exists); postgres and
     # template1 get --clean only (their objects are dropped and restored in place)
     clean = opts.clean or opts.recreate
-    kwargs = dict(clean=clean, create=create, no_owner=opts.no_owner, exit_on_error=opts.exit_on_error,
+    kwargs: dict[str, Any] = dict(clean=clean, create=create, no_owner=opts.no_owner, exit_on_error=opts.exit_on_error,
                   schema_only=opts.schema_only, data_only=opts.data_only, tables=opts.tables, schemas=opts.schemas)
     connect_db = "postgres" if create else target
     log.info("restoring %s into %s", rec["p"], target)
@@ -331,7 +332,7 @@ def _restore_dump(store: Any, s: Session, rec: dict, db: str, opts: RestoreOptio
     summary.results.append(RecordResult(rec["p"], target, "restored"))
 
 
-def _check_selectors(store: Any, s: Session, dumps: list[tuple[dict, str]], opts: RestoreOptions,
+def _check_selectors(store: Any, s: Session, dumps: list[tuple[dict[str, Any], str]], opts: RestoreOptions,
                      min_major: int) -> None:
     """Refuse ``tables``/``schemas`` names that a dump to restore does not contain: pg_restore would select nothing,
     and with ``recreate`` or ``clean`` the database would be emptied with nothing put back. Decided from each dump's
@@ -350,8 +351,8 @@ def _check_selectors(store: Any, s: Session, dumps: list[tuple[dict, str]], opts
                           "database with databases=): nothing was dropped or restored")
 
 
-def _toc_matches(store: Any, s: Session, rec: dict, tool: str, tables: tuple[str, ...], schemas: tuple[str, ...],
-                 sample_size: int = 8) -> tuple[set[str], set[str], list[str]]:
+def _toc_matches(store: Any, s: Session, rec: dict[str, Any], tool: str, tables: tuple[str, ...],
+                 schemas: tuple[str, ...], sample_size: int = 8) -> tuple[set[str], set[str], list[str]]:
     """Which of ``tables`` (within ``schemas`` when given, as pg_restore combines them) and ``schemas`` the dump's
     TOC holds, and a few table names for the error. Names are matched against the TOC line's text, so memory
     stays bounded whatever the size of the TOC."""
@@ -411,7 +412,7 @@ def _create_schemas(s: Session, database: str, schemas: tuple[str, ...]) -> None
         c.commit()
 
 
-def _restore_staged(store: Any, s: Session, rec: dict, tool: str, connect_db: str, jobs: int,
+def _restore_staged(store: Any, s: Session, rec: dict[str, Any], tool: str, connect_db: str, jobs: int,
                     kwargs: dict[str, Any]) -> None:
     """``jobs > 1``: pg_restore needs a seekable file, so the dump is staged in a private temp dir (removed)."""
     tmp = tempfile.mkdtemp(prefix="pgplakar-restore-")

@@ -153,6 +153,7 @@ def libpq_env(
             raise ValueError("postgres+aws connections need the IAM token: pass password=<token>")
         password = conn.password
     env = base_tool_env(base_env)
+    assert conn.ssl_mode is not None  # ConnOptions.__post_init__ resolves the default
     env.update(
         PGHOST=conn.host,
         PGPORT=str(conn.port),

@@ -20,12 +20,15 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import PgError, fingerprint
 from .fingerprint import level_rank
 from .logical import Session
 from .secrets import ssl_files
+
+if TYPE_CHECKING:
+    from ..store.repo import Store
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +412,7 @@ def _amcheck(s: Session, names: list[str], report: VerifyReport) -> None:
 
 # -- the report in the store -----------------------------------------------------------------------------------------
 
-def store_report(store: Any, report: VerifyReport, *, labels: dict[str, str] | None = None,
+def store_report(store: Store, report: VerifyReport, *, labels: dict[str, str] | None = None,
                  tags: Sequence[str] = (), idempotency_key: str | None = None) -> str:
     """Commit the report as a small snapshot labelled ``verifies=<snapshot id>``; returns its ID."""
     status = "passed" if report.ok else "failed"

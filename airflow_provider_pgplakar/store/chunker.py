@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 DEFAULT_CDC = {"alg": "fastcdc2020", "lib": "pyfastcdc==0.3.1", "min": 32 * 1024, "avg": 128 * 1024,
                "max": 512 * 1024, "nc": 1}
@@ -58,7 +58,7 @@ def _fixed_chunks(stream: BinaryIO, size: int) -> Iterator[bytes]:
 
 
 class Chunker:
-    def __init__(self, params: dict, seed: int) -> None:
+    def __init__(self, params: dict[str, Any], seed: int) -> None:
         from pyfastcdc.cy import FastCDC  # the compiled extension; the pure-Python fallback is 300x slower
 
         if params.get("alg") != "fastcdc2020":

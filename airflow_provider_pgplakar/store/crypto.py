@@ -141,7 +141,7 @@ class Keys:
             key_check="",
         )
 
-    def blob_id(self, data: bytes | memoryview) -> bytes:
+    def blob_id(self, data: bytes | bytearray | memoryview) -> bytes:
         return blake3.blake3(data, key=self.id_key).digest()
 
     def object_key(self, salt: bytes, kind: bytes) -> ObjectKey:

@@ -12,13 +12,11 @@ a report goes when the snapshot it verifies goes, and stays while it stays.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import pendulum
-
-from .retention import DEFAULT_GROUP_BY, Policy, SnapshotInfo, apply_policy
+from .retention import DEFAULT_GROUP_BY, GroupKey, Policy, SnapshotInfo, apply_policy, parse_time
 
 if TYPE_CHECKING:
     from .repo import Snapshot, Store
@@ -29,13 +27,13 @@ NOT_BACKUP_KINDS: frozenset[str] = frozenset({"pgplakar-verify"})
 VERIFIES_LABEL = "verifies"
 
 
-def source_label(source: dict) -> str:
+def source_label(source: Mapping[str, Any]) -> str:
     """One string naming where a snapshot came from, for display (the origin as recorded, user name included)."""
     kind, origin = source.get("kind", ""), source.get("origin", "")
     return f"{kind}:{origin}" if kind else origin
 
 
-def source_key(source: dict) -> str:
+def source_key(source: Mapping[str, Any]) -> str:
     """What identifies a source: its kind and, for a URL origin, ``host:port/database`` without the scheme's
     variant (``postgres+aws`` and ``postgres`` reach the same database) or the user name; other origins (file
     paths) as recorded."""
@@ -49,12 +47,12 @@ def source_key(source: dict) -> str:
 
 def snapshot_info(s: Snapshot) -> SnapshotInfo:
     return SnapshotInfo(
-        id=s.id, time=pendulum.parse(s.time), source=source_key(s.header.get("source") or {}),
+        id=s.id, time=parse_time(s.time), source=source_key(s.header.get("source") or {}),
         labels=s.header.get("labels") or {}, tags=tuple(s.header.get("tags") or ()),
     )
 
 
-def group_text(group: tuple) -> str:
+def group_text(group: GroupKey) -> str:
     """``source=postgres:db1:5432/sales, label:dag_id=nightly`` for a group key of :func:`.retention.group_key`."""
     parts = []
     for item, value in group:

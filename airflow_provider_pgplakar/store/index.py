@@ -103,7 +103,7 @@ def read_segment(backend: Backend, keys: Keys, seg_id: str) -> dict[str, Any]:
     data = backend.get(name)
     if hashlib.sha256(data).hexdigest() != seg_id:
         raise IntegrityError(f"{name}: content does not match its name (corrupt index segment)")
-    seg = open_object(keys, b"INDX", data, name)
+    seg: dict[str, Any] = open_object(keys, b"INDX", data, name)
     why = segment_problem(seg)
     if why:
         raise IntegrityError(f"{name}: {why}")

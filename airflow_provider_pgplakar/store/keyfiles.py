@@ -20,7 +20,7 @@ import re
 import secrets
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import blake3
 import pendulum
@@ -158,7 +158,7 @@ def config_tag(master: bytes, body: dict[str, Any]) -> str:
 
 
 def new_config_bytes(
-    repo_id: str, master: bytes | None, chunker: dict, compression: dict, pack_target: int
+    repo_id: str, master: bytes | None, chunker: dict[str, Any], compression: dict[str, Any], pack_target: int
 ) -> bytes:
     """A format-2 config; ``master`` None makes a plaintext store's (no key check, no tag)."""
     body: dict[str, Any] = {
@@ -186,22 +186,25 @@ def _aad(config: StoreConfig, fmt: int | None = None) -> bytes:
     return b"pgplakar-key-v1" + bytes.fromhex(config.repo_id) + hashlib.sha256(config.raw).digest()
 
 
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
 def make_key_file(config: StoreConfig, master: bytes, passphrase: bytes, params: KdfParams, comment: str = "") -> bytes:
     why = params.problem()
     if why:
         raise StoreError(f"key derivation cost refused: {why}")
     salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
     wrapped = AESGCM(derive_kek(passphrase, salt, params)).encrypt(nonce, master, _aad(config))
-    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
     return dump_checked(
         {
             "kdf": "argon2id",
             "t": params.t,
             "m_kib": params.m_kib,
             "p": params.p,
-            "salt": b64(salt),
-            "nonce": b64(nonce),
-            "wrapped": b64(wrapped),
+            "salt": _b64(salt),
+            "nonce": _b64(nonce),
+            "wrapped": _b64(wrapped),
             "created": pendulum.now("UTC").isoformat(),
             "host": socket.gethostname(),
             "comment": comment,
@@ -212,7 +215,8 @@ def make_key_file(config: StoreConfig, master: bytes, passphrase: bytes, params:
 def unwrap_key_file(config: StoreConfig, data: bytes, name: str, passphrase: bytes) -> bytes | None:
     """Return the master secret, or None when the passphrase does not open this key file."""
     body = load_checked(data, name)
-    params = KdfParams(body.get("t"), body.get("m_kib"), body.get("p"))
+    # as stored: problem() just below refuses a missing or non-integer value before the KDF runs
+    params = KdfParams(cast(int, body.get("t")), cast(int, body.get("m_kib")), cast(int, body.get("p")))
     why = params.problem() or (None if body.get("kdf") == "argon2id" else f"unknown kdf {body.get('kdf')!r}")
     if why:
         raise IntegrityError(f"{name}: {why}: the key file was damaged or tampered with")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .blobsink import BlobSink
 from .errors import IntegrityError, StoreError
@@ -149,7 +149,7 @@ def _prune(store: Store, dry_run: bool, lease: Lease) -> PruneReport:
     new_packs = _repack(store, repack) if repack else []
     rep.bytes_freed += sum(r[2] for r in repack) - sum(p["size"] for p in new_packs)
     # consolidated index: kept packs, listing only the blobs they own, plus the repacked ones
-    entries: list[dict] = list(new_packs)
+    entries: list[dict[str, Any]] = list(new_packs)
     for no in keep:
         pid, size, kind, salt = db.execute("SELECT id, size, kind, salt FROM packs WHERE no=?", (no,)).fetchone()
         rows = db.execute("SELECT b.type, b.id, b.off, b.len, b.raw FROM blobs b JOIN temp.owner o "
@@ -174,7 +174,7 @@ def _prune(store: Store, dry_run: bool, lease: Lease) -> PruneReport:
     return rep
 
 
-def _repack(store: Store, repack: list[tuple[int, str, int, bytes]]) -> list[dict]:
+def _repack(store: Store, repack: list[tuple[int, str, int, bytes]]) -> list[dict[str, Any]]:
     db = store.cache.db
     sink = BlobSink(store.backend, store.keys, store.cache, compression_level=store.compression_level,
                     pack_target=store.config.pack_target, uploaders=store.uploaders)

@@ -17,7 +17,7 @@ import logging
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 
@@ -41,6 +41,10 @@ from .keyfiles import StoreConfig, key_file_info, make_key_file, new_config_byte
 from .location import open_backend
 from .objects import open_object
 
+if TYPE_CHECKING:
+    from .reader import RecordReader
+    from .writer import SnapshotWriter
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PACK_TARGET = 16 * 1024 * 1024
@@ -61,7 +65,8 @@ class Snapshot:
 
     @property
     def time(self) -> str:
-        return self.header["time_start"]
+        t: str = self.header["time_start"]
+        return t
 
     @property
     def short_id(self) -> str:
@@ -250,9 +255,9 @@ class Store:
         prune before they write."""
         _check_writable(self.backend)
 
-    def writer(self, **kwargs: Any) -> Any:
+    def writer(self, **kwargs: Any) -> SnapshotWriter:
         """A :class:`~.writer.SnapshotWriter` (context manager); see its arguments."""
-        from .writer import SnapshotWriter
+        from .writer import SnapshotWriter  # at run time here: writer imports this module
 
         return SnapshotWriter(self, **kwargs)
 
@@ -308,7 +313,7 @@ class Store:
 
         return iter_records(self, snap if isinstance(snap, Snapshot) else self.load_snapshot(snap), prefix)
 
-    def open_record(self, record: dict[str, Any]) -> Any:
+    def open_record(self, record: dict[str, Any]) -> RecordReader:
         """A verified binary stream of a file record's content (see :class:`~.reader.RecordReader`)."""
         from .reader import RecordReader
 

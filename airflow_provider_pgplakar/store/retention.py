@@ -72,6 +72,19 @@ _COUNT_RULES: tuple[tuple[str, str], ...] = (
 )
 
 
+#: A group as ``((item, value), ...)``: ``(("source", "postgres:db1:5432/sales"), ("label:dag_id", "nightly"))``.
+GroupKey = tuple[tuple[str, object], ...]
+
+
+def parse_time(text: str) -> datetime:
+    """A snapshot's ISO 8601 timestamp (``time_start``) as a timezone-aware datetime; ValueError for anything else
+    (pendulum also parses bare dates, times and durations)."""
+    parsed = pendulum.parse(text)
+    if not isinstance(parsed, datetime):
+        raise ValueError(f"not a timestamp: {text!r}")
+    return parsed
+
+
 @dataclass(frozen=True)
 class SnapshotInfo:
     """What the policy needs to know of a snapshot (a projection of the snapshot object)."""
@@ -190,7 +203,7 @@ class Policy:
 class Decision:
     """Outcome for one group: ``keep`` and ``remove`` are both ordered newest first."""
 
-    group: tuple
+    group: GroupKey
     keep: list[tuple[SnapshotInfo, list[str]]] = field(default_factory=list)
     remove: list[SnapshotInfo] = field(default_factory=list)
 
@@ -236,13 +249,13 @@ def _check_group_by(group_by: Sequence[str]) -> None:
         _validate_group_item(item)
 
 
-def group_key(s: SnapshotInfo, group_by: Sequence[str]) -> tuple:
+def group_key(s: SnapshotInfo, group_by: Sequence[str]) -> GroupKey:
     """The group a snapshot belongs to, as ``((item, value), ...)`` so it prints self-describingly."""
     _check_group_by(group_by)
     return _group_key(s, group_by)
 
 
-def _group_key(s: SnapshotInfo, group_by: Sequence[str]) -> tuple:
+def _group_key(s: SnapshotInfo, group_by: Sequence[str]) -> GroupKey:
     key: list[tuple[str, object]] = []
     for item in group_by:
         if item == "source":
@@ -299,7 +312,7 @@ def _format_timedelta(td: timedelta) -> str:
     return "".join(parts) or "0s"
 
 
-def _decide_group(key: tuple, members: list[SnapshotInfo], policy: Policy) -> Decision:
+def _decide_group(key: GroupKey, members: list[SnapshotInfo], policy: Policy) -> Decision:
     # Newest first; ties by id (descending, consistently with the time order) for determinism.
     ordered = sorted(members, key=lambda s: (s.time, s.id), reverse=True)
     bucketers = _bucketers(policy.tz)
@@ -310,7 +323,7 @@ def _decide_group(key: tuple, members: list[SnapshotInfo], policy: Policy) -> De
     if isinstance(policy.keep_within, Duration):
         cutoff = policy.keep_within.before(ordered[0].time, policy.tz)
         within_reason = f"within {policy.keep_within}"
-    elif policy.keep_within is not None:
+    elif isinstance(policy.keep_within, timedelta):  # a str was parsed into a Duration by Policy.__post_init__
         cutoff = ordered[0].time - policy.keep_within
         within_reason = f"within {_format_timedelta(policy.keep_within)}"
     keep_tags = set(policy.keep_tags)
@@ -354,7 +367,7 @@ def apply_policy(
         raise ValueError(EMPTY_POLICY_MESSAGE)
     _check_group_by(group_by)
 
-    groups: dict[tuple, list[SnapshotInfo]] = {}
+    groups: dict[GroupKey, list[SnapshotInfo]] = {}
     seen: set[str] = set()
     for s in snapshots:
         if s.time.tzinfo is None or s.time.utcoffset() is None:

@@ -210,7 +210,7 @@ class S3Backend:
 
     # -- Backend protocol ----------------------------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes, *, create_only: bool = True) -> None:
+    def put(self, key: str, data: bytes | bytearray, *, create_only: bool = True) -> None:
         """One PUT carrying a SHA-256 that S3 verifies (moto does not); create-only via ``If-None-Match: *``."""
         full = self._full(key)
         checksum = base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
@@ -251,7 +251,8 @@ class S3Backend:
             resp = self._client.head_object(Bucket=self.bucket, Key=self._full(key), ChecksumMode="ENABLED")
         except (bexc.ClientError, bexc.BotoCoreError):
             return None
-        return resp.get("ChecksumSHA256")
+        checksum: str | None = resp.get("ChecksumSHA256")
+        return checksum
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         """Whole object, or a ranged GET whose returned length is checked (a short read is an error)."""

@@ -18,7 +18,7 @@ import pendulum
 
 from .errors import StoreError
 from .forget import NOT_BACKUP_KINDS, group_text, snapshot_info, source_label
-from .retention import DEFAULT_GROUP_BY, Duration, group_key, parse_duration
+from .retention import DEFAULT_GROUP_BY, Duration, group_key, parse_duration, parse_time
 
 if TYPE_CHECKING:
     from .repo import Snapshot, Store
@@ -110,7 +110,7 @@ def store_stats(store: Store, *, group_by: Sequence[str] = DEFAULT_GROUP_BY, now
         out.sources.append(SourceStats(
             source=name, origin=source_label(newest.header.get("source") or {}), snapshots=len(members),
             newest=newest.id, newest_time=newest.time,
-            age_s=round((t - pendulum.parse(newest.time)).total_seconds(), 1),
+            age_s=round((t - parse_time(newest.time)).total_seconds(), 1),
             bytes=int(st.get("bytes", 0)), new_bytes=int(st.get("new_raw_bytes", 0)),
             new_stored_bytes=int(st.get("new_stored_bytes", 0)),
             stored_bytes_total=sum(int((m.header.get("stats") or {}).get("new_stored_bytes", 0)) for m in members),
@@ -169,7 +169,7 @@ def freshness(store: Store, max_age: str | timedelta | Duration, *, group_by: Se
     cutoff = span.before(t, "UTC") if isinstance(span, Duration) else t - span
     text = str(span) if isinstance(span, Duration) else age_text(span.total_seconds())
     rep = FreshnessReport(max_age=text, sources=store_stats(store, group_by=group_by, now=t, totals=False).sources)
-    rep.stale = [s for s in rep.sources if pendulum.parse(s.newest_time) < cutoff]
+    rep.stale = [s for s in rep.sources if parse_time(s.newest_time) < cutoff]
     return rep
 
 
@@ -223,7 +223,7 @@ class SnapshotFilter:
             return False
         if self.source and not fnmatch.fnmatchcase(source_key(src), self.source):
             return False
-        return self.newer_than is None or pendulum.parse(snap.time) > self.newer_than
+        return self.newer_than is None or parse_time(snap.time) > self.newer_than
 
 
 def newest_matching(store: Store, flt: SnapshotFilter) -> Snapshot | None:

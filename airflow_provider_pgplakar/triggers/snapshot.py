@@ -17,14 +17,13 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 def find_snapshot(store_conn_id: str, tags: list[str], labels: dict[str, str], source: str | None,
                   newer_than: str | None) -> dict[str, Any] | None:
     """The newest matching snapshot as ``{"snapshot_id", "time", "source"}``, or None (blocking)."""
-    import pendulum
-
     from ..hooks.store import PgPlakarStoreHook
     from ..store.forget import source_key
+    from ..store.retention import parse_time
     from ..store.stats import SnapshotFilter, newest_matching
 
     flt = SnapshotFilter(tags=tuple(tags), labels=tuple(sorted(labels.items())), source=source or None,
-                         newer_than=pendulum.parse(newer_than) if newer_than else None)
+                         newer_than=parse_time(newer_than) if newer_than else None)
     with PgPlakarStoreHook(store_conn_id).get_store() as store:
         snap = newest_matching(store, flt)
     if snap is None:
