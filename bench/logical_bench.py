@@ -1,7 +1,8 @@
 """Logical backup benchmark (not a test): our backup and restore of a pgbench database next to raw pg_dump/pg_restore.
 
-    .venv/bin/python bench/logical_bench.py [--scale 50] [--version 15|17|18] [--repeat 1] [--workdir DIR]
-                                            [--pg-conf KEY=VALUE ...]
+    .venv/bin/python bench/logical_bench.py [--case single|multi|both] [--scale 50] [--version 15|17|18]
+                                            [--repeat 1] [--workdir DIR] [--pg-conf KEY=VALUE ...]
+                                            [--multi-scale 20] [--jobs 2 --jobs 4]
 
 Run it from the repository root (it reuses ``tests.pgservers.PgManager``; as root the server runs as an unprivileged
 user). Steps, on a throwaway server of ``--version`` (default 15, Debian's binaries):
@@ -21,6 +22,12 @@ includes unlocking the store with a passphrase (default Argon2id cost, ``PGPLAKA
 would. A CHECKPOINT precedes every timed step. With ``--repeat N`` each timed step runs N times (interleaved,
 baseline first; second backups each on a copy of the post-first-backup store) and the median is shown.
 The server, the store and all temp files are removed at the end, also on failure or Ctrl-C.
+
+``--case multi`` (the ``jobs`` option, issue 13) instead builds 4 databases of different sizes (``pgbench -i`` at
+50 %, 25 %, 15 % and 10 % of ``--multi-scale``, plus an ``events`` table of text rows in each) and times, side by
+side: raw ``pg_dump`` of the 4 one after the other, raw ``pg_dump`` of the 4 all at once (the floor), our backup of
+the 4 (``exclude_databases`` = every other database) with ``jobs=1`` and with each ``--jobs`` value, every backup
+into a fresh store; wall time, CPU (ours and tools) and peak RSS. ``--case both`` runs both cases on one server.
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ if str(REPO) not in sys.path:
 PASS = "bench passphrase: correct horse battery staple"
 DB = "bench"
 TARGET = 1.2  # from the issue: backup <= 1.2x raw pg_dump, restore <= 1.2x local pg_restore
+MULTI_TARGET = 1.5  # issue 13: ours jobs=2 <= 1.5x raw pg_dump of every database at once
+MULTI_WEIGHTS = (0.5, 0.25, 0.15, 0.10)  # share of --multi-scale per database: different sizes
+MULTI_DBS = tuple(f"multi_{i + 1}" for i in range(len(MULTI_WEIGHTS)))
 DEFAULT_CONF = {"shared_buffers": "128MB"}  # PostgreSQL's own default (the test servers use 32MB)
 
 
@@ -166,6 +176,25 @@ def child_tool(spec: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": secs, "bytes": out_bytes, **usage}
 
 
+def child_tools(spec: dict[str, Any]) -> dict[str, Any]:
+    """Several tools to /dev/null, one after the other or (``parallel``) all started at once."""
+    meter = Meter()
+    t0 = time.perf_counter()
+    with open(os.devnull, "wb") as out:
+        if spec["parallel"]:
+            procs = [subprocess.Popen(argv, env=spec["env"], stdin=subprocess.DEVNULL, stdout=out,
+                                      stderr=subprocess.DEVNULL) for argv in spec["argvs"]]
+            codes = [p.wait() for p in procs]
+        else:
+            codes = [subprocess.run(argv, env=spec["env"], stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.DEVNULL, check=False).returncode for argv in spec["argvs"]]
+    secs = time.perf_counter() - t0
+    usage = meter.done()
+    if any(codes):
+        raise SystemExit(f"a tool failed: exit codes {codes}")
+    return {"seconds": secs, **usage}
+
+
 def child_backup(spec: dict[str, Any]) -> dict[str, Any]:
     from airflow_provider_pgplakar.pg.logical import dump_path, logical_backup
     from airflow_provider_pgplakar.pg.options import parse_source_options
@@ -182,7 +211,10 @@ def child_backup(spec: dict[str, Any]) -> dict[str, Any]:
     usage = meter.done()
     with Store.open(spec["store"], PASS, cache_dir=spec["cache"]) as st:  # untimed
         stats = st.load_snapshot(res.snapshot_id).header["stats"]
-        dump_bytes = st.find_record(res.snapshot_id, dump_path(1, DB))["s"]
+        if opts.database is not None:
+            dump_bytes = st.find_record(res.snapshot_id, dump_path(1, DB))["s"]
+        else:
+            dump_bytes = sum(r["s"] for r in st.records(res.snapshot_id) if r["p"].endswith(".dump"))
     return {"seconds": secs, "unlock_s": unlock, "snapshot": res.snapshot_id, "stats": stats,
             "dump_bytes": dump_bytes, **usage}
 
@@ -205,7 +237,7 @@ def child_restore(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 CHILD_OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    "tool": child_tool, "backup": child_backup, "restore": child_restore}
+    "tool": child_tool, "tools": child_tools, "backup": child_backup, "restore": child_restore}
 
 
 def child_main() -> None:
@@ -416,6 +448,105 @@ class Bench:
         return r
 
 
+class MultiBench(Bench):
+    """The multi-database case: raw pg_dump one after the other and all at once, ours with jobs=1 and jobs=N."""
+
+    def __init__(self, server: Any, work: Path, scale: int, repeat: int, jobs: list[int]) -> None:
+        super().__init__(server, work, scale, repeat)
+        self.jobs = jobs
+
+    def populate(self) -> dict[str, Any]:
+        own = self.server.bin_dir / "pgbench"
+        pgbench = str(own) if own.is_file() else shutil.which("pgbench")
+        if pgbench is None:
+            raise SystemExit(f"pgbench not found in {self.server.bin_dir} nor on PATH")
+        out: dict[str, Any] = {"scales": {}, "bytes": {}}
+        for name, weight in zip(MULTI_DBS, MULTI_WEIGHTS, strict=True):
+            scale = max(1, round(self.scale * weight))
+            self.create_db(name)
+            spawn([pgbench, "-i", "-s", str(scale), "-q"], self.server.env(name))
+            self.sql(f"CREATE TABLE events AS SELECT g AS id, now() - g * interval '1 s' AS at, md5(g::text) AS k, "
+                     f"repeat(md5((g * 7)::text), 3) AS payload FROM generate_series(1, {scale * 20_000}) g", name)
+            self.sql("VACUUM ANALYZE", name)
+            out["scales"][name] = scale
+            out["bytes"][name] = self.sql(f"SELECT pg_database_size('{name}')")[0][0]
+        return out
+
+    def raw(self, parallel: bool) -> dict[str, Any]:
+        from airflow_provider_pgplakar.pg import commands
+
+        self.checkpoint()
+        return run_child({"op": "tools", "parallel": parallel, "env": self.tool_env,
+                          "argvs": [commands.pg_dump(self.pg_dump, db) for db in MULTI_DBS]})
+
+    def ours(self, jobs: int, i: int) -> dict[str, Any]:
+        from airflow_provider_pgplakar.store.repo import Store
+
+        store, cache = self.work / f"multi-store-{jobs}-{i}", self.work / f"multi-cache-{jobs}-{i}"
+        Store.create(str(store), PASS, cache_dir=cache).close()
+        others = [d for (d,) in self.sql("SELECT datname FROM pg_database") if d not in MULTI_DBS]
+        self.checkpoint()
+        try:
+            return run_child({"op": "backup", "store": str(store), "cache": str(cache),
+                              "options": {**self.conn_opts, "exclude_databases": ",".join(others),
+                                          "jobs": str(jobs)}})
+        finally:
+            shutil.rmtree(store, ignore_errors=True)
+            shutil.rmtree(cache, ignore_errors=True)
+
+    def run(self) -> dict[str, Any]:
+        progress(f"multi: 4 databases, pgbench scales {[max(1, round(self.scale * w)) for w in MULTI_WEIGHTS]} ...")
+        r: dict[str, Any] = {"populate": self.populate()}
+        variants = [1, *[j for j in self.jobs if j != 1]]
+        runs: dict[str, list[dict[str, Any]]] = {"seq": [], "par": [], **{f"jobs{j}": [] for j in variants}}
+        for i in range(self.repeat):  # interleaved, baselines first
+            progress(f"[{i + 1}/{self.repeat}] multi: raw pg_dump one after the other ...")
+            runs["seq"].append(self.raw(parallel=False))
+            progress(f"[{i + 1}/{self.repeat}] multi: raw pg_dump all at once ...")
+            runs["par"].append(self.raw(parallel=True))
+            for j in variants:
+                progress(f"[{i + 1}/{self.repeat}] multi: our backup, jobs={j} ...")
+                runs[f"jobs{j}"].append(self.ours(j, i))
+        r["runs"] = {k: summarize(v) for k, v in runs.items()}
+        r["variants"] = variants
+        for name in MULTI_DBS:
+            self.drop_db(name)
+        return r
+
+
+def report_multi(r: dict[str, Any], a: argparse.Namespace, server: Any, load0: tuple[float, ...]) -> None:
+    runs, pop = r["runs"], r["populate"]
+    floor, seq = runs["par"]["seconds"], runs["seq"]["seconds"]
+    dump_bytes = runs["jobs1"]["dump_bytes"]
+    how = f"median of {a.repeat} runs" if a.repeat > 1 else "single runs"
+    print()
+    print(f"Multi-database case: PostgreSQL {server.version}, 4 databases "
+          + ", ".join(f"{n} (pgbench -s {pop['scales'][n]} + events, {_mib(pop['bytes'][n])})" for n in MULTI_DBS)
+          + f"; dumps {_mib(dump_bytes)} in all; {os.cpu_count()} cores, load average {load0[0]:.2f} at start / "
+          f"{os.getloadavg()[0]:.2f} at end ({how}).")
+    print()
+    print("| operation | seconds | vs raw all at once | vs raw one by one | target | met | "
+          "CPU s (ours / tools) | peak RSS MiB: ours (after unlock) / largest tool |")
+    print("|---|---:|---:|---:|---|---|---:|---:|")
+    rows = [("raw `pg_dump -Fc -Z0` × 4, one after the other", runs["seq"], False, None),
+            ("raw `pg_dump -Fc -Z0` × 4, all at once (the floor)", runs["par"], False, None)]
+    rows += [(f"ours, `jobs={j}`", runs[f"jobs{j}"], True, MULTI_TARGET if j == 2 else None) for j in r["variants"]]
+    for name, d, ours, target in rows:
+        x = d["seconds"] / floor
+        tgt, ok = (f"≤ {target:.1f}×", "yes" if x <= target else "**NO**") if target else ("", "")
+        cpu = f"{d['cpu_s']:.2f} / {d['tool_cpu_s']:.2f}" if ours else f"– / {d['tool_cpu_s']:.2f}"
+        rss = (f"{d['rss_mib']:.0f} ({d['rss_after_unlock_mib']:.0f}) / {d['tool_rss_mib']:.0f}" if ours
+               else f"– / {d['tool_rss_mib']:.0f}")
+        print(f"| {name} | {d['seconds']:.2f} | {x:.2f}× | {d['seconds'] / seq:.2f}× | {tgt} | {ok} | {cpu} | {rss} |")
+    print()
+    print("- ours: a whole-cluster backup minus every other database (manifest, globals, the 4 dumps, fingerprints "
+          "at the default `catalog` level) into a fresh encrypted store, including the Argon2id unlock; raw: the "
+          "same `pg_dump` argv to /dev/null. CPU: user+sys of the step, ours / its tools.")
+    if a.repeat > 1:
+        for key in ("seq", "par", *[f"jobs{j}" for j in r["variants"]]):
+            print(f"- {key} runs: {', '.join(f'{s:.2f}' for s in runs[key]['all_seconds'])} s")
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Report
 
@@ -506,13 +637,22 @@ def main() -> None:
     ap.add_argument("--workdir", help="parent of the temp dir holding the store and the dump file (default $TMPDIR)")
     ap.add_argument("--pg-conf", action="append", default=[], metavar="KEY=VALUE",
                     help=f"extra postgresql.conf setting (default adds {DEFAULT_CONF})")
+    ap.add_argument("--case", choices=("single", "multi", "both"), default="single",
+                    help="single: one pgbench database (default); multi: 4 databases, raw vs ours with jobs")
+    ap.add_argument("--multi-scale", type=int, default=20,
+                    help="multi case: total pgbench scale spread over the 4 databases (default 20)")
+    ap.add_argument("--jobs", type=int, action="append", default=None,
+                    help="multi case: jobs values besides 1 (repeatable; default 2 and 4)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         child_main()
         return
-    if a.scale < 1 or a.repeat < 1:
-        ap.error("--scale and --repeat must be >= 1")
+    if a.scale < 1 or a.repeat < 1 or a.multi_scale < 1:
+        ap.error("--scale, --multi-scale and --repeat must be >= 1")
+    jobs = a.jobs or [2, 4]
+    if any(not 1 <= j <= 32 for j in jobs):
+        ap.error("--jobs must be between 1 and 32")
     conf = dict(DEFAULT_CONF)
     for item in a.pg_conf:
         key, sep, value = item.partition("=")
@@ -535,8 +675,12 @@ def main() -> None:
             raise SystemExit(f"missing {missing_description(a.version)}")
         progress(f"starting PostgreSQL {a.version} ...")
         server = manager.start(a.version, conf=conf)
-        results = Bench(server, work, a.scale, a.repeat).run()
-        report(results, a, server, work, load0, conf)
+        if a.case in ("single", "both"):
+            results = Bench(server, work, a.scale, a.repeat).run()
+            report(results, a, server, work, load0, conf)
+        if a.case in ("multi", "both"):
+            multi = MultiBench(server, work, a.multi_scale, a.repeat, jobs).run()
+            report_multi(multi, a, server, load0)
     finally:
         progress("cleaning up ...")
         if manager is not None:

@@ -258,7 +258,7 @@ def test_info(created: Cli, src: Path) -> None:
     fields = {line.split(None, 1)[0]: line.split(None, 1)[1] for line in lines}
     assert fields["encryption"] == "aes256gcm" and fields["snapshots"] == "1" and fields["location"] == cli.location
     info = cli.json("info")
-    assert info["repo_id"] == fields["repo_id"] and info["encryption"] == "aes256gcm"
+    assert info["repo_id"] == fields["repo_id"] and info["encryption"] == "aes256gcm" and info["format"] == 2
     header = cli.json("info", sid[:8])
     assert header["id"] == sid and header["tags"] == ["nightly"] and header["labels"] == {"db": "main"}
     assert "manifest" not in header
@@ -438,6 +438,40 @@ def test_at_without_location(cli: Cli) -> None:
 def test_help_exits_zero(cli: Cli) -> None:
     r = cli.run("--help", at=False)
     assert r.returncode == 0 and b"at STORE COMMAND" in r.stdout
+
+
+def test_help_of_backup_and_restore_lists_every_option_with_its_default(cli: Cli) -> None:
+    from airflow_provider_pgplakar.pg.options import LogicalSourceOptions, PhysicalSourceOptions, RestoreOptions
+
+    backup_help = cli.ok("backup", "--help", at=False)
+    restore_help = cli.ok("restore", "--help", at=False)
+    assert backup_help.startswith("usage: pgplakar [options] at STORE backup")
+    assert "seed" not in backup_help + restore_help
+    flat = " ".join(backup_help.split())
+    for cls in (LogicalSourceOptions, PhysicalSourceOptions):
+        for name in cls.__dataclass_fields__:
+            assert name == "conn" or name in flat, name
+    assert "compress [false]" in flat and "checkpoint [spread]" in flat and "ssl_mode [prefer]" in flat
+    flat = " ".join(restore_help.split())
+    assert all(name in flat for name in RestoreOptions.__dataclass_fields__ if name != "conn")
+    assert "recreate [false]" in flat and "jobs [1]" in flat
+
+
+def test_a_newcomers_mistakes_get_one_line_that_says_what_to_do(created: Cli, src: Path, tmp_path: Path) -> None:
+    cli = created
+    assert cli.fails(2, cli.location, "ls", at=False) == (
+        f"pgplakar: usage: {cli.location!r} is not a command; to name a store write `pgplakar at {cli.location} ls …`")
+    line = cli.fails(2, "backup", "postgress://db.example.com/sales")
+    assert "unknown scheme 'postgress'" in line and "postgres://" in line
+    sid = backup(cli, src)
+    assert cli.fails(1, "ls", f"{sid[:8]}:/missing") == cli.fails(1, "cat", f"{sid[:8]}:/missing") == \
+        f"pgplakar: error: no record '/missing' in snapshot {sid[:8]}"
+    empty = tmp_path / "empty-passphrase"
+    empty.write_text("")
+    assert cli.fails(1, "--passphrase-file", str(empty), "ls", env={"PGPLAKAR_PASSPHRASE": None}) == (
+        f"pgplakar: error: the passphrase file {empty} is empty: write the passphrase into it (one line)")
+    info = cli.ok("info")
+    assert "{" not in info and "compression  zstd level 1" in info and "pack_target  16.0 MiB" in info
 
 
 # -- S3 ----------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """``pgplakar [options] at STORE COMMAND ...`` — Plakar's verbs on our store.
 
 Exit status: 0 on success, 1 on any failure (one line on stderr, no traceback unless ``--debug``), 2 on usage
-errors, 3 when ``check`` finds problems or ``verify`` fails, 130 on Ctrl-C.
+errors, 3 when ``check`` finds problems, ``verify`` fails or ``freshness`` finds a stale source, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from ..pg import PgError
 from ..store.errors import StoreError
-from ..store.retention import DURATION_HELP, Duration
+from ..store.retention import DEFAULT_GROUP_BY, DURATION_HELP, Duration
 from ..store.retention import parse_duration as retention_duration
 
 DEFAULT_STORE = os.path.join(os.path.expanduser("~"), ".pgplakar")
@@ -23,6 +23,54 @@ DEFAULT_STORE = os.path.join(os.path.expanduser("~"), ".pgplakar")
 
 class UsageError(Exception):
     """Bad command-line input (exit status 2)."""
+
+
+COMMANDS = frozenset({"create", "backup", "ls", "verify", "cat", "restore", "check", "forget", "prune", "info",
+                      "key", "repair"})
+
+
+def _options_line(cls: type, skip: frozenset[str] = frozenset({"conn"})) -> str:
+    """``name [default], ...`` for one option dataclass: the help lists what the parser accepts, always current."""
+    import dataclasses
+
+    parts = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name.startswith("_"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if isinstance(default, bool):
+            default = str(default).lower()
+        parts.append(f"{f.name} [{default}]" if default not in (None, (), "") else f.name)
+    return ", ".join(parts)
+
+
+def _wrap(title: str, text: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=100, initial_indent=f"  {title}: ", subsequent_indent="      ")
+
+
+def _source_options_help() -> str:
+    from ..pg.options import ConnOptions, LogicalSourceOptions, PhysicalSourceOptions
+
+    return "\n".join([
+        "PostgreSQL source options (key=value; [default]; meanings in the README's option tables):",
+        _wrap("postgres://, postgres+aws://", _options_line(LogicalSourceOptions)),
+        _wrap("postgres+bin://", _options_line(PhysicalSourceOptions)),
+        _wrap("connection, every scheme", _options_line(ConnOptions, frozenset({"region"}))
+              + "; region (postgres+aws); the password is best given in $PGPASSWORD"),
+    ])
+
+
+def _restore_options_help() -> str:
+    from ..pg.options import ConnOptions, RestoreOptions
+
+    return "\n".join([
+        "Restore into a server (-to postgres://...; key=value; [default]; meanings in the README):",
+        _wrap("restore", _options_line(RestoreOptions)),
+        _wrap("connection", _options_line(ConnOptions, frozenset({"region"}))),
+        "A directory target restores files; a physical snapshot becomes a data directory (see the flags above).",
+    ])
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -58,15 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def cmd(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, parents=[sub_common], description=help)
+        return sub.add_parser(name, help=help, parents=[sub_common], description=help,
+                              prog=f"pgplakar [options] at STORE {name}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
 
     p = cmd("create", "create a new store (encrypted unless --plaintext)")
     p.add_argument("--plaintext", action="store_true", help="no encryption (integrity checks remain)")
     p.add_argument("--compression-level", type=int, default=1, help="zstd level 0..19 (0 = off; default 1)")
 
     p = cmd("backup", "back up a local directory or file, or PostgreSQL (postgres://... [key=value ...])")
+    p.epilog = _source_options_help()
     p.add_argument("path", help="directory, file, or postgres:// | postgres+aws:// | postgres+bin:// location")
-    p.add_argument("pg_options", nargs="*", metavar="key=value", help="source options (seed names)")
+    p.add_argument("pg_options", nargs="*", metavar="key=value",
+                   help="PostgreSQL source options, listed below with their defaults")
     p.add_argument("--tag", action="append", default=[], help="snapshot tag (repeatable)")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="snapshot label (repeatable)")
     p.add_argument("--idempotency-key", help="retries with the same key end with one snapshot")
@@ -91,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "logical snapshot into a server")
     p.add_argument("-to", "--to", dest="to", required=True, metavar="DIR|postgres://...")
     p.add_argument("items", nargs="+", metavar="[key=value ...] SNAPSHOT[:/path]",
-                   help="destination options (postgres:// only), then the snapshot")
+                   help="destination options (postgres:// only, listed below with their defaults), then the snapshot")
+    p.epilog = _restore_options_help()
     p.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
                    help="replace existing files (a physical snapshot: empty a non-empty data or tablespace "
                         "directory first)")
@@ -100,9 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pg-bin-dir", metavar="DIR", help="physical snapshots: PostgreSQL bin directory that will "
                    "start the data directory (its major version is checked first; its pg_verifybackup is used)")
     p.add_argument("--no-verify", action="store_true", help="physical snapshots: skip pg_verifybackup")
+    p.add_argument("--require-verify", action="store_true", help="physical snapshots: fail when no pg_verifybackup "
+                   "of the backup's major is available (checked before writing) or it cannot run, instead of a warning")
+    p.add_argument("--owner", metavar="USER[:GROUP]", help="physical snapshots restored as root: give every file "
+                   "this owner (default: the snapshot's owner names, e.g. postgres)")
+    p.add_argument("--no-sync", action="store_true", help="do not fsync restored files and directories (faster; "
+                   "a crash soon after may lose them)")
 
     p = cmd("check", "verify the store's metadata (and with --read-data every byte)")
     p.add_argument("--read-data", action="store_true")
+    p.add_argument("--read-data-subset", metavar="n/m|/m|x%", help="read only some packs: slice n of m, today's "
+                   "slice of m (a daily check reads everything within m days), or x%% at random")
 
     p = cmd("forget", "remove snapshots by ID or by a retention policy")
     p.add_argument("ids", nargs="*", metavar="SNAPSHOT")
@@ -111,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-within", metavar="DURATION", help="keep everything within DURATION of the group's newest "
                    "snapshot, restic's units: y, m (months), w, d, h, e.g. 6m, 1y6m, 7d12h")
     p.add_argument("--keep-tag", action="append", default=[], help="keep snapshots with this tag")
-    p.add_argument("--group-by", default="source,labels", help="source,labels | label:NAME,... | '' for one group")
+    p.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY),
+                   help="source (default: kind, host, port, database or data directory) | labels | tags | "
+                        "label:NAME, comma-separated | '' for one group")
     p.add_argument("--tz", default="UTC", help="time zone of calendar buckets (default UTC)")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--prune", action="store_true", help="prune afterwards")
@@ -119,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("prune", "delete data no snapshot references (waits for no one: fails if a backup runs)")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait this long for running backups")
+
+    p = cmd("stats", "per source the newest snapshot, its age and sizes; the store's totals and dedup ratio")
+    p.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY), help="what a source is (as for forget)")
+
+    p = cmd("freshness", "exit 3 naming every source whose newest snapshot is older than --max-age")
+    p.add_argument("--max-age", required=True, metavar="DURATION", help="e.g. 26h, 2d, 1w (y, m months, w, d, h)")
+    p.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY), help="what a source is (as for forget)")
 
     p = cmd("info", "show the store's settings, or a snapshot's header")
     p.add_argument("target", nargs="?", metavar="SNAPSHOT")
@@ -147,6 +217,8 @@ def split_at(argv: Sequence[str]) -> tuple[str, list[str]]:
                 raise UsageError("`at` needs a store location")
             return args[i + 1], args[:i] + args[i + 2 :]
         if not a.startswith("-"):
+            if a not in COMMANDS and i + 1 < len(args) and args[i + 1] in COMMANDS:
+                raise UsageError(f"{a!r} is not a command; to name a store write `pgplakar at {a} {args[i + 1]} …`")
             break
         skip = a in ("--passphrase-file", "--key-file", "--cache-dir")
     return os.environ.get("PGPLAKAR_STORE", DEFAULT_STORE), args

@@ -12,9 +12,12 @@ from ..store.errors import StoreError
 
 def _read_file(path: str, what: str) -> str:
     try:
-        return Path(path).read_text().rstrip("\r\n")
+        value = Path(path).read_text().rstrip("\r\n")
     except OSError as e:
         raise StoreError(f"cannot read {what} file {path}: {e.strerror}") from None
+    if not value:
+        raise StoreError(f"the {what} file {path} is empty: write the {what} into it (one line)")
+    return value
 
 
 def passphrase(file: str | None, *, prompt: str = "passphrase", confirm: bool = False,
@@ -24,9 +27,12 @@ def passphrase(file: str | None, *, prompt: str = "passphrase", confirm: bool = 
     if os.environ.get(env):
         return os.environ[env]
     if sys.stdin.isatty():
-        value = getpass.getpass(f"{prompt}: ")
-        if confirm and getpass.getpass(f"repeat {prompt}: ") != value:
-            raise StoreError("the passphrases do not match")
+        try:
+            value = getpass.getpass(f"{prompt}: ")
+            if confirm and getpass.getpass(f"repeat {prompt}: ") != value:
+                raise StoreError("the passphrases do not match")
+        except EOFError:  # Ctrl-D at the prompt: the user gave up, as with Ctrl-C
+            raise KeyboardInterrupt from None
         return value
     return None
 

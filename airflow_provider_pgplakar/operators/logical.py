@@ -77,20 +77,25 @@ class PgPlakarBackupOperator(_PgPlakarOperator):
     :param database: one database (templated; e.g. ``{{ params.db }}`` or a mapped value); None = the connection's
         database if it has one, else every database; ``""`` forces the whole cluster.
     :param options: seed option names (``exclude_databases``, ``compress``, ``schema_only``, ``data_only``,
-        ``pg_bin_dir``, ``ssl_*``); they override the connection.
+        ``fingerprint``, ``jobs``, ``pg_bin_dir``, ``ssl_*``); they override the connection.
+    :param jobs: databases dumped at once into the one snapshot (templated; overrides ``options`` and the
+        connection; None = theirs, else 1). One task, one snapshot; a mapped task per database is the alternative
+        (README, "Many databases").
     :param manifest_only: capture only ``/manifest.json`` (what :class:`PgPlakarManifestOperator` does).
     :param emit_assets: emit one Asset event per database, ``pgplakar://HOST:PORT/DATABASE``, through the outlet
         alias ``pgplakar-backups`` (default True; see :mod:`.outcome`). A second XCom, ``stats``, holds the summary.
     """
 
-    template_fields: Sequence[str] = ("database", "tags", "labels", "options", "postgres_conn_id", "store_conn_id")
+    template_fields: Sequence[str] = ("database", "jobs", "tags", "labels", "options", "postgres_conn_id",
+                                      "store_conn_id")
 
-    def __init__(self, *, database: str | None = None, tags: Sequence[str] = (),
+    def __init__(self, *, database: str | None = None, jobs: int | str | None = None, tags: Sequence[str] = (),
                  labels: Mapping[str, str] | None = None, manifest_only: bool = False, emit_assets: bool = True,
                  **kwargs: Any) -> None:
         super().__init__(emit_assets=emit_assets and not manifest_only, **kwargs)
         self.emit_assets = emit_assets and not manifest_only
         self.database = database
+        self.jobs = jobs
         self.tags = list(tags)
         self.labels = dict(labels or {})
         self.manifest_only = manifest_only
@@ -101,6 +106,8 @@ class PgPlakarBackupOperator(_PgPlakarOperator):
         overrides = dict(self.options)
         if self.database is not None:
             overrides["database"] = self.database
+        if self.jobs is not None:
+            overrides["jobs"] = self.jobs
         hook = self._pg_hook()
         opts = hook.source_options(overrides)
         labels = {**self.labels, **run_labels(context)}

@@ -110,16 +110,24 @@ class PgPlakarPhysicalRestoreOperator(BaseOperator):
         rendered string is read as a JSON object or list, e.g. ``"{{ params.mapping | tojson }}"``).
     :param pg_bin_dir: bin directory of the PostgreSQL that will start it: refused unless it is the backup's major
         version, checked before anything is written; its ``pg_verifybackup`` verifies the result.
-    Returns the restore summary (a small dict: major version, files, tablespaces, verification).
+    :param overwrite: empty a non-empty ``target_dir`` first (never a tablespace directory unless it is mapped
+        explicitly in ``tablespace_mapping``; never a running server's directory).
+    :param require_verify: fail when no ``pg_verifybackup`` of the backup's major is available (checked before
+        writing) or it cannot run (without it the result says ``verified: false`` and the task logs a warning).
+    :param file_owner: ``USER[:GROUP]`` for every restored file when the worker runs as root (default: the snapshot's
+        owner names, i.e. ``postgres``); templated.
+    :param sync: fsync every restored file and directory before succeeding (default true; false is faster).
+    Returns the restore summary (a small dict: major version, files, tablespaces, verification, warnings).
     """
 
-    template_fields: Sequence[str] = ("snapshot_id", "target_dir", "tablespace_mapping", "pg_bin_dir",
+    template_fields: Sequence[str] = ("snapshot_id", "target_dir", "tablespace_mapping", "pg_bin_dir", "file_owner",
                                       "store_conn_id")
     ui_color = "#d0e4f5"
 
     def __init__(self, *, snapshot_id: str, target_dir: str,
                  tablespace_mapping: Mapping[str, str] | Sequence[str] | None = None, overwrite: bool = False,
-                 pg_bin_dir: str | None = None, verify: bool = True,
+                 pg_bin_dir: str | None = None, verify: bool = True, require_verify: bool = False,
+                 file_owner: str | None = None, sync: bool = True,
                  store_conn_id: str = PgPlakarStoreHook.default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.snapshot_id = snapshot_id
@@ -128,6 +136,9 @@ class PgPlakarPhysicalRestoreOperator(BaseOperator):
         self.overwrite = overwrite
         self.pg_bin_dir = pg_bin_dir
         self.verify = verify
+        self.require_verify = require_verify
+        self.file_owner = file_owner  # not ``owner``: BaseOperator.owner is the task's owner in Airflow
+        self.sync = sync
         self.store_conn_id = store_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
@@ -138,7 +149,10 @@ class PgPlakarPhysicalRestoreOperator(BaseOperator):
             result = physical_restore(store, sid, str(self.target_dir),
                                       tablespace_mapping=_mapping_arg(self.tablespace_mapping),
                                       overwrite=self.overwrite, pg_bin_dir=self.pg_bin_dir or None,
-                                      verify=self.verify)
+                                      verify=self.verify, require_verify=self.require_verify,
+                                      owner=self.file_owner or None, sync=self.sync)
+        for w in result.warnings:
+            self.log.warning("%s", w)
         self.log.info("%s", result.text())
         return result.as_dict()
 

@@ -42,6 +42,8 @@ from psycopg import pq
 
 from . import PgError
 from .connect import PgConnectError, connect
+from .decompress import DecompressError
+from .decompress import steps as decompress_steps
 from .options import ConnOptions
 from .process import track_connection
 from .secrets import SslFiles
@@ -399,40 +401,38 @@ class ArchiveStream(_Pieces):
 
 
 class Decompressing(_Pieces):
-    """The tar bytes of a compressed archive, decompressed message by message as the caller reads (lz4's own file
-    object read the stream 8 KiB at a time through three layers of buffering, which doubled this thread's CPU)."""
+    """The tar bytes of a compressed archive, decompressed as the caller reads, at most ~1 MiB per step whatever the
+    compression ratio (``pg/decompress.py``; lz4's own file object read the stream 8 KiB at a time through three
+    layers of buffering, which doubled this thread's CPU)."""
 
     def __init__(self, raw: ArchiveStream, method: str) -> None:
         super().__init__()
         self.raw = raw
         self.method = method
         self._done = False
-        if method == "lz4":
-            import lz4.frame
-
-            self._dec: Any = lz4.frame.LZ4FrameDecompressor()
-        else:
-            import zstandard
-
-            self._dec = zstandard.ZstdDecompressor().decompressobj()
+        self._dec = decompress_steps(method)
 
     def _fill(self) -> bool:
         while not self._buf:
-            if self._done:
-                return False
-            piece = self.raw.next_piece()
-            if piece is None:
-                if not self._dec.eof:
-                    raise BaseBackupError(f"the {self.method}-compressed base backup stream ended mid-frame")
-                self._done = True
-                return False
-            if self._dec.eof:
-                raise BaseBackupError(f"data after the end of the {self.method}-compressed archive")
             try:
-                self._buf = memoryview(self._dec.decompress(piece))
-            except Exception as exc:  # lz4 raises RuntimeError, zstandard ZstdError
+                out = self._dec.step()
+                if out is None:
+                    if self._done:
+                        return False
+                    piece = self.raw.next_piece()
+                    if piece is None:
+                        if not self._dec.done:
+                            raise BaseBackupError(f"the {self.method}-compressed base backup stream ended mid-frame")
+                        self._done = True
+                        return False
+                    self._dec.feed(piece)
+                    continue
+            except DecompressError as exc:
+                if str(exc).startswith("data after the end"):
+                    raise BaseBackupError(f"data after the end of the {self.method}-compressed archive") from None
                 raise BaseBackupError(f"decompressing the {self.method} base backup stream failed: {exc}") from None
-            self.size += len(self._buf)
+            self._buf = memoryview(out)
+            self.size += len(out)
         return True
 
 

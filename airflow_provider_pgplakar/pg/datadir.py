@@ -1,37 +1,45 @@
 """Restore a physical (``postgres+bin``) snapshot as a startable data directory.
 
-Everything that can be refused is checked before the first byte is written (:func:`plan_restore`): the snapshot
-kind, the PostgreSQL major of ``pg_bin_dir`` against the one that made the backup (from ``/manifest.json``), the
-``tablespace_mapping`` entries, and emptiness of the data directory and of every tablespace directory. Then:
+Everything that can be refused is checked before the first byte is deleted or written (:func:`plan_restore`): the
+snapshot kind, the PostgreSQL major of ``pg_bin_dir`` against the one that made the backup (from
+``/manifest.json``), the ``tablespace_mapping`` entries, the target directories, the owner, and every record of
+the snapshot (:mod:`..store.safefs`: no ``..``, no record below a symlink, no kind collision, hard links only to
+earlier files of the same directory, symlinks only at ``pg_tblspc/<oid>`` of a tablespace of this backup). Then:
 
 - the data directory is created with mode 0700 (the server refuses anything looser than 0750); modes, mtimes,
-  symlinks and hard links come from the records;
+  symlinks and hard links come from the records, written through directory fds without following any symlink;
 - ``pg_tblspc/<oid>`` symlinks point at the tablespace's new location (``tablespace_mapping`` ``OLD=NEW``, as
   ``pg_basebackup -T``; unmapped tablespaces go back to their original location, which must then be empty);
+- as root, files get the snapshot's owner *names* (PostgreSQL's archives say ``postgres``) resolved on this host,
+  or ``owner`` (``USER[:GROUP]``); otherwise they belong to the user running the restore;
+- every file and directory is fsynced before success is reported (``sync=False`` skips it, as
+  ``pg_basebackup --no-sync``);
 - ``backup_manifest`` lands in the data directory and ``pg_verifybackup`` of the backup's major checks the result
   (with ``--no-parse-wal`` only when that installation has no ``pg_waldump``). A failed verification raises; the
-  files are left in place for inspection.
+  files are left in place for inspection. No verifier found: ``verified`` is false with a warning, and
+  ``require_verify`` refuses the restore before it starts.
 
-Files are owned by the user running the restore (as ``pg_basebackup`` does); when that is root, ``chown -R`` the
-directories to the server's OS user before starting it. The server must be the same major version as the backup;
-it recovers from ``backup_label`` and the WAL included in ``pg_wal/`` on first start.
-
-``overwrite`` empties a non-empty data directory or tablespace directory first; a directory holding
-``postmaster.pid`` is always refused (a server may be running on it).
+Never deleted: ``overwrite`` empties only the data directory target. A tablespace directory that exists and is not
+empty is refused unless it is mapped explicitly (``OLD=NEW``) *and* ``overwrite`` is given. A directory a running
+server uses (``postmaster.pid``, or found through ``/proc``: a server's data directory or a tablespace linked from
+its ``pg_tblspc``, or a directory holding one of those) is always refused.
 """
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
 import os
+import pwd
 import shutil
 import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from ..store.safefs import Owner, RecordPlan, SafeTree, UnsafeRecord, split_path
 from . import PgError, ToolError
 from .physical import DATA_PREFIX, MANIFEST_PATH, SOURCE_KIND, TABLESPACES_PREFIX
 from .tools import DEBIAN_BIN_GLOB, probe_version
@@ -42,6 +50,8 @@ __all__ = ["PhysicalRestoreError", "PhysicalRestoreResult", "parse_tablespace_ma
            "plan_restore"]
 
 VERIFY_TIMEOUT_S = 3600
+VERIFY_DISABLED = "skipped (verify disabled)"
+DATA = "data"  # the root key of the data directory (tablespace roots are keyed by their oid)
 
 
 class PhysicalRestoreError(PgError):
@@ -53,6 +63,7 @@ class TablespaceTarget:
     oid: int
     location: str
     target: str
+    mapped: bool = False
 
 
 @dataclass
@@ -67,10 +78,21 @@ class RestorePlan:
     verify_tool: str | None
     verify_note: str
     overwrite: bool
+    owner: Owner | None = None  # explicit owner (as root)
+    names: dict[tuple[str, str], int] = field(default_factory=dict)  # ("u"|"g", name) -> id on this host
+    root_owner: tuple[int | None, int | None] = (None, None)
+    sync: bool = True
+    require_verify: bool = False
 
     @property
     def major(self) -> int:
         return self.server_version_num // 10000
+
+    def empties(self) -> list[Path]:
+        """The directories ``overwrite`` empties: the data directory, and tablespaces mapped explicitly."""
+        if not self.overwrite:
+            return []
+        return [self.target_dir] + [Path(t.target) for t in self.tablespaces if t.mapped]
 
 
 @dataclass
@@ -84,6 +106,9 @@ class PhysicalRestoreResult:
     tablespaces: list[dict[str, Any]] = field(default_factory=list)
     verified: bool | None = None
     verify_note: str = ""
+    owner: str = ""
+    synced: bool = True
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,10 +119,14 @@ class PhysicalRestoreResult:
         for ts in self.tablespaces:
             lines.append(f"tablespace {ts['oid']}: {ts['location']} -> {ts['restored_to']}")
         lines.append(f"pg_verifybackup: {self.verify_note}")
+        for w in self.warnings:
+            lines.append(f"warning: {w}")
         lines.append(f"start it with PostgreSQL {self.major} (same major version as the backup), e.g. "
                      f"pg_ctl -D {self.target_dir} start; it recovers from the included WAL on first start")
-        if os.geteuid() == 0:
-            lines.append("files are owned by root: chown -R them to the server's OS user before starting it")
+        if self.owner:
+            lines.append(f"files are owned by {self.owner}")
+        if not self.synced:
+            lines.append("not synced to disk (--no-sync): a crash soon after may lose files")
         return "\n".join(lines)
 
 
@@ -164,7 +193,12 @@ def plan_restore(
     overwrite: bool = False,
     pg_bin_dir: str | None = None,
     verify: bool = True,
+    require_verify: bool = False,
+    owner: str | None = None,
+    sync: bool = True,
 ) -> RestorePlan:
+    if require_verify and not verify:
+        raise PhysicalRestoreError("require_verify and verify=false (--no-verify) contradict each other: drop one")
     snap = store.load_snapshot(snapshot_id)
     source = snap.header.get("source") or {}
     if source.get("kind") != SOURCE_KIND:
@@ -175,12 +209,40 @@ def plan_restore(
     major = num // 10000
     if pg_bin_dir is not None:
         _check_bin_dir(pg_bin_dir, major)
+    explicit_owner = _parse_owner(owner)
     mapping = parse_tablespace_mapping(tablespace_mapping)
     tablespaces = _plan_tablespaces(meta.get("tablespaces") or [], mapping)
     target = Path(os.path.abspath(target_dir))
     _check_targets(target, tablespaces, overwrite)
-    tool, note = _find_verifier(major, pg_bin_dir) if verify else (None, "skipped (verify disabled)")
-    return RestorePlan(snap.id, target, version, num, tablespaces, tool, note, overwrite)
+    tool, note = _find_verifier(major, pg_bin_dir) if verify else (None, VERIFY_DISABLED)
+    if require_verify and tool is None:
+        raise PhysicalRestoreError(f"require_verify: {note}; install it or pass pg_bin_dir (--pg-bin-dir) of a "
+                                   f"PostgreSQL {major} installation that has it")
+    plan = RestorePlan(snap.id, target, version, num, tablespaces, tool, note, overwrite, explicit_owner, sync=sync,
+                       require_verify=require_verify)
+    _check_records(store, snap, plan)
+    return plan
+
+
+def _parse_owner(owner: str | None) -> Owner | None:
+    """``USER[:GROUP]`` (names or numbers) -> ids on this host; only root can give files away."""
+    if owner is None or owner == "":
+        return None
+    if os.geteuid() != 0:
+        raise PhysicalRestoreError(f"owner={owner}: only a restore running as root can give files another owner "
+                                   "(without it, files belong to the user running the restore)")
+    user, _, group = owner.partition(":")
+    try:
+        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        raise PhysicalRestoreError(f"owner={owner}: no user {user!r} on this host") from None
+    if not group:
+        return Owner(pw.pw_uid, pw.pw_gid)
+    try:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise PhysicalRestoreError(f"owner={owner}: no group {group!r} on this host") from None
+    return Owner(pw.pw_uid, gid)
 
 
 def _server_version(store: Any, snap: Any, meta: Mapping[str, Any]) -> tuple[int, str]:
@@ -230,7 +292,11 @@ def _plan_tablespaces(recorded: list[dict[str, Any]], mapping: dict[str, str]) -
     out = []
     for t in recorded:
         location = os.path.normpath(t["location"])
-        out.append(TablespaceTarget(int(t["oid"]), t["location"], mapping.get(location, location)))
+        if not os.path.isabs(location) or "\0" in location:
+            raise PhysicalRestoreError(f"tablespace {t.get('oid')} has the location {t['location']!r}, which is not "
+                                       "an absolute path: the snapshot is damaged or hostile")
+        out.append(TablespaceTarget(int(t["oid"]), t["location"], mapping.get(location, location),
+                                    location in mapping))
     return out
 
 
@@ -239,32 +305,191 @@ def _is_within(inner: Path, outer: Path) -> bool:
 
 
 def _check_targets(target: Path, tablespaces: list[TablespaceTarget], overwrite: bool) -> None:
-    dirs = [("data directory", target)] + [(f"tablespace {t.oid} directory", Path(t.target)) for t in tablespaces]
-    for i, (what, path) in enumerate(dirs):
-        for other_what, other in dirs[i + 1 :]:
+    dirs = [("data directory", target, True)] + [(f"tablespace {t.oid} directory", Path(t.target), t.mapped)
+                                                   for t in tablespaces]
+    busy = running_servers()
+    for i, (what, path, _) in enumerate(dirs):
+        for other_what, other, _ in dirs[i + 1 :]:
             if _is_within(path, other) or _is_within(other, path):
                 raise PhysicalRestoreError(f"the {what} {path} and the {other_what} {other} overlap: map the "
                                            "tablespace elsewhere (tablespace_mapping OLD=NEW)")
-        _check_empty(what, path, overwrite)
+        _check_not_in_use(what, path, busy)
+    _check_empty("data directory", target, overwrite)
+    for t in tablespaces:
+        _check_tablespace(t, overwrite)
+
+
+def _check_not_in_use(what: str, path: Path, busy: list[tuple[int, Path, str]]) -> None:
+    real = Path(os.path.realpath(path))
+    for pid, used, how in busy:
+        if _is_within(real, used) or _is_within(used, real):
+            raise PhysicalRestoreError(f"the {what} {path} overlaps {used}, {how} of a running PostgreSQL server "
+                                       f"(pid {pid}): a running server's files are never restored over; restore "
+                                       "elsewhere (or map the tablespace elsewhere with tablespace_mapping OLD=NEW)")
 
 
 def _check_empty(what: str, path: Path, overwrite: bool) -> None:
+    entries = _entries(what, path)
+    if "postmaster.pid" in entries:
+        raise PhysicalRestoreError(f"the {what} {path} holds postmaster.pid: a server may be running on it"
+                                   f"{_pid_state(path / 'postmaster.pid')}; stop it (or remove a stale "
+                                   "postmaster.pid) first")
+    if entries and not overwrite:
+        raise PhysicalRestoreError(f"the {what} {path} is not empty: restore into an empty directory, or pass "
+                                   "overwrite (--force) to empty it first")
+
+
+def _pid_state(pidfile: Path) -> str:
+    """Whether the pid in a ``postmaster.pid`` is alive here (either way the directory is refused: a server in
+    another pid namespace, such as a container, looks dead from here)."""
+    try:
+        with open(pidfile, "rb") as f:
+            pid = int(f.read(64).split(b"\n", 1)[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, PermissionError):
+            return f" (pid {pid} is running)"
+        if isinstance(exc, ProcessLookupError):
+            return f" (pid {pid} is not running on this host: stale, or a server in another container)"
+        return ""
+    return f" (pid {pid} is running)"
+
+
+def _check_tablespace(t: TablespaceTarget, overwrite: bool) -> None:
+    what = f"tablespace {t.oid} directory"
+    entries = _entries(what, Path(t.target))
+    if not entries or (t.mapped and overwrite):
+        return
+    if t.mapped:
+        raise PhysicalRestoreError(f"the {what} {t.target} (tablespace_mapping {t.location}={t.target}) is not "
+                                   "empty: map the tablespace to an empty directory, or pass overwrite (--force) to "
+                                   "empty this mapped directory first")
+    raise PhysicalRestoreError(
+        f"the {what} {t.target} (its original location, not mapped) is not empty: map the tablespace to an empty "
+        f"directory (tablespace_mapping / -T {t.location}=NEW), or, to replace what is there, map it explicitly "
+        f"(-T {t.location}={t.location}) and pass overwrite (--force); overwrite alone never empties a tablespace"
+    )
+
+
+def _entries(what: str, path: Path) -> list[str]:
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise PhysicalRestoreError(f"the {what} {path} exists and is not a directory")
     if not path.exists():
-        return
+        return []
     try:
-        entries = os.listdir(path)
+        return os.listdir(path)
     except OSError as exc:
         raise PhysicalRestoreError(f"the {what} {path} cannot be read: {exc.strerror}") from None
-    if "postmaster.pid" in entries:
-        raise PhysicalRestoreError(f"the {what} {path} holds postmaster.pid: a server may be running on it; stop it "
-                                   "(or remove a stale postmaster.pid) first")
-    if entries and not overwrite:
-        hint = ("map the tablespace to an empty directory (tablespace_mapping OLD=NEW) or "
-                if what.startswith("tablespace") else "")
-        raise PhysicalRestoreError(f"the {what} {path} is not empty: {hint}restore into an empty directory, or "
-                                   "pass overwrite (--force) to empty it first")
+
+
+def running_servers(proc: str = "/proc") -> list[tuple[int, Path, str]]:
+    """(pid, directory, what) for PostgreSQL servers visible in ``/proc``: each server's data directory (its
+    processes' working directory holds ``postmaster.pid``) and every tablespace its ``pg_tblspc`` links to."""
+    seen: set[str] = set()
+    out: list[tuple[int, Path, str]] = []
+    try:
+        pids = [e.name for e in os.scandir(proc) if e.name.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        try:
+            cwd = os.readlink(f"{proc}/{pid}/cwd")
+        except OSError:
+            continue
+        if cwd in seen or not os.path.isfile(os.path.join(cwd, "postmaster.pid")):
+            continue
+        seen.add(cwd)
+        tblspc = os.path.join(cwd, "pg_tblspc")
+        if not os.path.isdir(tblspc):
+            continue
+        out.append((int(pid), Path(os.path.realpath(cwd)), "the data directory"))
+        try:
+            links = os.listdir(tblspc)
+        except OSError:
+            continue
+        for name in links:
+            link = os.path.join(tblspc, name)
+            if os.path.islink(link):
+                out.append((int(pid), Path(os.path.realpath(link)), f"tablespace {name}"))
+    return out
+
+
+def _check_records(store: Any, snap: Any, plan: RestorePlan) -> None:
+    """Validate every record before anything is written; resolve the owner names (as root) on this host."""
+    layout = _Layout(plan)
+    names: set[tuple[str, str]] = set()
+    first: dict[str, Any] | None = None  # the first data directory record with an owner: owns the roots
+    for rec in store.records(snap):
+        where = layout.locate(rec)
+        if where is None:
+            continue
+        for key, short in (("u", "un"), ("g", "gn")):
+            if isinstance(rec.get(short), str):
+                names.add((key, rec[short]))
+        if first is None and where[0] == DATA and ("u" in rec or "un" in rec):
+            first = rec
+    if os.geteuid() == 0 and plan.owner is None:
+        for key, name in sorted(names):
+            try:
+                plan.names[(key, name)] = pwd.getpwnam(name).pw_uid if key == "u" else grp.getgrnam(name).gr_gid
+            except KeyError:
+                what = "user" if key == "u" else "group"
+                raise PhysicalRestoreError(
+                    f"the snapshot's files belong to the {what} {name!r}, which does not exist on this host: create "
+                    "it, or pass owner=USER[:GROUP] (--owner) naming the server's OS user") from None
+    if first is not None:
+        ids = record_owner(plan, first)
+        plan.root_owner = (ids["uid"], ids["gid"])
+
+
+def record_owner(plan: RestorePlan, rec: dict[str, Any]) -> dict[str, int | None]:
+    """uid/gid for a record: its owner names resolved on this host (as root), else its numeric ids."""
+    uid = plan.names.get(("u", rec["un"])) if isinstance(rec.get("un"), str) else rec.get("u")
+    gid = plan.names.get(("g", rec["gn"])) if isinstance(rec.get("gn"), str) else rec.get("g")
+    return {"uid": uid if isinstance(uid, int) and uid >= 0 else None,
+            "gid": gid if isinstance(gid, int) and gid >= 0 else None}
+
+
+class _Layout:
+    """Maps snapshot records to (root, path parts) and validates them (one :class:`RecordPlan` per root)."""
+
+    def __init__(self, plan: RestorePlan) -> None:
+        self.ts = {str(t.oid): t for t in plan.tablespaces}
+        self.plans = {DATA: RecordPlan(), **{oid: RecordPlan() for oid in self.ts}}
+
+    def where(self, path: Any) -> tuple[str, tuple[str, ...]] | None:
+        parts = split_path(path) if isinstance(path, str) else split_path(str(path))
+        if path == MANIFEST_PATH or parts == (TABLESPACES_PREFIX[1:],):
+            return None
+        if parts and parts[0] == DATA_PREFIX[1:]:
+            return DATA, parts[1:]
+        if len(parts) >= 2 and parts[0] == TABLESPACES_PREFIX[1:] and parts[1] in self.ts:
+            return parts[1], parts[2:]
+        raise UnsafeRecord(str(path), "it does not belong to the physical snapshot layout (/data/..., "
+                                      "/tablespaces/<oid of a tablespace of this backup>/...)")
+
+    def locate(self, rec: dict[str, Any]) -> tuple[str, tuple[str, ...]] | None:
+        p = rec.get("p")
+        where = self.where(p)
+        if where is None:
+            return None
+        root, parts = where
+        kind = rec.get("k")
+        if kind == "e":
+            raise PhysicalRestoreError(f"{p} was not backed up ({rec.get('e')}): the snapshot is incomplete")
+        if kind == "l" and not (root == DATA and len(parts) == 2 and parts[0] == "pg_tblspc"
+                                and parts[1] in self.ts):
+            raise UnsafeRecord(str(p), "a physical restore accepts symlinks only at pg_tblspc/<oid> of a "
+                                       "tablespace of this backup")
+        link_to = None
+        if kind == "h":
+            target = self.where(rec.get("lt")) if isinstance(rec.get("lt"), str) else None
+            if target is None or target[0] != root:
+                raise UnsafeRecord(str(p), f"its hard link target {rec.get('lt')!r} is not a file of the same "
+                                           "directory")
+            link_to = target[1]
+        self.plans[root].add(parts, kind or "?", str(p), link_to=link_to)
+        return root, parts
 
 
 def _find_verifier(major: int, pg_bin_dir: str | None) -> tuple[str | None, str]:
@@ -299,37 +524,47 @@ def physical_restore(
     overwrite: bool = False,
     pg_bin_dir: str | None = None,
     verify: bool = True,
+    require_verify: bool = False,
+    owner: str | None = None,
+    sync: bool = True,
 ) -> PhysicalRestoreResult:
     """Restore ``snapshot_id`` into ``target_dir`` (see the module docstring); raise on any refusal or failure."""
     plan = plan_restore(store, snapshot_id, target_dir, tablespace_mapping=tablespace_mapping, overwrite=overwrite,
-                        pg_bin_dir=pg_bin_dir, verify=verify)
-    roots = [plan.target_dir] + [Path(t.target) for t in plan.tablespaces]
-    for root in roots:
-        if plan.overwrite:
-            _empty(root)
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(root, 0o700)
+                        pg_bin_dir=pg_bin_dir, verify=verify, require_verify=require_verify, owner=owner, sync=sync)
+    for root in plan.empties():
+        _empty(root)
     writer = _Writer(store, plan)
     try:
         for rec in store.records(plan.snapshot_id):
             writer.add(rec)
         writer.finish()
     except BaseException:
+        writer.close(success=False)
         log.error("restore into %s failed after %d files: the directory is incomplete; remove it or retry with "
                   "overwrite", plan.target_dir, writer.files)
         raise
+    writer.close()
     result = PhysicalRestoreResult(
         plan.snapshot_id, str(plan.target_dir), plan.server_version, plan.major, writer.files, writer.bytes,
         [{"oid": t.oid, "location": t.location, "restored_to": t.target} for t in plan.tablespaces],
-        verify_note=plan.verify_note,
+        verify_note=plan.verify_note, owner=writer.owner_text(), synced=plan.sync,
     )
     if plan.verify_tool is not None:
         result.verified, result.verify_note = _verify(plan.verify_tool, plan.target_dir)
+    else:
+        result.verified = False
+    if not result.verified and result.verify_note != VERIFY_DISABLED:  # not asked for: no warning
+        result.warnings.append(f"the restored directory was not verified: pg_verifybackup {result.verify_note}")
+        if plan.require_verify:
+            raise PhysicalRestoreError(f"require_verify: {result.warnings[-1]} (the files are left in "
+                                       f"{plan.target_dir})")
+        log.warning("%s", result.warnings[-1])
     log.info("%s", result.text())
     return result
 
 
 def _empty(root: Path) -> None:
+    """Remove what is inside ``root`` (never following a symlink: rmtree works through directory fds)."""
     if not root.exists():
         return
     log.warning("overwrite: removing the contents of %s", root)
@@ -345,79 +580,84 @@ class _Writer:
 
     def __init__(self, store: Any, plan: RestorePlan) -> None:
         self.store = store
-        self.root = plan.target_dir
-        self.ts_roots = {str(t.oid): Path(t.target) for t in plan.tablespaces}
-        self.ts_links = {f"pg_tblspc/{t.oid}": t.target for t in plan.tablespaces}
-        self.dirs: list[tuple[Path, dict[str, Any]]] = []
+        self.plan = plan
+        self.layout = _Layout(plan)
+        self.ts_links = {t.oid: t.target for t in plan.tablespaces}
+        self.trees: dict[str, SafeTree] = {}
+        self.dirs: list[tuple[str, tuple[str, ...], dict[str, Any]]] = []
         self.files = 0
         self.bytes = 0
-        self.seen_manifest = False
+        roots = {DATA: plan.target_dir, **{str(t.oid): Path(t.target) for t in plan.tablespaces}}
+        try:
+            for key, path in roots.items():
+                self.trees[key] = SafeTree(path, root_mode=0o700, sync=plan.sync, owner=plan.owner)
+                uid, gid = plan.root_owner
+                self.trees[key].set_attrs((), mode=0o700, uid=uid, gid=gid)
+        except BaseException:
+            self.close(success=False)
+            raise
 
-    def _dest(self, snap_path: str) -> tuple[Path | None, str]:
-        """Where a snapshot path goes, and its path relative to its root (None: not written)."""
-        parts = PurePosixPath(snap_path).parts
-        if any(p in ("..", ".") for p in parts[1:]):
-            raise PhysicalRestoreError(f"refusing record {snap_path!r}: it escapes its directory")
-        rel = "/".join(parts[2:])
-        if snap_path == MANIFEST_PATH or snap_path in (DATA_PREFIX, TABLESPACES_PREFIX):
-            return None, ""
-        if parts[1] == DATA_PREFIX[1:]:
-            return self.root.joinpath(*parts[2:]), rel
-        if parts[1] == TABLESPACES_PREFIX[1:] and len(parts) >= 3 and parts[2] in self.ts_roots:
-            return (None, "") if len(parts) == 3 else (self.ts_roots[parts[2]].joinpath(*parts[3:]),
-                                                       "/".join(parts[3:]))
-        raise PhysicalRestoreError(f"record {snap_path!r} does not belong to the physical snapshot layout")
+    def _owner(self, rec: dict[str, Any]) -> dict[str, Any]:
+        return record_owner(self.plan, rec)
+
+    def owner_text(self) -> str:
+        if os.geteuid() != 0:
+            return ""
+        if self.plan.owner is not None:
+            uid, gid = self.plan.owner.uid, self.plan.owner.gid
+        else:
+            uid, gid = self.plan.root_owner
+        if uid is None:
+            return "root (the snapshot has no owners): chown -R them to the server's OS user before starting it"
+        return f"uid {uid}, gid {gid}" + (f" ({_name(uid)})" if _name(uid) else "")
 
     def add(self, rec: dict[str, Any]) -> None:
-        dest, rel = self._dest(rec["p"])
-        if dest is None:
+        where = self.layout.locate(rec)
+        if where is None:
             return
+        root, parts = where
+        if not parts:
+            return
+        tree = self.trees[root]
         kind = rec.get("k")
+        owner = self._owner(rec)
         if kind == "d":
-            dest.mkdir(mode=0o700, exist_ok=True)
-            self.dirs.append((dest, rec))
+            tree.mkdir(parts)
+            self.dirs.append((root, parts, rec))
         elif kind == "f":
-            self._write(dest, rec)
-        elif kind == "l":
-            target = self.ts_links.get(rel, rec["lt"]) if rec["p"].startswith(DATA_PREFIX + "/") else rec["lt"]
-            os.symlink(target, dest)
-            if "t" in rec:
-                os.utime(dest, ns=(rec["t"], rec["t"]), follow_symlinks=False)
-        elif kind == "h":
-            linked, _ = self._dest(rec["lt"])
-            if linked is None:
-                raise PhysicalRestoreError(f"hard link {rec['p']!r} points at {rec['lt']!r}, which is not a file")
-            os.link(linked, dest)
-        elif kind == "e":
-            raise PhysicalRestoreError(f"{rec['p']} was not backed up ({rec.get('e')}): the snapshot is incomplete")
-        else:
-            raise PhysicalRestoreError(f"record {rec['p']!r} has unknown kind {kind!r}")
-
-    def _write(self, dest: Path, rec: dict[str, Any]) -> None:
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
             with self.store.open_record(rec) as src:
-                for piece in src.iter_chunks():
-                    view = memoryview(piece)
-                    while view:
-                        view = view[os.write(fd, view):]
-            os.fchmod(fd, rec.get("m", 0o600) & 0o7777)
-        finally:
-            os.close(fd)
-        if "t" in rec:
-            os.utime(dest, ns=(rec["t"], rec["t"]))
-        self.files += 1
-        self.bytes += rec.get("s", 0)
+                self.bytes += tree.write_file(parts, src.iter_chunks(), mode=rec.get("m", 0o600),
+                                              mtime_ns=rec.get("t"), **owner)
+            self.files += 1
+        elif kind == "l":
+            tree.symlink(parts, self.ts_links[int(parts[1])], mtime_ns=rec.get("t"), **owner)
+        elif kind == "h":
+            tree.hardlink(parts, split_path(rec["lt"])[1 if root == DATA else 2:])
 
     def finish(self) -> None:
-        for path, rec in reversed(self.dirs):
-            os.chmod(path, rec.get("m", 0o700) & 0o7777)
-            if "t" in rec:
-                os.utime(path, ns=(rec["t"], rec["t"]))
-        os.chmod(self.root, 0o700)
-        if not (self.root / "PG_VERSION").is_file() or not (self.root / "backup_label").is_file():
+        for root, parts, rec in reversed(self.dirs):
+            self.trees[root].set_attrs(parts, mode=rec.get("m", 0o700), mtime_ns=rec.get("t"), **self._owner(rec))
+        data = self.trees[DATA]
+        if data.probe(("PG_VERSION",)) != "f" or data.probe(("backup_label",)) != "f":
             raise PhysicalRestoreError(f"the snapshot did not contain a complete data directory "
-                                       f"(no PG_VERSION or backup_label in {self.root})")
+                                       f"(no PG_VERSION or backup_label in {self.plan.target_dir})")
+
+    def close(self, success: bool = True) -> None:
+        errors = []
+        for tree in self.trees.values():
+            try:
+                tree.close(success=success)
+            except OSError as exc:
+                errors.append(exc)
+        if errors and success:
+            raise PhysicalRestoreError(f"syncing the restored files failed: {errors[0]}")
+
+
+def _name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return ""
 
 
 def _verify(tool: str, target: Path) -> tuple[bool, str]:
@@ -431,7 +671,7 @@ def _verify(tool: str, target: Path) -> tuple[bool, str]:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
                               timeout=VERIFY_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise PhysicalRestoreError(f"pg_verifybackup could not run: {exc}") from None
+        return False, f"could not run ({tool}: {exc})"
     output = (proc.stdout + proc.stderr).strip()
     if proc.returncode != 0:
         raise PhysicalRestoreError(f"pg_verifybackup found problems in {target} (the files are left there for "

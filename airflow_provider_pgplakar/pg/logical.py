@@ -3,8 +3,11 @@ database, each streamed from its tool's stdout straight into the store.
 
 Differences from the reference, on purpose:
 
-- Tools run one at a time (or ``jobs`` at a time, bounded) instead of all at once, so a cluster with many
-  databases does not open one connection and one MVCC snapshot per database simultaneously.
+- Tools run one at a time, or ``jobs`` at a time (bounded; :mod:`.jobs`), instead of all at once, so a cluster with
+  many databases does not open one connection and one MVCC snapshot per database simultaneously. With ``jobs`` > 1
+  the largest databases (``pg_database_size``) start first, each dump streams into its own record of the one
+  snapshot, and records are appended in listing order: names and order are those of ``jobs=1``. The first failure
+  kills the other dumps' process groups and nothing is committed.
 - A tool that fails fails the backup and **nothing is committed** (the reference committed a snapshot with error
   entries); its stderr is in the error.
 - Database names reach tools only as ``--dbname=<conninfo>``; in record paths ``%`` and ``/`` are percent-encoded
@@ -22,15 +25,20 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 
+from ..store.sizes import human_bytes
 from . import PgError, commands, fingerprint
 from .connect import PgConnectError
 from .iam import password_source
+from .jobs import Stopper, run_ordered
 from .options import AWS_DEFAULT_EXCLUDES, LogicalSourceOptions
 from .process import ToolFailed, run_tool
 from .secrets import SslFiles, libpq_env, ssl_files
@@ -77,6 +85,8 @@ class Session:
     pg_bin_dir: str | None
     extra_dirs: tuple[str, ...] = ()
     tools: dict[str, Tool] = field(default_factory=dict)
+    stopper: Stopper | None = None  # set for a backup: what its parallel dumps started, to stop them all at once
+    seconds: dict[str, float] = field(default_factory=dict)  # record path -> how long its tool ran
 
     def env(self, database: str | None = None) -> dict[str, str]:
         """A fresh environment per tool process (a fresh IAM token each time, when the source makes tokens)."""
@@ -86,7 +96,10 @@ class Session:
         from .connect import connect
         from .process import track_connection
 
-        return track_connection(connect(self.conn_opts, self.ssl, dbname, password=self.password()))
+        if self.stopper is not None:
+            self.stopper.check()
+        conn = track_connection(connect(self.conn_opts, self.ssl, dbname, password=self.password()))
+        return conn if self.stopper is None else self.stopper.connection(conn)
 
     def tool(self, name: str, min_major: int) -> Tool:
         if name not in self.tools:
@@ -119,16 +132,19 @@ def logical_backup(
     """Back up per ``opts`` into ``store``; return the snapshot ID. Any failure commits nothing."""
     from .connect import can_read_pg_authid, list_databases, server_version_num
 
-    pw = password_source(opts.conn, password)  # postgres+aws: a fresh IAM token per connection and tool run
+    # postgres+aws: a fresh IAM token per connection and tool run (made one at a time: dumps run on threads)
+    pw = _one_at_a_time(password_source(opts.conn, password))
     with ssl_files(opts.conn) as ssl:
-        s = Session(opts.conn, ssl, pw, opts.pg_bin_dir, extra_dirs)
+        s = Session(opts.conn, ssl, pw, opts.pg_bin_dir, extra_dirs, stopper=Stopper())
         with s.connect(opts.database or "postgres") as c:
             server_num = server_version_num(c)
             all_dbs = list_databases(c)
             unknown_excludes = _unknown_databases(c, opts.exclude_databases or ())
             authid_ok = can_read_pg_authid(c) if not (opts.data_only or manifest_only) else True
+            selected = _select(all_dbs, opts)
+            # sizes schedule jobs largest first and are each dump's progress estimate
+            sizes = _sizes(c, selected, quiet=opts.jobs == 1) if not manifest_only else {}
         major = server_num // 10000
-        selected = _select(all_dbs, opts)
         warnings: list[str] = []
         if unknown_excludes:
             warnings.append(f"exclude_databases: {', '.join(map(repr, unknown_excludes))} not on the server "
@@ -155,45 +171,102 @@ def logical_backup(
                         meta={"type": "manifest"})
             if not manifest_only:
                 if not opts.data_only:
-                    _stream(w, s, GLOBALS_PATH, commands.pg_dumpall_globals(
+                    globals_rec = _stream(w, s, GLOBALS_PATH, commands.pg_dumpall_globals(
                         str(s.tool("pg_dumpall", major).path), no_role_passwords=not authid_ok),
                         {"type": "globals", "tool": tool_versions.get("pg_dumpall")})
+                    assert globals_rec is not None  # no skip_if: a failure raises
+                    w.add_stored(globals_rec)
                 dump_tool = str(s.tool("pg_dump", major).path)
+                level = fingerprint.effective_level(opts.fingerprint, schema_only=opts.schema_only,
+                                                    data_only=opts.data_only)
                 prints: dict[str, Any] = {}
-                for n, db in enumerate(selected, 1):
-                    level = fingerprint.effective_level(opts.fingerprint, schema_only=opts.schema_only,
-                                                        data_only=opts.data_only)
-                    gone = None if opts.database is not None else (lambda e, db=db: _vanished(s, db, e))
-                    try:
-                        with fingerprint.dump_snapshot(s.connect, db, level) as fp:
-                            argv = commands.pg_dump(dump_tool, db, compress=opts.compress,
-                                                    schema_only=opts.schema_only, data_only=opts.data_only,
-                                                    snapshot=fp.snapshot)
-                            recorded = _stream(w, s, dump_path(n, db), argv, {
-                                "type": "dump", "database": db, "format": "custom",
-                                "tool": tool_versions["pg_dump"]}, skip_if=gone)
-                    except PgConnectError as e:  # the fingerprint connection comes first: it meets a drop first
-                        if gone is None or not _missing_database(e, db) or not _gone(s, db):
-                            raise
-                        recorded = False
-                    except psycopg.OperationalError:  # dropped WITH (FORCE) while it was being fingerprinted
-                        if gone is None or not _gone(s, db):
-                            raise
-                        recorded = False
-                    if not recorded:
+
+                def dump(item: tuple[int, str]) -> _Dumped:  # on a dump thread when jobs > 1
+                    n, db = item
+                    return _dump_database(w, s, opts, n, db, dump_tool, tool_versions["pg_dump"], level,
+                                          sizes.get(db))
+
+                def deliver(i: int, d: _Dumped) -> None:  # on this thread, in listing order
+                    db = selected[i]
+                    if d.stored is None:
                         dumped.remove(db)
                         skipped.append(db)
                         meta["skipped_databases"] = skipped
                         warnings.append(f"database {db!r} was dropped after it was listed: skipped")
                         log.warning("%s", warnings[-1])
-                        continue
-                    prints[db] = fp.fingerprints
-                    warnings.extend([fp.warning] if fp.warning else [])
+                        return
+                    w.add_stored(d.stored)
+                    prints[db] = d.fingerprints
+                    warnings.extend([d.warning] if d.warning else [])
+
+                run_ordered(list(enumerate(selected, 1)), dump, deliver, jobs=opts.jobs, stopper=s.stopper,
+                            size=lambda item: sizes.get(item[1], 0), name=lambda item: f"database {item[1]!r}")
                 w.add_bytes(fingerprint.FINGERPRINTS_PATH, fingerprint.encode(prints), mode=0o444,
                             meta={"type": "fingerprints"})
+                meta["seconds"] = dict(s.seconds)  # per record path: how long its tool ran
         snap_id = w.snapshot_id
         total = store.load_snapshot(snap_id).header["stats"]["bytes"]
         return BackupResult(snap_id, dumped, warnings, w.already_existed, total)
+
+
+@dataclass
+class _Dumped:
+    """One database's dump: its stored record (None: dropped before its dump, skipped), fingerprints, warning."""
+
+    stored: Any
+    fingerprints: dict[str, Any] | None = None
+    warning: str | None = None
+
+
+def _dump_database(w: Any, s: Session, opts: LogicalSourceOptions, n: int, db: str, dump_tool: str,
+                   tool_version: str, level: str, size: int | None = None) -> _Dumped:
+    """Fingerprint ``db`` in an exported snapshot and stream ``pg_dump --snapshot`` of it into a stored record."""
+    gone = None if opts.database is not None else (lambda e: _vanished(s, db, e))
+    try:
+        with fingerprint.dump_snapshot(s.connect, db, level) as fp:
+            argv = commands.pg_dump(dump_tool, db, compress=opts.compress, schema_only=opts.schema_only,
+                                    data_only=opts.data_only, snapshot=fp.snapshot)
+            stored = _stream(w, s, dump_path(n, db), argv, {
+                "type": "dump", "database": db, "format": "custom", "tool": tool_version}, skip_if=gone,
+                expected_size=size)
+    except PgConnectError as e:  # the fingerprint connection comes first: it meets a drop first
+        if gone is None or not _missing_database(e, db) or not _gone(s, db):
+            raise
+        return _Dumped(None)
+    except psycopg.OperationalError:  # dropped WITH (FORCE) while it was being fingerprinted
+        if gone is None or not _gone(s, db):
+            raise
+        return _Dumped(None)
+    if stored is None:
+        return _Dumped(None)
+    return _Dumped(stored, fp.fingerprints, fp.warning)
+
+
+def _one_at_a_time(source: PasswordSource) -> PasswordSource:
+    """``source`` behind a lock: dump threads ask for IAM tokens at the same time, and a token source is not
+    thread-safe (it makes its boto3 client on first use)."""
+    lock = threading.Lock()
+
+    def call() -> str | None:
+        with lock:
+            return source()
+
+    return call
+
+
+def _sizes(c: Any, databases: list[str], quiet: bool = False) -> dict[str, int]:
+    """``pg_database_size`` of each database we may connect to (``jobs`` schedules the largest first; each dump's
+    progress lines use it as an estimate); {} if the sizes cannot be read (dumps then start in listing order)."""
+    try:
+        rows = c.execute(
+            "SELECT datname::text, CASE WHEN pg_catalog.has_database_privilege(oid, 'CONNECT') "
+            "THEN pg_catalog.pg_database_size(oid) END FROM pg_catalog.pg_database WHERE datname = ANY(%s)",
+            (databases,)).fetchall()
+    except psycopg.Error as e:
+        (log.debug if quiet else log.warning)("database sizes unknown (%s): dumps start in listing order",
+                                              " ".join(str(e).split()))
+        return {}
+    return {name: int(size) for name, size in rows if size is not None}
 
 
 def _unknown_databases(conn: Any, names: tuple[str, ...]) -> list[str]:
@@ -228,31 +301,37 @@ def _gone(s: Session, database: str) -> bool:
 
 
 def _stream(w: Any, s: Session, path: str, argv: list[str], meta: dict[str, Any],
-            skip_if: Callable[[ToolFailed], bool] | None = None) -> bool:
-    """Stream a tool's stdout into ``path``; False (nothing recorded) when the tool failed before writing a byte
-    and ``skip_if`` accepts its failure."""
+            skip_if: Callable[[ToolFailed], bool] | None = None, expected_size: int | None = None) -> Any:
+    """Store a tool's stdout as the content of ``path``; the caller adds the returned record to the snapshot
+    (``w.add_stored``). None (nothing stored) when the tool failed before writing a byte and ``skip_if`` accepts
+    its failure. The time the tool ran goes to ``s.seconds[path]`` (the header's ``meta.seconds``; not the record,
+    whose metadata must not change from run to run for manifest leaves to dedup)."""
     log.info("%s: running %s", path, argv[0].rsplit("/", 1)[-1])
-    with run_tool(argv, s.env()) as tool:
+    started = time.monotonic()
+    if s.stopper is not None:
+        s.stopper.check()
+    with run_tool(argv, s.env()) as tool, (s.stopper.tool(tool) if s.stopper is not None else nullcontext()):
         if skip_if is not None and not tool.stdout.peek(1):  # EOF before any output: see why before recording
             try:
                 tool.finish()
             except ToolFailed as e:
                 if skip_if(e):
                     log.warning("%s: %s", path, e)
-                    return False
+                    return None
                 raise
-        info = w.add_stream(path, tool.stdout, mode=0o444, meta=meta)
+        stored = w.store_stream(path, tool.stdout, mode=0o444, meta=meta, expected_size=expected_size)
         warnings = tool.finish()
+    s.seconds[path] = took = round(time.monotonic() - started, 3)
     if warnings.strip():
         log.info("%s: %s", tool.name, warnings.strip())
-    log.info("%s: %.1f MiB", path, info.size / 2**20)
-    return True
+    log.info("%s: %s in %.1f s", path, human_bytes(stored.info.size), took)
+    return stored
 
 
 def _option_summary(opts: LogicalSourceOptions) -> dict[str, Any]:
     return {"database": opts.database, "exclude_databases": list(opts.exclude_databases or ()),
             "compress": opts.compress, "schema_only": opts.schema_only, "data_only": opts.data_only,
-            "fingerprint": opts.fingerprint}
+            "fingerprint": opts.fingerprint, "jobs": opts.jobs}
 
 
 def _manifest(s: Session, opts: LogicalSourceOptions, selected: list[str], tool_versions: dict[str, str],

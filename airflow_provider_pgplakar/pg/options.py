@@ -77,7 +77,10 @@ _REDACTED = "***"
 _CONN_KEYS = frozenset(
     {"host", "port", "username", "password", "pg_bin_dir", "ssl_mode"} | {k for pair in _SSL_PAIRS for k in pair}
 )
-_LOGICAL_KEYS = _CONN_KEYS | {"database", "exclude_databases", "compress", "schema_only", "data_only", "fingerprint"}
+_LOGICAL_KEYS = _CONN_KEYS | {"database", "exclude_databases", "compress", "schema_only", "data_only", "fingerprint",
+                              "jobs"}
+# ``jobs`` of a logical backup: databases dumped at once (each a pg_dump, a server backend and ~10 MiB of read-ahead).
+MAX_BACKUP_JOBS = 32
 # What a logical backup records to prove a restore later (see :mod:`.fingerprint`): catalog lists only, plus exact
 # row counts, plus content digests, sequences and large objects.
 FINGERPRINT_LEVELS = ("catalog", "counts", "full")
@@ -297,7 +300,8 @@ class LogicalSourceOptions(_Redactable):
     ``database`` None means every connectable database minus ``exclude_databases``. ``exclude_databases`` None
     means the scheme's default: ``rdsadmin`` under IAM, nothing otherwise. With a single ``database`` the exclusions
     have no effect (as the seed documents; the reference applied them anyway), except that excluding the very
-    database selected is refused as contradictory.
+    database selected is refused as contradictory. ``jobs`` databases are dumped at once into the one snapshot
+    (1 to ``MAX_BACKUP_JOBS``; see :mod:`.jobs`).
     """
 
     conn: ConnOptions
@@ -308,10 +312,12 @@ class LogicalSourceOptions(_Redactable):
     data_only: bool = False
     pg_bin_dir: str | None = None
     fingerprint: str = "catalog"
+    jobs: int = 1
 
     def __post_init__(self) -> None:
         _check_common(self.conn, self.pg_bin_dir)
         _check_optional_text("database", self.database, what="database name")
+        _check_int("jobs", self.jobs, 1, MAX_BACKUP_JOBS)
         if self.fingerprint not in FINGERPRINT_LEVELS:
             raise OptionError("fingerprint", f"invalid value {self.fingerprint!r} "
                                              f"(accepted: {', '.join(FINGERPRINT_LEVELS)})")
@@ -666,6 +672,7 @@ def parse_source_options(
         data_only=_parse_bool("data_only", opts.get("data_only", "false")),
         pg_bin_dir=opts.get("pg_bin_dir"),
         fingerprint=opts.get("fingerprint", "catalog").strip().lower(),
+        jobs=_parse_int("jobs", opts["jobs"]) if "jobs" in opts else 1,
     )
 
 

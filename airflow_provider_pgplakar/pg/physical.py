@@ -226,18 +226,22 @@ def _archive_prefix(w: Any, archive: Archive) -> str:
 
 def _copy_archive(w: Any, archive: Archive, prefix: str, chunking: Callable[[str], Any], progress: Progress) -> int:
     files = 0
+    links: set[str] = set()  # symlink members: nothing may sit below one (a restore would write through it)
     tar = TarReader(archive.stream)
     try:
         for member in tar:
             name = _member_name(archive.name, member.name)
+            _check_not_below_link(archive.name, name, links)
             path = f"{prefix}/{name}"
             attrs = _attrs(member)
             if member.isdir():
                 w.add_entry(path, "d", **attrs)
             elif member.issym():
+                links.add(name)
                 w.add_entry(path, "l", link_target=member.linkname, **attrs)
             elif member.islnk():
                 target = _member_name(archive.name, member.linkname)
+                _check_not_below_link(archive.name, target, links, hard_link=name)
                 w.add_entry(path, "h", link_target=f"{prefix}/{target}", **attrs)
             elif member.isreg():
                 how = chunking(name)
@@ -255,6 +259,18 @@ def _copy_archive(w: Any, archive: Archive, prefix: str, chunking: Callable[[str
         raise PhysicalBackupError(f"reading {archive.name} from the base backup stream: {exc}") from None
     log.info("%s: %d files, %.1f MiB", archive.name, files, archive.stream.size / 2**20)
     return files
+
+
+def _check_not_below_link(archive: str, name: str, links: set[str], hard_link: str | None = None) -> None:
+    """Refuse a member (or a hard link's target) at or below a symlink member: such a snapshot could only be
+    restored by writing through the link, so it is never made."""
+    parts = name.split("/")
+    for i in range(1, len(parts) + 1):
+        above = "/".join(parts[:i])
+        if above in links:
+            what = f"hard link {hard_link!r} points at {name!r}" if hard_link else f"member {name!r}"
+            raise PhysicalBackupError(f"{archive}: {what}, which lies at or below the symlink member {above!r}: "
+                                      "refusing an archive a restore would have to write through a symlink")
 
 
 def _member_name(archive: str, name: str) -> str:

@@ -79,7 +79,9 @@ def verify_physical(store: Any, snapshot_id: str, report: Any, *, databases: tup
         data, sock = os.path.join(root, "data"), os.path.join(root, "sock")
         mapping = {t["location"]: os.path.join(root, f"ts-{int(t['oid'])}")
                    for t in meta.get("tablespaces") or [] if t.get("location")}
-        res = physical_restore(store, snapshot_id, data, tablespace_mapping=mapping, pg_bin_dir=bin_dir, verify=True)
+        owner = f"{run_as[0]}:{run_as[1]}" if run_as else None  # the throwaway server's user, not the snapshot's
+        res = physical_restore(store, snapshot_id, data, tablespace_mapping=mapping, pg_bin_dir=bin_dir, verify=True,
+                               owner=owner, sync=False)
         report.server = f"PostgreSQL {res.server_version} ({bin_dir})"
         if res.verified is False:
             report.errors.append(f"pg_verifybackup: {res.verify_note}")

@@ -23,6 +23,11 @@ __all__ = ["BLOCK", "Member", "TarFormatError", "TarReader"]
 BLOCK = 512
 ENCODING = "utf-8"
 _SKIP_BUF = 1 << 20
+# Bounds on what an archive may ask of us: an extended header (pax or GNU long name/link) is read whole, so its size
+# is capped (PATH_MAX is 4096; pax records of a few fields fit easily); a member size beyond 2**40 (1 TiB, PostgreSQL
+# relation segments are 1 GiB) is damage.
+EXTENDED_MAX = 1 << 20
+MEMBER_MAX = 1 << 40
 _NO_DATA = (tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE)
 
 
@@ -111,6 +116,11 @@ class TarReader:
         return bytes(buf)
 
     def _extended_data(self, info: tarfile.TarInfo) -> bytes:
+        if not 0 <= info.size <= EXTENDED_MAX:
+            raise TarFormatError(
+                f"extended header {info.name!r} after {self._current or 'the start'} declares {info.size} bytes "
+                f"(at most {EXTENDED_MAX})"
+            )
         data = bytearray(info.size)
         self._read_exact(memoryview(data), f"the extended header before {info.name!r}")
         self._skip(-info.size % BLOCK)
@@ -139,13 +149,19 @@ class TarReader:
                 continue
             fields = {**global_pax, **pending}
             pending = {}
-            member = Member(
-                name=fields.get("path", info.name), type=info.type, size=int(fields.get("size", info.size)),
-                mode=info.mode, mtime=int(float(fields.get("mtime", info.mtime))),
-                uid=int(fields.get("uid", info.uid)), gid=int(fields.get("gid", info.gid)),
-                uname=fields.get("uname", info.uname), gname=fields.get("gname", info.gname),
-                linkname=fields.get("linkpath", info.linkname),
-            )
+            name = fields.get("path", info.name)
+            try:
+                member = Member(
+                    name=name, type=info.type, size=int(fields.get("size", info.size)),
+                    mode=info.mode, mtime=int(float(fields.get("mtime", info.mtime))),
+                    uid=int(fields.get("uid", info.uid)), gid=int(fields.get("gid", info.gid)),
+                    uname=fields.get("uname", info.uname), gname=fields.get("gname", info.gname),
+                    linkname=fields.get("linkpath", info.linkname),
+                )
+            except (ValueError, OverflowError):
+                raise TarFormatError(f"member {name!r}: a pax size, mtime, uid or gid is not a number") from None
+            if not 0 <= member.size <= MEMBER_MAX:
+                raise TarFormatError(f"member {name!r} declares {member.size} bytes (at most {MEMBER_MAX})")
             self._current = member.name
             if member.type not in _NO_DATA:
                 self._left, self._pad = member.size, -member.size % BLOCK
@@ -164,7 +180,7 @@ def _pax_records(data: bytes, name: str) -> dict[str, str]:
             raise TarFormatError(f"bad pax header {name!r}") from None
         record = data[space + 1 : pos + length - 1]
         key, sep, value = record.partition(b"=")
-        if not sep or length <= 0:
+        if not sep or length <= 0 or space < 0 or pos + length > len(data):
             raise TarFormatError(f"bad pax header {name!r}")
         out[key.decode(ENCODING, "surrogateescape")] = value.decode(ENCODING, "surrogateescape")
         pos += length

@@ -38,7 +38,6 @@ from .pack import CODEC_RAW, CODEC_ZSTD, DATA, PackBuilder, decompress, pack_obj
 log = logging.getLogger(__name__)
 
 UPLOAD_QUEUE = 2
-PACK_HARD_MAX = 32 * 1024 * 1024
 # Adaptive effort: while at most NEW_FRACTION_LOW of the recent input (an exponential moving average over about
 # 1/EMA_ALPHA chunks, ~32 MiB of 128 KiB blocks, starting at NEW_FRACTION_START) is new, new chunks are compressed
 # at ``level + QUIET_EXTRA``. An incremental backup then spends spare CPU on the little it stores (PostgreSQL index
@@ -237,15 +236,20 @@ class BlobSink:
             if len(out) != len(data) or not out.startswith(data):
                 raise IntegrityError(f"blob {blob_id.hex()[:16]} did not survive compression: refusing to store it")
         kind = "data" if blob_type == DATA else "tree"
-        full = None
+        full = before = None
         with self._shared.lock:
             pb = self._open[kind]
+            if pb is not None and not pb.fits(len(payload)):  # PACK_HARD_MAX: close it before it would overflow
+                before = pb
+                pb = None
             if pb is None:
                 pb = self._open[kind] = PackBuilder(self.keys, kind)
             pb.add(blob_type, blob_id, codec, payload, len(data))
             self.stats.new_stored_bytes += len(payload)
             if len(pb) >= self.pack_target:
                 full, self._open[kind] = pb, None
+        if before is not None:
+            self._enqueue(before)
         if full is not None:
             self._enqueue(full)
 
@@ -265,7 +269,7 @@ class BlobSink:
         with self._shared.lock:
             if self._shared.error is None:
                 self._shared.error = e
-                log.error("pipeline failure: %s", e)
+                log.debug("pipeline failure: %s", e)  # re-raised to the caller, which reports it once
 
     # -- uploaders -----------------------------------------------------------------------------------------------
     def _upload_loop(self) -> None:

@@ -14,6 +14,9 @@ from typing import BinaryIO
 DEFAULT_CDC = {"alg": "fastcdc2020", "lib": "pyfastcdc==0.3.1", "min": 32 * 1024, "avg": 128 * 1024,
                "max": 512 * 1024, "nc": 1}
 CDC_BATCH = 4 << 20  # bytes of content-defined chunks read, cut and handed on together (see Chunker.batches)
+# Bounds on the CDC sizes a config may ask for (checked on every read of config): at least 4 KiB (tiny chunks
+# explode the index), at most what pyfastcdc accepts for min/avg and the 8 MiB fixed-block cap for max.
+CDC_BOUNDS = {"min": (4096, 1024 * 1024), "avg": (4096, 4 * 1024 * 1024), "max": (4096, 8 * 1024 * 1024)}
 
 
 @dataclass(frozen=True)

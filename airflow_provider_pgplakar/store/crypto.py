@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .errors import StoreError
+
 MASTER_LEN = 64
 NONCE_LEN = 12
 TAG_LEN = 16
@@ -32,6 +34,13 @@ SALT_LEN = 32
 
 class AuthError(Exception):
     """A ciphertext or tag failed authentication (callers turn it into IntegrityError with the object's name)."""
+
+
+# Argon2id cost bounds, for PGPLAKAR_KDF and for every key file read: the floor keeps a guess from being cheap, the
+# ceiling keeps a tampered key file from making an unlock allocate gigabytes or run for minutes.
+KDF_T_RANGE = (1, 16)
+KDF_M_KIB_RANGE = (8 * 1024, 1024 * 1024)  # 8 MiB .. 1 GiB
+KDF_P_RANGE = (1, 16)
 
 
 @dataclass(frozen=True)
@@ -47,14 +56,29 @@ class KdfParams:
     m_kib: int = 64 * 1024
     p: int = 4
 
+    def problem(self) -> str | None:
+        """Why these values are out of bounds (None when they are fine)."""
+        for name, value, (lo, hi) in (("t", self.t, KDF_T_RANGE), ("m_kib", self.m_kib, KDF_M_KIB_RANGE),
+                                      ("p", self.p, KDF_P_RANGE)):
+            if type(value) is not int or not lo <= value <= hi:
+                return f"Argon2id {name}={value!r} is outside {lo}..{hi}"
+        return None
+
     @classmethod
     def from_env(cls) -> KdfParams:
         """``PGPLAKAR_KDF=t,m_kib,p`` lowers the cost for tests; the floor keeps production stores sane."""
         raw = os.environ.get("PGPLAKAR_KDF")
         if not raw:
             return cls()
-        t, m, p = (int(x) for x in raw.split(","))
-        return cls(t, m, p)
+        try:
+            t, m, p = (int(x) for x in raw.split(","))
+        except ValueError:
+            raise StoreError(f"PGPLAKAR_KDF={raw!r} is not t,m_kib,p (three integers)") from None
+        params = cls(t, m, p)
+        why = params.problem()
+        if why:
+            raise StoreError(f"PGPLAKAR_KDF={raw!r}: {why} (unset it for the default cost)")
+        return params
 
 
 def derive_kek(passphrase: bytes, salt: bytes, params: KdfParams) -> bytes:
@@ -65,6 +89,17 @@ def derive_kek(passphrase: bytes, salt: bytes, params: KdfParams) -> bytes:
 
 def _sub(master: bytes, context: str, length: int = 32) -> bytes:
     return blake3.blake3(master, derive_key_context=context).digest(length)
+
+
+def config_tag_key(master: bytes) -> bytes:
+    """Key of the tag that authenticates a format-2 ``config`` (docs/format.md §3.1)."""
+    return _sub(master, "pgplakar v2 config-tag")
+
+
+def key_check_v2(master: bytes) -> str:
+    """``key_check`` of format-2 configs: another context than v1's, so a format-2 config rewritten as format 1
+    (which has no tag) cannot carry a key check that the master matches."""
+    return _sub(master, "pgplakar v2 key-check", 16).hex()
 
 
 @dataclass(frozen=True)

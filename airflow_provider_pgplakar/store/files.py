@@ -1,24 +1,50 @@
 """Back up a local directory or file into a snapshot, and restore records to a directory.
 
-Restores never leave a half-written file visible: content goes to a temp name beside the target and is renamed
-into place only after the record verified at EOF.
+Backups walk directories through fds and open every file ``O_NOFOLLOW`` (attributes from ``fstat`` of what was
+opened), so an entry swapped for a symlink during the walk is recorded as an error, never followed.
+
+Restores go through :mod:`.safefs`: the whole record list is validated before anything is written (a record below
+a symlink record, ``..``, a kind collision... is refused, naming it), nothing below the target is reached through a
+symlink, content goes to a random temporary name and is renamed into place only after the record verified at EOF,
+and everything written is fsynced before success is reported (``sync=False`` skips that). Records that cannot be
+restored (error records, unknown kinds) are skipped and then reported by :class:`RestoreIncomplete`.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
-from collections.abc import Iterable
-from pathlib import Path, PurePosixPath
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import StoreError
+from .safefs import RecordPlan, SafeTree, TargetBlocked, UnsafeRecord, split_path
 
 if TYPE_CHECKING:
     from .writer import SnapshotWriter
 
 log = logging.getLogger(__name__)
+
+__all__ = ["RestoreIncomplete", "backup_path", "restore_records"]
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+SKIPPED_SHOWN = 10
+
+
+class RestoreIncomplete(StoreError):
+    """The restore wrote everything it could but skipped records (error records, unknown kinds)."""
+
+    def __init__(self, written: int, dest: str, skipped: list[str]) -> None:
+        shown = "; ".join(skipped[:SKIPPED_SHOWN]) + (f"; and {len(skipped) - SKIPPED_SHOWN} more"
+                                                      if len(skipped) > SKIPPED_SHOWN else "")
+        super().__init__(f"restore incomplete: {written} file(s) restored to {dest}, but {len(skipped)} record(s) "
+                         f"were skipped: {shown}")
+        self.written = written
+        self.skipped = skipped
 
 
 def _attrs(st: os.stat_result) -> dict[str, Any]:
@@ -35,107 +61,208 @@ def backup_path(w: SnapshotWriter, source: str | os.PathLike[str]) -> int:
         with open(root, "rb") as f:
             w.add_stream("/" + root.name, f, **_attrs(st))
         return 1
-    count = 0
-    seen_inodes: dict[tuple[int, int], str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        rel_dir = Path(dirpath).relative_to(root)
-        w.add_entry(_snap_path(rel_dir), "d", **_attrs(os.lstat(dirpath)))
-        count += 1
-        for name in sorted(filenames) + sorted(d for d in dirnames if os.path.islink(os.path.join(dirpath, d))):
-            full = os.path.join(dirpath, name)
-            spath = _snap_path(rel_dir / name)
-            st = os.lstat(full)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the root as the caller named it
+    try:
+        return _backup_dir(w, fd, "/", os.fstat(fd), str(root), {})
+    finally:
+        os.close(fd)
+
+
+def _child(spath: str, name: str) -> str:
+    return f"{spath.rstrip('/')}/{name}"
+
+
+def _backup_dir(w: SnapshotWriter, fd: int, spath: str, st: os.stat_result, shown: str,
+                seen: dict[tuple[int, int], str]) -> int:
+    """One directory (already open as ``fd``): its record, its files and links, then its subdirectories."""
+    w.add_entry(spath, "d", **_attrs(st))
+    count = 1
+    subdirs = []
+    for name in sorted(os.listdir(fd)):
+        child, full = _child(spath, name), os.path.join(shown, name)
+        try:
+            lst = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # removed since the listing
+        if stat.S_ISDIR(lst.st_mode):
+            subdirs.append((name, child, full))
+        elif stat.S_ISLNK(lst.st_mode):
+            try:
+                w.add_entry(child, "l", link_target=os.readlink(name, dir_fd=fd), **_attrs(lst))
+            except OSError as e:
+                w.add_error(child, f"unreadable symlink: {e.strerror}")
             count += 1
-            if stat.S_ISLNK(st.st_mode):
-                w.add_entry(spath, "l", link_target=os.readlink(full), **_attrs(st))
-            elif stat.S_ISREG(st.st_mode):
-                ino = (st.st_dev, st.st_ino)
-                if st.st_nlink > 1 and ino in seen_inodes:
-                    w.add_entry(spath, "h", link_target=seen_inodes[ino], **_attrs(st))
-                    continue
-                seen_inodes[ino] = spath
-                try:
-                    with open(full, "rb") as f:
-                        w.add_stream(spath, f, **_attrs(st))
-                except OSError as e:
-                    w.add_error(spath, f"unreadable: {e.strerror}")
-                    log.warning("%s: %s (recorded as an error entry)", full, e)
-            else:
-                count -= 1
-                log.info("skipping special file %s", full)
+        elif stat.S_ISREG(lst.st_mode):
+            count += _backup_file(w, fd, name, child, full, lst, seen)
+        else:
+            log.info("skipping special file %s", full)
+    for name, child, full in subdirs:
+        try:
+            sub = os.open(name, _O_DIR, dir_fd=fd)
+        except OSError as e:
+            w.add_error(child, _changed(e, "directory"))
+            log.warning("%s: %s (recorded as an error entry)", full, e)
+            count += 1
+            continue
+        try:
+            count += _backup_dir(w, sub, child, os.fstat(sub), full, seen)
+        finally:
+            os.close(sub)
     return count
 
 
-def _snap_path(rel: Path) -> str:
-    s = rel.as_posix()
-    return "/" if s == "." else "/" + s
+def _backup_file(w: SnapshotWriter, dir_fd: int, name: str, spath: str, full: str, lst: os.stat_result,
+                 seen: dict[tuple[int, int], str]) -> int:
+    try:
+        fd = os.open(name, _O_FILE, dir_fd=dir_fd)
+    except OSError as e:
+        w.add_error(spath, _changed(e, "file"))
+        log.warning("%s: %s (recorded as an error entry)", full, e)
+        return 1
+    with open(fd, "rb", closefd=True) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            w.add_error(spath, "changed during the backup: no longer a regular file")
+            return 1
+        ino = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and ino in seen:
+            w.add_entry(spath, "h", link_target=seen[ino], **_attrs(st))
+            return 1
+        seen[ino] = spath
+        try:
+            w.add_stream(spath, f, **_attrs(st))
+        except OSError as e:
+            w.add_error(spath, f"unreadable: {e.strerror}")
+            log.warning("%s: %s (recorded as an error entry)", full, e)
+    return 1
 
 
-def _target(dest: Path, snap_path: str) -> Path:
-    rel = PurePosixPath(snap_path.lstrip("/"))
-    if any(part == ".." for part in rel.parts):
-        raise StoreError(f"refusing to restore {snap_path!r}: path escapes the target directory")
-    return dest.joinpath(*rel.parts)
+def _changed(e: OSError, what: str) -> str:
+    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+        return f"changed during the backup: the {what} was replaced by a symlink or another type (not followed)"
+    return f"unreadable: {e.strerror}"
 
 
-def restore_records(store: Any, records: Iterable[dict[str, Any]], dest: str | os.PathLike[str], *,
-                    overwrite: bool = False, strip: str = "") -> int:
-    """Write records below ``dest``; ``strip`` removes a leading snapshot path prefix. Returns files written."""
-    dest_root = Path(dest)
-    dest_root.mkdir(parents=True, exist_ok=True)
-    dirs: list[tuple[Path, dict[str, Any]]] = []
-    written = 0
-    for rec in records:
-        p = rec["p"]
-        if strip and strip != "/":
-            p = p[len(strip.rstrip("/")) :] or "/"
-        target = _target(dest_root, p)
-        kind = rec.get("k")
-        if kind == "d":
-            target.mkdir(parents=True, exist_ok=True)
-            dirs.append((target, rec))
-            continue
-        if kind == "e":
-            log.warning("%s was not backed up: %s", rec["p"], rec.get("e"))
-            continue
-        if (target.exists() or target.is_symlink()) and not overwrite:
-            raise StoreError(f"{target} already exists (pass --overwrite to replace it)")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if kind == "l":
-            if target.is_symlink() or target.exists():
-                target.unlink()
-            os.symlink(rec["lt"], target)
-            _apply_attrs(target, rec, link=True)
-        elif kind == "h":
-            linked = _target(dest_root, rec["lt"][len(strip.rstrip("/")) :] if strip and strip != "/" else rec["lt"])
-            if target.exists():
-                target.unlink()
-            os.link(linked, target)
-        elif kind == "f":
-            tmp = target.with_name(f".{target.name}.pgplakar-tmp")
-            try:
-                with store.open_record(rec) as src, open(tmp, "wb") as out:
-                    for piece in src.iter_chunks():
-                        out.write(piece)
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
-            _apply_attrs(target, rec)
-            written += 1
-    for d, rec in reversed(dirs):
-        _apply_attrs(d, rec)
+# ----------------------------------------------------------------------------------------------------------------
+# Restore
+
+Records = Iterable[dict[str, Any]] | Callable[[], Iterable[dict[str, Any]]]
+
+
+def _strip(path: Any, strip: str) -> Any:
+    if strip and strip != "/" and isinstance(path, str):
+        prefix = strip.rstrip("/")
+        if path == prefix or path.startswith(prefix + "/"):
+            return path[len(prefix):] or "/"
+    return path
+
+
+def restore_records(store: Any, records: Records, dest: str | os.PathLike[str], *, overwrite: bool = False,
+                    strip: str = "", sync: bool = True) -> int:
+    """Write records below ``dest``; ``strip`` removes a leading snapshot path prefix. Returns files written.
+
+    ``records`` is read twice (validation, then writing): pass a callable returning a fresh iterator to stream a
+    big snapshot's manifest twice instead of holding it in memory. Raises :class:`~.safefs.UnsafeRecord` before
+    writing anything for a hostile record, and :class:`RestoreIncomplete` after writing when records were skipped.
+    """
+    if callable(records):
+        again: Callable[[], Iterable[dict[str, Any]]] = records
+    else:
+        held = list(records)
+        again = lambda: held  # noqa: E731
+    dest_path = os.path.abspath(dest)
+    existing = os.path.isdir(dest_path)
+    if os.path.lexists(dest_path) and not existing:
+        raise StoreError(f"{dest_path} exists and is not a directory")
+    tree = SafeTree(dest_path, sync=sync) if existing else None
+    try:
+        plan, skipped = _plan(again(), strip, tree, overwrite)
+        if tree is None:
+            tree = SafeTree(dest_path, sync=sync)
+        written = _write(store, again(), strip, tree, plan, overwrite)
+    except BaseException:
+        if tree is not None:
+            tree.close(success=False)
+        raise
+    tree.close()
+    if skipped:
+        raise RestoreIncomplete(written, dest_path, skipped)
     return written
 
 
-def _apply_attrs(path: Path, rec: dict[str, Any], *, link: bool = False) -> None:
-    """Owner (as root), mode and mtime; for a symlink the link itself (Linux has no symlink modes)."""
-    if os.geteuid() == 0 and "u" in rec:
-        try:
-            os.chown(path, rec["u"], rec.get("g", -1), follow_symlinks=False)
-        except OSError as e:
-            log.warning("cannot chown %s: %s", path, e)
-    if "m" in rec and not link:
-        os.chmod(path, rec["m"])
-    if "t" in rec:
-        os.utime(path, ns=(rec["t"], rec["t"]), follow_symlinks=False)
+def _link_parts(rec: dict[str, Any], strip: str) -> Any:
+    lt = rec.get("lt")
+    if not isinstance(lt, str):
+        raise UnsafeRecord(str(rec.get("p")), "it has no link target")
+    return split_path(_strip(lt, strip), rec["p"])
+
+
+def _plan(records: Iterable[dict[str, Any]], strip: str, tree: SafeTree | None,
+          overwrite: bool) -> tuple[RecordPlan, list[str]]:
+    """Every refusal, before the first byte is written: hostile records, and what is in the way in the target."""
+    plan = RecordPlan()
+    skipped: list[str] = []
+    for rec in records:
+        p = rec.get("p")
+        kind = rec.get("k")
+        parts = split_path(_strip(p, strip), str(p))
+        if kind == "e":
+            skipped.append(f"{p} (not backed up: {rec.get('e')})")
+            continue
+        if kind not in ("d", "f", "l", "h"):
+            skipped.append(f"{p} (unknown record kind {kind!r})")
+            continue
+        if kind == "l" and (not isinstance(rec.get("lt"), str) or "\0" in rec["lt"]):
+            raise UnsafeRecord(str(p), "its symlink target is missing or contains a NUL byte")
+        plan.add(parts, kind, str(p), link_to=_link_parts(rec, strip) if kind == "h" else None)
+        if tree is not None:
+            _check_existing(tree, parts, kind, str(p), overwrite)
+    return plan, skipped
+
+
+def _check_existing(tree: SafeTree, parts: tuple[str, ...], kind: str, p: str, overwrite: bool) -> None:
+    where = os.path.join(tree.root, *parts)
+    try:
+        there = tree.probe(parts)
+    except TargetBlocked as exc:
+        raise TargetBlocked(f"cannot restore {p}: {exc}") from None
+    if there is None:
+        return
+    if kind == "d":
+        if there != "d":
+            raise StoreError(f"{where} exists and is not a directory (the snapshot has a directory {p}): remove it "
+                             "or restore into an empty directory")
+        return
+    if there == "d":
+        raise StoreError(f"{where} is a directory but the snapshot has a file or link {p}: remove it or restore "
+                         "into an empty directory")
+    if not overwrite:
+        raise StoreError(f"{where} already exists (pass --overwrite to replace it)")
+
+
+def _write(store: Any, records: Iterable[dict[str, Any]], strip: str, tree: SafeTree, plan: RecordPlan,
+           overwrite: bool) -> int:
+    dirs: list[tuple[tuple[str, ...], dict[str, Any]]] = []
+    written = 0
+    for rec in records:
+        kind = rec.get("k")
+        if kind not in ("d", "f", "l", "h"):
+            continue
+        parts = split_path(_strip(rec["p"], strip), rec["p"])
+        if plan.kinds.get(parts) != kind:
+            raise UnsafeRecord(rec["p"], "the snapshot's records changed between validation and restore")
+        attrs = {"mtime_ns": rec.get("t"), "uid": rec.get("u"), "gid": rec.get("g")}
+        if kind == "d":
+            tree.mkdir(parts)
+            dirs.append((parts, rec))
+        elif kind == "l":
+            tree.symlink(parts, rec["lt"], replace=overwrite, **attrs)
+        elif kind == "h":
+            tree.hardlink(parts, _link_parts(rec, strip), replace=overwrite)
+        else:
+            with store.open_record(rec) as src:
+                tree.write_file(parts, src.iter_chunks(), replace=True, mode=rec.get("m"), **attrs)
+            written += 1
+    for parts, rec in reversed(dirs):
+        tree.set_attrs(parts, mode=rec.get("m"), mtime_ns=rec.get("t"), uid=rec.get("u"), gid=rec.get("g"))
+    return written

@@ -94,7 +94,32 @@ def read_segment(backend: Backend, keys: Keys, seg_id: str) -> dict[str, Any]:
     data = backend.get(name)
     if hashlib.sha256(data).hexdigest() != seg_id:
         raise IntegrityError(f"{name}: content does not match its name (corrupt index segment)")
-    return open_object(keys, b"INDX", data, name)
+    seg = open_object(keys, b"INDX", data, name)
+    why = segment_problem(seg)
+    if why:
+        raise IntegrityError(f"{name}: {why}")
+    return seg
+
+
+def segment_problem(seg: Any) -> str | None:
+    """Why a decoded segment is unusable (None when every pack and blob entry is within bounds)."""
+    from .pack import entry_problem, pack_size_ok
+
+    packs = seg.get("packs") if isinstance(seg, dict) else None
+    if not isinstance(packs, list):
+        return "malformed index segment"
+    for p in packs:
+        if not isinstance(p, dict) or not isinstance(p.get("id"), str) or len(p["id"]) != 64 \
+                or p["id"].strip("0123456789abcdef") or p.get("kind") not in ("data", "tree") \
+                or not isinstance(p.get("salt"), bytes) or len(p["salt"]) != 32 or not isinstance(p.get("blobs"), list):
+            return "malformed pack entry"
+        if not pack_size_ok(p.get("size")):
+            return f"pack {p['id'][:16]}: size {p.get('size')!r} out of bounds"
+        for row in p["blobs"]:
+            why = entry_problem(row, p["size"] - 8)
+            if why:
+                return f"pack {p['id'][:16]}: {why}"
+    return None
 
 
 class IndexCache:

@@ -2,6 +2,9 @@
 
 ``os.link`` fails when the target exists, which gives create-only semantics without a lock; the fsyncs make a
 renamed-but-empty file after a power loss impossible (Kloset's fs backend skips them; we do not).
+
+Objects are created 0600 and directories 0700 whatever the process umask (``config`` and ``keys/*`` hold what an
+offline passphrase guess needs); a new directory's parent is fsynced so the directory survives a power loss.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from .backend import ObjInfo
 from .errors import AlreadyExists, ObjectNotFound, StoreError
 
 TMP_PREFIX = ".tmp."
+FILE_MODE = 0o600
+DIR_MODE = 0o700
 
 
 def _fsync_dir(path: Path) -> None:
@@ -24,6 +29,23 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _make_dirs(path: Path) -> None:
+    """``mkdir -p`` with mode 0700 (chmod after mkdir: the umask may have removed bits or left others), fsyncing the
+    parent of every missing directory, so a new ``packs/xx/`` (and the object just linked into it) survives a power
+    loss, not only the object's own directory entry."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, DIR_MODE)
+            os.chmod(d, DIR_MODE)
+        except FileExistsError:
+            pass  # a concurrent writer made it: sync its entry anyway, that writer may not have yet
+        _fsync_dir(d.parent)
 
 
 class LocalBackend:
@@ -40,11 +62,13 @@ class LocalBackend:
 
     def put(self, key: str, data: bytes, *, create_only: bool = True) -> None:
         final = self._path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(final.parent)
         tmp = final.parent / f"{TMP_PREFIX}{secrets.token_hex(8)}"
         from .failpoints import failpoint
 
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        os.fchmod(fd, FILE_MODE)  # the umask only removes bits; make it exactly 0600 either way
+        with open(fd, "wb") as f:
             half = len(data) // 2
             f.write(data[:half])
             failpoint("mid-upload", key)

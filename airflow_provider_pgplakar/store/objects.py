@@ -14,8 +14,10 @@ import zstandard
 
 from .crypto import SALT_LEN, AuthError, Keys
 from .errors import IntegrityError
+from .pack import decompress
 
 MAGIC = b"PGPO"
+OBJECT_RAW_MAX = 64 * 1024 * 1024  # decompressed payload: a 100 000-entry index segment is ~6 MB
 KINDS = (b"INDX", b"SNAP", b"LEAS", b"INTN")
 _HDR = len(MAGIC) + 4 + SALT_LEN
 
@@ -38,6 +40,6 @@ def open_object(keys: Keys, kind: bytes, data: bytes, name: str, context: bytes 
     except AuthError:
         raise IntegrityError(f"{name}: authentication failed (corrupt, or written for another store/key)") from None
     try:
-        return msgpack.unpackb(zstandard.ZstdDecompressor().decompress(body), raw=False)
+        return msgpack.unpackb(decompress(body, OBJECT_RAW_MAX), raw=False)
     except Exception as e:  # authenticated but undecodable: a bug or a format change, still an integrity failure
         raise IntegrityError(f"{name}: undecodable payload ({e})") from None

@@ -9,6 +9,10 @@ Layout (v1)::
 
 The pack's name is the SHA-256 of its bytes, so a pack can be verified without the key; the per-blob header makes
 the index rebuildable from packs alone. Blob AAD = "PGPB" + type + blob_id, so a blob moved or relabelled fails.
+
+Size bounds (docs/format.md §5): a pack never exceeds PACK_HARD_MAX (the builder refuses, the sink starts a new
+pack first), a blob's plaintext never exceeds BLOB_RAW_MAX, and every size read from storage (pack sizes, header
+and index entries) is checked against them before it decides an allocation or a read.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ MAGIC = b"PGPPACK1"
 END = b"PGPE"
 PREFIX_LEN = len(MAGIC) + SALT_LEN + 4
 TRAILER_LEN = 8
+
+PACK_HARD_MAX = 32 * 1024 * 1024
+PACK_TARGET_RANGE = (64 * 1024, 16 * 1024 * 1024)  # config.pack_target; a pack ends at the target plus one blob
+BLOB_RAW_MAX = 16 * 1024 * 1024  # data chunks are at most 8 MiB; manifest leaves are cut after ~1 MiB
+_ENTRY_RESERVE = 64  # header bytes one entry may take (msgpack of [type, 32-byte id, 3 ints] is at most 52)
 
 DATA, TREE, CHUNKLIST = 0, 1, 2  # blob types: file content, manifest leaves, chunk-list blobs
 CODEC_RAW, CODEC_ZSTD = 0, 1
@@ -68,8 +77,18 @@ class PackBuilder:
     def __len__(self) -> int:
         return len(self.buf)
 
+    def fits(self, payload_len: int) -> bool:
+        """Whether a blob with this payload still fits under PACK_HARD_MAX, header and trailer included."""
+        sealed = 1 + payload_len + self.okey.overhead
+        header = _ENTRY_RESERVE * (len(self.entries) + 1) + 16 + self.okey.overhead
+        return len(self.buf) + sealed + header + TRAILER_LEN <= PACK_HARD_MAX
+
     def add(self, blob_type: int, blob_id: bytes, codec: int, payload: bytes, raw_len: int, *,
             verify: bool = False) -> None:
+        if raw_len > BLOB_RAW_MAX or not self.fits(len(payload)):
+            raise IntegrityError(
+                f"blob {blob_id.hex()[:16]} ({raw_len} bytes) does not fit in a pack of at most {PACK_HARD_MAX} bytes"
+            )
         aad = blob_aad(blob_type, blob_id)
         plain = bytes([codec]) + payload
         sealed = self.okey.seal(plain, aad)
@@ -137,8 +156,30 @@ def decode_blob(
     return raw
 
 
+def entry_problem(row: object, data_end: int) -> str | None:
+    """Why an index or pack-header entry ``[type, blob_id, offset, stored_len, raw_len]`` is unusable when blobs
+    must end by ``data_end`` (the header's start, or the pack size less the trailer; None when it is fine)."""
+    if not isinstance(row, list | tuple) or len(row) != 5:
+        return "malformed blob entry"
+    blob_type, blob_id, offset, length, raw_len = row
+    if blob_type not in (DATA, TREE, CHUNKLIST) or not isinstance(blob_id, bytes) or len(blob_id) != 32:
+        return "blob entry with a bad type or ID"
+    if not all(type(v) is int for v in (offset, length, raw_len)):
+        return f"blob {blob_id.hex()[:16]}: non-integer offset or length"
+    if not (PREFIX_LEN <= offset and 0 < length and offset + length <= data_end
+            and 0 <= raw_len <= BLOB_RAW_MAX):
+        return f"blob {blob_id.hex()[:16]}: offset {offset}, length {length} or size {raw_len} out of bounds"
+    return None
+
+
+def pack_size_ok(size: object) -> bool:
+    return type(size) is int and PREFIX_LEN + TRAILER_LEN <= size <= PACK_HARD_MAX
+
+
 def parse_pack(keys: Keys, data: bytes, name: str) -> tuple[bytes, list[Entry]]:
     """Return (salt, entries) from a whole pack's bytes; raises IntegrityError naming the pack."""
+    if len(data) > PACK_HARD_MAX:
+        raise IntegrityError(f"{name}: {len(data)} bytes, more than a pack may hold ({PACK_HARD_MAX})")
     if len(data) < PREFIX_LEN + TRAILER_LEN or data[: len(MAGIC)] != MAGIC or data[-4:] != END:
         raise IntegrityError(f"{name}: bad pack prefix or trailer")
     salt = data[len(MAGIC) : len(MAGIC) + SALT_LEN]
@@ -150,4 +191,12 @@ def parse_pack(keys: Keys, data: bytes, name: str) -> tuple[bytes, list[Entry]]:
         table = msgpack.unpackb(pack_key(keys, salt).open(data[start:-TRAILER_LEN], b"PGPH" + salt))
     except AuthError:
         raise IntegrityError(f"{name}: pack header authentication failed") from None
+    except (ValueError, msgpack.UnpackException) as e:
+        raise IntegrityError(f"{name}: undecodable pack header ({e})") from None
+    if not isinstance(table, list):
+        raise IntegrityError(f"{name}: malformed pack header")
+    for row in table:
+        why = entry_problem(row, start)
+        if why:
+            raise IntegrityError(f"{name}: {why}")
     return salt, [Entry(*row) for row in table]

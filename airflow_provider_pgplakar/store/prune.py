@@ -49,6 +49,7 @@ class PruneReport:
 
 
 def prune(store: Store, *, dry_run: bool = False, lock_wait: float = 0.0) -> PruneReport:
+    store.check_writable()
     lease = acquire(store.backend, store.keys, "prune", wait=lock_wait)
     try:
         return _prune(store, dry_run)
@@ -194,6 +195,7 @@ def repair_index(store: Store) -> int:
     """Rebuild ``index/`` from pack headers (after index segments were lost or corrupted). Returns packs indexed."""
     from .pack import parse_pack
 
+    store.check_writable()
     lease = acquire(store.backend, store.keys, "prune")
     try:
         old = [o.key for o in store.backend.list("index/")]

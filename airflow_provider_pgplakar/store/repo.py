@@ -2,7 +2,7 @@
 
 Layout (identical keys on a directory and on S3)::
 
-    config                 plaintext JSON, create-only, checksummed (chunker, compression, encryption, repo ID)
+    config                 plaintext JSON, create-only, checksummed, bounded; tagged with a master-derived key (v2)
     keys/<id>              Argon2id-wrapped master secret, one per passphrase (absent in plaintext stores)
     packs/<hh>/<sha256>    immutable packs of sealed blobs
     index/<sha256>         immutable sealed index segments
@@ -37,7 +37,7 @@ from .errors import (
     WrongPassphrase,
 )
 from .index import IndexCache, default_cache_dir
-from .keyfiles import StoreConfig, key_file_info, make_key_file, new_config_bytes, unwrap_key_file
+from .keyfiles import StoreConfig, key_file_info, make_key_file, new_config_bytes, params_problem, unwrap_key_file
 from .location import open_backend
 from .objects import open_object
 
@@ -120,21 +120,22 @@ class Store:
             raise EncryptionMismatch("a plaintext store takes no passphrase: drop --plaintext or the passphrase")
         if not plaintext and not passphrase:
             raise WrongPassphrase("creating an encrypted store needs a passphrase (or --plaintext for none)")
-        if not 0 <= compression_level <= 19:
-            raise StoreError(f"compression level must be 0..19, got {compression_level}")
+        compression = {"alg": "zstd", "level": compression_level}
+        why = params_problem(chunker or dict(DEFAULT_CDC), compression, pack_target)
+        if why:
+            raise StoreError(f"cannot create a store with these parameters: {why}")
         backend = open_backend(location, s3_options)
         ensure = getattr(backend, "ensure_bucket", None)
         if ensure:
             ensure()
         if backend.stat("config") is not None:
             raise StoreExistsError(f"{backend.location} already holds a store")
+        _check_writable(backend)
         repo_id = secrets.token_hex(16)
         master = secrets.token_bytes(MASTER_LEN)
         keys = Keys.public(repo_id) if plaintext else Keys.from_master(master)
-        raw = new_config_bytes(
-            repo_id, not plaintext, chunker or dict(DEFAULT_CDC), {"alg": "zstd", "level": compression_level},
-            pack_target, keys.key_check,
-        )
+        raw = new_config_bytes(repo_id, None if plaintext else master, chunker or dict(DEFAULT_CDC), compression,
+                               pack_target)
         config = StoreConfig.parse(raw)
         if not plaintext:
             # the key file goes first: a config without keys would be an unopenable store
@@ -167,7 +168,7 @@ class Store:
             raw = backend.get("config")
         except ObjectNotFound:
             raise StoreNotFound(f"no store at {backend.location}: create one with `pgplakar at ... create`") from None
-        config = StoreConfig.parse(raw)
+        config = StoreConfig.parse(raw, f"config of {backend.location}")
         key_names = [o.key for o in backend.list("keys/")]
         if not config.encrypted:
             if key_names:
@@ -184,9 +185,10 @@ class Store:
             raise EncryptionMismatch(f"{backend.location} is encrypted: it cannot be opened as a plaintext store")
         if key:
             master = _decode_raw_key(key)
-            keys = Keys.from_master(master)
-            if keys.key_check != config.key_check:
+            if config.expected_key_check(master) != config.key_check:
                 raise WrongPassphrase(f"the raw key does not belong to the store at {backend.location}")
+            _authenticate_config(config, master, backend.location)
+            keys = Keys.from_master(master)
             store = cls(backend, config, keys, cache_dir)
             store._master = master  # the raw key is the master: it may add passphrases (lost-passphrase recovery)
             return store
@@ -197,8 +199,6 @@ class Store:
             )
         master = _unlock(backend, config, key_names, _secret(passphrase) or b"")
         keys = Keys.from_master(master)
-        if keys.key_check != config.key_check:
-            raise IntegrityError(f"key file of {backend.location} unwraps to a key that does not match config")
         store = cls(backend, config, keys, cache_dir)
         store._master = master
         return store
@@ -240,6 +240,12 @@ class Store:
     def snapshot_context(self, snap_id: str) -> bytes:
         return bytes.fromhex(snap_id) + bytes.fromhex(self.config.repo_id)
 
+    def check_writable(self) -> None:
+        """Refuse to write through a backend that cannot keep create-only writes (an S3 server ignoring
+        ``If-None-Match`` unless ``conditional_writes=false``). Probed once per opened store, by every writer and by
+        prune before they write."""
+        _check_writable(self.backend)
+
     def writer(self, **kwargs: Any) -> Any:
         """A :class:`~.writer.SnapshotWriter` (context manager); see its arguments."""
         from .writer import SnapshotWriter
@@ -251,6 +257,8 @@ class Store:
 
     def load_snapshot(self, snap_id: str, *, use_cache: bool = True) -> Snapshot:
         name = f"snapshots/{snap_id}"
+        if len(snap_id) != 32 or snap_id.strip("0123456789abcdef"):  # a name from a listing is input too
+            raise IntegrityError(f"{name} in {self.location}: not a snapshot name (32 hex digits); remove it")
         data = self.cache.cached_snapshot(snap_id) if use_cache else None
         if data is None:
             try:
@@ -329,6 +337,25 @@ class Store:
         self.close()
 
 
+def _check_writable(backend: Backend) -> None:
+    check = getattr(backend, "check_conditional_writes", None)
+    if check is not None:
+        check()
+
+
+def _authenticate_config(config: StoreConfig, master: bytes, location: str) -> None:
+    """Format 2: the config's tag, keyed from the master, covers every field (chunker, pack size, repo ID, ...)."""
+    if not config.tag_matches(master):
+        raise _tag_mismatch(location)
+
+
+def _tag_mismatch(location: str) -> IntegrityError:
+    return IntegrityError(
+        f"config of {location} does not match its authentication tag: it was modified after the store was created; "
+        "restore it from a copy of the store"
+    )
+
+
 def _decode_raw_key(key: str | bytes) -> bytes:
     try:
         master = base64.b64decode(key.strip() if isinstance(key, bytes) else key.strip().encode(), validate=True)
@@ -343,14 +370,24 @@ def _unlock(backend: Backend, config: StoreConfig, names: list[str], passphrase:
     if not names:
         raise IntegrityError(f"{backend.location} is encrypted but has no key files (keys/ is empty)")
     corrupt = []
+    foreign = []  # key files that opened to a master the config does not match
     for name in names:
         try:
             master = unwrap_key_file(config, backend.get(name), name, passphrase)
         except IntegrityError as e:
             corrupt.append(str(e))
             continue
-        if master is not None:
+        if master is None:
+            continue
+        # a key file left by a lost create race (docs/format.md, known gaps) opens too: only the master that
+        # authenticates the config is the store's
+        if config.tag_matches(master) and config.expected_key_check(master) == config.key_check:
             return master
+        foreign.append(name)
+    if foreign:
+        if config.format >= 2:
+            raise _tag_mismatch(backend.location)
+        raise IntegrityError(f"{foreign[0]} of {backend.location} unwraps to a key that does not match config")
     if len(corrupt) == len(names):  # nothing could be tried: the passphrase is not the problem
         raise IntegrityError(f"cannot unlock {backend.location}: {'; '.join(corrupt)}")
     detail = f"; also {'; '.join(corrupt)}" if corrupt else ""

@@ -1,9 +1,12 @@
 """S3 backend (boto3/botocore): create-only writes are ``PutObject`` with ``If-None-Match: *``.
 
 AWS S3 (and moto) enforce ``If-None-Match`` on PUT, which gives the same create-only guarantee as ``os.link`` on a
-local disk. Some S3-compatible servers ignore it; for those ``conditional_writes=False`` checks with a HEAD first,
-which is racy, but correctness never depends on it because every object name the store writes is unique (content
-addressed or random); it is defence in depth only.
+local disk. Some S3-compatible servers ignore it (s3rver 3.7.1 accepts a second conditional PUT); for those
+``conditional_writes=False`` checks with a HEAD first, which is racy, but correctness never depends on it because
+every object name the store writes is unique (content addressed or random); it is defence in depth only. Such a
+server is detected rather than trusted: :meth:`S3Backend.check_conditional_writes` (run at ``create``, when a
+writer first opens the store, and before prune) writes a probe object twice and refuses the store unless the
+fallback was chosen explicitly.
 
 Assumption: strong read-after-write and list-after-write consistency (AWS S3 since December 2020). Other
 S3-compatible stores must offer the same for the store's invariants to hold.
@@ -17,7 +20,9 @@ import base64
 import email.utils
 import functools
 import hashlib
+import logging
 import random
+import secrets
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -32,7 +37,9 @@ from .backend import ObjInfo
 from .errors import AlreadyExists, ObjectNotFound, StoreError, StoreNotFound
 from .failpoints import failpoint
 
-__all__ = ["S3Backend", "S3AccessError", "S3ConnectionError"]
+log = logging.getLogger(__name__)
+
+__all__ = ["S3Backend", "S3AccessError", "S3ConnectionError", "ConditionalWritesIgnored"]
 
 # Codes meaning "the credentials are missing, wrong or not allowed" (remedy: fix credentials or the IAM policy).
 _AUTH_CODES = {
@@ -66,6 +73,12 @@ class S3AccessError(StoreError):
 class S3ConnectionError(StoreError):
     """The S3 endpoint could not be reached."""
 
+
+class ConditionalWritesIgnored(StoreError):
+    """The server accepted a second ``If-None-Match: *`` PUT: create-only writes are not enforced there."""
+
+
+PROBE_PREFIX = "probes/"  # conditional-write probes: written, rewritten and deleted by check_conditional_writes
 
 def _without_userinfo(url: str | None) -> str | None:
     """An endpoint URL fit for error messages: drop any ``user:password@``."""
@@ -107,6 +120,7 @@ class S3Backend:
         self._kp = f"{self.prefix}/" if self.prefix else ""  # prepended to every key
         self.location = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self.conditional_writes = conditional_writes
+        self._conditional_writes_checked = False
         self.endpoint_url = _without_userinfo(endpoint_url)  # replaced by the resolved one once the client exists
         self._clock_offset: float | None = None  # server Date minus local time, from the latest response
         # Explicit credentials win; otherwise botocore's standard chain (env, shared files, AWS_PROFILE, web
@@ -363,6 +377,30 @@ class S3Backend:
         return time.time() + (offset or 0.0)
 
     # -- setup ---------------------------------------------------------------------------------------------------
+
+    def check_conditional_writes(self) -> None:
+        """Refuse a server that ignores ``If-None-Match`` (once per backend object): PUT a probe create-only twice;
+        the second must fail. Skipped when ``conditional_writes=false`` was chosen (the HEAD-first fallback)."""
+        if not self.conditional_writes or self._conditional_writes_checked:
+            return
+        key = f"{PROBE_PREFIX}{secrets.token_hex(16)}"
+        try:
+            self.put(key, b"probe 1")
+            try:
+                self.put(key, b"probe 2")
+            except AlreadyExists:
+                self._conditional_writes_checked = True
+                return
+        finally:
+            try:
+                self.delete(key)
+            except StoreError as e:  # a role without delete permission can still back up; the probe is inert
+                log.warning("could not delete the conditional-write probe %s (%s); it is harmless", key, e)
+        raise ConditionalWritesIgnored(
+            f"the S3 server at {self.endpoint_url} ignores If-None-Match (create-only writes) for {self.location}: "
+            "use a server that honours it, or accept the racy HEAD-first fallback with conditional_writes=false "
+            f"({self.location}?conditional_writes=false, or the connection extra)"
+        )
 
     def ensure_bucket(self) -> None:
         """Create the bucket if missing (for ``create`` of a new store); us-east-1 takes no LocationConstraint."""

@@ -67,6 +67,14 @@ class RecordInfo:
     sha256: str | None
 
 
+@dataclass(frozen=True)
+class StoredRecord:
+    """A record whose content is stored, not yet in the snapshot (see :meth:`SnapshotWriter.store_stream`)."""
+
+    info: RecordInfo
+    rec: dict[str, Any]
+
+
 class _NoDigest:
     def update(self, data: Any) -> None:
         pass
@@ -131,6 +139,7 @@ class SnapshotWriter:
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def __enter__(self) -> SnapshotWriter:
         st = self.store
+        st.check_writable()
         self._lease = acquire(st.backend, st.keys, "backup", wait=self.lock_wait)
         try:
             st.cache.sync(st.backend, st.keys)  # after the lease: no prune can remove what we dedup against
@@ -190,6 +199,23 @@ class SnapshotWriter:
         ``expected_size`` (an estimate, e.g. a database's size for its dump) gives the progress lines of a long
         record a share done and an ETA.
         """
+        return self.add_stored(self.store_stream(path, stream, chunking=chunking, sha256=sha256,
+                                                 expected_size=expected_size, **attrs))
+
+    def add_stored(self, stored: StoredRecord) -> RecordInfo:
+        """Append a record made by :meth:`store_stream` to the snapshot (records keep the order of these calls)."""
+        assert self._manifest is not None, "use the writer as a context manager"
+        self._manifest.add(stored.rec)
+        self._bytes += stored.info.size
+        return stored.info
+
+    def store_stream(self, path: str, stream: BinaryIO, *, chunking: Chunking = Chunking(), sha256: bool = True,
+                     expected_size: int | None = None, **attrs: Any) -> StoredRecord:
+        """Store a stream's content like :meth:`add_stream` but leave the record out of the snapshot until
+        :meth:`add_stored`: several threads may call this at once (the blob sink is thread-safe), while the
+        manifest is appended to on one thread in the order the caller chooses, whatever order streams end in.
+        Each call holds its own bounded read-ahead (see :mod:`.readahead`); the sink's bounds are shared.
+        A record stored but never added costs only orphan blobs, as an abort does."""
         assert self._sink is not None and self._manifest is not None, "use the writer as a context manager"
         rec = self._record(path, "f", attrs)
         digest: Any = hashlib.sha256() if sha256 else _NoDigest()
@@ -220,9 +246,7 @@ class SnapshotWriter:
         rec["s"] = size
         if sha256:
             rec["d"] = digest.digest()
-        self._manifest.add(rec)
-        self._bytes += size
-        return RecordInfo(path, size, digest.hexdigest() if sha256 else None)
+        return StoredRecord(RecordInfo(path, size, digest.hexdigest() if sha256 else None), rec)
 
     def _cdc_refs(self, stream: BinaryIO, chunking: Chunking, digest: Any) -> Generator[list[Any], None, None]:
         """Content-defined chunks: cut and SHA-256 on helper threads (see readahead), a batch of ~4 MiB of chunks

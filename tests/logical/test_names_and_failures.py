@@ -299,9 +299,11 @@ def _table(server: PgServer, db: str, rows: int) -> None:
         c.execute("INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, %s) g", (rows,))
 
 
+@pytest.mark.parametrize("jobs", ["1", "3"])
 @pytest.mark.parametrize("when", ["before_pg_dump", "before_fingerprint"])
-def test_database_dropped_before_its_dump_is_skipped_and_recorded(store, src, dst, monkeypatch, when) -> None:
-    """Dropped (WITH FORCE) while its exported snapshot is open, or before the fingerprint connection is made."""
+def test_database_dropped_before_its_dump_is_skipped_and_recorded(store, src, dst, monkeypatch, when, jobs) -> None:
+    """Dropped (WITH FORCE) while its exported snapshot is open, or before the fingerprint connection is made; also
+    while other databases are dumped at the same time (``jobs``)."""
     from airflow_provider_pgplakar.pg import logical as logical_mod
 
     names = ["vk_alpha", "vk_scratch", "vk_zulu"]
@@ -324,7 +326,7 @@ def test_database_dropped_before_its_dump_is_skipped_and_recorded(store, src, ds
         monkeypatch.setattr(logical_mod.fingerprint, "dump_snapshot",
                             dropping_first(logical_mod.fingerprint.dump_snapshot))
     try:
-        location, opts = src_opts(src)
+        location, opts = src_opts(src, jobs=jobs)
         res = logical_backup(store, parse_source_options(location, opts))
         assert dropped == ["vk_scratch"]
         assert "vk_scratch" not in res.databases and {"vk_alpha", "vk_zulu"} <= set(res.databases)

@@ -60,9 +60,10 @@ def test_cli_backup_and_restore_to_dir(pg_factory, pg_manager, tmp_path) -> None
     target = scratch_dir(pg_manager, "cli-restore")
     new_ts = scratch_dir(pg_manager, "cli-ts")
     proc = cli(store, env, "restore", "-to", str(target), "-T", f"{ts_dir}={new_ts}", "--pg-bin-dir",
-               str(src.bin_dir), sid[:10])
+               str(src.bin_dir), "--require-verify", "--no-sync", sid[:10])
     assert proc.returncode == 0, proc.stderr
     assert "start it with PostgreSQL 15" in proc.stdout and "pg_verifybackup: passed" in proc.stdout
+    assert "not synced to disk (--no-sync)" in proc.stdout
     assert (target / "PG_VERSION").read_text().strip() == "15"
     assert os.readlink(target / "pg_tblspc" / str(summary["tablespaces"][0]["oid"])) == str(new_ts)
 
@@ -71,6 +72,9 @@ def test_cli_backup_and_restore_to_dir(pg_factory, pg_manager, tmp_path) -> None
     err = one_line_error(cli(store, env, "restore", "-to", str(tmp_path / "x"), "-T", f"{ts_dir}={new_ts}",
                              f"{sid}:/data"), 2)
     assert "apply to a whole physical" in err
+    err = one_line_error(cli(store, env, "restore", "-to", str(tmp_path / "x"), "--owner", "nobody",
+                             f"{sid}:/data"), 2)
+    assert "--owner apply to a whole physical" in err
 
     # the reference's way still works: the /data subtree as plain files
     plain = tmp_path / "plain"

@@ -119,6 +119,11 @@ def test_live_cluster_with_tablespace_roundtrip(pg_factory, pg_manager, store, v
     assert stat.S_IMODE((root / "data").stat().st_mode) == 0o700
     assert os.readlink(root / "data" / "pg_tblspc" / str(ts_oid)) == str(new_ts)
     assert (root / "data" / "backup_manifest").is_file()
+    if os.geteuid() == 0:  # as root: the snapshot's owner names (PostgreSQL's archives say "postgres")
+        import pwd
+
+        owner = pwd.getpwnam(accounts["un"])
+        assert ((root / "data" / accounts_file).stat().st_uid, (root / "data").stat().st_uid) == (owner.pw_uid,) * 2
     with restored_server(pg_manager, src, root, new_ts) as dst:
         with dst.connect() as c:
             assert c.execute("SELECT pg_is_in_recovery()").fetchone()[0] is False

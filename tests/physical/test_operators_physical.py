@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import pwd
 import stat
 import sys
 from pathlib import Path
@@ -43,6 +45,11 @@ def set_conns(monkeypatch: pytest.MonkeyPatch, server: Any, store: Path, **extra
         "extra": {"pg_bin_dir": str(server.bin_dir), "compress": "false", **extra}}))
     monkeypatch.setenv("AIRFLOW_CONN_PGPLAKAR_STORE_DEFAULT", json.dumps(
         {"conn_type": "pgplakar_store", "password": PASSPHRASE, "extra": {"location": str(store)}}))
+
+
+def catversion(ts_dir):
+    (sub,) = [p.name for p in ts_dir.iterdir()]
+    return sub.split("_")[-1]
 
 
 def test_base_backup_and_restore_operators(pg_factory, pg_manager, tmp_path, monkeypatch) -> None:
@@ -84,13 +91,18 @@ def test_base_backup_and_restore_operators(pg_factory, pg_manager, tmp_path, mon
     new_ts = scratch_dir(pg_manager, "op-ts")
     restore = PgPlakarPhysicalRestoreOperator(
         task_id="restore", snapshot_id="{{ ti.xcom_pull(task_ids='base_backup') }}", target_dir="{{ params.dir }}",
-        tablespace_mapping="{{ params.mapping | tojson }}", pg_bin_dir=str(src.bin_dir))
+        tablespace_mapping="{{ params.mapping | tojson }}", pg_bin_dir=str(src.bin_dir), require_verify=True,
+        file_owner="{{ params.owner }}", sync=False)
     rctx = context(phys_ti(task_id="restore", xcoms={"base_backup": sid}), dir=str(target),
-                   mapping={str(ts_dir): str(new_ts)})
+                   mapping={str(ts_dir): str(new_ts)}, owner="nobody" if os.geteuid() == 0 else "")
     restore.render_template_fields(rctx)
     assert restore.snapshot_id == sid and restore.target_dir == str(target)
     summary = restore.execute(rctx)
-    assert summary["verified"] is True and summary["major"] == 15
+    assert summary["verified"] is True and summary["major"] == 15 and summary["synced"] is False
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody").pw_uid
+        assert (target / "PG_VERSION").stat().st_uid == nobody and (new_ts / f"PG_15_{catversion(new_ts)}").stat(
+        ).st_uid == nobody
     assert summary["tablespaces"][0]["restored_to"] == str(new_ts)
     assert stat.S_IMODE(target.stat().st_mode) == 0o700
     json.dumps(summary)  # XCom-serialisable

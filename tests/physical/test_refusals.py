@@ -1,9 +1,10 @@
 """Refusals and failures: each one happens before anything is written (restore) or commits nothing (backup).
 
 Restore refusals are checked on one backup: a non-empty target, the wrong major version in pg_bin_dir, an unknown
-tablespace_mapping entry, an unmapped tablespace whose original directory is in use, and a snapshot that is not a
-physical backup. Backup refusals: a database path in the URI, a user without REPLICATION, a missing pg_hba
-replication line, and a server killing the WAL sender mid-stream.
+tablespace_mapping entry, an unmapped tablespace whose original directory a running server uses, a running
+server's data directory, a stale postmaster.pid, and a snapshot that is not a physical backup. Backup refusals: a
+database path in the URI, a user without REPLICATION, a missing pg_hba replication line, and a server killing the
+WAL sender mid-stream.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def test_restore_refusals_write_nothing(pg_factory, pg_manager, store, tmp_path)
             physical_restore(store, sid, target, tablespace_mapping={str(ts_dir): new_ts}, pg_bin_dir=bin_dir)
     with pytest.raises(PhysicalRestoreError, match="is not a tablespace location of this backup"):
         physical_restore(store, sid, target, tablespace_mapping={"/nowhere": new_ts})
-    with pytest.raises(PhysicalRestoreError, match="tablespace .* directory .* is not empty: map the tablespace"):
+    with pytest.raises(PhysicalRestoreError, match="tablespace .* directory .* overlaps .* of a running PostgreSQL"):
         physical_restore(store, sid, target)  # unmapped: the live server's tablespace directory
     with pytest.raises(PhysicalRestoreError, match="overlap"):
         physical_restore(store, sid, target, tablespace_mapping={str(ts_dir): str(target / "ts")})
@@ -86,8 +87,15 @@ def test_restore_refusals_write_nothing(pg_factory, pg_manager, store, tmp_path)
     restored = physical_restore(store, sid, busy, tablespace_mapping={str(ts_dir): new_ts}, overwrite=True,
                                 pg_bin_dir=str(src.bin_dir))
     assert restored.verified and not (busy / "keep.txt").exists() and (busy / "PG_VERSION").is_file()
-    with pytest.raises(PhysicalRestoreError, match="postmaster.pid: a server may be running"):
+    with pytest.raises(PhysicalRestoreError, match="the data directory of a running PostgreSQL server"):
         physical_restore(store, sid, src.datadir, overwrite=True, tablespace_mapping={str(ts_dir): new_ts})
+    stale = tmp_path / "stale"  # a postmaster.pid without a server (or of a server in another pid namespace)
+    stale.mkdir()
+    (stale / "postmaster.pid").write_text("999999\n")
+    with pytest.raises(PhysicalRestoreError, match="postmaster.pid: a server may be running on it \\(pid 999999 is "
+                                                   "not running on this host: stale, or a server in another"):
+        physical_restore(store, sid, stale, overwrite=True, tablespace_mapping={str(ts_dir): new_ts})
+    assert tree(stale) == ["postmaster.pid"]
 
 
 def test_backup_refusals_commit_nothing(pg_factory, store) -> None:

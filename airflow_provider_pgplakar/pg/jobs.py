@@ -1,0 +1,145 @@
+"""Running a backup's per-database dumps ``jobs`` at a time: largest first, results in listing order, and the first
+failure stops every other dump.
+
+Used by :mod:`.logical` for the ``jobs`` source option. Each dump runs on its own thread (the tools and the store's
+C extensions release the GIL); its result is handed back on the calling thread in the databases' listing order, so
+the snapshot's records, their names and their order are those of ``jobs=1`` whatever order the dumps end in.
+
+A :class:`Stopper` holds what the running dumps started (tools, connections): when one dump fails, the others'
+process groups are killed and their queries cancelled, dumps not yet started never start, and the first error is
+raised once every thread has ended (the caller's snapshot writer then commits nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from . import PgError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Stopped(PgError):
+    """A dump did not start, or was cut short, because another dump of the same backup failed."""
+
+
+class Stopper:
+    """The tools and connections of one backup's running dumps, so that one failure can stop all the others."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._tools: set[Any] = set()
+        self._conns: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def check(self) -> None:
+        if self._stopped:
+            raise Stopped("stopped: another dump of this backup failed")
+
+    @contextmanager
+    def tool(self, tool: Any) -> Iterator[Any]:
+        """Track a started :class:`.process.Tool` while the block runs (killed at once if already stopped)."""
+        with self._lock:
+            stopped = self._stopped
+            if not stopped:
+                self._tools.add(tool)
+        if stopped:
+            tool.kill()
+            self.check()
+        try:
+            yield tool
+        finally:
+            with self._lock:
+                self._tools.discard(tool)
+
+    def connection(self, conn: Any) -> Any:
+        """Track a psycopg connection (its running query is cancelled on stop); returns ``conn``."""
+        with self._lock:
+            stopped = self._stopped
+            if not stopped:
+                self._conns.add(conn)
+        if stopped:
+            conn.close()
+            self.check()
+        return conn
+
+    def stop(self) -> None:
+        """Kill every tracked tool's process group and cancel every tracked query; later starts are refused."""
+        with self._lock:
+            self._stopped = True
+            tools, conns = list(self._tools), list(self._conns)
+        for c in conns:
+            if not c.closed:
+                try:
+                    c.cancel_safe(timeout=5)
+                except Exception as e:  # noqa: BLE001 - best effort: the dump's own error ends it anyway
+                    log.warning("could not cancel a running query: %s", e)
+        for t in tools:
+            log.warning("stopping %s (pid %d): another dump of this backup failed", t.name, t.proc.pid)
+            t.kill()
+
+
+def run_ordered(items: Sequence[T], work: Callable[[T], R], deliver: Callable[[int, R], None], *, jobs: int,
+                size: Callable[[T], int], stopper: Stopper, name: Callable[[T], str] = str) -> None:
+    """``work(item)`` for every item, ``jobs`` at a time, starting with the largest ``size``; ``deliver(i, result)``
+    on this thread in item order, each as soon as it and every item before it are done.
+
+    Memory: at most ``len(items)`` results wait for delivery (a dump's result is its record's chunk references and
+    fingerprints, not its data). On the first failure ``stopper.stop()`` ends the rest and that error is raised.
+    """
+    if jobs <= 1 or len(items) <= 1:
+        for i, item in enumerate(items):
+            deliver(i, work(item))
+        return
+    order = sorted(range(len(items)), key=lambda i: -size(items[i]))  # stable: ties keep the listing order
+
+    def guarded(item: T) -> R:  # a thread freed by the failure may take the next item before it is cancelled
+        stopper.check()
+        return work(item)
+
+    done: dict[int, R] = {}
+    first_error: BaseException | None = None
+    with ThreadPoolExecutor(min(jobs, len(items)), thread_name_prefix="pgplakar-dump") as pool:
+        futures: dict[Future[R], int] = {pool.submit(guarded, items[i]): i for i in order}
+        pending = set(futures)
+        next_i = 0
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    if f.cancelled():
+                        continue
+                    err = f.exception()
+                    if err is None:
+                        done[futures[f]] = f.result()
+                    elif first_error is None:
+                        first_error = err
+                        log.error("%s failed, stopping the other dumps: %s", name(items[futures[f]]), err)
+                        stopper.stop()
+                        for other in pending:
+                            other.cancel()
+                if first_error is None:
+                    while next_i in done:
+                        deliver(next_i, done.pop(next_i))
+                        next_i += 1
+        except BaseException as e:  # deliver() failed, or we were interrupted: stop the dumps still running
+            if first_error is None:
+                first_error = e
+            stopper.stop()
+            for other in pending:
+                other.cancel()
+    if first_error is not None:
+        raise first_error

@@ -1,0 +1,126 @@
+"""Sizes read from storage are bounded before they decide an allocation or a read: pack sizes (PACK_HARD_MAX),
+pack-header and index entries, and the decompressed size of sealed objects. Each violation is one IntegrityError
+line naming the object. (Config and key-file bounds: tests/store/test_config_auth.py.)"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+
+import msgpack
+import pytest
+import zstandard
+
+from airflow_provider_pgplakar.store import errors
+from airflow_provider_pgplakar.store.index import read_segment, write_segment
+from airflow_provider_pgplakar.store.objects import MAGIC, OBJECT_RAW_MAX, open_object
+from airflow_provider_pgplakar.store.pack import (
+    CODEC_RAW,
+    DATA,
+    PACK_HARD_MAX,
+    PackBuilder,
+    pack_object_name,
+    parse_pack,
+)
+from airflow_provider_pgplakar.store.repo import Store
+
+MiB = 1024 * 1024
+
+
+def _blob(data: bytes, store: Store) -> tuple[bytes, bytes]:
+    return store.keys.blob_id(data), data
+
+
+def test_pack_builder_never_exceeds_the_hard_max(store: Store) -> None:
+    pb = PackBuilder(store.keys, "data")
+    added = 0
+    for _ in range(5):
+        blob_id, data = _blob(os.urandom(9 * MiB), store)
+        if not pb.fits(len(data)):
+            with pytest.raises(errors.IntegrityError, match="does not fit in a pack"):
+                pb.add(DATA, blob_id, CODEC_RAW, data, len(data))
+            break
+        pb.add(DATA, blob_id, CODEC_RAW, data, len(data))
+        added += 1
+    assert added == 3
+    _pack_id, packed = pb.finish()
+    assert len(packed) <= PACK_HARD_MAX
+
+
+def test_big_fixed_blocks_at_the_largest_pack_target_stay_under_the_hard_max(location: str, tmp_path) -> None:
+    """pack_target 16 MiB and 8 MiB incompressible blocks: every stored pack is at most PACK_HARD_MAX."""
+    from airflow_provider_pgplakar.store.chunker import Chunking
+    from tests.store.conftest import PASSPHRASE
+
+    st = Store.create(location, PASSPHRASE, pack_target=16 * MiB, cache_dir=tmp_path / "c")
+    data = os.urandom(60 * MiB)
+    with st.writer() as w:
+        w.add_bytes("/big", data, chunking=Chunking.fixed(8 * MiB))
+    sizes = [o.size for o in st.backend.list("packs/")]
+    assert sizes and max(sizes) <= PACK_HARD_MAX
+    with st.open_record(st.find_record(w.snapshot_id, "/big")) as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+    st.close()
+
+
+def _crafted_pack(store: Store, mutate) -> tuple[str, bytes]:  # type: ignore[no-untyped-def]
+    pb = PackBuilder(store.keys, "data")
+    blob_id, data = _blob(b"some blob content" * 100, store)
+    pb.add(DATA, blob_id, CODEC_RAW, data, len(data))
+    pb.entries[0] = mutate(pb.entries[0])
+    return pb.finish()
+
+
+@pytest.mark.parametrize(("field", "value", "why"), [
+    ("offset", 10 * MiB, "out of bounds"),
+    ("length", 1 << 40, "out of bounds"),
+    ("raw_len", 1 << 40, "out of bounds"),
+    ("offset", 0, "out of bounds"),
+])
+def test_pack_header_entries_out_of_bounds_are_refused(store: Store, field: str, value: int, why: str) -> None:
+    from dataclasses import replace
+
+    pack_id, packed = _crafted_pack(store, lambda e: replace(e, **{field: value}))
+    with pytest.raises(errors.IntegrityError) as ei:
+        parse_pack(store.keys, bytes(packed), pack_object_name(pack_id))
+    msg = str(ei.value)
+    assert "\n" not in msg and pack_object_name(pack_id) in msg and why in msg
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"size": 1 << 40}, "size 1099511627776 out of bounds"),
+    ({"id": "../../../x" + "0" * 54}, "malformed pack entry"),
+    ({"blobs": [[0, b"\x01" * 32, 44, 1 << 33, 10]]}, "out of bounds"),
+    ({"blobs": [[7, b"\x01" * 32, 44, 10, 10]]}, "bad type"),
+])
+def test_index_segment_out_of_bounds_is_a_bad_segment(store: Store, change: dict, why: str) -> None:
+    pack = {"id": "ab" * 32, "size": 4096, "kind": "data", "salt": secrets.token_bytes(32),
+            "blobs": [[0, b"\x01" * 32, 44, 100, 100]]}
+    good = write_segment(store.backend, store.keys, [pack])
+    assert read_segment(store.backend, store.keys, good)["packs"][0]["id"] == "ab" * 32
+    bad = write_segment(store.backend, store.keys, [{**pack, **change}])
+    with pytest.raises(errors.IntegrityError) as ei:
+        read_segment(store.backend, store.keys, bad)
+    assert f"index/{bad}" in str(ei.value) and why in str(ei.value)
+    store.sync_index()
+    assert bad in store.cache.bad_segments and good not in store.cache.bad_segments
+
+
+def test_sealed_object_decompressing_beyond_the_cap_is_refused(store: Store) -> None:
+    """A (validly sealed) snapshot or segment whose zstd frame declares more than OBJECT_RAW_MAX is not expanded."""
+    salt = secrets.token_bytes(32)
+    body = zstandard.ZstdCompressor(level=1).compress(msgpack.packb(bytes(OBJECT_RAW_MAX + MiB), use_bin_type=True))
+    head = MAGIC + b"LEAS" + salt
+    data = head + store.keys.object_key(salt, b"LEAS").seal(body, head)
+    with pytest.raises(errors.IntegrityError, match="locks/x: undecodable payload"):
+        open_object(store.keys, b"LEAS", data, "locks/x")
+
+
+def test_a_planted_snapshot_name_is_reported_not_a_crash(store: Store) -> None:
+    with store.writer() as w:
+        w.add_bytes("/f", b"x")
+    store.backend.put("snapshots/evil", b"junk")
+    errs: list[str] = []
+    assert [s.id for s in store.snapshots(errors=errs)] == [w.snapshot_id]
+    assert len(errs) == 1 and "snapshots/evil" in errs[0] and "not a snapshot name" in errs[0]
