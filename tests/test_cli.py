@@ -451,7 +451,8 @@ def test_help_of_backup_and_restore_lists_every_option_with_its_default(cli: Cli
     for cls in (LogicalSourceOptions, PhysicalSourceOptions):
         for name in cls.__dataclass_fields__:
             assert name == "conn" or name in flat, name
-    assert "compress [false]" in flat and "checkpoint [spread]" in flat and "ssl_mode [prefer]" in flat
+    assert "compress [false]" in flat and "checkpoint [spread]" in flat
+    assert "ssl_mode [prefer; postgres+aws: require]" in flat
     flat = " ".join(restore_help.split())
     assert all(name in flat for name in RestoreOptions.__dataclass_fields__ if name != "conn")
     assert "recreate [false]" in flat and "jobs [1]" in flat

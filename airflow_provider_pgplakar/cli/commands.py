@@ -21,11 +21,15 @@ from .main import UsageError, parse_duration, parse_kv, parse_labels
 from .secrets import passphrase as get_passphrase
 from .secrets import raw_key
 
+_opened: list[Store] = []  # closed by run(): a store holds a read lease from its first read until closed
+
 
 def _open(location: str, args: argparse.Namespace) -> Store:
     key = raw_key(args.key_file)
     pw = None if key else get_passphrase(args.passphrase_file)
-    return Store.open(location, pw, key=key, cache_dir=args.cache_dir)
+    st = Store.open(location, pw, key=key, cache_dir=args.cache_dir)
+    _opened.append(st)
+    return st
 
 
 def _split_target(target: str) -> tuple[str, str | None]:
@@ -35,7 +39,11 @@ def _split_target(target: str) -> tuple[str, str | None]:
 
 def run(location: str, args: argparse.Namespace) -> int:
     handler = globals()[f"cmd_{args.command}"]
-    return handler(location, args) or 0
+    try:
+        return handler(location, args) or 0
+    finally:
+        while _opened:
+            _opened.pop().close()
 
 
 def cmd_create(location: str, args: argparse.Namespace) -> int:
@@ -45,6 +53,7 @@ def cmd_create(location: str, args: argparse.Namespace) -> int:
                          "or pass --plaintext")
     st = Store.create(location, pw, plaintext=args.plaintext, compression_level=args.compression_level,
                       cache_dir=args.cache_dir)
+    _opened.append(st)
     if args.json:
         output.emit_json({"location": st.location, "repo_id": st.config.repo_id, "encryption": st.config.encryption})
     else:

@@ -1,7 +1,9 @@
 """``pgplakar [options] at STORE COMMAND ...`` — Plakar's verbs on our store.
 
 Exit status: 0 on success, 1 on any failure (one line on stderr, no traceback unless ``--debug``), 2 on usage
-errors, 3 when ``check`` finds problems, ``verify`` fails or ``freshness`` finds a stale source, 130 on Ctrl-C.
+errors, 3 when ``check`` finds problems, ``verify`` fails or ``freshness`` finds a stale source, 130 on Ctrl-C, 143
+when cancelled by SIGTERM (running tools are stopped, nothing further starts and a backup commits nothing:
+:func:`..pg.process.cancel`).
 """
 
 from __future__ import annotations
@@ -9,11 +11,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from ..pg import PgError
+from ..pg.process import TaskCancelled, cancel, cancellable
 from ..store.errors import StoreError
 from ..store.retention import DEFAULT_GROUP_BY, DURATION_HELP, Duration
 from ..store.retention import parse_duration as retention_duration
@@ -38,6 +44,7 @@ def _options_line(cls: type, skip: frozenset[str] = frozenset({"conn"})) -> str:
         if f.name in skip or f.name.startswith("_"):
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
+        default = f.metadata.get("help_default", default)
         if isinstance(default, bool):
             default = str(default).lower()
         parts.append(f"{f.name} [{default}]" if default not in (None, (), "") else f.name)
@@ -237,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _progress_output(args)
         from .commands import run
 
-        return run(location, args)
+        with cancellable(), _sigterm_cancels():
+            return run(location, args)
     except UsageError as e:
         print(f"pgplakar: usage: {e}", file=sys.stderr)
         return 2
@@ -247,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pgplakar: interrupted", file=sys.stderr)
         return 130
+    except TaskCancelled as e:
+        print(f"pgplakar: error: {_one_line(e)}", file=sys.stderr)
+        return 143
     except (StoreError, PgError, ValueError, OSError) as e:
         if debug:
             raise
@@ -258,6 +269,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pgplakar: error: internal error {type(e).__name__}: {_one_line(e)} (rerun with --debug)",
               file=sys.stderr)
         return 1
+
+
+@contextmanager
+def _sigterm_cancels() -> Iterator[None]:
+    """SIGTERM (``kill``, a container stop, systemd) cancels the command: tools are killed, nothing else starts."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: cancel())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _progress_output(args: argparse.Namespace) -> None:

@@ -20,8 +20,14 @@ from airflow.sdk import BaseOperator
 
 from ..hooks.store import PgPlakarStoreHook
 from ..pg import OptionError
-from ..pg.process import kill_all
-from .logical import _PgPlakarOperator, committed_by_earlier_try, idempotency_key, run_labels
+from ..pg.process import cancel
+from .logical import (
+    _PgPlakarOperator,
+    cancellable_execute,
+    committed_by_earlier_try,
+    idempotency_key,
+    run_labels,
+)
 from .outcome import PHYSICAL_SCHEME, backup_stats, report, source_uri
 
 if TYPE_CHECKING:
@@ -73,6 +79,7 @@ class PgPlakarBaseBackupOperator(_PgPlakarOperator):
         self.tags = list(tags)
         self.labels = dict(labels or {})
 
+    @cancellable_execute
     def execute(self, context: Context) -> str:
         from ..pg.physical import physical_backup
 
@@ -141,6 +148,7 @@ class PgPlakarPhysicalRestoreOperator(BaseOperator):
         self.sync = sync
         self.store_conn_id = store_conn_id
 
+    @cancellable_execute
     def execute(self, context: Context) -> dict[str, Any]:
         from ..pg.datadir import physical_restore
 
@@ -157,4 +165,4 @@ class PgPlakarPhysicalRestoreOperator(BaseOperator):
         return result.as_dict()
 
     def on_kill(self) -> None:
-        kill_all()
+        cancel()

@@ -40,7 +40,7 @@ from .connect import PgConnectError
 from .iam import password_source
 from .jobs import Stopper, run_ordered
 from .options import AWS_DEFAULT_EXCLUDES, LogicalSourceOptions
-from .process import ToolFailed, run_tool
+from .process import ToolFailed, check_cancelled, run_tool
 from .secrets import SslFiles, libpq_env, ssl_files
 from .tools import Tool, find_tool
 
@@ -183,6 +183,7 @@ def logical_backup(
 
                 def dump(item: tuple[int, str]) -> _Dumped:  # on a dump thread when jobs > 1
                     n, db = item
+                    check_cancelled()
                     return _dump_database(w, s, opts, n, db, dump_tool, tool_versions["pg_dump"], level,
                                           sizes.get(db))
 
@@ -204,6 +205,7 @@ def logical_backup(
                 w.add_bytes(fingerprint.FINGERPRINTS_PATH, fingerprint.encode(prints), mode=0o444,
                             meta={"type": "fingerprints"})
                 meta["seconds"] = dict(s.seconds)  # per record path: how long its tool ran
+            check_cancelled()  # a cancelled backup never commits
         snap_id = w.snapshot_id
         total = store.load_snapshot(snap_id).header["stats"]["bytes"]
         return BackupResult(snap_id, dumped, warnings, w.already_existed, total)

@@ -115,6 +115,7 @@ class BlobSink:
         self.workers = workers or max(1, min(4, os.cpu_count() or 1))
         self.stats = SinkStats()
         self.packs_written: list[dict[str, Any]] = []
+        self.dep_packs: set[int] = set()  # cache numbers of the indexed packs holding blobs we deduplicated
         self._shared = _Shared()
         self._slots = threading.BoundedSemaphore(2 * self.workers + 2)
         self._dedup = threading.Lock()  # the cache and session connections, and the chunk counters
@@ -175,7 +176,7 @@ class BlobSink:
     def _claim(self, ids: list[bytes], sizes: list[int]) -> list[int | None]:
         """For each of ``ids``: the compression level to store it at, or None when it is indexed or already
         claimed (also earlier in ``ids``). The caller holds ``_dedup``; ``ids`` has at most a few hundred IDs."""
-        known = self.cache.known_blobs(ids)
+        known = self.cache.known_blobs(ids, self.dep_packs)
         fresh = self._session.add_many([i for i in ids if i not in known])
         out: list[int | None] = []
         for blob_id, size in zip(ids, sizes, strict=True):

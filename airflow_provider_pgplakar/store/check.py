@@ -153,6 +153,7 @@ def check(store: Store, read_data: bool = False, progress: Callable[[str], None]
         raise ValueError("give read_data or read_data_subset, not both (read_data reads everything)")
     rep = CheckReport(read_data=read_data or subset is not None, subset=subset.text if subset else None)
     say = progress or (lambda msg: log.info("%s", msg))
+    store.ensure_read_lease()  # prune must not delete or repack what we are about to read
     for obj in store.backend.list("keys/"):
         try:
             load_checked(store.backend.get(obj.key), obj.key)

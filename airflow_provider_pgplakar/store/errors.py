@@ -51,5 +51,9 @@ class StoreLocked(StoreError):
     """A lease held by another process prevents this operation (prune vs backup)."""
 
 
+class DependencyMissing(StoreError):
+    """A pack that a snapshot about to be committed deduplicates against is missing (or not its indexed size)."""
+
+
 class LeaseExpired(StoreError):
     """This writer could not refresh its lease in time; committing could race a prune."""

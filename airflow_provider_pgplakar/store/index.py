@@ -3,6 +3,10 @@
 ``index/<sha256>`` segments (sealed msgpack) list packs and the blobs inside them. The cache mirrors them so that
 dedup lookups and reads are local. It is never authoritative (invariant): missing, corrupt, from another store or
 stale (a segment it applied has been removed by prune) means it is rebuilt from ``index/``.
+
+A segment names the segments it replaces in ``supersedes`` (prune and ``repair index`` write it, cumulatively: every
+segment ever superseded, so an old segment re-uploaded after any number of prunes is still recognised). Superseded
+segments are never applied: a replayed pre-prune segment would make backups dedup against deleted packs.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from .objects import open_object, seal_object
 log = logging.getLogger(__name__)
 
 SEGMENT_MAX_ENTRIES = 100_000
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: the superseded table
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT);
@@ -34,6 +38,7 @@ CREATE TABLE IF NOT EXISTS blobs(id BLOB NOT NULL, pack INT NOT NULL, off INT, l
                                  PRIMARY KEY(id, pack)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);
 CREATE TABLE IF NOT EXISTS segments(id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS superseded(id TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS snapshots(id TEXT PRIMARY KEY, header BLOB);
 """
 
@@ -76,7 +81,9 @@ def write_segment(backend: Backend, keys: Keys, packs: list[dict[str, Any]], sup
 def write_segments(
     backend: Backend, keys: Keys, packs: list[dict[str, Any]], supersedes: Iterable[str] = ()
 ) -> list[tuple[str, list[dict[str, Any]]]]:
-    """Write ``packs`` as segments of at most SEGMENT_MAX_ENTRIES blobs; return [(segment_id, packs), ...]."""
+    """Write ``packs`` as segments of at most SEGMENT_MAX_ENTRIES blobs; return [(segment_id, packs), ...].
+
+    With ``supersedes`` and no packs, one empty segment is written anyway: it alone records what was superseded."""
     groups: list[list[dict[str, Any]]] = []
     count = 0
     for p in packs:
@@ -85,7 +92,9 @@ def write_segments(
             count = 0
         groups[-1].append(p)
         count += len(p["blobs"])
-    supersedes = list(supersedes)
+    supersedes = sorted(set(supersedes))
+    if not groups and supersedes:
+        groups.append([])
     return [(write_segment(backend, keys, g, supersedes), g) for g in groups]
 
 
@@ -98,7 +107,14 @@ def read_segment(backend: Backend, keys: Keys, seg_id: str) -> dict[str, Any]:
     why = segment_problem(seg)
     if why:
         raise IntegrityError(f"{name}: {why}")
+    sup = seg.get("supersedes", [])
+    if not isinstance(sup, list) or not all(isinstance(x, str) and _is_seg_id(x) for x in sup):
+        raise IntegrityError(f"{name}: malformed supersedes list")
     return seg
+
+
+def _is_seg_id(text: str) -> bool:
+    return len(text) == 64 and not text.strip("0123456789abcdef")
 
 
 def segment_problem(seg: Any) -> str | None:
@@ -129,6 +145,7 @@ class IndexCache:
         self.path = path
         self.repo_id = repo_id
         self.bad_segments: dict[str, str] = {}
+        self.superseded_listed: set[str] = set()  # listed in index/ but superseded: garbage for the next prune
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = self._connect()
@@ -148,9 +165,12 @@ class IndexCache:
             db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('repo_id', ?), ('schema', ?)", (self.repo_id, SCHEMA_VERSION)
             )
-        elif row.get("repo_id") != self.repo_id or row.get("schema") != SCHEMA_VERSION:
+        elif row.get("repo_id") != self.repo_id:
             db.close()
             raise StoreError(f"cache belongs to store {row.get('repo_id')}, not {self.repo_id}")
+        elif row.get("schema") != SCHEMA_VERSION:
+            db.close()
+            raise StoreError(f"cache schema {row.get('schema')} is not {SCHEMA_VERSION}")
         return db
 
     def _remove_files(self) -> None:
@@ -158,6 +178,8 @@ class IndexCache:
             Path(str(self.path) + suffix).unlink(missing_ok=True)
 
     def reset(self) -> None:
+        """Forget every applied segment (not the superseded IDs: they come from authenticated segments and stay
+        true for good)."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             for table in ("blobs", "packs", "segments"):
@@ -176,20 +198,44 @@ class IndexCache:
 
     def _sync(self, backend: Backend, keys: Keys) -> None:
         listed = {o.key.rsplit("/", 1)[-1] for o in backend.list("index/")}
-        known = {r[0] for r in self.db.execute("SELECT id FROM segments")}
+        for _attempt in range(3):
+            if self._apply_listed(backend, keys, listed):
+                return
+            # a segment read now supersedes one applied earlier (a prune that crashed before deleting the old
+            # segments, or a replay): start over without it
+            log.info("an applied index segment is superseded by another: rebuilding the local index cache")
+            self.reset()
+        raise StoreError(f"index of {backend.location} keeps changing while it is read: retry")
+
+    def _apply_listed(self, backend: Backend, keys: Keys, listed: set[str]) -> bool:
+        """Apply the listed segments not applied yet; False when an applied one turned out to be superseded."""
+        known = self.segments()
         if known - listed:
             log.info("index segments were consolidated by a prune: rebuilding the local index cache")
             self.reset()
             known = set()
+        superseded = self.superseded()
         self.bad_segments = {}
         for seg_id in sorted(listed - known):
+            if seg_id in superseded:
+                continue
             try:
                 seg = read_segment(backend, keys, seg_id)
             except IntegrityError as e:
                 self.bad_segments[seg_id] = str(e)
                 log.warning("%s", e)
                 continue
-            self.apply_segment(seg_id, seg)
+            new = set(seg["supersedes"]) - superseded
+            if new:
+                with self.db:
+                    self.db.executemany("INSERT OR IGNORE INTO superseded VALUES (?)", ((x,) for x in new))
+                superseded |= new
+            if seg_id not in superseded:
+                self.apply_segment(seg_id, seg)
+        self.superseded_listed = listed & superseded
+        for seg_id in self.superseded_listed:
+            self.bad_segments.pop(seg_id, None)
+        return not (self.segments() & superseded)
 
     def apply_segment(self, seg_id: str, seg: dict[str, Any]) -> None:
         with self.db:
@@ -211,14 +257,30 @@ class IndexCache:
     def has_blob(self, blob_id: bytes) -> bool:
         return self.db.execute("SELECT 1 FROM blobs WHERE id=? LIMIT 1", (blob_id,)).fetchone() is not None
 
-    def known_blobs(self, blob_ids: list[bytes]) -> set[bytes]:
-        """The subset of ``blob_ids`` the index holds: one query per batch instead of one per blob."""
+    def known_blobs(self, blob_ids: list[bytes], packs: set[int] | None = None) -> set[bytes]:
+        """The subset of ``blob_ids`` the index holds: one query per batch instead of one per blob. ``packs``
+        collects the numbers of every pack holding one of them (what a snapshot deduplicating them depends on)."""
         known: set[bytes] = set()
         for i in range(0, len(blob_ids), 500):  # well under SQLite's bound-parameter limit
             part = blob_ids[i : i + 500]
-            sql = f"SELECT id FROM blobs WHERE id IN ({','.join('?' * len(part))})"  # noqa: S608 - placeholders
-            known.update(r[0] for r in self.db.execute(sql, part))
+            marks = ",".join("?" * len(part))
+            if packs is None:
+                known.update(r[0] for r in self.db.execute(f"SELECT id FROM blobs WHERE id IN ({marks})", part))  # noqa: S608
+                continue
+            for blob_id, pack in self.db.execute(f"SELECT id, pack FROM blobs WHERE id IN ({marks})", part):  # noqa: S608
+                known.add(blob_id)
+                packs.add(pack)
         return known
+
+    def packs_by_number(self, numbers: Iterable[int]) -> list[tuple[str, int]]:
+        """(pack_id, size) of the packs with these cache-local numbers."""
+        nums = list(numbers)
+        out: list[tuple[str, int]] = []
+        for i in range(0, len(nums), 500):
+            part = nums[i : i + 500]
+            sql = f"SELECT id, size FROM packs WHERE no IN ({','.join('?' * len(part))})"  # noqa: S608 - placeholders
+            out.extend(self.db.execute(sql, part).fetchall())
+        return out
 
     def lookup(self, blob_id: bytes) -> Location | None:
         row = self.db.execute(
@@ -241,6 +303,10 @@ class IndexCache:
 
     def segments(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT id FROM segments")}
+
+    def superseded(self) -> set[str]:
+        """Every segment ID a segment this cache read has superseded (cumulative)."""
+        return {r[0] for r in self.db.execute("SELECT id FROM superseded")}
 
     def cached_snapshot(self, snap_id: str) -> bytes | None:
         row = self.db.execute("SELECT header FROM snapshots WHERE id=?", (snap_id,)).fetchone()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from .blobsink import BlobSink
 from .errors import IntegrityError, StoreError
 from .index import write_segments
-from .locks import acquire, is_stale, list_leases
+from .locks import Lease, acquire, is_stale, list_leases
 from .pack import CHUNKLIST, TREE, decode_blob, pack_key, pack_object_name
 from .reader import chunk_refs, iter_records
 
@@ -48,13 +48,32 @@ class PruneReport:
         return dict(self.__dict__)
 
 
-def prune(store: Store, *, dry_run: bool = False, lock_wait: float = 0.0) -> PruneReport:
+def _exclusive(store: Store, lock_wait: float = 0.0) -> Lease:
+    """The prune lease; this store's own read lease (from an earlier restore or check) would conflict with it."""
     store.check_writable()
+    store.leases.release_read()
     lease = acquire(store.backend, store.keys, "prune", wait=lock_wait)
+    store.leases.hold(lease)
+    return lease
+
+
+def _release(store: Store, lease: Lease) -> None:
+    store.leases.drop(lease)
+    lease.release()
+
+
+def prune(store: Store, *, dry_run: bool = False, lock_wait: float = 0.0) -> PruneReport:
+    lease = _exclusive(store, lock_wait)
     try:
-        return _prune(store, dry_run)
+        return _prune(store, dry_run, lease)
     finally:
-        lease.release()
+        _release(store, lease)
+
+
+def _before_deleting(lease: Lease, what: str) -> None:
+    """Our own lease must still be fresh on both clocks before a deletion phase: if it went stale (refreshes
+    failed, the VM was suspended), a backup may have started meanwhile and use what we are about to delete."""
+    lease.check_fresh(f"not deleting {what}")
 
 
 def _mark(store: Store, rep: PruneReport) -> None:
@@ -83,7 +102,7 @@ def _mark(store: Store, rep: PruneReport) -> None:
     rep.live_blobs = db.execute("SELECT count(*) FROM temp.live").fetchone()[0]
 
 
-def _prune(store: Store, dry_run: bool) -> PruneReport:
+def _prune(store: Store, dry_run: bool, lease: Lease) -> PruneReport:
     rep = PruneReport(dry_run=dry_run)
     store.sync_index()
     if store.cache.bad_segments:
@@ -137,12 +156,16 @@ def _prune(store: Store, dry_run: bool) -> PruneReport:
                           "ON o.id=b.id AND o.pack=b.pack WHERE b.pack=?", (no,)).fetchall()
         entries.append({"id": pid, "size": size, "kind": kind, "salt": salt, "blobs": [list(r) for r in rows]})
     old_segments = sorted(store.cache.segments())
-    write_segments(store.backend, store.keys, entries, old_segments)
-    for seg in old_segments:
+    # supersedes is cumulative: an old segment re-uploaded later is recognised however many prunes ago it went
+    write_segments(store.backend, store.keys, entries, set(old_segments) | store.cache.superseded())
+    _before_deleting(lease, "superseded index segments")
+    for seg in old_segments + sorted(store.cache.superseded_listed):
         store.backend.delete(f"index/{seg}")
     rep.segments_replaced = len(old_segments)
+    _before_deleting(lease, "packs")
     for pid, _size in delete + orphans + [(r[1], r[2]) for r in repack]:
         store.backend.delete(pack_object_name(pid))
+    _before_deleting(lease, "stale leases and temporary files")
     _cleanup(store)
     store.cache.reset()
     store.sync_index()
@@ -174,7 +197,7 @@ def _repack(store: Store, repack: list[tuple[int, str, int, bytes]]) -> list[dic
 
 
 class _NoDedup:
-    def known_blobs(self, blob_ids: list[bytes]) -> set[bytes]:
+    def known_blobs(self, blob_ids: list[bytes], packs: set[int] | None = None) -> set[bytes]:
         return set()
 
 
@@ -195,8 +218,7 @@ def repair_index(store: Store) -> int:
     """Rebuild ``index/`` from pack headers (after index segments were lost or corrupted). Returns packs indexed."""
     from .pack import parse_pack
 
-    store.check_writable()
-    lease = acquire(store.backend, store.keys, "prune")
+    lease = _exclusive(store)
     try:
         old = [o.key for o in store.backend.list("index/")]
         store.sync_index()  # the readable segments: the fallback for packs whose own header is damaged
@@ -220,11 +242,13 @@ def repair_index(store: Store) -> int:
             kind = "data" if all(b.blob_type not in (TREE, CHUNKLIST) for b in blobs) else "tree"
             entries.append({"id": pid, "size": obj.size, "kind": kind, "salt": salt,
                             "blobs": [[b.blob_type, b.blob_id, b.offset, b.length, b.raw_len] for b in blobs]})
-        write_segments(store.backend, store.keys, entries)
+        superseded = {key.rsplit("/", 1)[-1] for key in old} | store.cache.superseded()
+        write_segments(store.backend, store.keys, entries, superseded)
+        _before_deleting(lease, "the old index segments")
         for key in old:
             store.backend.delete(key)
         store.cache.reset()
         store.sync_index()
         return len(entries)
     finally:
-        lease.release()
+        _release(store, lease)

@@ -30,6 +30,7 @@ PREFETCH = 6
 
 
 def read_blob(store: Store, blob_id: bytes, blob_type: int, where: str = "") -> bytes:
+    store.ensure_read_lease()
     loc = locate(store, blob_id, where)
     if loc.blob_type != blob_type:
         raise IntegrityError(f"blob {blob_id.hex()[:16]}{where}: indexed as type {loc.blob_type}, expected {blob_type}")
@@ -52,6 +53,7 @@ def locate(store: Store, blob_id: bytes, where: str = "") -> Location:
 
 def iter_records(store: Store, snap: Snapshot, prefix: str | None = None) -> Iterator[dict[str, Any]]:
     """Records in insertion order; ``prefix`` keeps a path and everything below it."""
+    store.ensure_read_lease()
     store.sync_index()
     for leaf_id, _count in snap.header["manifest"]["leaves"]:
         leaf = read_blob(store, leaf_id, TREE, f" (manifest of snapshot {snap.short_id})")
@@ -105,6 +107,7 @@ class RecordReader(io.RawIOBase):
         if record.get("k") != "f":
             raise StoreError(f"{record.get('p')!r} is not a file record (kind {record.get('k')!r})")
         self.store, self.record = store, record
+        store.ensure_read_lease()
         # LIST index/ only when the local index lacks a blob of this record (records come from iter_records, which
         # has just synced): one LIST per opened file made restores of many small files from S3 list-bound.
         inline = record.get("c")

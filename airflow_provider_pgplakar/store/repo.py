@@ -7,7 +7,7 @@ Layout (identical keys on a directory and on S3)::
     packs/<hh>/<sha256>    immutable packs of sealed blobs
     index/<sha256>         immutable sealed index segments
     snapshots/<id>         immutable sealed snapshot files: the only commit points
-    locks/<id>             leases (backup shared, prune exclusive): the only objects ever overwritten
+    locks/<id>             leases (backup and read shared, prune exclusive): the only objects ever overwritten
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ DEFAULT_PACK_TARGET = 16 * 1024 * 1024
 # (ratio 1.43 vs 1.52; see the README's benchmark table). Stores record their level, so `create
 # --compression-level 3` (or up to 19) remains a per-store choice.
 DEFAULT_COMPRESSION_LEVEL = 1
+READ_LOCK_WAIT = 3600.0  # how long a reader waits for a running prune (it logs every 30 s meanwhile)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,9 @@ class Store:
 
         self.cache = IndexCache(Path(root) / config.repo_id / "index.sqlite", config.repo_id)
         self._master: bytes | None = None  # set when unlocked by passphrase (needed to add keys / export)
+        from .locks import StoreLeases
+
+        self.leases = StoreLeases(backend, keys, READ_LOCK_WAIT)
 
     @property
     def location(self) -> str:
@@ -327,7 +331,13 @@ class Store:
     def sync_index(self) -> None:
         self.cache.sync(self.backend, self.keys)
 
+    def ensure_read_lease(self) -> None:
+        """Called before reading packs: a shared ``read`` lease keeps prune from deleting or repacking them."""
+        if self.leases.ensure_read():
+            self.sync_index()
+
     def close(self) -> None:
+        self.leases.release_read()
         self.cache.close()
 
     def __enter__(self) -> Store:

@@ -29,12 +29,12 @@ import pendulum
 
 from .blobsink import BlobSink
 from .chunker import Chunking, read_full
-from .errors import AlreadyExists, StoreError
+from .errors import AlreadyExists, DependencyMissing, StoreError
 from .failpoints import failpoint
 from .index import write_segments
 from .locks import Lease, acquire
 from .objects import seal_object
-from .pack import CHUNKLIST, DATA, TREE
+from .pack import CHUNKLIST, DATA, TREE, pack_object_name
 from .progress import Progress
 from .readahead import Readahead
 
@@ -58,6 +58,7 @@ FIXED_WINDOW = 8  # pending batches per record (the sink's semaphore bounds the 
 # 4 leaves of ~320 records, 27 KiB stored; ~8 leaves of ~48, 24 KiB; ~12 of ~24, ~14 KiB).
 LEAF_MIN, LEAF_MAX, LEAF_MAX_BYTES = 8, 8192, 1 << 20
 LEAF_CUT_MOD = 16
+DEPENDENCY_STAT_MAX = 64  # up to this many referenced packs are checked one HEAD/stat each, more by listing packs/
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class SnapshotWriter:
         st = self.store
         st.check_writable()
         self._lease = acquire(st.backend, st.keys, "backup", wait=self.lock_wait)
+        st.leases.hold(self._lease)  # reads through this store (a parent snapshot) need no read lease meanwhile
         try:
             st.cache.sync(st.backend, st.keys)  # after the lease: no prune can remove what we dedup against
             self._sink = BlobSink(
@@ -149,7 +151,7 @@ class SnapshotWriter:
                 uploaders=st.uploaders,
             )
         except BaseException:
-            self._lease.release()
+            self._release_lease()
             raise
         self._manifest = _Manifest(self._sink, st.keys.id_key)
         self._t0 = time.time()
@@ -168,9 +170,13 @@ class SnapshotWriter:
             if self._sink is not None:
                 self._sink.abort()
         finally:
-            if self._lease is not None:
-                self._lease.release()
-                self._lease = None
+            self._release_lease()
+
+    def _release_lease(self) -> None:
+        if self._lease is not None:
+            self.store.leases.drop(self._lease)
+            self._lease.release()
+            self._lease = None
 
     # -- records -------------------------------------------------------------------------------------------------
     def _record(self, path: str, kind: str, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -335,6 +341,7 @@ class SnapshotWriter:
         try:
             self._manifest.flush()
             packs = self._sink.close()
+            self._check_dependencies()
             failpoint("after-packs")
             seg_ids = write_segments(st.backend, st.keys, packs)
             failpoint("after-index")
@@ -379,8 +386,35 @@ class SnapshotWriter:
             self._sink.abort()
             raise
         finally:
-            self._lease.release()
-            self._lease = None
+            self._release_lease()
+
+
+    def _check_dependencies(self) -> None:
+        """Every indexed pack this snapshot deduplicates against must exist, at its indexed size: an index that
+        lists deleted packs (a replayed segment, lost data) would otherwise yield a snapshot that cannot be
+        restored. One stat per distinct pack, or one listing of ``packs/`` when that is fewer requests."""
+        assert self._sink is not None
+        st = self.store
+        deps = st.cache.packs_by_number(self._sink.dep_packs)
+        if not deps:
+            return
+        total = st.cache.db.execute("SELECT count(*) FROM packs").fetchone()[0]
+        if len(deps) <= DEPENDENCY_STAT_MAX or len(deps) * 1000 <= total:
+            sizes = {}
+            for pid, _size in deps:
+                info = st.backend.stat(pack_object_name(pid))
+                if info is not None:
+                    sizes[pid] = info.size
+        else:
+            sizes = {o.key.rsplit("/", 1)[-1]: o.size for o in st.backend.list("packs/")}
+        bad = sorted(pid for pid, size in deps if sizes.get(pid) != size)
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise DependencyMissing(
+                f"not committing snapshot {self.snapshot_id}: {pack_object_name(bad[0])}{more}, which it "
+                f"deduplicates against, is missing from {st.location} or not its indexed size (an index segment "
+                "that outlived its packs, or lost data): run `pgplakar check`, then `repair index`, and retry"
+            )
 
 
 def _user() -> str:

@@ -147,6 +147,7 @@ def test_on_kill_cancels_the_base_backup_and_commits_nothing(pg_factory, tmp_pat
     import threading
     import time
 
+    from airflow_provider_pgplakar.pg.process import TaskCancelled
     from tests.physical.conftest import scalar, wait_until
 
     src = pg_factory(15)
@@ -170,6 +171,7 @@ def test_on_kill_cancels_the_base_backup_and_commits_nothing(pg_factory, tmp_pat
     op.on_kill()
     thread.join(timeout=30)
     assert not thread.is_alive() and "error" in outcome, outcome
-    assert "cancel" in str(outcome["error"]).lower(), outcome["error"]
+    assert isinstance(outcome["error"], TaskCancelled), outcome["error"]
+    assert "the task was cancelled" in str(outcome["error"]), outcome["error"]
     with Store.open(str(store_dir), PASSPHRASE) as store:
         assert store.snapshot_ids() == []

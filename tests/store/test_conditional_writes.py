@@ -98,8 +98,8 @@ def test_writer_and_prune_refuse_before_writing_anything(
     _one_line_naming_the_fix(ei.value)
     with pytest.raises(StoreError, match="conditional_writes=false"):
         prune(st)
+    st.close()  # releases the read lease its restore took (leases are overwritten, never create-only)
     assert _keys(endpoint, bucket) == before
-    st.close()
 
 
 def test_conforming_server_passes_the_probe_once(s3_bucket: tuple[str, str]) -> None:

@@ -192,6 +192,7 @@ def test_flipped_pack_header(two: TwoSnapshots, tmp_path: Path) -> None:
     assert_reads_exact(fresh, a)
     assert_reads_exact(fresh, b)
 
+    st.leases.release_read()  # the first reader is done (repair index, like prune, waits for readers)
     repair_index(fresh)
     again = reopen(two.location, tmp_path)
     assert_reads_exact(again, a)
@@ -216,6 +217,7 @@ def test_flipped_index_segment_then_repair(two: TwoSnapshots, tmp_path: Path) ->
     assert "repair index" in str(ei.value)
     assert_reads_exact(fresh, b)
 
+    st.leases.release_read()  # the first reader is done (repair index, like prune, waits for readers)
     assert repair_index(fresh) == 4  # 2 data + 2 tree packs, from their headers
     assert_reads_exact(fresh, a)
     assert_reads_exact(reopen(two.location, tmp_path), a)

@@ -16,6 +16,11 @@ As a script (``python writer_proc.py MODE ...``):
     JSON line ``{"id": ..., "already_existed": ...}``. Passphrase from ``PGPLAKAR_PASSPHRASE``; INFO logging
     on stderr (e.g. ``store busy ...; waiting`` while it waits for a lease).
 
+``nswrite PID ARGS...``
+    Run as pid 1 of a new pid namespace (``unshare --pid --fork``): burn pids until the next one is PID, then run
+    ``write ARGS...`` as that pid (so the test can pick a pid that does not exist in its own namespace), and exit
+    with its status.
+
 Imported (``tests.store.writer_proc``): :class:`Child` (a subprocess whose output lines can be awaited),
 data/restore helpers, and :func:`pack_census` (what ``packs/`` holds versus what the snapshots reference).
 """
@@ -85,7 +90,7 @@ def _write(argv: list[str]) -> int:
     try:
         with st.writer(source={"kind": "test", "origin": str(src)}, tags=args.tag, lock_wait=args.lock_wait,
                        idempotency_key=args.idempotency_key) as w:
-            print("LEASED", flush=True)
+            print(f"LEASED pid {os.getpid()}", flush=True)
             if args.barrier:
                 Path(args.barrier, str(os.getpid())).touch()
                 deadline = time.monotonic() + 60
@@ -320,11 +325,56 @@ def pack_census(store: Any) -> Census:
 
 
 def lease_count(store: Any) -> int:
-    return sum(1 for _ in store.backend.list("locks/"))
+    """Leases in the store, not counting the read lease ``store`` itself holds (taken by its first read)."""
+    own = store.leases.read.key if store.leases.read is not None else None
+    return sum(1 for o in store.backend.list("locks/") if o.key != own)
+
+
+def _nswrite(argv: list[str]) -> int:
+    target = int(argv[0])
+    while True:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        if pid >= target - 1:
+            break
+    child = os.fork()
+    if child == 0:
+        os.execv(sys.executable, [sys.executable, str(HERE), "write", *argv[1:]])
+    _, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status) & 0xFF
+
+
+def unshare_argv() -> list[str]:
+    """A new pid (and user) namespace whose processes die with it; same host name, network and file system."""
+    import shutil
+
+    tool = shutil.which("unshare")
+    assert tool, "unshare (util-linux) is needed for the pid-namespace tests"
+    return [tool, "--pid", "--fork", "--kill-child", "--user", "--map-root-user"]
+
+
+def free_pid() -> int:
+    """A pid (below 1000) that no process of this pid namespace has: a writer with that pid in another namespace
+    looks dead to a host + pid check."""
+    for pid in range(300, 1000):
+        if not os.path.exists(f"/proc/{pid}"):
+            return pid
+    raise AssertionError("no free pid below 1000")
+
+
+def ns_writer(location: str, src: Path, *args: str, **env: str) -> tuple[Child, int]:
+    """``write`` as pid ``free_pid()`` of a new pid namespace; returns the child and that pid."""
+    pid = free_pid()
+    argv = [*unshare_argv(), sys.executable, str(HERE), "nswrite", str(pid), location, str(src), *args]
+    return Child(argv, child_env(**env)), pid
 
 
 def main() -> int:
     mode, rest = sys.argv[1], sys.argv[2:]
+    if mode == "nswrite":
+        return _nswrite(rest)
     if mode == "cli":
         return _cli(rest)
     if mode == "write":
