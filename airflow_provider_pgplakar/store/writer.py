@@ -37,6 +37,7 @@ from .objects import seal_object
 from .pack import CHUNKLIST, DATA, TREE, pack_object_name
 from .progress import Progress
 from .readahead import Readahead
+from .sizes import human_bytes
 
 if TYPE_CHECKING:
     from .repo import Store
@@ -377,9 +378,9 @@ class SnapshotWriter:
                 st.cache.apply_segment(seg_id, {"packs": group})
             if not self.already_existed:
                 log.info(
-                    "committed snapshot %s: %d records, %.1f MiB, %.1f MiB new (%.1f MiB stored) in %.1fs",
-                    self.snapshot_id, self._manifest.total, self._bytes / 2**20, stats.new_raw_bytes / 2**20,
-                    stats.new_stored_bytes / 2**20, time.time() - self._t0,
+                    "committed snapshot %s: %d records, %s, %s new (%s stored) in %.1fs",
+                    self.snapshot_id, self._manifest.total, human_bytes(self._bytes), human_bytes(stats.new_raw_bytes),
+                    human_bytes(stats.new_stored_bytes), time.time() - self._t0,
                 )
             return self.snapshot_id
         except BaseException:
