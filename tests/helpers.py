@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,3 +42,20 @@ def isolate_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "absent-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "absent-aws-credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def lock_probe_database(server: Any, prefix: str, notes: int = 0) -> str:
+    """A fresh database whose ``items`` table (indexed: the manifest locks it) and ``notes`` table (no index: only
+    pg_dump locks it) let cancellation tests hold a backup in a chosen phase."""
+    import secrets
+
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    with server.connect() as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    with server.connect(name) as c:
+        c.execute("CREATE TABLE items (id serial PRIMARY KEY, name text)")
+        c.execute("INSERT INTO items (name) SELECT 'item ' || g FROM generate_series(1, 500) g")
+        c.execute("CREATE TABLE notes (body text)")
+        if notes:
+            c.execute("INSERT INTO notes SELECT 'n' FROM generate_series(1, %s)", (notes,))
+    return name

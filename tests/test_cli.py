@@ -241,7 +241,7 @@ def test_forget_and_prune(created: Cli, src: Path, tmp_path: Path) -> None:
     dry = cli.json("prune", "--dry-run")
     assert dry["dry_run"] is True and dry["packs_deleted"] >= 1
     out = cli.ok("prune")
-    assert out.startswith("deleted ") and "1 snapshots kept" in out
+    assert out.startswith("prune: deleted ") and "1 snapshot(s) kept" in out and "{" not in out
     again = cli.json("prune", "--dry-run")  # a second prune has nothing left to do
     assert again["packs_deleted"] == 0 and again["packs_repacked"] == 0, again
     cli.ok("check", "--read-data")
@@ -251,6 +251,16 @@ def test_forget_and_prune(created: Cli, src: Path, tmp_path: Path) -> None:
 
 
 # -- info --------------------------------------------------------------------------------------------------------------
+def test_forget_with_prune_says_what_prune_freed(created: Cli, src: Path) -> None:
+    cli = created
+    for _ in range(2):
+        (src / "a.txt").write_text(f"changed {random.random()}\n")
+        backup(cli, src)
+    out = cli.ok("forget", "--keep-last", "1", "--prune").splitlines()
+    assert out[-2] == "removed 1 snapshot(s)"
+    assert out[-1].startswith("prune: deleted ") and " freed; 1 snapshot(s) kept" in out[-1], out
+
+
 def test_info(created: Cli, src: Path) -> None:
     cli = created
     sid = backup(cli, src, "--tag", "nightly", "--label", "db=main")

@@ -351,13 +351,22 @@ def cmd_forget(location: str, args: argparse.Namespace) -> int:
                 print(f"  keep   {k['id'][:8]} {k['time']}  ({', '.join(k['reasons'])})")
             for sid in g["remove"]:
                 print(f"  remove {sid[:8]}")
-    if not args.dry_run and args.prune:
-        result["prune"] = prune_mod.prune(st).as_dict()
+    pruned = prune_mod.prune(st) if not args.dry_run and args.prune else None
+    if pruned is not None:
+        result["prune"] = pruned.as_dict()
     if args.json:
         output.emit_json(result)
-    else:
-        print(f"{'would remove' if args.dry_run else 'removed'} {len(res.removed)} snapshot(s)")
+        return 0
+    print(f"{'would remove' if args.dry_run else 'removed'} {len(res.removed)} snapshot(s)")
+    if pruned is not None:
+        print(_prune_sentence(pruned, dry_run=False))
     return 0
+
+
+def _prune_sentence(rep: prune_mod.PruneReport, *, dry_run: bool) -> str:
+    verb = "would delete" if dry_run else "deleted"
+    return (f"prune: {verb} {rep.packs_deleted} pack(s) ({rep.packs_repacked} repacked), "
+            f"{output.human_bytes(rep.bytes_freed)} freed; {rep.snapshots} snapshot(s) kept")
 
 
 def cmd_prune(location: str, args: argparse.Namespace) -> int:
@@ -366,9 +375,7 @@ def cmd_prune(location: str, args: argparse.Namespace) -> int:
     if args.json:
         output.emit_json(rep.as_dict())
     else:
-        verb = "would delete" if args.dry_run else "deleted"
-        print(f"{verb} {rep.packs_deleted} pack(s) ({rep.packs_repacked} repacked), "
-              f"{output.human_bytes(rep.bytes_freed)} freed; {rep.snapshots} snapshots kept")
+        print(_prune_sentence(rep, dry_run=args.dry_run))
     return 0
 
 

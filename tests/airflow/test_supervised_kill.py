@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_pgplakar.store.repo import Store
+from tests.helpers import lock_probe_database
 from tests.pgservers import PgServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,15 +42,7 @@ with DAG("pgplakar_supervised_kill", schedule=None) as dag:
 
 @pytest.fixture
 def db(pg15: PgServer) -> str:
-    name = f"supervised_{secrets.token_hex(4)}"
-    with pg15.connect() as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    with pg15.connect(name) as c:
-        c.execute("CREATE TABLE items (id serial PRIMARY KEY, name text)")  # the index: the manifest locks it
-        c.execute("INSERT INTO items (name) SELECT 'item ' || g FROM generate_series(1, 500) g")
-        c.execute("CREATE TABLE notes (body text)")  # no index/default: only pg_dump locks it
-        c.execute("INSERT INTO notes SELECT 'n' FROM generate_series(1, 100)")
-    return name
+    return lock_probe_database(pg15, "supervised", notes=100)
 
 
 def _procs() -> dict[int, tuple[int, str]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from airflow_provider_pgplakar.operators.logical import PgPlakarBackupOperator
 from airflow_provider_pgplakar.pg import process as process_mod
 from airflow_provider_pgplakar.pg.process import TaskCancelled
 from airflow_provider_pgplakar.store.repo import Store
+from tests.helpers import lock_probe_database
 from tests.logical.conftest import src_opts
 from tests.pgservers import PgServer
 from tests.task_context import FakeTI, context
@@ -44,14 +44,7 @@ with Store.open(path, "pw") as st:
 
 @pytest.fixture
 def db(pg15: PgServer) -> str:
-    name = f"cancel_{secrets.token_hex(4)}"
-    with pg15.connect() as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    with pg15.connect(name) as c:
-        c.execute("CREATE TABLE items (id serial PRIMARY KEY, name text)")  # the index: the manifest locks it
-        c.execute("INSERT INTO items (name) SELECT 'item ' || g FROM generate_series(1, 500) g")
-        c.execute("CREATE TABLE notes (body text)")  # no index/default: only pg_dump locks it
-    return name
+    return lock_probe_database(pg15, "cancel", notes=0)
 
 
 def _backends(watcher: Any, db: str, *, waiting: bool = False) -> list[int]:
