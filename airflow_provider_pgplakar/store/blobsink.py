@@ -22,6 +22,7 @@ import queue
 import sqlite3
 import tempfile
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,7 +154,7 @@ class BlobSink:
             raise
         return blob_id
 
-    def add_blocks(self, blob_type: int, blocks: list[bytearray] | list[memoryview]) -> Future[list[list[Any]]]:
+    def add_blocks(self, blob_type: int, blocks: Sequence[bytearray | memoryview]) -> Future[list[list[Any]]]:
         """Store each of ``blocks`` unless present; the future gives their ``[blob_id, length]`` references in
         order. Blocks when the pipeline is full.
 
@@ -211,7 +212,7 @@ class BlobSink:
         finally:
             self._slots.release()
 
-    def _blocks_task(self, blob_type: int, blocks: list[bytearray] | list[memoryview]) -> list[list[Any]]:
+    def _blocks_task(self, blob_type: int, blocks: Sequence[bytearray | memoryview]) -> list[list[Any]]:
         try:
             self._raise_if_failed()
             ids = [self.keys.blob_id(b) for b in blocks]

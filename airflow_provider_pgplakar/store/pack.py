@@ -83,7 +83,7 @@ class PackBuilder:
         header = _ENTRY_RESERVE * (len(self.entries) + 1) + 16 + self.okey.overhead
         return len(self.buf) + sealed + header + TRAILER_LEN <= PACK_HARD_MAX
 
-    def add(self, blob_type: int, blob_id: bytes, codec: int, payload: bytes | bytearray, raw_len: int, *,
+    def add(self, blob_type: int, blob_id: bytes, codec: int, payload: bytes | bytearray | memoryview, raw_len: int, *,
             verify: bool = False) -> None:
         if raw_len > BLOB_RAW_MAX or not self.fits(len(payload)):
             raise IntegrityError(
