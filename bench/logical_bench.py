@@ -32,7 +32,9 @@ into a fresh store; wall time, CPU (ours and tools) and peak RSS. ``--case both`
 ``--case fingerprint`` (issue 12) times, on the ``--scale`` pgbench database: raw ``pg_dump`` (the baseline), our
 backup with ``fingerprint=catalog`` (the default), ``counts`` and ``full``, each into a fresh store; then a plain
 ``logical_restore`` of the ``full`` snapshot into a new database next to ``verify_snapshot`` of it (a throwaway
-server of the benchmark's own binaries: initdb, restore, recompute and compare the fingerprints, remove).
+server of the benchmark's own binaries: initdb, restore, recompute and compare the fingerprints, remove). Its table
+adds the benchmark server's CPU over each step (``/proc`` of its postmaster and backends), where the ``counts`` and
+``full`` scans run.
 """
 
 from __future__ import annotations
@@ -320,7 +322,7 @@ def dir_bytes(path: Path) -> int:
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median time and CPU, max RSS over repetitions; other fields from the last run."""
     out = dict(runs[-1])
-    for key in ("seconds", "process_s", "cpu_s", "tool_cpu_s", "unlock_s"):
+    for key in ("seconds", "process_s", "cpu_s", "tool_cpu_s", "unlock_s", "server_cpu_s"):
         if key in out:
             out[key] = statistics.median(r[key] for r in runs)
     for key in ("rss_mib", "rss_after_unlock_mib", "tool_rss_mib"):
@@ -586,7 +588,7 @@ class FingerprintBench(Bench):
         shutil.rmtree(store, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
         Store.create(str(store), PASS, cache_dir=cache).close()
-        res = self.backup(store, cache, {"fingerprint": level})
+        res = self.timed(lambda: self.backup(store, cache, {"fingerprint": level}))
         if keep:
             return res, (store, cache)
         shutil.rmtree(store, ignore_errors=True)
@@ -598,6 +600,31 @@ class FingerprintBench(Bench):
         return run_child({"op": "verify", "store": str(store), "cache": str(cache), "snapshot": snapshot,
                           "pg_bin_dir": str(self.server.bin_dir)})
 
+    def server_cpu(self) -> float:
+        """CPU seconds of the benchmark server so far: the postmaster, the backends it reaped, the live ones."""
+        tick = os.sysconf("SC_CLK_TCK")
+        postmaster = int((self.server.datadir / "postmaster.pid").read_text().split()[0])
+
+        def fields(pid: int) -> list[str]:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+
+        f = fields(postmaster)  # utime stime cutime cstime are fields 14-17, i.e. [11:15] after the name
+        total = sum(int(x) for x in f[11:15])
+        for pid in _descendants(postmaster):
+            try:
+                total += sum(int(x) for x in fields(pid)[11:13])
+            except OSError:
+                pass
+        return total / tick
+
+    def timed(self, step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``step`` with the benchmark server's CPU over it (its pg_dump/restore backends, the fingerprint scans)."""
+        cpu0 = self.server_cpu()
+        res = step()
+        res["server_cpu_s"] = self.server_cpu() - cpu0
+        return res
+
     def run(self) -> dict[str, Any]:
         r: dict[str, Any] = {}
         progress(f"fingerprint: pgbench -i -s {self.scale} ...")
@@ -608,7 +635,7 @@ class FingerprintBench(Bench):
         full: tuple[Path, Path] | None = None
         for i in range(self.repeat):  # interleaved, baseline first
             progress(f"[{i + 1}/{self.repeat}] fingerprint: raw pg_dump > /dev/null ...")
-            runs["raw"].append(self.raw_dump())
+            runs["raw"].append(self.timed(self.raw_dump))
             for level in FINGERPRINT_LEVELS:
                 progress(f"[{i + 1}/{self.repeat}] fingerprint: our backup, fingerprint={level} ...")
                 res, kept = self.ours(level, keep=level == "full" and i == self.repeat - 1)
@@ -622,13 +649,13 @@ class FingerprintBench(Bench):
         for i in range(self.repeat):
             target = f"fp_restore_{i}"
             progress(f"[{i + 1}/{self.repeat}] fingerprint: plain logical_restore of the full snapshot ...")
-            restores.append(self.restore(*full, snapshot, target))
+            restores.append(self.timed(lambda t=target: self.restore(*full, snapshot, t)))
             got = self.fingerprint(target)
             if got != source:
                 raise SystemExit(f"{target} differs from the source: {got} != {source}")
             self.drop_db(target)
             progress(f"[{i + 1}/{self.repeat}] fingerprint: pgplakar verify of the full snapshot ...")
-            verifies.append(self.verify(*full, snapshot))
+            verifies.append(self.timed(lambda: self.verify(*full, snapshot)))
         r["restore"], r["verify"] = summarize(restores), summarize(verifies)
         r["fingerprint"] = source
         self.drop_db(DB)
@@ -645,15 +672,15 @@ def report_fingerprint(r: dict[str, Any], a: argparse.Namespace, server: Any, lo
           f"{load0[0]:.2f} at start / {os.getloadavg()[0]:.2f} at end ({how}).")
     print()
     print("| operation | seconds | process s | vs raw `pg_dump` | vs `catalog` backup | vs plain restore | "
-          "CPU s (ours / tools) | peak RSS MiB: ours (after unlock) / largest tool |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "CPU s (ours / tools) | benchmark server CPU s | peak RSS MiB: ours (after unlock) / largest tool |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 
     def row(name: str, d: dict[str, Any], ours: bool, vs_raw: str, vs_cat: str, vs_restore: str) -> None:
         cpu = f"{d['cpu_s']:.2f} / {d['tool_cpu_s']:.2f}" if ours else f"– / {d['tool_cpu_s']:.2f}"
         rss = (f"{d['rss_mib']:.0f} ({d['rss_after_unlock_mib']:.0f}) / {d['tool_rss_mib']:.0f}" if ours
                else f"– / {d['tool_rss_mib']:.0f}")
         print(f"| {name} | {d['seconds']:.2f} | {d['process_s']:.2f} | {vs_raw} | {vs_cat} | {vs_restore} | "
-              f"{cpu} | {rss} |")
+              f"{cpu} | {d['server_cpu_s']:.2f} | {rss} |")
 
     row("raw `pg_dump -Fc -Z0 > /dev/null`", raw, False, "1.00×", "", "")
     for level in FINGERPRINT_LEVELS:
@@ -666,8 +693,9 @@ def report_fingerprint(r: dict[str, Any], a: argparse.Namespace, server: Any, lo
     print()
     print("- backups: `database=bench` with the given `fingerprint`, each into a fresh encrypted store, Argon2id "
           "unlock included; raw: the same `pg_dump` argv to /dev/null. CPU: user+sys of the step, ours / its tools; "
-          "the `counts`/`full` scans run in the benchmark server, so they show in the wall time only.")
-    print("- plain restore: into a new, empty database on the benchmark server (its server-side CPU is not counted); "
+          "the `counts`/`full` scans run in the benchmark server: its CPU over the step (backends, checkpointer, "
+          "autovacuum: whatever ran then) is the server column.")
+    print("- plain restore: into a new, empty database on the benchmark server (its work in the server column); "
           f"verify: a throwaway {ve['server']} of the same binaries (initdb, start, restore, recompute and compare "
           f"{ve['findings']} findings at level {ve['level']}, stop, remove), whose CPU, server included, is in "
           "`tools`; both with fsync=off. Restores checked against the source "
