@@ -9,6 +9,7 @@ when cancelled by SIGTERM (running tools are stopped, nothing further starts and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -244,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _progress_output(args)
         from .commands import run
 
-        with cancellable(), _sigterm_cancels():
+        with cancellable(), _sigterm_cancels(), _progress_sink_restored():
             return run(location, args)
     except UsageError as e:
         print(f"pgplakar: usage: {e}", file=sys.stderr)
@@ -282,6 +283,17 @@ def _sigterm_cancels() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _progress_sink_restored() -> Iterator[None]:
+    """``main()`` may run in-process (tests, embedding): progress goes back to the log when it returns."""
+    from ..store import progress
+
+    try:
+        yield
+    finally:
+        progress.set_sink(None)
 
 
 def _progress_output(args: argparse.Namespace) -> None:
