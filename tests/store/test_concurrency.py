@@ -145,6 +145,52 @@ def test_a_backup_never_waits_for_a_running_prune(location: str, tmp_path: Path,
     st.close()
 
 
+def test_backups_before_during_and_after_prunes_all_restore(location: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several rounds: a backup running when a prune starts, one started during it, one after; old snapshots
+    forgotten each round. Every backup succeeds without waiting, every kept snapshot restores byte-exact, and
+    ``check --read-data`` is clean."""
+    monkeypatch.setenv("PGPLAKAR_PRUNE_SETTLE", "1")
+    st = Store.create(location, PASSPHRASE, pack_target=256 * KiB)
+    common = rand(300 * KiB, 99)
+    trees: dict[str, dict[str, bytes]] = {}
+    kept: list[str] = []
+    for rnd in range(3):
+        def tree(name: str, seed: int, rnd: int = rnd) -> tuple[Path, dict[str, bytes]]:
+            root = tmp_path / f"r{rnd}-{name}"
+            return root, make_tree(root, {"/common.bin": common, f"/{name}.bin": rand(200 * KiB, 100 * rnd + seed),
+                                          f"/{name}-2.bin": rand(100 * KiB, 100 * rnd + seed + 50)})
+        (src_a, exp_a), (src_b, exp_b), (src_c, exp_c) = tree("a", 1), tree("b", 2), tree("c", 3)
+        release = tmp_path / f"release{rnd}"
+        a = writer(location, src_a, "--hold-after", "1", "--release", str(release), "--lock-wait", "0")
+        a.wait_for("HOLDING", stream="stdout")
+        st.forget(kept[:-2])  # keep the two newest of earlier rounds
+        kept = kept[-2:]
+        outcome: list[object] = []
+        pruner = threading.Thread(target=lambda out=outcome: out.append(_capture(prune_mod.prune, st)))
+        pruner.start()
+        b = writer(location, src_b, "--lock-wait", "0")  # started while the prune runs
+        release.touch()  # the running backup finishes during the prune
+        assert b.finish() == 0, b.text("stderr")
+        assert a.finish() == 0, a.text("stderr")
+        pruner.join(timeout=120)
+        assert isinstance(outcome[0], prune_mod.PruneReport), outcome
+        c = writer(location, src_c, "--lock-wait", "0")
+        assert c.finish() == 0, c.text("stderr")
+        for proc, exp in ((a, exp_a), (b, exp_b), (c, exp_c)):
+            sid = proc.json_result()["id"]
+            trees[sid] = exp
+            kept.append(sid)
+        assert sorted(st.snapshot_ids()) == sorted(kept)
+        for sid in kept:
+            assert_restores(st, sid, trees[sid], tmp_path / f"restore-{rnd}-{sid[:8]}")
+    prune_mod.prune(st)
+    _check_clean(st)
+    for sid in kept:
+        assert_restores(st, sid, trees[sid], tmp_path / f"final-{sid[:8]}")
+    st.close()
+
+
 def _capture(fn: Callable[..., object], *args: object, **kwargs: object) -> object:
     try:
         return fn(*args, **kwargs)
