@@ -21,6 +21,12 @@ def get_provider_info() -> dict:
             {"integration-name": "PgPlakar", "external-doc-url": "https://plakar.io/", "tags": ["software"]}
         ],
         "hooks": [{"integration-name": "PgPlakar", "python-modules": ["airflow_provider_pgplakar.hooks.store"]}],
+        "operators": [{"integration-name": "PgPlakar", "python-modules": [
+            "airflow_provider_pgplakar.operators.logical", "airflow_provider_pgplakar.operators.physical",
+            "airflow_provider_pgplakar.operators.verify", "airflow_provider_pgplakar.operators.maintenance"]}],
+        "sensors": [{"integration-name": "PgPlakar", "python-modules": ["airflow_provider_pgplakar.sensors.snapshot"]}],
+        "triggers": [{"integration-name": "PgPlakar",
+                      "python-modules": ["airflow_provider_pgplakar.triggers.snapshot"]}],
         "connection-types": [
             {
                 "connection-type": "pgplakar_store",

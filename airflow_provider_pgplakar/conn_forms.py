@@ -16,7 +16,8 @@ STORE_CONN_FIELDS: dict[str, dict[str, Any]] = {
         "description": "Directory path, file:// URL or s3://bucket/prefix",
         "schema": {"type": ["string", "null"]},
     },
-    "key": {
+    # Named so that Airflow's secret masker hides it (UI, REST API, rendered templates); the hook still reads "key".
+    "secret_key": {
         "label": "Raw store key",
         "description": "Base64 master key from `pgplakar key export`; skips the passphrase KDF (optional)",
         "schema": {"type": ["string", "null"], "format": "password"},

@@ -15,7 +15,9 @@ the unprivileged server user). On a throwaway server of ``--version`` (default 1
 3. a clustered 1 % change: ``UPDATE pgbench_accounts SET abalance = abalance + 1`` on the first 1 % of ``aid``,
    then ``CHECKPOINT``;
 4. our second backup into each store (new stored bytes from the snapshot header's ``new_stored_bytes``) and
-   pgBackRest incremental backups into both repos (the repository ``delta`` bytes from ``pgbackrest info``).
+   pgBackRest incremental backups into both repos (the repository ``delta`` bytes from ``pgbackrest info``);
+5. our physical restore of that second snapshot into a directory, with fsync (the default) and ``--no-sync``,
+   without ``pg_verifybackup`` (the cost of durability, issue 9 §3).
 
 pgBackRest needs ``archive_mode=on`` with its ``archive-push`` as ``archive_command``; the server is configured
 that way when pgBackRest is present, for every measurement (also ours and raw pg_basebackup). Our timings exclude
@@ -145,6 +147,14 @@ def our_backup(store: Any, server: Any, block: int) -> Any:
     return physical_backup(store, opts, relation_block_size=block)
 
 
+def our_restore(store: Any, snapshot_id: str, target: Path, sync: bool) -> Any:
+    """The physical restore without pg_verifybackup: what fsync (issue 9 §3) costs against --no-sync."""
+    from airflow_provider_pgplakar.pg.datadir import physical_restore
+
+    owner = str(os.geteuid()) if os.geteuid() == 0 else None  # no server starts on it: any owner will do
+    return physical_restore(store, snapshot_id, target, verify=False, owner=owner, sync=sync)
+
+
 def clustered_change(server: Any, fraction: float = 0.01) -> int:
     with server.connect() as c:
         n = c.execute("SELECT count(*) FROM pgbench_accounts").fetchone()[0]
@@ -225,12 +235,22 @@ def main(argv: list[str] | None = None) -> int:
                     record(label, wall, cpu, stored=pgbr.last_delta(repo))
 
         changed = clustered_change(server)
+        seconds: dict[int, str] = {}
         for b in blocks:
             wall, cpu, res = timed(lambda b=b: our_backup(stores[b], server, b))
+            seconds[b] = res.snapshot_id
             record(f"pgplakar 2nd after 1% clustered (block {b // 1024} KiB)", wall, cpu, bytes=res.bytes,
                    stored=res.new_stored_bytes)
             notes.append(f"block {b // 1024} KiB, second backup's new stored bytes by kind: "
                          + ", ".join(f"{k} {mib(v)}" for k, v in new_bytes_by_kind(stores[b], res.snapshot_id).items()))
+        first, latest = stores[blocks[0]], seconds[blocks[0]]
+        for i in range(args.repeat):
+            for sync in (True, False):
+                target = work / f"restore-{i}-{int(sync)}"
+                wall, cpu, res = timed(lambda target=target, sync=sync: our_restore(first, latest, target, sync))
+                record(f"pgplakar restore to a directory ({'fsync' if sync else '--no-sync'}, no verify)", wall,
+                       cpu, bytes=res.bytes)
+                shutil.rmtree(target, ignore_errors=True)
         if pgbr is not None:
             for repo, label in ((1, "pgBackRest incr (file-level)"), (2, "pgBackRest incr (block-level)")):
                 archived = pgbr.archive_bytes(repo)

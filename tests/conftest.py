@@ -40,3 +40,14 @@ def airflow_db() -> Iterator[None]:
 
     db.initdb()
     yield
+
+
+@pytest.fixture(autouse=True)
+def _uncancelled() -> Iterator[None]:
+    """The cancellation of pg/process.py is process-wide (one task per process in Airflow): a test that cancels
+    must not cancel the tests after it."""
+    from airflow_provider_pgplakar.pg.process import reset_cancellation
+
+    reset_cancellation()
+    yield
+    reset_cancellation()

@@ -258,7 +258,7 @@ def test_info(created: Cli, src: Path) -> None:
     fields = {line.split(None, 1)[0]: line.split(None, 1)[1] for line in lines}
     assert fields["encryption"] == "aes256gcm" and fields["snapshots"] == "1" and fields["location"] == cli.location
     info = cli.json("info")
-    assert info["repo_id"] == fields["repo_id"] and info["encryption"] == "aes256gcm"
+    assert info["repo_id"] == fields["repo_id"] and info["encryption"] == "aes256gcm" and info["format"] == 2
     header = cli.json("info", sid[:8])
     assert header["id"] == sid and header["tags"] == ["nightly"] and header["labels"] == {"db": "main"}
     assert "manifest" not in header
@@ -451,7 +451,8 @@ def test_help_of_backup_and_restore_lists_every_option_with_its_default(cli: Cli
     for cls in (LogicalSourceOptions, PhysicalSourceOptions):
         for name in cls.__dataclass_fields__:
             assert name == "conn" or name in flat, name
-    assert "compress [false]" in flat and "checkpoint [spread]" in flat and "ssl_mode [prefer]" in flat
+    assert "compress [false]" in flat and "checkpoint [spread]" in flat
+    assert "ssl_mode [prefer; postgres+aws: require]" in flat
     flat = " ".join(restore_help.split())
     assert all(name in flat for name in RestoreOptions.__dataclass_fields__ if name != "conn")
     assert "recreate [false]" in flat and "jobs [1]" in flat

@@ -10,9 +10,10 @@ from typing import Any
 
 from ..store import check as check_mod
 from ..store import files
+from ..store import forget as forget_mod
 from ..store import prune as prune_mod
 from ..store.errors import StoreError
-from ..store.forget import plan_forget, source_label
+from ..store.forget import source_label
 from ..store.repo import Store
 from ..store.retention import Policy, parse_group_by
 from . import output
@@ -299,8 +300,16 @@ def cmd_restore(location: str, args: argparse.Namespace) -> int:
 
 
 def cmd_check(location: str, args: argparse.Namespace) -> int:
+    subset = None
+    if args.read_data_subset is not None:  # refused before the store is opened
+        if args.read_data:
+            raise UsageError("give --read-data or --read-data-subset, not both")
+        try:
+            subset = check_mod.parse_subset(args.read_data_subset)
+        except ValueError as e:
+            raise UsageError(f"--read-data-subset: {str(e).split(': ', 1)[1]}") from None
     st = _open(location, args)
-    rep = check_mod.check(st, read_data=args.read_data,
+    rep = check_mod.check(st, read_data=args.read_data, read_data_subset=subset,
                           progress=(lambda m: print(f"pgplakar: {m}", file=sys.stderr)) if args.verbose else None)
     if args.json:
         output.emit_json(rep.as_dict())
@@ -310,49 +319,44 @@ def cmd_check(location: str, args: argparse.Namespace) -> int:
         for n in rep.notes:
             print(f"note: {n}")
         print(f"{'ok' if rep.ok else 'FAILED'}: {rep.snapshots} snapshots, {rep.records} records, {rep.packs} packs"
-              + (f", {rep.blobs_read} blobs / {output.human_bytes(rep.bytes_read)} read" if args.read_data else ""))
+              + (f", {rep.blobs_read} blobs / {output.human_bytes(rep.bytes_read)} read" if rep.read_data else "")
+              + (f" ({rep.packs_read} packs of subset {rep.subset})" if rep.subset else ""))
     return 0 if rep.ok else 3
 
 
 def cmd_forget(location: str, args: argparse.Namespace) -> int:
     within = parse_duration(args.keep_within) if args.keep_within is not None else None  # refused before opening
-    st = _open(location, args)
     policy_given = any(getattr(args, f"keep_{r}") for r in ("last", "hourly", "daily", "weekly", "monthly", "yearly"))
     policy_given = policy_given or within is not None or bool(args.keep_tag)
     if args.ids and policy_given:
         raise UsageError("give snapshot IDs or a --keep-* policy, not both")
     if not args.ids and not policy_given:
         raise UsageError("forget needs snapshot IDs or at least one --keep-* rule")
-    if args.ids:
-        remove = [st.resolve(i) for i in args.ids]
-        result: Any = {"removed": remove}
-    else:
+    policy = None
+    if policy_given:
         policy = Policy(
             keep_last=args.keep_last, keep_hourly=args.keep_hourly, keep_daily=args.keep_daily,
             keep_weekly=args.keep_weekly, keep_monthly=args.keep_monthly, keep_yearly=args.keep_yearly,
             keep_within=within,
             keep_tags=tuple(args.keep_tag), tz=args.tz,
         )
-        decisions = plan_forget(st, policy, parse_group_by(args.group_by))
-        remove = [s.id for d in decisions for s in d.remove]
-        result = {"groups": [{"group": repr(d.group), "keep": [{"id": s.id, "reasons": r} for s, r in d.keep],
-                              "remove": [s.id for s in d.remove]} for d in decisions], "removed": remove}
-        if not args.json:
-            for d in decisions:
-                print(f"group {d.group}: keep {len(d.keep)}, remove {len(d.remove)}")
-                for s, reasons in d.keep:
-                    print(f"  keep   {s.id[:8]} {s.time.isoformat()}  ({', '.join(reasons)})")
-                for s in d.remove:
-                    print(f"  remove {s.id[:8]} {s.time.isoformat()}")
-    if not args.dry_run:
-        st.forget(remove)
-        if args.prune:
-            result["prune"] = prune_mod.prune(st).as_dict()
-    result["dry_run"] = args.dry_run
+    group_by = _group_by(args.group_by)
+    st = _open(location, args)
+    res = forget_mod.forget(st, policy, ids=args.ids, group_by=group_by, dry_run=args.dry_run)
+    result: dict[str, Any] = res.as_dict()
+    if not args.json:
+        for g in res.groups:
+            print(f"group {g['group']}: keep {len(g['keep'])}, remove {len(g['remove'])}")
+            for k in g["keep"]:
+                print(f"  keep   {k['id'][:8]} {k['time']}  ({', '.join(k['reasons'])})")
+            for sid in g["remove"]:
+                print(f"  remove {sid[:8]}")
+    if not args.dry_run and args.prune:
+        result["prune"] = prune_mod.prune(st).as_dict()
     if args.json:
         output.emit_json(result)
     else:
-        print(f"{'would remove' if args.dry_run else 'removed'} {len(remove)} snapshot(s)")
+        print(f"{'would remove' if args.dry_run else 'removed'} {len(res.removed)} snapshot(s)")
     return 0
 
 
@@ -368,6 +372,56 @@ def cmd_prune(location: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def _group_by(text: str) -> tuple[str, ...]:
+    try:
+        return parse_group_by(text)
+    except ValueError as e:
+        raise UsageError(f"--group-by: {e}") from None
+
+
+def cmd_stats(location: str, args: argparse.Namespace) -> int:
+    from ..store.stats import age_text, store_stats
+
+    group_by = _group_by(args.group_by)
+    st = _open(location, args)
+    rep = store_stats(st, group_by=group_by)
+    for e in rep.unreadable:
+        print(f"pgplakar: warning: {e}", file=sys.stderr)
+    if args.json:
+        output.emit_json(rep.as_dict())
+        return 0
+    hb = output.human_bytes
+    output.table(["source", "snapshots", "newest", "time", "age", "size", "new", "stored (all)"],
+                 [[s.source, s.snapshots, s.newest[:8], s.newest_time[:19].replace("T", " "), age_text(s.age_s),
+                   hb(s.bytes), hb(s.new_stored_bytes), hb(s.stored_bytes_total)] for s in rep.sources])
+    print(f"store: {rep.snapshots} snapshots, {hb(rep.logical_bytes)} logical, {hb(rep.stored_bytes)} stored in "
+          f"{rep.packs} packs, dedup ratio {rep.dedup_ratio:.2f}")
+    return 0
+
+
+def cmd_freshness(location: str, args: argparse.Namespace) -> int:
+    from ..store.stats import age_text, freshness, parse_max_age
+
+    try:
+        max_age = parse_max_age(args.max_age)
+    except ValueError as e:
+        raise UsageError(f"--max-age: {str(e).split(': ', 1)[1]}") from None
+    group_by = _group_by(args.group_by)
+    st = _open(location, args)
+    rep = freshness(st, max_age, group_by=group_by)
+    if args.json:
+        output.emit_json(rep.as_dict())
+    else:
+        stale = {id(s) for s in rep.stale}
+        for s in rep.sources:
+            print(f"{'STALE' if id(s) in stale else 'ok   '} {s.source}: newest {s.newest[:8]} at "
+                  f"{s.newest_time[:19].replace('T', ' ')} ({age_text(s.age_s)} old)")
+    if not rep.ok:
+        print(f"pgplakar: {rep.failure_text()}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def cmd_info(location: str, args: argparse.Namespace) -> int:
     st = _open(location, args)
     if args.target:
@@ -380,7 +434,8 @@ def cmd_info(location: str, args: argparse.Namespace) -> int:
                 print(f"{k:15} {v}")
         return 0
     c = st.config
-    info = {"location": st.location, "repo_id": c.repo_id, "encryption": c.encryption, "chunker": c.chunker,
+    info = {"location": st.location, "format": c.format, "repo_id": c.repo_id, "encryption": c.encryption,
+            "chunker": c.chunker,
             "compression": c.compression, "pack_target": c.pack_target, "created": c.created,
             "snapshots": len(st.snapshot_ids())}
     if args.json:

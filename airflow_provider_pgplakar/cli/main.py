@@ -1,7 +1,9 @@
 """``pgplakar [options] at STORE COMMAND ...`` — Plakar's verbs on our store.
 
 Exit status: 0 on success, 1 on any failure (one line on stderr, no traceback unless ``--debug``), 2 on usage
-errors, 3 when ``check`` finds problems or ``verify`` fails, 130 on Ctrl-C.
+errors, 3 when ``check`` finds problems, ``verify`` fails or ``freshness`` finds a stale source, 130 on Ctrl-C, 143
+when cancelled by SIGTERM (running tools are stopped, nothing further starts and a backup commits nothing:
+:func:`..pg.process.cancel`).
 """
 
 from __future__ import annotations
@@ -9,13 +11,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from ..pg import PgError
+from ..pg.process import TaskCancelled, cancel, cancellable
 from ..store.errors import StoreError
-from ..store.retention import DURATION_HELP, Duration
+from ..store.retention import DEFAULT_GROUP_BY, DURATION_HELP, Duration
 from ..store.retention import parse_duration as retention_duration
 
 DEFAULT_STORE = os.path.join(os.path.expanduser("~"), ".pgplakar")
@@ -38,6 +44,7 @@ def _options_line(cls: type, skip: frozenset[str] = frozenset({"conn"})) -> str:
         if f.name in skip or f.name.startswith("_"):
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
+        default = f.metadata.get("help_default", default)
         if isinstance(default, bool):
             default = str(default).lower()
         parts.append(f"{f.name} [{default}]" if default not in (None, (), "") else f.name)
@@ -153,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pg-bin-dir", metavar="DIR", help="physical snapshots: PostgreSQL bin directory that will "
                    "start the data directory (its major version is checked first; its pg_verifybackup is used)")
     p.add_argument("--no-verify", action="store_true", help="physical snapshots: skip pg_verifybackup")
-    p.add_argument("--require-verify", action="store_true", help="physical snapshots: fail (before writing) when "
-                   "no pg_verifybackup of the backup's major is available, instead of a warning")
+    p.add_argument("--require-verify", action="store_true", help="physical snapshots: fail when no pg_verifybackup "
+                   "of the backup's major is available (checked before writing) or it cannot run, instead of a warning")
     p.add_argument("--owner", metavar="USER[:GROUP]", help="physical snapshots restored as root: give every file "
                    "this owner (default: the snapshot's owner names, e.g. postgres)")
     p.add_argument("--no-sync", action="store_true", help="do not fsync restored files and directories (faster; "
@@ -162,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("check", "verify the store's metadata (and with --read-data every byte)")
     p.add_argument("--read-data", action="store_true")
+    p.add_argument("--read-data-subset", metavar="n/m|/m|x%", help="read only some packs: slice n of m, today's "
+                   "slice of m (a daily check reads everything within m days), or x%% at random")
 
     p = cmd("forget", "remove snapshots by ID or by a retention policy")
     p.add_argument("ids", nargs="*", metavar="SNAPSHOT")
@@ -170,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-within", metavar="DURATION", help="keep everything within DURATION of the group's newest "
                    "snapshot, restic's units: y, m (months), w, d, h, e.g. 6m, 1y6m, 7d12h")
     p.add_argument("--keep-tag", action="append", default=[], help="keep snapshots with this tag")
-    p.add_argument("--group-by", default="source,labels", help="source,labels | label:NAME,... | '' for one group")
+    p.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY),
+                   help="source (default: kind, host, port, database or data directory) | labels | tags | "
+                        "label:NAME, comma-separated | '' for one group")
     p.add_argument("--tz", default="UTC", help="time zone of calendar buckets (default UTC)")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--prune", action="store_true", help="prune afterwards")
@@ -178,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("prune", "delete data no snapshot references (waits for no one: fails if a backup runs)")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait this long for running backups")
+
+    p = cmd("stats", "per source the newest snapshot, its age and sizes; the store's totals and dedup ratio")
+    p.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY), help="what a source is (as for forget)")
+
+    p = cmd("freshness", "exit 3 naming every source whose newest snapshot is older than --max-age")
+    p.add_argument("--max-age", required=True, metavar="DURATION", help="e.g. 26h, 2d, 1w (y, m months, w, d, h)")
+    p.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY), help="what a source is (as for forget)")
 
     p = cmd("info", "show the store's settings, or a snapshot's header")
     p.add_argument("target", nargs="?", metavar="SNAPSHOT")
@@ -226,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _progress_output(args)
         from .commands import run
 
-        return run(location, args)
+        with cancellable(), _sigterm_cancels():
+            return run(location, args)
     except UsageError as e:
         print(f"pgplakar: usage: {e}", file=sys.stderr)
         return 2
@@ -236,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pgplakar: interrupted", file=sys.stderr)
         return 130
+    except TaskCancelled as e:
+        print(f"pgplakar: error: {_one_line(e)}", file=sys.stderr)
+        return 143
     except (StoreError, PgError, ValueError, OSError) as e:
         if debug:
             raise
@@ -247,6 +269,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pgplakar: error: internal error {type(e).__name__}: {_one_line(e)} (rerun with --debug)",
               file=sys.stderr)
         return 1
+
+
+@contextmanager
+def _sigterm_cancels() -> Iterator[None]:
+    """SIGTERM (``kill``, a container stop, systemd) cancels the command: tools are killed, nothing else starts."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: cancel())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _progress_output(args: argparse.Namespace) -> None:

@@ -16,6 +16,7 @@ Every token is registered with ``mask_secret``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ from airflow.sdk import BaseHook
 from ..pg import OptionError
 from ..pg.iam import IamAuthError, IamTokenSource
 from ..pg.options import (
+    SSL_KEY_DATA_ALIAS,
     LogicalSourceOptions,
     PhysicalSourceOptions,
     RestoreOptions,
@@ -31,6 +33,8 @@ from ..pg.options import (
     parse_restore_options,
     parse_source_options,
 )
+
+log = logging.getLogger(__name__)
 
 _SSL_EXTRAS = {"sslmode": "ssl_mode", "sslcert": "ssl_cert", "sslkey": "ssl_key", "sslrootcert": "ssl_root_cert"}
 # Extras of the Airflow postgres provider that mean nothing for dump tools (not errors).
@@ -61,6 +65,28 @@ def _text(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return ",".join(str(x) for x in v)
     return str(v)
+
+
+_KEY_DATA_NAMES = ("ssl_key_data", SSL_KEY_DATA_ALIAS)  # one option under two names
+
+
+def _override(opts: dict[str, str], overrides: Mapping[str, Any] | None) -> None:
+    """Apply operator ``options`` over the connection's: an inline key under either name replaces the other."""
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            if key in _KEY_DATA_NAMES:
+                for name in _KEY_DATA_NAMES:
+                    opts.pop(name, None)
+            opts[key] = _text(value)
+
+
+def _mask_secrets(opts: Mapping[str, str]) -> None:
+    """Register the password and an inline private key with the task-log masker."""
+    from airflow.sdk.log import mask_secret
+
+    for name in ("password", *_KEY_DATA_NAMES):
+        if opts.get(name):
+            mask_secret(opts[name])
 
 
 # Option names a shared connection may carry for logical backups or restores; a base backup ignores them.
@@ -120,18 +146,18 @@ class PgPlakarPostgresHook(BaseHook):
             for key, value in extra.items():
                 if key not in _IGNORED_EXTRAS and value not in (None, ""):
                     opts[key] = _text(value)
+            if "ssl_key_data" in opts:
+                log.warning("connection %r: Airflow shows the extra ssl_key_data in clear (UI, REST API); rename it "
+                            "%s, which it masks", self.postgres_conn_id, SSL_KEY_DATA_ALIAS)
             if scheme == "postgres+aws" and extra.get("region_name") not in (None, ""):
                 opts["region"] = _text(extra["region_name"])
             location = f"{scheme}://"
-        for key, value in (overrides or {}).items():
-            if value is not None:
-                opts[key] = _text(value)
+        _override(opts, overrides)
         if self.aws_conn_id and not opts.get("region"):
             region = _aws_base_hook(self.aws_conn_id).region_name  # the AWS connection's region_name, if any
             if region:
                 opts["region"] = region
-        if opts.get("password"):
-            mask_secret(opts["password"])
+        _mask_secrets(opts)
         if restore and "database" in opts and opts.get("recreate") in ("true", "1", "yes"):
             opts.pop("database")  # a connection's default database is no restore target with recreate
         return location, opts
@@ -184,7 +210,6 @@ class PgPlakarPostgresHook(BaseHook):
                 opts.pop(key)
             if dropped and log is not None:
                 log.info("base backup of the whole cluster: ignoring the connection's %s", ", ".join(dropped))
-        for key, value in (overrides or {}).items():
-            if value is not None:
-                opts[key] = _text(value)
+        _override(opts, overrides)
+        _mask_secrets(opts)
         return parse_source_options(location, opts)  # type: ignore[return-value]

@@ -7,12 +7,15 @@ encrypted and masks it. Secrets are also masked with the secret masker as soon a
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from airflow.sdk import BaseHook
 
 from ..conn_forms import STORE_CONN_TYPE as CONN_TYPE
 from ..store.repo import Store
+
+log = logging.getLogger(__name__)
 
 _S3_MAP = {
     "endpoint_url": "endpoint_url",
@@ -52,15 +55,22 @@ class PgPlakarStoreHook(BaseHook):
         location = extra.get("location") or conn.host
         if not location:
             raise ValueError(f"connection {self.store_conn_id!r}: set the 'location' extra (path or s3://bucket/p)")
-        for secret in (conn.password, extra.get("key"), extra.get("aws_secret_access_key"),
-                       extra.get("aws_session_token")):
+        key = extra.get("secret_key")
+        old_key = extra.get("key")  # the older name, still read: Airflow shows it in clear
+        for secret in (conn.password, key, old_key, extra.get("aws_secret_access_key"), extra.get("aws_session_token")):
             if secret:
                 mask_secret(secret)
+        if old_key is not None:
+            if key is not None and key != old_key:
+                raise ValueError(f"connection {self.store_conn_id!r}: the extras secret_key and key differ; keep "
+                                 "secret_key only")
+            log.warning("connection %r: Airflow shows the extra 'key' in clear (UI, REST API); rename it "
+                        "'secret_key', which it masks", self.store_conn_id)
         s3 = {dst: extra[src] for src, dst in _S3_MAP.items() if src in extra}
         return {
             "location": location,
             "passphrase": conn.password or None,
-            "key": extra.get("key"),
+            "key": key if key is not None else old_key,
             "plaintext": _bool(extra.get("plaintext", False)),
             "s3_options": s3 or None,
             "cache_dir": extra.get("cache_dir"),

@@ -2,27 +2,33 @@
 
 Every snapshot is labelled with dag_id, run_id, task_id, map_index and try_number, and written with an
 idempotency key of dag/task/run/map_index: a retried task that already committed returns the same snapshot ID
-instead of leaving a second snapshot for the run. ``on_kill`` kills every tool's process group; the store is left
-consistent (the uncommitted snapshot is simply absent; its packs are orphans for prune).
+instead of leaving a second snapshot for the run. ``on_kill`` cancels the task (:func:`..pg.process.cancel`): every
+tool's process group is killed, running queries are cancelled, nothing further starts and nothing is committed
+(the uncommitted snapshot is simply absent; its packs are orphans for prune); the task fails with "the task was
+cancelled". Airflow's task runner calls ``on_kill`` from its SIGTERM handler and then returns to ``execute``, which
+is why a flag that every phase checks is needed.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow.sdk import BaseOperator
 
 from ..hooks.postgres import PgPlakarPostgresHook
 from ..hooks.store import PgPlakarStoreHook
-from ..pg.process import kill_all
+from ..pg.options import SSL_KEY_DATA_ALIAS
+from ..pg.process import cancel, cancellable
 from .outcome import BACKUPS_ALIAS, LOGICAL_SCHEME, backup_stats, report, source_uri
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def run_labels(context: Context) -> dict[str, str]:
@@ -48,6 +54,27 @@ def committed_by_earlier_try(store: Any, key: str, task_log: Any) -> str | None:
     return None
 
 
+def cancellable_execute(execute: Callable[[Any, Context], _T]) -> Callable[[Any, Context], _T]:
+    """Run ``execute`` as one cancellable task (:func:`..pg.process.cancellable`): a fresh cancellation state, and
+    any failure after ``on_kill`` reported as :class:`..pg.process.TaskCancelled`."""
+
+    @functools.wraps(execute)
+    def wrapper(self: Any, context: Context) -> _T:
+        with cancellable():
+            return execute(self, context)
+
+    return wrapper
+
+
+def masked_option_names(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` with ``ssl_key_data`` renamed ``ssl_private_key_data``: ``options`` is a template field, and
+    Airflow masks a rendered value by its key name (``private_key``), not ``ssl_key_data``."""
+    out = dict(options or {})
+    if "ssl_key_data" in out and SSL_KEY_DATA_ALIAS not in out:
+        out[SSL_KEY_DATA_ALIAS] = out.pop("ssl_key_data")
+    return out
+
+
 class _PgPlakarOperator(BaseOperator):
     ui_color = "#d0e4f5"
 
@@ -62,13 +89,13 @@ class _PgPlakarOperator(BaseOperator):
         self.store_conn_id = store_conn_id
         self.postgres_conn_id = postgres_conn_id
         self.location = location
-        self.options = dict(options or {})
+        self.options = masked_option_names(options)
 
     def _pg_hook(self) -> PgPlakarPostgresHook:
         return PgPlakarPostgresHook(None if self.location else self.postgres_conn_id, location=self.location)
 
     def on_kill(self) -> None:
-        kill_all()
+        cancel()
 
 
 class PgPlakarBackupOperator(_PgPlakarOperator):
@@ -100,6 +127,7 @@ class PgPlakarBackupOperator(_PgPlakarOperator):
         self.labels = dict(labels or {})
         self.manifest_only = manifest_only
 
+    @cancellable_execute
     def execute(self, context: Context) -> str:
         from ..pg.logical import logical_backup
 
@@ -150,6 +178,7 @@ class PgPlakarRestoreOperator(_PgPlakarOperator):
         super().__init__(**kwargs)
         self.snapshot_id = snapshot_id
 
+    @cancellable_execute
     def execute(self, context: Context) -> dict[str, Any]:
         from ..pg.restore import logical_restore
 

@@ -39,9 +39,10 @@ def backup_stats(store: Any, snapshot_id: str) -> dict[str, Any]:
     header = snap.header
     totals = header.get("stats") or {}
     meta = header.get("meta") or {}
+    seconds = meta.get("seconds") or {}
     databases = [
         {"database": (rec.get("x") or {}).get("database") or database_from_path(rec["p"]), "bytes": rec.get("s", 0),
-         "seconds": (rec.get("x") or {}).get("seconds")}
+         "seconds": seconds.get(rec["p"])}
         for rec in store.records(snap) if (rec.get("x") or {}).get("type") == "dump"
     ]
     return {

@@ -20,8 +20,14 @@ from airflow.sdk import BaseOperator
 
 from ..hooks.store import PgPlakarStoreHook
 from ..pg import OptionError
-from ..pg.process import kill_all
-from .logical import _PgPlakarOperator, committed_by_earlier_try, idempotency_key, run_labels
+from ..pg.process import cancel
+from .logical import (
+    _PgPlakarOperator,
+    cancellable_execute,
+    committed_by_earlier_try,
+    idempotency_key,
+    run_labels,
+)
 from .outcome import PHYSICAL_SCHEME, backup_stats, report, source_uri
 
 if TYPE_CHECKING:
@@ -73,6 +79,7 @@ class PgPlakarBaseBackupOperator(_PgPlakarOperator):
         self.tags = list(tags)
         self.labels = dict(labels or {})
 
+    @cancellable_execute
     def execute(self, context: Context) -> str:
         from ..pg.physical import physical_backup
 
@@ -112,22 +119,22 @@ class PgPlakarPhysicalRestoreOperator(BaseOperator):
         version, checked before anything is written; its ``pg_verifybackup`` verifies the result.
     :param overwrite: empty a non-empty ``target_dir`` first (never a tablespace directory unless it is mapped
         explicitly in ``tablespace_mapping``; never a running server's directory).
-    :param require_verify: fail before writing when no ``pg_verifybackup`` of the backup's major is available
-        (without it the result says ``verified: false`` and the task logs a warning).
-    :param owner: ``USER[:GROUP]`` for every restored file when the worker runs as root (default: the snapshot's
+    :param require_verify: fail when no ``pg_verifybackup`` of the backup's major is available (checked before
+        writing) or it cannot run (without it the result says ``verified: false`` and the task logs a warning).
+    :param file_owner: ``USER[:GROUP]`` for every restored file when the worker runs as root (default: the snapshot's
         owner names, i.e. ``postgres``); templated.
     :param sync: fsync every restored file and directory before succeeding (default true; false is faster).
     Returns the restore summary (a small dict: major version, files, tablespaces, verification, warnings).
     """
 
-    template_fields: Sequence[str] = ("snapshot_id", "target_dir", "tablespace_mapping", "pg_bin_dir", "owner",
+    template_fields: Sequence[str] = ("snapshot_id", "target_dir", "tablespace_mapping", "pg_bin_dir", "file_owner",
                                       "store_conn_id")
     ui_color = "#d0e4f5"
 
     def __init__(self, *, snapshot_id: str, target_dir: str,
                  tablespace_mapping: Mapping[str, str] | Sequence[str] | None = None, overwrite: bool = False,
                  pg_bin_dir: str | None = None, verify: bool = True, require_verify: bool = False,
-                 owner: str | None = None, sync: bool = True,
+                 file_owner: str | None = None, sync: bool = True,
                  store_conn_id: str = PgPlakarStoreHook.default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.snapshot_id = snapshot_id
@@ -137,10 +144,11 @@ class PgPlakarPhysicalRestoreOperator(BaseOperator):
         self.pg_bin_dir = pg_bin_dir
         self.verify = verify
         self.require_verify = require_verify
-        self.owner = owner
+        self.file_owner = file_owner  # not ``owner``: BaseOperator.owner is the task's owner in Airflow
         self.sync = sync
         self.store_conn_id = store_conn_id
 
+    @cancellable_execute
     def execute(self, context: Context) -> dict[str, Any]:
         from ..pg.datadir import physical_restore
 
@@ -150,11 +158,11 @@ class PgPlakarPhysicalRestoreOperator(BaseOperator):
                                       tablespace_mapping=_mapping_arg(self.tablespace_mapping),
                                       overwrite=self.overwrite, pg_bin_dir=self.pg_bin_dir or None,
                                       verify=self.verify, require_verify=self.require_verify,
-                                      owner=self.owner or None, sync=self.sync)
+                                      owner=self.file_owner or None, sync=self.sync)
         for w in result.warnings:
             self.log.warning("%s", w)
         self.log.info("%s", result.text())
         return result.as_dict()
 
     def on_kill(self) -> None:
-        kill_all()
+        cancel()

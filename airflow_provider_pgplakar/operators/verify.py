@@ -15,8 +15,8 @@ from airflow.sdk import BaseOperator
 
 from ..hooks.store import PgPlakarStoreHook
 from ..pg import OptionError
-from ..pg.process import kill_all
-from .logical import run_labels
+from ..pg.process import cancel
+from .logical import cancellable_execute, run_labels
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -49,6 +49,7 @@ class PgPlakarVerifyOperator(BaseOperator):
         self.store_report = store_report
         self.fail_on_mismatch = fail_on_mismatch
 
+    @cancellable_execute
     def execute(self, context: Context) -> dict[str, Any]:
         from ..pg.verify import VerifyFailed, parse_verify_options, store_report, verify_snapshot
 
@@ -74,4 +75,4 @@ class PgPlakarVerifyOperator(BaseOperator):
         return report.as_dict()
 
     def on_kill(self) -> None:
-        kill_all()
+        cancel()

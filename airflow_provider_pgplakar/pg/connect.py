@@ -25,6 +25,7 @@ from psycopg import errors as pg_errors
 
 from airflow_provider_pgplakar.pg import PgError
 from airflow_provider_pgplakar.pg.options import ConnOptions
+from airflow_provider_pgplakar.pg.process import cancelled, check_cancelled, track_connection
 from airflow_provider_pgplakar.pg.secrets import APPLICATION_NAME, CONNECT_TIMEOUT_S, SslFiles
 
 __all__ = ["PgConnectError", "can_read_pg_authid", "connect", "connect_params", "list_databases", "server_version_num"]
@@ -111,10 +112,11 @@ def connect(
     Any psycopg failure (network, auth, a bad keyword) becomes :class:`PgConnectError` with the original exception
     suppressed, because a chained traceback is printed by Airflow and could carry details we did not vet.
     """
+    check_cancelled()  # a cancelled task opens no connection (and so runs no catalog query)
     params: dict[str, Any] = {**connect_params(conn, ssl, dbname, password=password), **kw}
     secret = params.get("password")
     try:
-        return psycopg.connect(**params)
+        c = psycopg.connect(**params)
     except psycopg.Error as exc:
         host = f"[{conn.host}]" if ":" in conn.host else conn.host
         user = conn.username or "<default user>"
@@ -122,6 +124,11 @@ def connect(
         if isinstance(secret, str) and secret:
             message = message.replace(secret, _REDACTED)  # also where it equals the user or database name
         raise PgConnectError(message, sqlstate=getattr(exc, "sqlstate", None)) from None
+    track_connection(c)  # cancel() cancels its running query
+    if cancelled():
+        c.close()
+        check_cancelled()
+    return c
 
 
 def server_version_num(conn: psycopg.Connection) -> int:

@@ -33,6 +33,7 @@ import logging
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,8 @@ from typing import Any
 from ..store.safefs import Owner, RecordPlan, SafeTree, UnsafeRecord, split_path
 from . import PgError, ToolError
 from .physical import DATA_PREFIX, MANIFEST_PATH, SOURCE_KIND, TABLESPACES_PREFIX
+from .process import check_cancelled, spawn, untrack_process
+from .secrets import base_tool_env
 from .tools import DEBIAN_BIN_GLOB, probe_version
 
 log = logging.getLogger(__name__)
@@ -331,11 +334,28 @@ def _check_not_in_use(what: str, path: Path, busy: list[tuple[int, Path, str]]) 
 def _check_empty(what: str, path: Path, overwrite: bool) -> None:
     entries = _entries(what, path)
     if "postmaster.pid" in entries:
-        raise PhysicalRestoreError(f"the {what} {path} holds postmaster.pid: a server may be running on it; stop it "
-                                   "(or remove a stale postmaster.pid) first")
+        raise PhysicalRestoreError(f"the {what} {path} holds postmaster.pid: a server may be running on it"
+                                   f"{_pid_state(path / 'postmaster.pid')}; stop it (or remove a stale "
+                                   "postmaster.pid) first")
     if entries and not overwrite:
         raise PhysicalRestoreError(f"the {what} {path} is not empty: restore into an empty directory, or pass "
                                    "overwrite (--force) to empty it first")
+
+
+def _pid_state(pidfile: Path) -> str:
+    """Whether the pid in a ``postmaster.pid`` is alive here (either way the directory is refused: a server in
+    another pid namespace, such as a container, looks dead from here)."""
+    try:
+        with open(pidfile, "rb") as f:
+            pid = int(f.read(64).split(b"\n", 1)[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, PermissionError):
+            return f" (pid {pid} is running)"
+        if isinstance(exc, ProcessLookupError):
+            return f" (pid {pid} is not running on this host: stale, or a server in another container)"
+        return ""
+    return f" (pid {pid} is running)"
 
 
 def _check_tablespace(t: TablespaceTarget, overwrite: bool) -> None:
@@ -519,6 +539,7 @@ def physical_restore(
     writer = _Writer(store, plan)
     try:
         for rec in store.records(plan.snapshot_id):
+            check_cancelled()
             writer.add(rec)
         writer.finish()
     except BaseException:
@@ -650,12 +671,24 @@ def _verify(tool: str, target: Path) -> tuple[bool, str]:
     if not parse_wal:
         argv.append("--no-parse-wal")
     argv.append(str(target))
-    try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
-                              timeout=VERIFY_TIMEOUT_S, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    check_cancelled()
+    if not os.access(tool, os.X_OK):  # checked here: behind the parent-death wrapper it would be an exit status
+        return False, f"could not run ({tool}: not an executable file)"
+    try:  # spawn: cancel() kills it, and it dies with the task process
+        proc = spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                     errors="replace", env=base_tool_env())
+    except OSError as exc:
         return False, f"could not run ({tool}: {exc})"
-    output = (proc.stdout + proc.stderr).strip()
+    try:
+        out, err = proc.communicate(timeout=VERIFY_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return False, f"could not run ({tool}: no result within {VERIFY_TIMEOUT_S} s)"
+    finally:
+        untrack_process(proc)
+    check_cancelled()
+    output = (out + err).strip()
     if proc.returncode != 0:
         raise PhysicalRestoreError(f"pg_verifybackup found problems in {target} (the files are left there for "
                                    f"inspection): {output[-2000:]}")

@@ -118,12 +118,16 @@ class ZstdSteps:
             raise DecompressError("data after the end of the compressed archive")
         if not n:
             return None
-        chunk = bytes(self._in[:n])
-        del self._in[:n]
+        view = memoryview(self._in)
+        part = view[:n]
         try:
-            out = self._dec.decompress(chunk)
+            out = self._dec.decompress(part)
         except self._zerr as e:
             raise DecompressError(str(e)) from None
+        finally:
+            part.release()
+            view.release()
+        del self._in[:n]
         if self._state == "done":
             if not self._dec.eof:
                 raise DecompressError("the zstd frame did not end where its last block said")

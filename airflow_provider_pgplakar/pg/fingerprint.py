@@ -34,6 +34,7 @@ from psycopg import sql
 
 from . import PgError
 from .options import FINGERPRINT_LEVELS
+from .process import check_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ def collect(conn: Any, level: str, *, members: bool = False) -> dict[str, Any]:
         f"WHERE k.contype <> 'n' AND {_SYSTEM} AND " + not_member("c.oid") + " ORDER BY 1")]
     if level_rank(level) >= level_rank("counts"):
         for rel in out["relations"].values():
+            check_cancelled()  # a count or digest scan per relation can take long
             if _scanned(rel):
                 rows, digest = _scan(conn, rel, full=level == "full")
                 rel["rows"] = rows

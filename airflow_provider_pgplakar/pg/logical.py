@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,12 +34,13 @@ from typing import Any
 
 import psycopg
 
+from ..store.sizes import human_bytes
 from . import PgError, commands, fingerprint
 from .connect import PgConnectError
 from .iam import password_source
 from .jobs import Stopper, run_ordered
 from .options import AWS_DEFAULT_EXCLUDES, LogicalSourceOptions
-from .process import ToolFailed, run_tool
+from .process import ToolFailed, check_cancelled, run_tool
 from .secrets import SslFiles, libpq_env, ssl_files
 from .tools import Tool, find_tool
 
@@ -84,6 +86,7 @@ class Session:
     extra_dirs: tuple[str, ...] = ()
     tools: dict[str, Tool] = field(default_factory=dict)
     stopper: Stopper | None = None  # set for a backup: what its parallel dumps started, to stop them all at once
+    seconds: dict[str, float] = field(default_factory=dict)  # record path -> how long its tool ran
 
     def env(self, database: str | None = None) -> dict[str, str]:
         """A fresh environment per tool process (a fresh IAM token each time, when the source makes tokens)."""
@@ -138,9 +141,10 @@ def logical_backup(
             all_dbs = list_databases(c)
             unknown_excludes = _unknown_databases(c, opts.exclude_databases or ())
             authid_ok = can_read_pg_authid(c) if not (opts.data_only or manifest_only) else True
+            selected = _select(all_dbs, opts)
+            # sizes schedule jobs largest first and are each dump's progress estimate
+            sizes = _sizes(c, selected, quiet=opts.jobs == 1) if not manifest_only else {}
         major = server_num // 10000
-        selected = _select(all_dbs, opts)
-        sizes = _sizes(s, selected) if opts.jobs > 1 and len(selected) > 1 and not manifest_only else {}
         warnings: list[str] = []
         if unknown_excludes:
             warnings.append(f"exclude_databases: {', '.join(map(repr, unknown_excludes))} not on the server "
@@ -179,7 +183,9 @@ def logical_backup(
 
                 def dump(item: tuple[int, str]) -> _Dumped:  # on a dump thread when jobs > 1
                     n, db = item
-                    return _dump_database(w, s, opts, n, db, dump_tool, tool_versions["pg_dump"], level)
+                    check_cancelled()
+                    return _dump_database(w, s, opts, n, db, dump_tool, tool_versions["pg_dump"], level,
+                                          sizes.get(db))
 
                 def deliver(i: int, d: _Dumped) -> None:  # on this thread, in listing order
                     db = selected[i]
@@ -198,6 +204,8 @@ def logical_backup(
                             size=lambda item: sizes.get(item[1], 0), name=lambda item: f"database {item[1]!r}")
                 w.add_bytes(fingerprint.FINGERPRINTS_PATH, fingerprint.encode(prints), mode=0o444,
                             meta={"type": "fingerprints"})
+                meta["seconds"] = dict(s.seconds)  # per record path: how long its tool ran
+            check_cancelled()  # a cancelled backup never commits
         snap_id = w.snapshot_id
         total = store.load_snapshot(snap_id).header["stats"]["bytes"]
         return BackupResult(snap_id, dumped, warnings, w.already_existed, total)
@@ -213,7 +221,7 @@ class _Dumped:
 
 
 def _dump_database(w: Any, s: Session, opts: LogicalSourceOptions, n: int, db: str, dump_tool: str,
-                   tool_version: str, level: str) -> _Dumped:
+                   tool_version: str, level: str, size: int | None = None) -> _Dumped:
     """Fingerprint ``db`` in an exported snapshot and stream ``pg_dump --snapshot`` of it into a stored record."""
     gone = None if opts.database is not None else (lambda e: _vanished(s, db, e))
     try:
@@ -221,7 +229,8 @@ def _dump_database(w: Any, s: Session, opts: LogicalSourceOptions, n: int, db: s
             argv = commands.pg_dump(dump_tool, db, compress=opts.compress, schema_only=opts.schema_only,
                                     data_only=opts.data_only, snapshot=fp.snapshot)
             stored = _stream(w, s, dump_path(n, db), argv, {
-                "type": "dump", "database": db, "format": "custom", "tool": tool_version}, skip_if=gone)
+                "type": "dump", "database": db, "format": "custom", "tool": tool_version}, skip_if=gone,
+                expected_size=size)
     except PgConnectError as e:  # the fingerprint connection comes first: it meets a drop first
         if gone is None or not _missing_database(e, db) or not _gone(s, db):
             raise
@@ -247,17 +256,17 @@ def _one_at_a_time(source: PasswordSource) -> PasswordSource:
     return call
 
 
-def _sizes(s: Session, databases: list[str]) -> dict[str, int]:
-    """``pg_database_size`` of each database we may connect to (what ``jobs`` schedules largest first); {} if the
-    sizes cannot be read (the dumps then start in listing order)."""
+def _sizes(c: Any, databases: list[str], quiet: bool = False) -> dict[str, int]:
+    """``pg_database_size`` of each database we may connect to (``jobs`` schedules the largest first; each dump's
+    progress lines use it as an estimate); {} if the sizes cannot be read (dumps then start in listing order)."""
     try:
-        with s.connect("postgres") as c:  # as the listing did (sizes are asked for whole-cluster backups only)
-            rows = c.execute(
-                "SELECT datname::text, CASE WHEN pg_catalog.has_database_privilege(oid, 'CONNECT') "
-                "THEN pg_catalog.pg_database_size(oid) END FROM pg_catalog.pg_database WHERE datname = ANY(%s)",
-                (databases,)).fetchall()
-    except (psycopg.Error, PgError) as e:
-        log.warning("database sizes unknown (%s): dumps start in listing order", " ".join(str(e).split()))
+        rows = c.execute(
+            "SELECT datname::text, CASE WHEN pg_catalog.has_database_privilege(oid, 'CONNECT') "
+            "THEN pg_catalog.pg_database_size(oid) END FROM pg_catalog.pg_database WHERE datname = ANY(%s)",
+            (databases,)).fetchall()
+    except psycopg.Error as e:
+        (log.debug if quiet else log.warning)("database sizes unknown (%s): dumps start in listing order",
+                                              " ".join(str(e).split()))
         return {}
     return {name: int(size) for name, size in rows if size is not None}
 
@@ -294,11 +303,13 @@ def _gone(s: Session, database: str) -> bool:
 
 
 def _stream(w: Any, s: Session, path: str, argv: list[str], meta: dict[str, Any],
-            skip_if: Callable[[ToolFailed], bool] | None = None) -> Any:
+            skip_if: Callable[[ToolFailed], bool] | None = None, expected_size: int | None = None) -> Any:
     """Store a tool's stdout as the content of ``path``; the caller adds the returned record to the snapshot
     (``w.add_stored``). None (nothing stored) when the tool failed before writing a byte and ``skip_if`` accepts
-    its failure."""
+    its failure. The time the tool ran goes to ``s.seconds[path]`` (the header's ``meta.seconds``; not the record,
+    whose metadata must not change from run to run for manifest leaves to dedup)."""
     log.info("%s: running %s", path, argv[0].rsplit("/", 1)[-1])
+    started = time.monotonic()
     if s.stopper is not None:
         s.stopper.check()
     with run_tool(argv, s.env()) as tool, (s.stopper.tool(tool) if s.stopper is not None else nullcontext()):
@@ -310,11 +321,12 @@ def _stream(w: Any, s: Session, path: str, argv: list[str], meta: dict[str, Any]
                     log.warning("%s: %s", path, e)
                     return None
                 raise
-        stored = w.store_stream(path, tool.stdout, mode=0o444, meta=meta)
+        stored = w.store_stream(path, tool.stdout, mode=0o444, meta=meta, expected_size=expected_size)
         warnings = tool.finish()
+    s.seconds[path] = took = round(time.monotonic() - started, 3)
     if warnings.strip():
         log.info("%s: %s", tool.name, warnings.strip())
-    log.info("%s: %.1f MiB", path, stored.info.size / 2**20)
+    log.info("%s: %s in %.1f s", path, human_bytes(stored.info.size), took)
     return stored
 
 

@@ -45,6 +45,7 @@ from psycopg import IsolationLevel, pq
 from psycopg.rows import dict_row
 
 from airflow_provider_pgplakar.pg import PgError
+from airflow_provider_pgplakar.pg.process import check_cancelled
 
 __all__ = ["MANIFEST_VERSION", "ConnFactory", "ManifestError", "collect_manifest"]
 
@@ -97,7 +98,9 @@ def _rows(conn: psycopg.Connection, query: LiteralString) -> list[dict[str, Any]
 def _section(
     conn: psycopg.Connection, errors: _Errors, database: str | None, section: str, fn: Callable[[], T]
 ) -> T | None:
-    """Run ``fn`` in a savepoint; on a database error record it and return None, leaving the snapshot usable."""
+    """Run ``fn`` in a savepoint; on a database error record it and return None, leaving the snapshot usable.
+    A cancelled task (:func:`.process.cancel`) stops here: its query was cancelled, the next one does not run."""
+    check_cancelled()
     try:
         with conn.transaction():
             return fn()
@@ -473,6 +476,7 @@ def _detail_targets(
 
 def _collect_other(conn_factory: ConnFactory, entry: dict[str, Any], errors: _Errors) -> None:
     name = entry["name"]
+    check_cancelled()
     try:
         conn = conn_factory(name)
     except Exception as exc:  # noqa: BLE001 - any factory failure (auth, network, IAM token) loses only this detail

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -71,11 +71,15 @@ _FALSE = {"false", "0", "no"}
 # Plausible AWS region names: us-east-1, eu-west-3, us-gov-west-1, cn-north-1, us-isob-east-1.
 _REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]+")
 _SSL_PAIRS = (("ssl_cert", "ssl_cert_data"), ("ssl_key", "ssl_key_data"), ("ssl_root_cert", "ssl_root_cert_data"))
+# Another name for ``ssl_key_data``: Airflow's secret masker hides values whose key contains ``private_key`` (in the
+# UI, the REST API and rendered templates) but shows ``ssl_key_data`` in clear; the Airflow glue uses this name.
+SSL_KEY_DATA_ALIAS = "ssl_private_key_data"
 _REDACTED = "***"
 
 # Option names accepted per kind. ``location`` is passed separately.
 _CONN_KEYS = frozenset(
-    {"host", "port", "username", "password", "pg_bin_dir", "ssl_mode"} | {k for pair in _SSL_PAIRS for k in pair}
+    {"host", "port", "username", "password", "pg_bin_dir", "ssl_mode", SSL_KEY_DATA_ALIAS}
+    | {k for pair in _SSL_PAIRS for k in pair}
 )
 _LOGICAL_KEYS = _CONN_KEYS | {"database", "exclude_databases", "compress", "schema_only", "data_only", "fingerprint",
                               "jobs"}
@@ -189,7 +193,8 @@ class ConnOptions:
     username: str | None = None
     password: str | None = None
     region: str | None = None
-    ssl_mode: str = "prefer"
+    # None: the default, prefer (require for postgres+aws); the CLI help shows help_default
+    ssl_mode: str | None = field(default=None, metadata={"help_default": "prefer; postgres+aws: require"})
     ssl_cert: str | None = None
     ssl_cert_data: str | None = None
     ssl_key: str | None = None
@@ -206,6 +211,9 @@ class ConnOptions:
         if self.password is not None:
             if not isinstance(self.password, str) or "\0" in self.password:
                 raise OptionError("password", "must be a string without NUL characters")
+        if self.ssl_mode is None:
+            # RDS IAM needs TLS, and on "prefer" an active attacker can downgrade the connection and read the token.
+            object.__setattr__(self, "ssl_mode", "require" if self.region is not None else "prefer")
         if self.ssl_mode not in SSL_MODES:
             raise OptionError("ssl_mode", f"invalid value {self.ssl_mode!r} (accepted: {', '.join(SSL_MODES)})")
         self._check_ssl_files()
@@ -628,7 +636,7 @@ def _conn_from(loc: ParsedLocation, opts: dict[str, str]) -> ConnOptions:
         "port": DEFAULT_PORT if port is None else port,
         "username": opts.get("username", loc.username),
         "password": opts.get("password", loc.password),
-        "ssl_mode": opts.get("ssl_mode", "prefer").strip(),
+        "ssl_mode": opts["ssl_mode"].strip() if "ssl_mode" in opts else None,
         "region": opts["region"].strip() if "region" in opts else None,
     }
     if loc.scheme == AWS:
@@ -640,6 +648,11 @@ def _conn_from(loc: ParsedLocation, opts: dict[str, str]) -> ConnOptions:
     for pair in _SSL_PAIRS:
         for key in pair:
             kwargs[key] = opts.get(key)
+    if SSL_KEY_DATA_ALIAS in opts:
+        if "ssl_key_data" in opts:
+            raise OptionError(SSL_KEY_DATA_ALIAS, f"{SSL_KEY_DATA_ALIAS} and ssl_key_data are the same option; give "
+                                                  f"one ({SSL_KEY_DATA_ALIAS} is the name Airflow masks)")
+        kwargs["ssl_key_data"] = opts[SSL_KEY_DATA_ALIAS]
     return ConnOptions(**kwargs)
 
 

@@ -51,6 +51,7 @@ from .connect import PgConnectError
 from .logical import Session
 from .manifest import ManifestError
 from .options import OptionError, PhysicalSourceOptions
+from .process import check_cancelled
 from .secrets import ssl_files
 from .tarstream import Member, TarFormatError, TarReader
 
@@ -145,6 +146,7 @@ def physical_backup(
                 meta["server_compression"] = bb.compression or "none"
                 _check_tablespaces(bb.tablespaces)
                 files = _copy_archives(w, bb, fixed)
+                check_cancelled()
                 bb.finish()  # the server's verdict, before the writer may commit
                 assert bb.manifest is not None and bb.start_lsn and bb.end_lsn
                 w.add_bytes(BACKUP_MANIFEST_PATH, bb.manifest, mode=0o600, meta={"type": "backup_manifest"})
@@ -153,6 +155,7 @@ def physical_backup(
                 meta.update(start_lsn=bb.start_lsn, end_lsn=bb.end_lsn, timeline=bb.timeline,
                             tablespaces=tablespaces, files=files)
                 w.meta = meta
+                check_cancelled()  # a cancelled backup never commits
     stats = store.load_snapshot(w.snapshot_id).header["stats"]
     result = PhysicalBackupResult(
         w.snapshot_id, server_num, bb.start_lsn, bb.end_lsn, int(bb.timeline or 0), tablespaces, files,
@@ -173,6 +176,7 @@ def _copy_archives(w: Any, bb: BaseBackupStream, fixed: Any) -> int:
     files = 0
     progress = Progress("base backup", total=_expected_bytes(bb.tablespaces), estimate=True)
     for archive in bb.archives():
+        check_cancelled()
         prefix = _archive_prefix(w, archive)
         relation_archive = archive.tablespace is not None
 
@@ -230,6 +234,7 @@ def _copy_archive(w: Any, archive: Archive, prefix: str, chunking: Callable[[str
     tar = TarReader(archive.stream)
     try:
         for member in tar:
+            check_cancelled()
             name = _member_name(archive.name, member.name)
             _check_not_below_link(archive.name, name, links)
             path = f"{prefix}/{name}"

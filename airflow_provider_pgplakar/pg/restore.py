@@ -36,7 +36,7 @@ from .fingerprint import FINGERPRINTS_PATH
 from .iam import password_source
 from .logical import GLOBALS_PATH, MANIFEST_PATH, PasswordSource, Session, database_from_path
 from .options import RestoreOptions
-from .process import ToolFailed, run_tool
+from .process import ToolFailed, check_cancelled, run_tool
 from .secrets import ssl_files
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,9 @@ def logical_restore(store: Any, snapshot_id: str, opts: RestoreOptions, *, passw
             summary.results.append(RecordResult(globals_rec["p"], None, "skipped",
                                                 "no_globals" if opts.no_globals else "data_only"))
         for rec, db in dumps:
+            check_cancelled()  # a failure recorded for a cancelled database ends the restore here
             _restore_dump(store, s, rec, db, opts, max(major, archive_major), summary)
+        check_cancelled()
     log.info("%s", summary.text())
     if not summary.ok:
         raise RestoreFailed(summary)

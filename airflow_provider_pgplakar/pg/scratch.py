@@ -30,7 +30,8 @@ from typing import Any
 
 from . import PgError
 from .options import ConnOptions
-from .process import track_process, untrack_process
+from .process import spawn, untrack_process
+from .secrets import base_tool_env
 from .tools import find_tool
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def server_user() -> tuple[int, int] | None:
 
 
 def _server_env(home: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env = base_tool_env()  # no credentials of the task, no PG* of the worker
     env.update({"LC_ALL": "C", "LANG": "C", "HOME": home})
     return env
 
@@ -113,10 +114,9 @@ def start_server(postgres: str, data: str, root: str, run_as: tuple[int, int] | 
     connections (after recovery, for a restored data directory)."""
     logfile = os.path.join(root, "server.log")
     with open(logfile, "ab") as out:
-        proc = subprocess.Popen(  # argv list, no shell
-            [postgres, "-D", data, *extra_args], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            env=_server_env(root), cwd=root, start_new_session=True, **_spawn_kwargs(run_as))
-    track_process(proc)  # an operator's on_kill kills it with the tools
+        # tracked: cancel() kills it with the tools; it dies with the task process (parent-death signal)
+        proc = spawn([postgres, "-D", data, *extra_args], stdin=subprocess.DEVNULL, stdout=out,
+                     stderr=subprocess.STDOUT, env=_server_env(root), cwd=root, **_spawn_kwargs(run_as))
     try:
         _wait_ready(proc, data, logfile)
     except BaseException:

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from airflow_provider_pgplakar.pg import OptionError
 from airflow_provider_pgplakar.pg.options import ConnOptions
 
-__all__ = ["LIBPQ_ENV_VARS", "CONNECT_TIMEOUT_S", "SslFiles", "libpq_env", "ssl_files", "tool_environment"]
+__all__ = [
+    "CONNECT_TIMEOUT_S", "LIBPQ_ENV_VARS", "TOOL_ENV_ALLOWED", "SslFiles", "base_tool_env", "libpq_env", "ssl_files",
+    "tool_environment",
+]  # fmt: skip
 
-# Variables libpq (and so every client tool) reads. Inherited values are dropped so that a worker's stray
-# PGPASSWORD, PGSERVICE, PGOPTIONS or PGTARGETSESSIONATTRS cannot redirect or alter a backup; only what the options
-# say reaches the tool. PGSYSCONFDIR and PGLOCALEDIR are kept: they locate a relocated installation, not a server.
+# Variables libpq (and so every client tool) reads; none is inherited (see TOOL_ENV_ALLOWED), only what the options
+# say reaches the tool.
 LIBPQ_ENV_VARS = frozenset(
     {
         "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGPASSFILE", "PGSERVICE",
@@ -114,14 +116,22 @@ def ssl_files(conn: ConnOptions, *, tmp_root: str | None = None) -> Iterator[Ssl
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-# Secrets of the calling process that a dump tool has no business seeing (Airflow connections and variables, our
-# passphrases, AWS secrets): a tool's environment is readable by its user and shows in crash reports.
-_PRIVATE_PREFIXES = ("AIRFLOW_CONN_", "AIRFLOW_VAR_", "AIRFLOW__", "PGPLAKAR_")
-_PRIVATE_NAMES = frozenset({"AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"})
+# What a client tool inherits from the calling process: only what it needs to run. PATH (helpers such as
+# pg_restore's child processes), the locale and TZ (messages, timestamps), HOME (libpq's ~/.pgpass and
+# ~/.postgresql/ defaults) and TMPDIR. Everything else stays out: Airflow's connections and config, cloud
+# credentials (AWS_CONTAINER_AUTHORIZATION_TOKEN, AWS_WEB_IDENTITY_TOKEN_FILE, ...), our passphrases and keys, and a
+# worker's stray PG* variables (PGPASSWORD, PGSERVICE, PGOPTIONS, ...), which could redirect or alter a backup. An
+# allowlist, because a denylist misses the next credential variable some platform invents. The libpq variables a
+# tool sees are only the ones :func:`libpq_env` sets from the options.
+TOOL_ENV_ALLOWED = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "HOME", "TMPDIR"})
+TOOL_ENV_ALLOWED_PREFIXES = ("LC_",)
 
 
-def _inheritable(name: str) -> bool:
-    return name not in LIBPQ_ENV_VARS and name not in _PRIVATE_NAMES and not name.startswith(_PRIVATE_PREFIXES)
+def base_tool_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The allowlisted part of ``environ`` (default ``os.environ``): the environment every child process starts from
+    (dump and restore tools, ``--version`` probes, pg_verifybackup, the scratch verify server)."""
+    src = os.environ if environ is None else environ
+    return {k: v for k, v in src.items() if k in TOOL_ENV_ALLOWED or k.startswith(TOOL_ENV_ALLOWED_PREFIXES)}
 
 
 def libpq_env(
@@ -132,7 +142,8 @@ def libpq_env(
     database: str | None = None,
     base_env: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The full environment for a client tool: ``base_env`` (default ``os.environ``) minus libpq variables, plus ours.
+    """The full environment for a client tool: :func:`base_tool_env` of ``base_env`` (default ``os.environ``), plus
+    the libpq variables of ``conn``.
 
     ``password`` overrides ``conn.password``; for ``postgres+aws`` it is the IAM token and is required. ``database``
     sets ``PGDATABASE`` (tools given ``--dbname`` ignore it).
@@ -141,7 +152,7 @@ def libpq_env(
         if conn.iam:
             raise ValueError("postgres+aws connections need the IAM token: pass password=<token>")
         password = conn.password
-    env = {k: v for k, v in (os.environ if base_env is None else base_env).items() if _inheritable(k)}
+    env = base_tool_env(base_env)
     env.update(
         PGHOST=conn.host,
         PGPORT=str(conn.port),

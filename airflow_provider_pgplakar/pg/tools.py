@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from airflow_provider_pgplakar.pg import ToolBroken, ToolNotFound, ToolVersionError
+from airflow_provider_pgplakar.pg.secrets import base_tool_env
 
 __all__ = [
     "DEBIAN_BIN_GLOB",
@@ -145,6 +146,7 @@ def probe_version(path: str, tool: str | None = None) -> ToolVersion:
             errors="replace",
             timeout=PROBE_TIMEOUT_S,
             check=False,
+            env=base_tool_env(),
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ToolBroken(f"{path} --version failed: {exc}") from None

@@ -28,7 +28,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .chunker import CDC_BOUNDS
-from .crypto import MASTER_LEN, KdfParams, config_tag_key, derive_kek, key_check_v2
+from .crypto import MASTER_LEN, KdfParams, Keys, config_tag_key, derive_kek, key_check_v2
 from .errors import IntegrityError, StoreError
 from .pack import PACK_TARGET_RANGE
 
@@ -91,7 +91,7 @@ def params_problem(chunker: Any, compression: Any, pack_target: Any) -> str | No
 def config_problem(body: dict[str, Any]) -> str | None:
     """Why a config body is unusable (None when every field is present and within bounds)."""
     fmt = body.get("format")
-    if fmt not in READ_FORMATS:
+    if type(fmt) is not int or fmt not in READ_FORMATS:
         return None  # reported separately: an unknown format is not damage
     repo_id, encryption, key_check = body.get("repo_id"), body.get("encryption"), body.get("key_check", "")
     if not isinstance(repo_id, str) or not _HEX32.fullmatch(repo_id):
@@ -129,7 +129,7 @@ class StoreConfig:
     @classmethod
     def parse(cls, raw: bytes, name: str = "config") -> StoreConfig:
         body = load_checked(raw, name)
-        if body.get("format") not in READ_FORMATS:
+        if type(body.get("format")) is not int or body["format"] not in READ_FORMATS:
             raise StoreError(
                 f"{name}: unsupported store format {body.get('format')!r} (this version reads "
                 f"{', '.join(map(str, READ_FORMATS))}): use a newer pgplakar"
@@ -144,8 +144,6 @@ class StoreConfig:
 
     def expected_key_check(self, master: bytes) -> str:
         """The ``key_check`` a config of this format has when ``master`` is the store's key."""
-        from .crypto import Keys
-
         return key_check_v2(master) if self.format >= 2 else Keys.from_master(master).key_check
 
     def tag_matches(self, master: bytes) -> bool:

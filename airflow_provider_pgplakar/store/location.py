@@ -30,8 +30,10 @@ def open_backend(location: str, s3_options: dict[str, Any] | None = None) -> Bac
         for k, v in parse_qsl(parts.query, keep_blank_values=True):
             if k not in S3_QUERY_OPTIONS:
                 raise StoreError(f"unknown s3 location option {k!r} (known: {', '.join(S3_QUERY_OPTIONS)})")
-            opts[k] = v.lower() not in ("0", "false", "no") if k == "conditional_writes" else v
+            opts[k] = v
         opts.update({k: v for k, v in (s3_options or {}).items() if v not in (None, "")})
+        if isinstance(opts.get("conditional_writes"), str):  # from the URL, or a connection extra given as text
+            opts["conditional_writes"] = opts["conditional_writes"].strip().lower() not in ("0", "false", "no", "off")
         return S3Backend(parts.netloc, unquote(parts.path).strip("/"), **opts)
     if parts.scheme == "file":
         from .localfs import LocalBackend

@@ -261,6 +261,8 @@ class Store:
 
     def load_snapshot(self, snap_id: str, *, use_cache: bool = True) -> Snapshot:
         name = f"snapshots/{snap_id}"
+        if len(snap_id) != 32 or snap_id.strip("0123456789abcdef"):  # a name from a listing is input too
+            raise IntegrityError(f"{name} in {self.location}: not a snapshot name (32 hex digits); remove it")
         data = self.cache.cached_snapshot(snap_id) if use_cache else None
         if data is None:
             try:

@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_GROUP_BY",
     "DURATION_HELP",
     "EMPTY_POLICY_MESSAGE",
+    "UNGROUPED_LABELS",
     "UNLIMITED",
     "VOLATILE_LABELS",
     "Decision",
@@ -47,8 +48,13 @@ UNLIMITED = -1
 #: group, so every ``keep_last=1`` would keep everything.
 VOLATILE_LABELS: frozenset[str] = frozenset({"run_id", "try_number"})
 
-#: One group per source and per stable label set (e.g. one per DAG task and map index).
-DEFAULT_GROUP_BY: tuple[str, ...] = ("source", "labels")
+#: Labels the ``labels`` item ignores besides the volatile ones: a fanned-out task's ``map_index`` follows the
+#: position of a database in this run's list, not the database (``label:map_index`` still groups by it).
+UNGROUPED_LABELS: frozenset[str] = VOLATILE_LABELS | {"map_index"}
+
+#: One group per source: what identifies it (kind, host, port, database, or data directory; see
+#: ``store/forget.py`` ``source_key``), not the Airflow task or run that took the snapshot.
+DEFAULT_GROUP_BY: tuple[str, ...] = ("source",)
 
 EMPTY_POLICY_MESSAGE = "refusing to forget every snapshot: give at least one keep rule"
 
@@ -242,7 +248,7 @@ def _group_key(s: SnapshotInfo, group_by: Sequence[str]) -> tuple:
         if item == "source":
             key.append((item, s.source))
         elif item == "labels":
-            stable = tuple(sorted((k, v) for k, v in s.labels.items() if k not in VOLATILE_LABELS))
+            stable = tuple(sorted((k, v) for k, v in s.labels.items() if k not in UNGROUPED_LABELS))
             key.append((item, stable))
         elif item == "tags":
             key.append((item, tuple(sorted(s.tags))))

@@ -20,6 +20,7 @@ import base64
 import email.utils
 import functools
 import hashlib
+import logging
 import random
 import secrets
 import time
@@ -35,6 +36,8 @@ from botocore.config import Config
 from .backend import ObjInfo
 from .errors import AlreadyExists, ObjectNotFound, StoreError, StoreNotFound
 from .failpoints import failpoint
+
+log = logging.getLogger(__name__)
 
 __all__ = ["S3Backend", "S3AccessError", "S3ConnectionError", "ConditionalWritesIgnored"]
 
@@ -389,7 +392,10 @@ class S3Backend:
                 self._conditional_writes_checked = True
                 return
         finally:
-            self.delete(key)
+            try:
+                self.delete(key)
+            except StoreError as e:  # a role without delete permission can still back up; the probe is inert
+                log.warning("could not delete the conditional-write probe %s (%s); it is harmless", key, e)
         raise ConditionalWritesIgnored(
             f"the S3 server at {self.endpoint_url} ignores If-None-Match (create-only writes) for {self.location}: "
             "use a server that honours it, or accept the racy HEAD-first fallback with conditional_writes=false "

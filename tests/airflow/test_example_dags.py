@@ -93,7 +93,8 @@ def test_example_dags_import_without_errors() -> None:
     assert set(bag.dag_ids) == {"pgplakar_nightly_backup", "pgplakar_fanout_per_database", "pgplakar_iam_backup",
                                 "pgplakar_weekly_physical",
                                 "pgplakar_backup_restore_check", "pgplakar_restore_drill",
-                                "pgplakar_verify_after_backup"}
+                                "pgplakar_verify_after_backup", "pgplakar_store_maintenance",
+                                "pgplakar_wait_for_backup"}
     nightly = bag.dags["pgplakar_nightly_backup"]
     assert nightly.schedule == "15 2 * * *"
     assert nightly.get_task("manifest").upstream_task_ids == {"backup"}
@@ -162,6 +163,7 @@ def test_backup_restore_check_dag_end_to_end(pg15: PgServer, store_dir: Path, mo
     stats = dr.get_task_instance("backup").xcom_pull(task_ids="backup", key="stats")
     assert stats["snapshot_id"] == snapshot_id and stats["kind"] == "postgres"
     assert [row["database"] for row in stats["databases"]] == [source] and stats["databases"][0]["bytes"] > 0
+    assert stats["databases"][0]["seconds"] > 0  # how long its pg_dump ran
     assert stats["bytes"] == snaps[snapshot_id]["stats"]["bytes"] and stats["new_bytes"] > 0
     (event,) = asset_events(dag.dag_id, dr.run_id)
     assert event[0] == f"pgplakar://{pg15.host}:{pg15.port}/{source}"
@@ -246,3 +248,121 @@ def test_fanout_dag_one_snapshot_per_database(pg15: PgServer, store_dir: Path, m
             by_db[database] = header["labels"]["map_index"]
     assert by_db == {name: str(i) for i, name in enumerate(names)}
     assert {summary["databases"][n]["snapshot"] for n in names} == set(ids)
+
+
+# -- store maintenance and waiting for a backup (issue 11 §1, §2) ----------------------------------------------------
+def _backup(server: PgServer, store: Store, database: str, **kw: Any) -> str:
+    from airflow_provider_pgplakar.pg.logical import logical_backup
+    from airflow_provider_pgplakar.pg.options import parse_source_options
+
+    opts = parse_source_options(f"postgres:///{database}", {
+        "host": server.host, "port": str(server.port), "username": server.superuser, "password": server.password,
+        "pg_bin_dir": str(server.bin_dir)})
+    return logical_backup(store, opts, **kw).snapshot_id
+
+
+def _dump_bytes(store: Store, sid: str) -> bytes:
+    (rec,) = [r for r in store.records(sid) if r["p"].endswith(".dump")]
+    with store.open_record(rec) as f:
+        return f.read()
+
+
+def test_store_maintenance_dag_end_to_end(pg15: PgServer, store_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                          airflow_db: None) -> None:
+    """Three fan-out backups of one database today (map_index 0, 1, 2) are one source: forget keeps the newest,
+    prune frees the rest, the rolling check reads today's slice, freshness fails naming only the stale source; the
+    kept snapshot reads back byte for byte."""
+    import pendulum
+
+    name = f"maint_{secrets.token_hex(3)}"
+    create_database(pg15, name, SHOP)
+    set_connections(monkeypatch, pg15, store_dir)
+    with Store.open(str(store_dir), PASSPHRASE) as store:
+        ids = []
+        for i in range(3):
+            with pg15.connect(name) as c:
+                c.execute(f"INSERT INTO customers (name) SELECT 'run {i} ' || g FROM generate_series(1, 500) g")
+            ids.append(_backup(pg15, store, name, labels={"dag_id": "fanout", "task_id": "backup",
+                                                          "map_index": str(i)}))
+        with store.writer(source={"kind": "files", "origin": "/srv/old-host"}) as w:  # a source that stopped
+            w._start = pendulum.now("UTC").subtract(hours=30)
+            w.add_bytes("/f", b"old")
+        stale = w.snapshot_id
+        kept_before = _dump_bytes(store, ids[2])
+    dag = load_dag_module("pgplakar_store_maintenance").dag
+
+    dr = dag.test(run_conf={"max_age": "26h", "check_subset": "/7"})
+    states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+    assert states == {"forget": "success", "prune": "success", "check": "success", "freshness": "failed"}, states
+    forget = dr.get_task_instance("forget").xcom_pull(task_ids="forget")
+    assert sorted(forget["removed"]) == sorted(ids[:2]) and sorted(forget["kept"]) == sorted([ids[2], stale])
+    pruned = dr.get_task_instance("prune").xcom_pull(task_ids="prune")
+    assert pruned["bytes_freed"] > 0 and pruned["packs_deleted"] >= 1 and pruned["snapshots"] == 2
+    check = dr.get_task_instance("check").xcom_pull(task_ids="check")
+    assert check["ok"] and check["subset"].endswith("/7") and check["read_data"]
+
+    with Store.open(str(store_dir), PASSPHRASE) as store:
+        assert sorted(store.snapshot_ids()) == sorted([ids[2], stale])
+        assert _dump_bytes(store, ids[2]) == kept_before
+        from airflow_provider_pgplakar.store.check import check as full_check
+
+        assert full_check(store, read_data=True).ok
+
+    dr2 = dag.test(run_conf={"max_age": "2d"})  # both sources are younger than two days: no alert
+    assert {ti.task_id: ti.state for ti in dr2.get_task_instances()} == dict.fromkeys(states, "success")
+    fresh = dr2.get_task_instance("freshness").xcom_pull(task_ids="freshness")
+    assert fresh["ok"] and {s["source"] for s in fresh["sources"]} == {
+        f"source=postgres:{pg15.host}:{pg15.port}/{name}", "source=files:/srv/old-host"}
+
+
+def test_wait_for_backup_dag_defers_until_the_nightly_backup_commits(pg15: PgServer, store_dir: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     airflow_db: None) -> None:
+    import threading
+    import time
+
+    name = f"wait_{secrets.token_hex(3)}"
+    create_database(pg15, name, SHOP[:2])
+    set_connections(monkeypatch, pg15, store_dir)
+    monkeypatch.setenv("PGPLAKAR_WAIT_POLL_SECONDS", "0.5")
+    with Store.open(str(store_dir), PASSPHRASE) as store:  # last night's backup: too old to count
+        _backup(pg15, store, name, tags=["nightly"],
+                labels={"dag_id": "pgplakar_nightly_backup", "task_id": "backup"})
+    time.sleep(1.1)
+    made: dict[str, str] = {}
+
+    from airflow_provider_pgplakar.triggers import snapshot as trigger_mod
+
+    polls: list[str] = []
+    real_find = trigger_mod.find_snapshot
+
+    def find_and_record(*args: Any, **kwargs: Any) -> Any:
+        polls.append(threading.current_thread().name)
+        return real_find(*args, **kwargs)
+
+    monkeypatch.setattr(trigger_mod, "find_snapshot", find_and_record)
+
+    def tonight() -> None:
+        """Commit tonight's backup once the trigger polls (the sensor deferred: the wait left the worker)."""
+        deadline = time.time() + 180
+        while time.time() < deadline and not any(n.startswith("asyncio") for n in polls):
+            time.sleep(0.2)
+        made["deferred"] = "yes" if any(n.startswith("asyncio") for n in polls) else "no"
+        time.sleep(1)
+        with Store.open(str(store_dir), PASSPHRASE) as st:
+            made["id"] = _backup(pg15, st, name, tags=["nightly"],
+                                 labels={"dag_id": "pgplakar_nightly_backup", "task_id": "backup"})
+
+    dag = load_dag_module("pgplakar_wait_for_backup").dag
+    started = pendulum_now = time.time()
+    worker = threading.Thread(target=tonight)
+    worker.start()
+    dr = dag.test(run_conf={"newer_than": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(pendulum_now)),
+                            "source": f"postgres:*/{name}"})
+    worker.join()
+    assert dr.state == "success", [(ti.task_id, ti.state) for ti in dr.get_task_instances()]
+    assert made.get("deferred") == "yes"  # the sensor was deferred to the trigger before the backup existed
+    assert time.time() - started >= 1
+    assert dr.get_task_instance("wait_for_backup").xcom_pull(task_ids="wait_for_backup") == made["id"]
+    summary = dr.get_task_instance("use_backup").xcom_pull(task_ids="use_backup")
+    assert summary["snapshot"] == made["id"] and summary["databases"] == [name]

@@ -87,6 +87,7 @@ def test_iam_extra_makes_a_postgres_aws_source(monkeypatch: pytest.MonkeyPatch) 
     assert isinstance(hook.password_source(opts), IamTokenSource)
     # operator options override; without region_name the region comes from the host name
     set_conn(monkeypatch, "rds", host=RDS_HOST, login="backup_iam", extra={"iam": "true"})
+    assert PgPlakarPostgresHook("rds").source_options().conn.ssl_mode == "require"  # the default for IAM
     ropts = PgPlakarPostgresHook("rds").restore_options({"database": "scratch", "region": "us-west-1"})
     assert ropts.conn.region == "us-west-1" and ropts.database == "scratch" and ropts.scheme == "postgres+aws"
     assert PgPlakarPostgresHook("rds").source_options().conn.region == "ap-northeast-1"
@@ -195,7 +196,8 @@ def test_iam_dag_runs_and_never_shows_the_token(pg15: PgServer, tmp_path: Path, 
         c.execute("CREATE TABLE t AS SELECT g AS n, md5(g::text) AS h FROM generate_series(1, 1500) g")
 
     set_conn(monkeypatch, "postgres_rds_iam", host=pg15.host, port=pg15.port, login=user,
-             extra={"iam": True, "region_name": REGION, "pg_bin_dir": str(pg15.bin_dir)})
+             extra={"iam": True, "region_name": REGION, "pg_bin_dir": str(pg15.bin_dir),
+                    "sslmode": "prefer"})  # the test server has no TLS (IAM defaults to require)
     store_dir = tmp_path / "store"
     Store.create(str(store_dir), PASSPHRASE).close()
     monkeypatch.setenv("AIRFLOW_CONN_PGPLAKAR_STORE_DEFAULT", json.dumps(

@@ -24,6 +24,7 @@ from airflow_provider_pgplakar.operators.logical import (
     idempotency_key,
 )
 from airflow_provider_pgplakar.pg import PgError
+from airflow_provider_pgplakar.pg.process import TaskCancelled
 from airflow_provider_pgplakar.store.repo import Store
 from tests.pgservers import PgServer
 from tests.task_context import FakeTI, context
@@ -209,7 +210,8 @@ def test_on_kill_stops_pg_dump_and_commits_nothing(db: str, store: Store, pg15: 
         locker.rollback()
 
     assert "result" not in outcome
-    assert isinstance(outcome.get("error"), PgError) and "killed by signal" in str(outcome["error"])
+    assert isinstance(outcome.get("error"), TaskCancelled) and "the task was cancelled" in str(outcome["error"])
+    assert "killed by signal" not in str(outcome["error"])
     assert all(not os.path.exists(f"/proc/{pid}") for pid in pids)  # killed and reaped
     assert store.snapshot_ids() == []  # nothing committed
 

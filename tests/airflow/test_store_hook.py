@@ -32,7 +32,8 @@ def test_ui_form_comes_from_provider_metadata() -> None:
     form = meta["pgplakar_store"]
     assert form.hook_name == "PgPlakar snapshot store"
     fields = form.extra_fields or {}
-    assert {"location", "key", "endpoint_url", "aws_secret_access_key"} <= {k.rsplit("__", 1)[-1] for k in fields}
+    names = {k.rsplit("__", 1)[-1] for k in fields}
+    assert {"location", "secret_key", "endpoint_url", "aws_secret_access_key"} <= names
     secret = next(v for k, v in fields.items() if k.endswith("aws_secret_access_key"))
     assert secret["schema"]["format"] == "password"
     assert form.standard_fields is not None

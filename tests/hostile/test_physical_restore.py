@@ -200,3 +200,15 @@ def test_owner_names_and_explicit_owner(store, sandbox) -> None:
     with pytest.raises(PhysicalRestoreError, match="user 'no-such-user-here', which does not exist on this host"):
         physical_restore(store, phys_snapshot(store, unknown), sandbox.root / "third", verify=False)
     assert not (sandbox.root / "third").exists()
+
+
+def test_postmaster_pid_is_always_refused(store, sandbox) -> None:
+    sid = phys_snapshot(store)
+    sandbox.target.mkdir(parents=True)
+    (sandbox.target / "postmaster.pid").write_text(f"{os.getpid()}\n/some/dir\n")
+    before = sandbox.before()
+    with pytest.raises(PhysicalRestoreError, match=f"postmaster.pid: a server may be running on it \\(pid "
+                                                   f"{os.getpid()} is running\\)"):
+        physical_restore(store, sid, sandbox.target, verify=False, overwrite=True)
+    sandbox.assert_outside_unchanged(before)
+    assert listing(sandbox.target) == ["postmaster.pid"]

@@ -129,7 +129,8 @@ def aws_location(server: PgServer, database: str = "") -> str:
 
 
 def aws_opts(server: PgServer, **extra: str) -> dict[str, str]:
-    return {"region": REGION, "pg_bin_dir": str(server.bin_dir), **extra}
+    # The test server has no TLS: the weaker mode is set explicitly (postgres+aws defaults to require, and warns).
+    return {"region": REGION, "pg_bin_dir": str(server.bin_dir), "ssl_mode": "prefer", **extra}
 
 
 def plain_opts(server: PgServer, **extra: str) -> dict[str, str]:
@@ -243,6 +244,16 @@ def test_option_errors_name_the_fix(parse: Any, location: str, options: dict[str
         parse(location, options)
     assert info.value.option == option and fix in str(info.value) and "\n" not in str(info.value)
     assert "pw@" not in str(info.value)
+
+
+def test_ssl_mode_defaults_to_require_for_iam_only() -> None:
+    """An active attacker on ``prefer`` can downgrade the connection and read the IAM token: require by default."""
+    assert parse_source_options(f"postgres+aws://u@{RDS_HOST}/app").conn.ssl_mode == "require"
+    assert parse_restore_options(f"postgres+aws://u@{RDS_HOST}/app").conn.ssl_mode == "require"
+    assert ConnOptions(username="u", region=REGION).ssl_mode == "require"
+    assert parse_source_options(f"postgres+aws://u@{RDS_HOST}/app", {"ssl_mode": "prefer"}).conn.ssl_mode == "prefer"
+    assert parse_source_options("postgres://u@db/app").conn.ssl_mode == "prefer"
+    assert ConnOptions().ssl_mode == "prefer"
 
 
 def test_every_ssl_option_is_accepted(tmp_path: Path) -> None:
@@ -503,8 +514,12 @@ def test_cli_backup_and_restore(rds: PgServer, tmp_path: Path, clock: Clock, mon
     assert "ssl_mode=prefer is weaker than require" in caplog.text  # logged (stderr outside pytest)
     create_db(rds, "app_cli")
     monkeypatch.setenv("AWS_REGION", REGION)  # the region from the SDK configuration this time
+    # the default ssl_mode of postgres+aws is require: refused by this server without TLS
     assert cli_main([*at, "restore", "-to", aws_location(rds, "app_cli"), f"pg_bin_dir={rds.bin_dir}",
-                     "no_globals=true", snap[:8]]) == 0
+                     "no_globals=true", snap[:8]]) == 1
+    assert "server does not support SSL, but SSL was required" in capsys.readouterr().err
+    assert cli_main([*at, "restore", "-to", aws_location(rds, "app_cli"), f"pg_bin_dir={rds.bin_dir}",
+                     "no_globals=true", "ssl_mode=prefer", snap[:8]]) == 0
     out2, err2 = capsys.readouterr()
     assert state(rds, "app_cli") == state(rds, "app")
     assert cli_main([*at, "backup", aws_location(rds, "app"), f"region={REGION}", "password=x"]) == 1

@@ -11,7 +11,13 @@ from psycopg.conninfo import conninfo_to_dict
 
 from airflow_provider_pgplakar.pg import OptionError, commands
 from airflow_provider_pgplakar.pg.options import ConnOptions, parse_restore_options, parse_source_options
-from airflow_provider_pgplakar.pg.secrets import LIBPQ_ENV_VARS, libpq_env, ssl_files, tool_environment
+from airflow_provider_pgplakar.pg.secrets import (
+    LIBPQ_ENV_VARS,
+    base_tool_env,
+    libpq_env,
+    ssl_files,
+    tool_environment,
+)
 
 PEM_CERT = "-----BEGIN CERTIFICATE-----\nMIIBclientcert\n-----END CERTIFICATE-----\n"
 PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIIEsupersecretkey\n-----END PRIVATE KEY-----\n"
@@ -381,7 +387,6 @@ def test_env_carries_connection_and_drops_inherited_libpq_vars() -> None:
     assert env == {
         "PATH": "/bin",
         "HOME": "/h",
-        "PGSYSCONFDIR": "/etc/pg",
         "PGHOST": "db.example.com",
         "PGPORT": "6543",
         "PGUSER": "bob",
@@ -405,18 +410,23 @@ def test_env_minimal_options_and_database() -> None:
     }
 
 
-def test_env_defaults_to_os_environ_minus_libpq(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_is_an_allowlist_of_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGPASSWORD", "inherited")
-    monkeypatch.setenv("SOME_TEST_MARKER", "kept")
+    kept = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C", "LC_MESSAGES": "C", "TZ": "UTC",
+            "HOME": "/home/x", "TMPDIR": "/tmp/x"}
     secrets = {"AIRFLOW_CONN_PG": "postgres://u:pw@h/db", "AIRFLOW_VAR_X": "v", "PGPLAKAR_PASSPHRASE": "pp",
-               "PGPLAKAR_KEY": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_SESSION_TOKEN": "t"}
-    for k, v in secrets.items():
+               "PGPLAKAR_KEY": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_SESSION_TOKEN": "t",
+               "AWS_CONTAINER_AUTHORIZATION_TOKEN": "ecs-token", "AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/irsa",
+               "SECRET_X": "random", "SOME_TEST_MARKER": "dropped", "PGSYSCONFDIR": "/etc/pg", "PGSERVICE": "prod"}
+    for k, v in {**kept, **secrets}.items():
         monkeypatch.setenv(k, v)
     with tool_environment(ConnOptions()) as env:
         assert "PGPASSWORD" not in env
-        assert env["SOME_TEST_MARKER"] == "kept"
-        assert not set(env) & set(secrets), "secrets of the calling process must not reach dump tools"
+        assert {k: env[k] for k in kept} == kept
+        assert not set(env) & set(secrets), "only allowlisted variables of the calling process reach tools"
         assert not set(env) & (LIBPQ_ENV_VARS - {"PGHOST", "PGPORT", "PGSSLMODE", "PGCONNECT_TIMEOUT", "PGAPPNAME"})
+    assert base_tool_env({"PATH": "/bin", "LC_CTYPE": "C", "LCX": "no", "XPATH": "no"}) == {"PATH": "/bin",
+                                                                                             "LC_CTYPE": "C"}
 
 
 def test_env_iam_token_is_the_password() -> None:

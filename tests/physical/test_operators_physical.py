@@ -92,7 +92,7 @@ def test_base_backup_and_restore_operators(pg_factory, pg_manager, tmp_path, mon
     restore = PgPlakarPhysicalRestoreOperator(
         task_id="restore", snapshot_id="{{ ti.xcom_pull(task_ids='base_backup') }}", target_dir="{{ params.dir }}",
         tablespace_mapping="{{ params.mapping | tojson }}", pg_bin_dir=str(src.bin_dir), require_verify=True,
-        owner="{{ params.owner }}", sync=False)
+        file_owner="{{ params.owner }}", sync=False)
     rctx = context(phys_ti(task_id="restore", xcoms={"base_backup": sid}), dir=str(target),
                    mapping={str(ts_dir): str(new_ts)}, owner="nobody" if os.geteuid() == 0 else "")
     restore.render_template_fields(rctx)
@@ -147,6 +147,7 @@ def test_on_kill_cancels_the_base_backup_and_commits_nothing(pg_factory, tmp_pat
     import threading
     import time
 
+    from airflow_provider_pgplakar.pg.process import TaskCancelled
     from tests.physical.conftest import scalar, wait_until
 
     src = pg_factory(15)
@@ -170,6 +171,7 @@ def test_on_kill_cancels_the_base_backup_and_commits_nothing(pg_factory, tmp_pat
     op.on_kill()
     thread.join(timeout=30)
     assert not thread.is_alive() and "error" in outcome, outcome
-    assert "cancel" in str(outcome["error"]).lower(), outcome["error"]
+    assert isinstance(outcome["error"], TaskCancelled), outcome["error"]
+    assert "the task was cancelled" in str(outcome["error"]), outcome["error"]
     with Store.open(str(store_dir), PASSPHRASE) as store:
         assert store.snapshot_ids() == []

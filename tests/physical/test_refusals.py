@@ -92,7 +92,8 @@ def test_restore_refusals_write_nothing(pg_factory, pg_manager, store, tmp_path)
     stale = tmp_path / "stale"  # a postmaster.pid without a server (or of a server in another pid namespace)
     stale.mkdir()
     (stale / "postmaster.pid").write_text("999999\n")
-    with pytest.raises(PhysicalRestoreError, match="postmaster.pid: a server may be running"):
+    with pytest.raises(PhysicalRestoreError, match="postmaster.pid: a server may be running on it \\(pid 999999 is "
+                                                   "not running on this host: stale, or a server in another"):
         physical_restore(store, sid, stale, overwrite=True, tablespace_mapping={str(ts_dir): new_ts})
     assert tree(stale) == ["postmaster.pid"]
 

@@ -115,3 +115,12 @@ def test_sealed_object_decompressing_beyond_the_cap_is_refused(store: Store) -> 
     data = head + store.keys.object_key(salt, b"LEAS").seal(body, head)
     with pytest.raises(errors.IntegrityError, match="locks/x: undecodable payload"):
         open_object(store.keys, b"LEAS", data, "locks/x")
+
+
+def test_a_planted_snapshot_name_is_reported_not_a_crash(store: Store) -> None:
+    with store.writer() as w:
+        w.add_bytes("/f", b"x")
+    store.backend.put("snapshots/evil", b"junk")
+    errs: list[str] = []
+    assert [s.id for s in store.snapshots(errors=errs)] == [w.snapshot_id]
+    assert len(errs) == 1 and "snapshots/evil" in errs[0] and "not a snapshot name" in errs[0]

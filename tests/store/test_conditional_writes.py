@@ -98,8 +98,8 @@ def test_writer_and_prune_refuse_before_writing_anything(
     _one_line_naming_the_fix(ei.value)
     with pytest.raises(StoreError, match="conditional_writes=false"):
         prune(st)
+    st.close()  # releases the read lease its restore took (leases are overwritten, never create-only)
     assert _keys(endpoint, bucket) == before
-    st.close()
 
 
 def test_conforming_server_passes_the_probe_once(s3_bucket: tuple[str, str]) -> None:
@@ -112,3 +112,32 @@ def test_conforming_server_passes_the_probe_once(s3_bucket: tuple[str, str]) -> 
     backend.check_conditional_writes()
     assert len(calls) == 2 and calls[0].startswith("probes/")
     assert _keys(endpoint, bucket) == []
+
+
+@pytest.mark.parametrize("value", ["false", "False", "0", "no", False])
+def test_the_fallback_is_recognised_as_text_or_bool(s3_bucket: tuple[str, str], ignoring: str, value: object,
+                                                    tmp_path: Path) -> None:
+    """The connection extra may arrive as text ("false" from an env-var connection): it must not read as true."""
+    _endpoint, bucket = s3_bucket
+    from airflow_provider_pgplakar.store.location import open_backend
+
+    backend = open_backend(s3_location(ignoring, bucket, "s"), {"conditional_writes": value})
+    assert isinstance(backend, S3Backend) and backend.conditional_writes is False
+    backend.check_conditional_writes()  # the explicit fallback: no probe, no refusal
+    assert open_backend(s3_location(ignoring, bucket, "s") + f"&conditional_writes={value}").conditional_writes is False
+
+
+def test_a_probe_that_cannot_be_deleted_does_not_fail_the_backup(
+    s3_bucket: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backup-only role without s3:DeleteObject still backs up: the leftover probe is inert."""
+    endpoint, bucket = s3_bucket
+    backend = S3Backend(bucket, "p", endpoint_url=endpoint)
+
+    def denied(key: str) -> None:
+        raise StoreError(f"S3 refused access to {key} (AccessDenied)")
+
+    backend.delete = denied  # type: ignore[method-assign]
+    backend.check_conditional_writes()
+    assert "could not delete the conditional-write probe" in caplog.text
+    assert [k for k in _keys(endpoint, bucket) if k.startswith("p/probes/")]

@@ -399,8 +399,29 @@ def two_sources_two_tasks() -> list[SnapshotInfo]:
     return out
 
 
-def test_keep_last_one_per_group() -> None:
+def test_default_groups_by_source_only() -> None:
+    """Issue 11 §7: grouping by the task that took a snapshot (or its map_index) split one database into groups
+    that never expire; the default is the source alone."""
+    assert DEFAULT_GROUP_BY == ("source",)
     decisions = apply_policy(two_sources_two_tasks(), Policy(keep_last=1))
+    assert kept(decisions) == {"postgres://db1:5432|dump_globals|5", "dir:/data|dump_globals|5"} or \
+        kept(decisions) == {"postgres://db1:5432|dump|5", "dir:/data|dump|5"}
+    assert [len(d.keep) + len(d.remove) for d in decisions] == [10, 10]
+
+
+def test_map_index_never_splits_a_group() -> None:
+    """A fanned-out task backs up the same database as map_index 0 one day and 3 the next: one group, with the
+    default grouping and with ``labels``."""
+    a = snap(utc(2026, 1, 1), labels={**LABELS, "map_index": "0"})
+    b = snap(utc(2026, 1, 2), labels={**LABELS, "map_index": "3"})
+    for group_by in (DEFAULT_GROUP_BY, ("source", "labels")):
+        d = only(apply_policy([a, b], Policy(keep_last=1), group_by=group_by))
+        assert [s.id for s, _ in d.keep] == [b.id] and [s.id for s in d.remove] == [a.id]
+    assert len(apply_policy([a, b], Policy(keep_last=1), group_by=("source", "label:map_index"))) == 2
+
+
+def test_keep_last_one_per_group() -> None:
+    decisions = apply_policy(two_sources_two_tasks(), Policy(keep_last=1), group_by=("source", "labels"))
     assert len(decisions) == 4
     assert kept(decisions) == {
         "postgres://db1:5432|dump|5",
