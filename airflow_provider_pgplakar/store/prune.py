@@ -81,8 +81,9 @@ def _release(store: Store, lease: Lease) -> None:
 def prune(store: Store, *, dry_run: bool = False, lock_wait: float = 0.0) -> PruneReport:
     lease = _exclusive(store, lock_wait)
     try:
+        marked = store.snapshot_ids()  # listed before the index is read: a later commit is re-checked (spare)
         with _private_cache(store):
-            return _prune(store, dry_run, lease)
+            return _prune(store, dry_run, lease, marked)
     finally:
         _release(store, lease)
         store.sync_index()  # the shared cache notices the consolidation and rebuilds
@@ -157,10 +158,8 @@ def _orphans_deletable_before(store: Store, grace: float) -> float:
     return cutoff
 
 
-def _prune(store: Store, dry_run: bool, lease: Lease) -> PruneReport:
+def _prune(store: Store, dry_run: bool, lease: Lease, marked: list[str]) -> PruneReport:
     rep = PruneReport(dry_run=dry_run)
-    marked = store.snapshot_ids()  # listed before the index is read: a snapshot committed later is re-checked below
-    store.sync_index()
     if store.cache.bad_segments:
         raise StoreError("refusing to prune: corrupt index segment(s) "
                          f"{', '.join(s[:16] for s in store.cache.bad_segments)}; run `repair index` first")
