@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .conn_forms import STORE_CONN_FIELDS, STORE_UI_FIELD_BEHAVIOUR
+from .conn_forms import LEGACY_STORE_CONN_TYPE, STORE_CONN_FIELDS, STORE_CONN_TYPE, STORE_UI_FIELD_BEHAVIOUR
 
 __version__ = "0.1.0"
 
@@ -29,12 +29,19 @@ def get_provider_info() -> dict:
                       "python-modules": ["airflow_provider_pgplakar.triggers.snapshot"]}],
         "connection-types": [
             {
-                "connection-type": "pgplakar_store",
+                "connection-type": STORE_CONN_TYPE,
                 "hook-class-name": "airflow_provider_pgplakar.hooks.store.PgPlakarStoreHook",
                 "hook-name": "PgPlakar snapshot store",
                 "conn-fields": STORE_CONN_FIELDS,
                 "ui-field-behaviour": STORE_UI_FIELD_BEHAVIOUR,
-            }
+            },
+            {  # the first name of the type: existing connections keep working (new ones: use "pgplakar")
+                "connection-type": LEGACY_STORE_CONN_TYPE,
+                "hook-class-name": "airflow_provider_pgplakar.hooks.store.PgPlakarLegacyStoreHook",
+                "hook-name": "PgPlakar snapshot store (legacy type pgplakar_store)",
+                "conn-fields": STORE_CONN_FIELDS,
+                "ui-field-behaviour": STORE_UI_FIELD_BEHAVIOUR,
+            },
         ],
     }
 

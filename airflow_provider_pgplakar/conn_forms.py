@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-STORE_CONN_TYPE = "pgplakar_store"
+# Airflow warns on every URI of a connection type with "_" (RFC 3986 schemes), so the type is "pgplakar"; the
+# first name stays registered so existing "pgplakar_store" connections keep working.
+STORE_CONN_TYPE = "pgplakar"
+LEGACY_STORE_CONN_TYPE = "pgplakar_store"
 
 # Connection extras understood by the hook (also the UI form, see get_provider_info()).
 STORE_CONN_FIELDS: dict[str, dict[str, Any]] = {

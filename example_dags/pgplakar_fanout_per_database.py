@@ -5,10 +5,10 @@ Each database gets its own task instance (``map_index_template`` shows the datab
 caps how many ``pg_dump`` run against the server at once. Every snapshot carries the labels dag_id, run_id,
 task_id, map_index and try_number, so a retried mapped task reuses its snapshot instead of writing a second one.
 
-Params: ``database_pattern`` (shell-style glob over database names, default ``*``), ``exclude_databases``
-(default ``template1``), and the connection ids (defaults from ``PGPLAKAR_POSTGRES_CONN_ID`` /
-``PGPLAKAR_STORE_CONN_ID``, else ``postgres_default`` / ``pgplakar_store_default``). Connections are read only
-when a task runs.
+Params: ``database_pattern`` (shell-style glob over database names, default ``*``), ``exclude_databases`` (shell
+patterns, default ``template1`` and the scratch databases ``*_restore_check``, ``pgplakar_verify_*``), and the
+connection ids (defaults from ``PGPLAKAR_POSTGRES_CONN_ID`` / ``PGPLAKAR_STORE_CONN_ID``, else ``postgres_default``
+/ ``pgplakar_store_default``). Connections are read only when a task runs.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ with DAG(
         "postgres_conn_id": Param(POSTGRES_CONN_ID, type="string"),
         "store_conn_id": Param(STORE_CONN_ID, type="string"),
         "database_pattern": Param("*", type="string", description="glob over database names (fnmatch)"),
-        "exclude_databases": Param(["template1"], type="array", items={"type": "string"}),
+        "exclude_databases": Param(["template1", "*_restore_check", "pgplakar_verify_*"], type="array",
+                                   items={"type": "string"}, description="shell patterns (fnmatch)"),
     },
     tags=["pgplakar", "backup", "postgres"],
     doc_md=__doc__,
@@ -50,14 +51,15 @@ with DAG(
         from airflow_provider_pgplakar.hooks.postgres import PgPlakarPostgresHook
         from airflow_provider_pgplakar.pg.connect import connect
         from airflow_provider_pgplakar.pg.connect import list_databases as server_databases
+        from airflow_provider_pgplakar.pg.logical import excluded
         from airflow_provider_pgplakar.pg.secrets import ssl_files
 
         params = get_current_context()["params"]
         opts = PgPlakarPostgresHook(params["postgres_conn_id"]).source_options()
         with ssl_files(opts.conn) as ssl, connect(opts.conn, ssl, opts.database or "postgres") as conn:
             names = server_databases(conn)
-        excluded = set(params["exclude_databases"])
-        selected = [n for n in names if fnmatchcase(n, params["database_pattern"]) and n not in excluded]
+        patterns = params["exclude_databases"]
+        selected = [n for n in names if fnmatchcase(n, params["database_pattern"]) and not excluded(n, patterns)]
         if not selected:
             raise ValueError(f"no database matches {params['database_pattern']!r} (server has: {', '.join(names)})")
         return selected
@@ -79,6 +81,7 @@ with DAG(
     def summarize(names: list[str], snapshot_ids: list[str]) -> dict[str, Any]:
         """Fan-in: which snapshot holds which database, with its size, from the store itself."""
         from airflow_provider_pgplakar.hooks.store import PgPlakarStoreHook
+        from airflow_provider_pgplakar.store.sizes import human_bytes
 
         params = get_current_context()["params"]
         ids = list(snapshot_ids)  # a lazy sequence of every mapped return_value, in map_index order
@@ -88,7 +91,7 @@ with DAG(
                 header = store.load_snapshot(sid).header
                 out[name] = {"snapshot": sid, "bytes": header["stats"]["bytes"],
                              "map_index": header["labels"].get("map_index")}
-                print(f"{name:30} {sid[:8]}  {header['stats']['bytes'] / 2**20:8.1f} MiB")
+                print(f"{name:30} {sid[:8]}  {human_bytes(header['stats']['bytes']):>10}")
         return {"databases": out, "count": len(out)}
 
     summarize(databases, backups.output)

@@ -39,7 +39,7 @@ with DAG(
     max_active_runs=1,
     default_args={"retries": 1, "retry_delay": timedelta(minutes=15)},
     params={
-        "store_conn_id": Param(STORE_CONN_ID, type="string", description="Airflow pgplakar_store connection"),
+        "store_conn_id": Param(STORE_CONN_ID, type="string", description="Airflow pgplakar connection"),
         "max_age": Param("26h", type="string", pattern=r"^([0-9]+[ymwdh])+$",
                          description="a source whose newest snapshot is older than this is stale (h, d, w, m, y)"),
         "check_subset": Param("/7", type="string", pattern=r"^([0-9]*/[0-9]+|[0-9.]+%)$",

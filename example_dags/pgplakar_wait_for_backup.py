@@ -34,7 +34,7 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     params={
-        "store_conn_id": Param(STORE_CONN_ID, type="string", description="Airflow pgplakar_store connection"),
+        "store_conn_id": Param(STORE_CONN_ID, type="string", description="Airflow pgplakar connection"),
         "source": Param("*", type="string", description="glob on kind:host:port/database, e.g. postgres:*/sales"),
         "newer_than": Param("20h", type="string", description="a duration (20h) or an ISO timestamp"),
     },

@@ -105,7 +105,7 @@ def main() -> int:
                 "conn_type": "postgres", "host": server.host, "port": server.port, "login": server.superuser,
                 "password": server.password, "schema": "postgres", "extra": {"pg_bin_dir": str(server.bin_dir)}}),
             "AIRFLOW_CONN_PGPLAKAR_STORE_DEFAULT": json.dumps({
-                "conn_type": "pgplakar_store", "password": PASSPHRASE, "extra": {"location": str(STORE)}}),
+                "conn_type": "pgplakar", "password": PASSPHRASE, "extra": {"location": str(STORE)}}),
             "PGPLAKAR_PASSPHRASE": PASSPHRASE,  # for the pgplakar CLI
             "PGPLAKAR_CACHE_DIR": str(DEMO / "cache"),
         })

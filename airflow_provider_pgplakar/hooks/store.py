@@ -1,4 +1,5 @@
-"""Airflow hook for the snapshot store: a ``pgplakar_store`` connection → an opened :class:`Store`.
+"""Airflow hook for the snapshot store: a ``pgplakar`` connection (or one of the legacy type ``pgplakar_store``) →
+an opened :class:`Store`.
 
 The connection form is declared in ``get_provider_info()`` (``conn-fields`` / ``ui-field-behaviour``), which is
 what the Airflow 3 UI reads; the passphrase lives in the connection's password field so Airflow stores it
@@ -12,7 +13,7 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
-from ..conn_forms import STORE_CONN_TYPE as CONN_TYPE
+from ..conn_forms import LEGACY_STORE_CONN_TYPE, STORE_CONN_TYPE
 from ..store.repo import Store
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,14 @@ _S3_MAP = {
 
 def _extra(conn: Any) -> dict[str, Any]:
     extra = conn.extra_dejson or {}
-    prefix = f"extra__{CONN_TYPE}__"  # forms may store fields prefixed
-    return {k.removeprefix(prefix): v for k, v in extra.items() if v not in (None, "")}
+    out: dict[str, Any] = {}
+    for key, value in extra.items():
+        if value in (None, ""):
+            continue
+        for conn_type in (STORE_CONN_TYPE, LEGACY_STORE_CONN_TYPE):  # forms may store fields prefixed
+            key = key.removeprefix(f"extra__{conn_type}__")
+        out[key] = value
+    return out
 
 
 class PgPlakarStoreHook(BaseHook):
@@ -39,7 +46,7 @@ class PgPlakarStoreHook(BaseHook):
 
     conn_name_attr = "store_conn_id"
     default_conn_name = "pgplakar_store_default"
-    conn_type = CONN_TYPE
+    conn_type = STORE_CONN_TYPE
     hook_name = "PgPlakar snapshot store"
 
     def __init__(self, store_conn_id: str = default_conn_name, **kwargs: Any) -> None:
@@ -87,6 +94,13 @@ class PgPlakarStoreHook(BaseHook):
                 return True, f"store {st.config.repo_id} at {st.location}: {len(st.snapshot_ids())} snapshot(s)"
         except Exception as e:
             return False, str(e)
+
+
+class PgPlakarLegacyStoreHook(PgPlakarStoreHook):
+    """The same hook for connections of the first type name, ``pgplakar_store`` (Airflow warns on "_" in a type)."""
+
+    conn_type = LEGACY_STORE_CONN_TYPE
+    hook_name = "PgPlakar snapshot store (legacy type pgplakar_store)"
 
 
 def _bool(v: Any) -> bool:

@@ -187,5 +187,4 @@ class PgPlakarRestoreOperator(_PgPlakarOperator):
         with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
             sid = store.resolve(str(self.snapshot_id).strip())
             summary = logical_restore(store, sid, opts, password=hook.password_source(opts))
-        self.log.info("%s", summary.text())
         return summary.as_dict()

@@ -161,8 +161,7 @@ class PgPlakarPhysicalRestoreOperator(BaseOperator):
                                       owner=self.file_owner or None, sync=self.sync)
         for w in result.warnings:
             self.log.warning("%s", w)
-        self.log.info("%s", result.text())
-        return result.as_dict()
+        return result.as_dict()  # physical_restore logged the summary
 
     def on_kill(self) -> None:
         cancel()

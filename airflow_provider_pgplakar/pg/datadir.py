@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..store.safefs import Owner, RecordPlan, SafeTree, UnsafeRecord, split_path
+from ..store.sizes import human_bytes
 from . import PgError, ToolError
 from .physical import DATA_PREFIX, MANIFEST_PATH, SOURCE_KIND, TABLESPACES_PREFIX
 from .process import check_cancelled, spawn, untrack_process
@@ -118,7 +119,7 @@ class PhysicalRestoreResult:
 
     def text(self) -> str:
         lines = [f"restored snapshot {self.snapshot_id[:8]} (PostgreSQL {self.server_version}) to {self.target_dir}: "
-                 f"{self.files} files, {self.bytes / 2**20:.1f} MiB"]
+                 f"{self.files} files, {human_bytes(self.bytes)}"]
         for ts in self.tablespaces:
             lines.append(f"tablespace {ts['oid']}: {ts['location']} -> {ts['restored_to']}")
         lines.append(f"pg_verifybackup: {self.verify_note}")

@@ -18,7 +18,8 @@ Differences from the reference, on purpose:
   is skipped with a warning recorded in the snapshot header (``meta.warnings``, ``meta.skipped_databases``), instead
   of failing the backup. It is concluded only when pg_dump fails before writing a byte with the server's "database
   ... does not exist" *and* the database is gone from ``pg_database`` on a re-check; any other failure fails.
-- ``exclude_databases`` naming a database the server does not have is a warning (a typo excludes nothing).
+- ``exclude_databases`` entries are shell patterns (``*_restore_check``, :func:`excluded`); one that matches no
+  database on the server is a warning (a typo excludes nothing).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
 import psycopg
@@ -114,8 +116,12 @@ def _select(all_dbs: list[str], opts: LogicalSourceOptions) -> list[str]:
             raise PgError(f"database {opts.database!r} not found or does not accept connections "
                           f"(server has: {', '.join(all_dbs) or 'none'})")
         return [opts.database]
-    excluded = set(opts.exclude_databases or ())
-    return [d for d in all_dbs if d not in excluded]
+    return [d for d in all_dbs if not excluded(d, opts.exclude_databases or ())]
+
+
+def excluded(name: str, patterns: Collection[str]) -> bool:
+    """``name`` matches one of the ``exclude_databases`` shell patterns (case-sensitive, as database names are)."""
+    return any(fnmatchcase(name, p) for p in patterns)
 
 
 def logical_backup(
@@ -272,13 +278,12 @@ def _sizes(c: Any, databases: list[str], quiet: bool = False) -> dict[str, int]:
 
 
 def _unknown_databases(conn: Any, names: tuple[str, ...]) -> list[str]:
-    """Names in ``exclude_databases`` that ``pg_database`` does not have (the implicit RDS default excepted)."""
+    """Patterns in ``exclude_databases`` that match nothing in ``pg_database`` (the implicit RDS default excepted)."""
     wanted = [n for n in names if n not in AWS_DEFAULT_EXCLUDES]
     if not wanted:
         return []
-    rows = conn.execute("SELECT datname::text FROM pg_catalog.pg_database WHERE datname = ANY(%s)", (wanted,))
-    present = {r[0] for r in rows}
-    return [n for n in wanted if n not in present]
+    present = [r[0] for r in conn.execute("SELECT datname::text FROM pg_catalog.pg_database")]
+    return [n for n in wanted if not any(fnmatchcase(d, n) for d in present)]
 
 
 def _vanished(s: Session, database: str, error: ToolFailed) -> bool:

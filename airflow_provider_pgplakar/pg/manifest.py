@@ -35,9 +35,12 @@ schema-qualified the same way whatever the role's settings (as pg_dump does). Ev
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from fnmatch import fnmatchcase
 from typing import Any, LiteralString, TypeVar
 
 import psycopg
@@ -46,6 +49,9 @@ from psycopg.rows import dict_row
 
 from airflow_provider_pgplakar.pg import PgError
 from airflow_provider_pgplakar.pg.process import check_cancelled
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 15.0  # manifest progress lines: at most one per interval (a cluster may hold thousands of dbs)
 
 __all__ = ["MANIFEST_VERSION", "ConnFactory", "ManifestError", "collect_manifest"]
 
@@ -465,7 +471,8 @@ def _detail_targets(
     """The database entries to detail; in single-database mode ``databases`` is reduced to that entry."""
     entries: list[dict[str, Any]] = manifest.get("databases", [])
     if database is None:
-        return [d for d in entries if d["allow_conn"] and not d["is_template"] and d["name"] not in exclude]
+        return [d for d in entries if d["allow_conn"] and not d["is_template"]
+                and not any(fnmatchcase(d["name"], p) for p in exclude)]
     selected = [d for d in entries if d["name"] == database]
     if selected:
         manifest["databases"] = selected
@@ -531,6 +538,8 @@ def collect_manifest(
     extra_copy = _json_copy("extra", dict(extra)) if extra else None
     errors = _Errors()
     main_db = database if database is not None else "postgres"
+    t0 = last = time.monotonic()
+    log.info("manifest: reading the cluster inventory from %s", main_db)
     conn = conn_factory(main_db)
     try:
         with _snapshot(conn):
@@ -547,9 +556,15 @@ def collect_manifest(
     except psycopg.Error as exc:  # only the snapshot setup gets here: every section records its own errors
         raise ManifestError(f"starting the manifest transaction on {main_db}: {exc}") from exc
     # After the manifest connection is closed: one connection at a time, no long-held snapshot.
-    for entry in targets:
+    log.info("manifest: detailing %d database(s) (schemas, relations, extensions)", len(targets))
+    for n, entry in enumerate(targets, 1):
         if entry["name"] != main_db:
             _collect_other(conn_factory, entry, errors)
+        if time.monotonic() - last >= PROGRESS_EVERY_S:
+            last = time.monotonic()
+            log.info("manifest: %d of %d database(s) detailed (%s), %.0fs", n, len(targets), entry["name"], last - t0)
+    log.info("manifest: done in %.1fs (%d database(s) detailed, %d error(s))", time.monotonic() - t0, len(targets),
+             len(errors.items))
     _omit_empty(manifest, ["pg_dump_version", "pg_basebackup_version", "database", "options"])
     manifest["tool_versions"] = versions
     manifest["errors"] = errors.items

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
+from fnmatch import fnmatchcase
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -336,7 +337,7 @@ class LogicalSourceOptions(_Redactable):
         object.__setattr__(self, "exclude_databases", excludes)
         _check_bool("compress", self.compress)
         _check_exclusive(self.schema_only, self.data_only)
-        if self.database is not None and self.database in excludes:
+        if self.database is not None and any(fnmatchcase(self.database, p) for p in excludes):
             raise OptionError(
                 "exclude_databases",
                 f"excludes the selected database {self.database!r}; remove it (an empty exclude_databases= "

@@ -161,8 +161,8 @@ def physical_backup(
         w.snapshot_id, server_num, bb.start_lsn, bb.end_lsn, int(bb.timeline or 0), tablespaces, files,
         stats["bytes"], stats["new_stored_bytes"], warnings, w.already_existed,
     )
-    log.info("physical snapshot %s: %d files, %.1f MiB (%.1f MiB new stored), WAL %s..%s", result.snapshot_id,
-             files, result.bytes / 2**20, result.new_stored_bytes / 2**20, result.start_lsn, result.end_lsn)
+    log.info("physical snapshot %s: %d files, %s (%s new stored), WAL %s..%s", result.snapshot_id,
+             files, human_bytes(result.bytes), human_bytes(result.new_stored_bytes), result.start_lsn, result.end_lsn)
     return result
 
 
@@ -262,7 +262,7 @@ def _copy_archive(w: Any, archive: Archive, prefix: str, chunking: Callable[[str
                                           f"{member.type!r}")
     except TarFormatError as exc:
         raise PhysicalBackupError(f"reading {archive.name} from the base backup stream: {exc}") from None
-    log.info("%s: %d files, %.1f MiB", archive.name, files, archive.stream.size / 2**20)
+    log.info("%s: %d files, %s", archive.name, files, human_bytes(archive.stream.size))
     return files
 
 

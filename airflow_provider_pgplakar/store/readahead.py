@@ -1,9 +1,10 @@
-"""Overlap chunking, the record's SHA-256 and the caller's per-chunk work (BLAKE3, dedup) on separate threads.
+"""Overlap chunking, the record's SHA-256 and the caller's work (handing batches to the encode pool) on threads.
 
 Measured on the 2-core CI machine: with everything on the caller's thread, chunking + SHA-256 + BLAKE3 capped an
-identical (fully deduplicated) re-backup at ~290 MB/s. pyfastcdc's cut, file reads, hashlib and BLAKE3 all release
-the GIL, so a reader thread (chunking) and a hasher thread (SHA-256) run beside the caller. Queues are bounded
-(``DEPTH`` chunks of at most 512 KiB each), so memory stays constant whatever the stream size.
+identical (fully deduplicated) re-backup at ~290 MB/s. pyfastcdc's cut, file reads and hashlib all release the
+GIL, so a reader thread (chunking) and a hasher thread (SHA-256) run beside the caller. Items are batches of
+chunks (:meth:`Chunker.batches`, ~4 MiB each), so the queues are touched a few times per 4 MiB instead of several
+times per chunk; they are bounded (``DEPTH`` batches), so memory stays constant whatever the stream size.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-DEPTH = 8
+DEPTH = 2
 _END = object()
 
 
@@ -23,10 +24,11 @@ class _Failed:
 
 
 class Readahead:
-    """Iterate ``chunks`` (produced on a reader thread); ``digest`` is updated in order on a hasher thread."""
+    """Iterate ``batches`` of chunks (produced on a reader thread); ``digest`` is updated with every chunk, in
+    order, on a hasher thread."""
 
-    def __init__(self, chunks: Iterator[bytes], digest: Any) -> None:
-        self._chunks = chunks
+    def __init__(self, batches: Iterator[list[memoryview]], digest: Any) -> None:
+        self._chunks = batches
         self._digest = digest
         self._out: queue.Queue[Any] = queue.Queue(DEPTH)
         self._hash_q: queue.Queue[Any] = queue.Queue(DEPTH)
@@ -66,9 +68,10 @@ class Readahead:
                 continue
             if item is _END:
                 return
-            self._digest.update(item)
+            for chunk in item:
+                self._digest.update(chunk)
 
-    def __iter__(self) -> Iterator[bytes]:
+    def __iter__(self) -> Iterator[list[memoryview]]:
         try:
             while True:
                 item = self._out.get()

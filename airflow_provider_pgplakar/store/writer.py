@@ -38,6 +38,7 @@ from .objects import seal_object
 from .pack import CHUNKLIST, DATA, TREE, pack_object_name
 from .progress import Progress
 from .readahead import Readahead
+from .sizes import human_bytes
 
 if TYPE_CHECKING:
     from .repo import Store
@@ -51,7 +52,6 @@ INLINE_REFS = 256
 # after a 1 % change (bench/physical_bench.py): lists of ~256 refs stored 47 KiB of the 790 KiB, these ~15 KiB.
 CHUNKLIST_MIN_REFS = 16
 CHUNKLIST_CUT_MOD = 64
-INLINE_HEAD = 4  # records of fewer chunks are chunked and hashed on the caller's thread
 CHUNKLIST_REFS = 4096
 FIXED_BATCH = 4 << 20  # bytes of fixed-size blocks per pool task (fewer hand-offs: 4 % faster than 1 MiB in an A/B)
 FIXED_WINDOW = 8  # pending batches per record (the sink's semaphore bounds the total)
@@ -264,20 +264,30 @@ class SnapshotWriter:
         return StoredRecord(RecordInfo(path, size, digest.hexdigest() if sha256 else None), rec)
 
     def _cdc_refs(self, stream: BinaryIO, chunking: Chunking, digest: Any) -> Generator[list[Any], None, None]:
-        """Content-defined chunks: cut and SHA-256 on helper threads, BLAKE3 and dedup here (see readahead)."""
+        """Content-defined chunks: cut and SHA-256 on helper threads (see readahead), a batch of ~4 MiB of chunks
+        per encode-pool task for BLAKE3, dedup and compression (:meth:`BlobSink.add_blocks`, as for fixed blocks:
+        the caller only hands batches on, so the GIL changes hands per batch instead of several times per chunk);
+        at most ``FIXED_WINDOW`` batches pending, so memory stays bounded."""
         assert self._sink is not None
-        chunks = self.store.chunker.chunks(stream, chunking)
-        head = list(itertools.islice(chunks, INLINE_HEAD))
-        if len(head) < INLINE_HEAD:  # a small record: threads would cost more than they save
-            for chunk in head:
+        batches = self.store.chunker.batches(stream)
+        head = list(itertools.islice(batches, 2))
+        if len(head) < 2:  # a small record (one batch): threads and a pool round trip would cost more than they save
+            for chunk in head[0] if head else ():
                 digest.update(chunk)
                 yield [self._sink.add(DATA, chunk), len(chunk)]
             return
-        source = Readahead(itertools.chain(head, chunks), digest)
+        source = Readahead(itertools.chain(head, batches), digest)
+        pending: collections.deque[Future[list[list[Any]]]] = collections.deque()
         try:
-            for chunk in source:
-                yield [self._sink.add(DATA, chunk), len(chunk)]
+            for batch in source:
+                pending.append(self._sink.add_blocks(DATA, batch))
+                while pending and (len(pending) > FIXED_WINDOW or pending[0].done()):
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
         finally:
+            for f in pending:
+                f.cancel()
             source.close()
 
     def _fixed_refs(self, stream: BinaryIO, block: int, digest: Any) -> Generator[list[Any], None, None]:
@@ -381,9 +391,9 @@ class SnapshotWriter:
                 st.cache.apply_segment(seg_id, {"packs": group})
             if not self.already_existed:
                 log.info(
-                    "committed snapshot %s: %d records, %.1f MiB, %.1f MiB new (%.1f MiB stored) in %.1fs",
-                    self.snapshot_id, self._manifest.total, self._bytes / 2**20, stats.new_raw_bytes / 2**20,
-                    stats.new_stored_bytes / 2**20, time.time() - self._t0,
+                    "committed snapshot %s: %d records, %s, %s new (%s stored) in %.1fs",
+                    self.snapshot_id, self._manifest.total, human_bytes(self._bytes), human_bytes(stats.new_raw_bytes),
+                    human_bytes(stats.new_stored_bytes), time.time() - self._t0,
                 )
             return self.snapshot_id
         except BaseException:

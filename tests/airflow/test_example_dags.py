@@ -91,7 +91,7 @@ def test_example_dags_import_without_errors() -> None:
     bag = DagBag(dag_folder=str(DAGS_DIR))
     assert bag.import_errors == {}
     assert set(bag.dag_ids) == {"pgplakar_nightly_backup", "pgplakar_fanout_per_database", "pgplakar_iam_backup",
-                                "pgplakar_weekly_physical",
+                                "pgplakar_weekly_physical", "pgplakar_restore_on_demand",
                                 "pgplakar_backup_restore_check", "pgplakar_restore_drill",
                                 "pgplakar_verify_after_backup", "pgplakar_store_maintenance",
                                 "pgplakar_wait_for_backup"}

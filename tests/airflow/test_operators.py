@@ -248,6 +248,10 @@ def test_secrets_stay_out_of_logs_templates_xcom_and_errors(db: str, store: Stor
     texts = [caplog.text, out, err, json.dumps(rendered, default=str), json.dumps([sid, summary]),
              json.dumps(header, default=str), str(missing.value)]
     assert "snapshot" in caplog.text  # the log really was captured
+    # what a deployment showed (issue 11 §7): the restore summary once, sizes never "0.0 MiB", a manifest phase
+    assert caplog.text.count(f"restore of snapshot {sid[:8]}") == 1
+    assert " MiB" not in caplog.text and " KiB" in caplog.text
+    assert "manifest: reading the cluster inventory from" in caplog.text and "manifest: done in" in caplog.text
     for secret in (pg15.password, PASSPHRASE):
         for text in texts:
             assert secret not in text

@@ -387,3 +387,33 @@ def test_exclude_databases_naming_no_database_is_a_warning(store, src) -> None:
     finally:
         for name in ("vk_one", "vk_two"):
             _drop_db(src, name)
+
+
+def test_exclude_databases_takes_shell_patterns(store, src) -> None:
+    """``*_restore_check`` keeps the example DAGs' scratch databases out of a full backup (and out of the
+    manifest's details); the selected database matching a pattern is refused as contradictory."""
+    import json
+
+    from airflow_provider_pgplakar.pg import OptionError
+    from airflow_provider_pgplakar.pg.logical import MANIFEST_PATH, excluded
+
+    names = ("xp_keep", "xp_a_restore_check", "xp_b_restore_check")
+    for name in names:
+        _create_db(src, name)
+    try:
+        location, opts = src_opts(src, exclude_databases="*_restore_check,xp_nomatch_*")
+        res = logical_backup(store, parse_source_options(location, opts))
+        assert "xp_keep" in res.databases
+        assert not [d for d in res.databases if d.endswith("_restore_check")]
+        assert res.warnings == ["exclude_databases: 'xp_nomatch_*' not on the server (nothing excluded for it: "
+                                "check the spelling)"]
+        with store.open_record(store.find_record(res.snapshot_id, MANIFEST_PATH)) as src_file:
+            manifest = json.loads(src_file.read())
+        detailed = [d["name"] for d in manifest["databases"] if "relations" in d or "schemas" in d]
+        assert "xp_keep" in detailed and "xp_a_restore_check" not in detailed
+        assert excluded("a_restore_check", ["*_restore_check"]) and not excluded("A_RESTORE_CHECK", ["*_check"])
+        with pytest.raises(OptionError, match="excludes the selected database"):
+            parse_source_options(*src_opts(src, database="xp_a_restore_check", exclude_databases="*_check"))
+    finally:
+        for name in names:
+            _drop_db(src, name)

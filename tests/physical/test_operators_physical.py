@@ -13,6 +13,7 @@ import pwd
 import stat
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pendulum
@@ -123,14 +124,19 @@ def test_physical_options_from_connections(pg_factory, tmp_path, monkeypatch) ->
         PgPlakarPostgresHook().physical_source_options()
 
 
+def _load_weekly() -> Any:
+    name = "pgplakar_example_weekly_physical"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "example_dags" / "pgplakar_weekly_physical.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name].dag
+
+
 def test_example_dag_weekly_physical_nightly_logical() -> None:
-    path = REPO_ROOT / "example_dags" / "pgplakar_weekly_physical.py"
-    spec = importlib.util.spec_from_file_location("pgplakar_example_weekly_physical", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    dag = module.dag
+    dag = _load_weekly()
     assert dag.dag_id == "pgplakar_weekly_physical" and dag.schedule == "30 1 * * *"
     assert dag.get_task("base_backup").upstream_task_ids == {"choose"}
     assert dag.get_task("logical_backup").upstream_task_ids == {"choose", "base_backup"}
@@ -138,9 +144,44 @@ def test_example_dag_weekly_physical_nightly_logical() -> None:
     assert dag.get_task("restore_check").upstream_task_ids == {"base_backup"}
     assert dag.get_task("remove_restore_check").upstream_task_ids == {"restore_check"}
     choose = dag.get_task("choose").python_callable
-    sunday, monday = pendulum.datetime(2026, 11, 29, tz="UTC"), pendulum.datetime(2026, 11, 30, tz="UTC")
-    assert choose(params={"physical_weekday": 6}, logical_date=sunday) == ["base_backup", "logical_backup"]
-    assert choose(params={"physical_weekday": 6}, logical_date=monday) == ["logical_backup"]
+    sunday, monday = (SimpleNamespace(run_after=pendulum.datetime(2026, 11, d, tz="UTC"), logical_date=None)
+                      for d in (29, 30))
+    both, logical = ["base_backup", "logical_backup"], ["logical_backup"]
+    assert choose(params={"physical_weekday": 6}, dag_run=sunday) == both
+    assert choose(params={"physical_weekday": 6}, dag_run=monday) == logical
+    assert choose(params={"physical_weekday": 6, "run_physical": "always"}, dag_run=monday) == both
+    assert choose(params={"physical_weekday": 6, "run_physical": "never"}, dag_run=sunday) == logical
+    assert dag.params["exclude_databases"] == ["*_restore_check", "pgplakar_verify_*"]
+
+
+def test_weekly_physical_dag_runs_from_a_manual_trigger(pg_factory, pg_manager, tmp_path, monkeypatch,
+                                                        airflow_db) -> None:
+    """A manual (or REST API) run has no logical date in Airflow 3: ``choose`` failed on every such run with
+    "missing 1 required positional argument: 'logical_date'" and ``{{ ds_nodash }}`` was undefined (issue 11 §7).
+    The run backs up physically (``run_physical=always``), restore-checks and cleans up; the logical backup leaves
+    out the scratch databases."""
+    src = pg_factory(15)
+    with src.connect() as c:
+        c.execute("CREATE DATABASE app")
+        c.execute("CREATE DATABASE app_restore_check")
+    store_dir = tmp_path / "store"
+    Store.create(str(store_dir), PASSPHRASE).close()
+    set_conns(monkeypatch, src, store_dir)
+    check_dir = scratch_dir(pg_manager, "weekly")
+    dag = _load_weekly()
+    dr = dag.test(logical_date=None, run_conf={"run_physical": "always", "checkpoint": "fast",
+                                               "restore_check_dir": str(check_dir), "pg_bin_dir": str(src.bin_dir)})
+    assert dr.logical_date is None
+    states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+    assert states == {t: "success" for t in ("choose", "base_backup", "logical_backup", "restore_check",
+                                             "remove_restore_check")}, states
+    check = dr.get_task_instance("restore_check").xcom_pull(task_ids="restore_check")
+    assert check["verified"] is True and check["target_dir"].startswith(str(check_dir) + "/")
+    assert not Path(check["target_dir"]).exists()  # removed again
+    logical_id = dr.get_task_instance("logical_backup").xcom_pull(task_ids="logical_backup")
+    with Store.open(str(store_dir), PASSPHRASE) as store:
+        databases = store.load_snapshot(logical_id).header["meta"]["databases"]
+    assert "app" in databases and "app_restore_check" not in databases
 
 
 def test_on_kill_cancels_the_base_backup_and_commits_nothing(pg_factory, tmp_path, monkeypatch) -> None:

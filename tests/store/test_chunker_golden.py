@@ -140,6 +140,24 @@ def test_golden_chunk_lengths(inputs: dict[str, bytes], kind: str, seed: int) ->
     assert _lengths(chunker.chunks(_ReadOnly(data))) == golden
 
 
+@pytest.mark.parametrize("batch", [1 << 20, 3 * (1 << 20) + 4321, SIZE, SIZE + 1, 2 * SIZE])
+@pytest.mark.parametrize("kind", sorted(INPUTS))
+def test_batches_cut_as_the_stream_chunker(inputs: dict[str, bytes], kind: str, batch: int) -> None:
+    """The writer's zero-copy path (``Chunker.batches``: fixed buffers, the tail carried over) cuts exactly the
+    golden points for any buffer size and read pattern, and its views stay valid and read-only after the fact."""
+    data = inputs[kind]
+    golden = GOLDEN[(kind, FIXED_SEED)]
+    chunker = Chunker(DEFAULT_CDC, FIXED_SEED)
+    for stream in (io.BytesIO(data), Trickle(data, 4099), _ReadOnly(data)):
+        batches = list(chunker.batches(stream, batch))
+        views = [v for b in batches for v in b]
+        assert _lengths(views) == golden
+        assert b"".join(views) == data  # every earlier buffer still intact after the whole stream was read
+        assert all(v.readonly for v in views)
+        assert all(sum(map(len, b)) <= max(batch, 2 * DEFAULT_CDC["max"]) for b in batches)
+    assert list(chunker.batches(io.BytesIO(b""), batch)) == []
+
+
 def test_golden_lists_are_plausible() -> None:
     """Sanity of the pasted literals: distinct per seed and input, and within the chunker's bounds."""
     for a, b in itertools.combinations(GOLDEN.values(), 2):
