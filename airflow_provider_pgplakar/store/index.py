@@ -22,7 +22,7 @@ from typing import Any
 
 from .backend import Backend
 from .crypto import Keys
-from .errors import IntegrityError, StoreError
+from .errors import IntegrityError, ObjectNotFound, StoreError
 from .objects import open_object, seal_object
 
 log = logging.getLogger(__name__)
@@ -200,12 +200,18 @@ class IndexCache:
             self._sync(backend, keys)
 
     def _sync(self, backend: Backend, keys: Keys) -> None:
-        listed = {o.key.rsplit("/", 1)[-1] for o in backend.list("index/")}
-        for _attempt in range(3):
-            if self._apply_listed(backend, keys, listed):
-                return
-            # a segment read now supersedes one applied earlier (a prune that crashed before deleting the old
-            # segments, or a replay): start over without it
+        for _attempt in range(5):
+            listed = {o.key.rsplit("/", 1)[-1] for o in backend.list("index/")}
+            try:
+                if self._apply_listed(backend, keys, listed):
+                    return
+            except ObjectNotFound:
+                # a prune running beside us deleted a listed segment after consolidating it: list again (the
+                # consolidated segments are written before the old ones go)
+                log.info("an index segment was consolidated by a running prune while being read: listing again")
+                continue
+            # a segment read now supersedes one applied earlier (a prune consolidating now, one that crashed
+            # before deleting the old segments, or a replay): start over without it
             log.info("an applied index segment is superseded by another: rebuilding the local index cache")
             self.reset()
         raise StoreError(f"index of {backend.location} keeps changing while it is read: retry")
