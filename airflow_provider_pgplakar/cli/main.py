@@ -187,9 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--prune", action="store_true", help="prune afterwards")
 
-    p = cmd("prune", "delete data no snapshot references (waits for no one: fails if a backup runs)")
+    p = cmd("prune", "delete data no snapshot references (runs beside backups; fails if a restore or check runs, "
+                     "unless --wait)")
     p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait this long for running backups")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="wait this long for running restores or checks (backups never make prune wait)")
 
     p = cmd("stats", "per source the newest snapshot, its age and sizes; the store's totals and dedup ratio")
     p.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY), help="what a source is (as for forget)")
