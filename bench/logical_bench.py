@@ -1,6 +1,6 @@
 """Logical backup benchmark (not a test): our backup and restore of a pgbench database next to raw pg_dump/pg_restore.
 
-    .venv/bin/python bench/logical_bench.py [--case single|multi|both] [--scale 50] [--version 15|17|18]
+    .venv/bin/python bench/logical_bench.py [--case single|multi|both|fingerprint] [--scale 50] [--version 15|17|18]
                                             [--repeat 1] [--workdir DIR] [--pg-conf KEY=VALUE ...]
                                             [--multi-scale 20] [--jobs 2 --jobs 4]
 
@@ -28,6 +28,13 @@ The server, the store and all temp files are removed at the end, also on failure
 side: raw ``pg_dump`` of the 4 one after the other, raw ``pg_dump`` of the 4 all at once (the floor), our backup of
 the 4 (``exclude_databases`` = every other database) with ``jobs=1`` and with each ``--jobs`` value, every backup
 into a fresh store; wall time, CPU (ours and tools) and peak RSS. ``--case both`` runs both cases on one server.
+
+``--case fingerprint`` (issue 12) times, on the ``--scale`` pgbench database: raw ``pg_dump`` (the baseline), our
+backup with ``fingerprint=catalog`` (the default), ``counts`` and ``full``, each into a fresh store; then a plain
+``logical_restore`` of the ``full`` snapshot into a new database next to ``verify_snapshot`` of it (a throwaway
+server of the benchmark's own binaries: initdb, restore, recompute and compare the fingerprints, remove). Its table
+adds the benchmark server's CPU over each step (``/proc`` of its postmaster and backends), where the ``counts`` and
+``full`` scans run.
 """
 
 from __future__ import annotations
@@ -236,8 +243,29 @@ def child_restore(spec: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": secs, "unlock_s": unlock, "ok": summary.ok, "details": details, **meter.done()}
 
 
+def child_verify(spec: dict[str, Any]) -> dict[str, Any]:
+    """``verify_snapshot`` on a throwaway server of ``pg_bin_dir`` (started, restored into, compared, removed)."""
+    from airflow_provider_pgplakar.pg.verify import verify_snapshot
+    from airflow_provider_pgplakar.store.repo import Store
+
+    meter = Meter()
+    t0 = time.perf_counter()
+    with Store.open(spec["store"], PASS, cache_dir=spec["cache"]) as st:
+        unlock = time.perf_counter() - t0
+        meter.reset_peak()
+        report = verify_snapshot(st, spec["snapshot"], pg_bin_dir=spec["pg_bin_dir"])
+    secs = time.perf_counter() - t0
+    usage = meter.done()
+    if not report.ok:
+        raise SystemExit(f"verify of {spec['snapshot'][:8]} FAILED:\n{report.text()}")
+    findings = sum(len(d.findings) for d in report.databases)
+    return {"seconds": secs, "unlock_s": unlock, "ok": report.ok, "level": report.level, "server": report.server,
+            "findings": findings, **usage}
+
+
 CHILD_OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    "tool": child_tool, "tools": child_tools, "backup": child_backup, "restore": child_restore}
+    "tool": child_tool, "tools": child_tools, "backup": child_backup, "restore": child_restore,
+    "verify": child_verify}
 
 
 def child_main() -> None:
@@ -294,7 +322,7 @@ def dir_bytes(path: Path) -> int:
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median time and CPU, max RSS over repetitions; other fields from the last run."""
     out = dict(runs[-1])
-    for key in ("seconds", "process_s", "cpu_s", "tool_cpu_s", "unlock_s"):
+    for key in ("seconds", "process_s", "cpu_s", "tool_cpu_s", "unlock_s", "server_cpu_s"):
         if key in out:
             out[key] = statistics.median(r[key] for r in runs)
     for key in ("rss_mib", "rss_after_unlock_mib", "tool_rss_mib"):
@@ -365,10 +393,10 @@ class Bench:
         return run_child({"op": "tool", "argv": commands.pg_dump(self.pg_dump, DB), "env": self.tool_env,
                           "stdout": str(stdout) if stdout else None})
 
-    def backup(self, store: Path, cache: Path) -> dict[str, Any]:
+    def backup(self, store: Path, cache: Path, extra: dict[str, str] | None = None) -> dict[str, Any]:
         self.checkpoint()
         return run_child({"op": "backup", "store": str(store), "cache": str(cache),
-                          "options": {**self.conn_opts, "database": DB}})
+                          "options": {**self.conn_opts, "database": DB, **(extra or {})}})
 
     def raw_restore(self, archive: Path, target: str) -> dict[str, Any]:
         from airflow_provider_pgplakar.pg import commands
@@ -547,6 +575,136 @@ def report_multi(r: dict[str, Any], a: argparse.Namespace, server: Any, load0: t
             print(f"- {key} runs: {', '.join(f'{s:.2f}' for s in runs[key]['all_seconds'])} s")
 
 
+FINGERPRINT_LEVELS = ("catalog", "counts", "full")  # issue 12; catalog is the default
+
+
+class FingerprintBench(Bench):
+    """Issue 12: our backup at each ``fingerprint`` level next to raw pg_dump; verify next to a plain restore."""
+
+    def ours(self, level: str, keep: bool) -> tuple[dict[str, Any], tuple[Path, Path] | None]:
+        from airflow_provider_pgplakar.store.repo import Store
+
+        store, cache = self.work / f"fp-store-{level}", self.work / f"fp-cache-{level}"
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        Store.create(str(store), PASS, cache_dir=cache).close()
+        res = self.timed(lambda: self.backup(store, cache, {"fingerprint": level}))
+        if keep:
+            return res, (store, cache)
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        return res, None
+
+    def verify(self, store: Path, cache: Path, snapshot: str) -> dict[str, Any]:
+        self.checkpoint()
+        return run_child({"op": "verify", "store": str(store), "cache": str(cache), "snapshot": snapshot,
+                          "pg_bin_dir": str(self.server.bin_dir)})
+
+    def server_cpu(self) -> float:
+        """CPU seconds of the benchmark server so far: the postmaster, the backends it reaped, the live ones."""
+        tick = os.sysconf("SC_CLK_TCK")
+        postmaster = int((self.server.datadir / "postmaster.pid").read_text().split()[0])
+
+        def fields(pid: int) -> list[str]:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+
+        f = fields(postmaster)  # utime stime cutime cstime are fields 14-17, i.e. [11:15] after the name
+        total = sum(int(x) for x in f[11:15])
+        for pid in _descendants(postmaster):
+            try:
+                total += sum(int(x) for x in fields(pid)[11:13])
+            except OSError:
+                pass
+        return total / tick
+
+    def timed(self, step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``step`` with the benchmark server's CPU over it (its pg_dump/restore backends, the fingerprint scans)."""
+        cpu0 = self.server_cpu()
+        res = step()
+        res["server_cpu_s"] = self.server_cpu() - cpu0
+        return res
+
+    def run(self) -> dict[str, Any]:
+        r: dict[str, Any] = {}
+        progress(f"fingerprint: pgbench -i -s {self.scale} ...")
+        r["init_s"] = self.pgbench_init()
+        self.sql("VACUUM ANALYZE", DB)
+        r["db_bytes"] = self.sql(f"SELECT pg_database_size('{DB}')")[0][0]
+        runs: dict[str, list[dict[str, Any]]] = {"raw": [], **{lv: [] for lv in FINGERPRINT_LEVELS}}
+        full: tuple[Path, Path] | None = None
+        for i in range(self.repeat):  # interleaved, baseline first
+            progress(f"[{i + 1}/{self.repeat}] fingerprint: raw pg_dump > /dev/null ...")
+            runs["raw"].append(self.timed(self.raw_dump))
+            for level in FINGERPRINT_LEVELS:
+                progress(f"[{i + 1}/{self.repeat}] fingerprint: our backup, fingerprint={level} ...")
+                res, kept = self.ours(level, keep=level == "full" and i == self.repeat - 1)
+                runs[level].append(res)
+                full = kept or full
+        assert full is not None
+        r["backups"] = {k: summarize(v) for k, v in runs.items()}
+        snapshot = runs["full"][-1]["snapshot"]
+        source = self.fingerprint(DB)
+        restores, verifies = [], []
+        for i in range(self.repeat):
+            target = f"fp_restore_{i}"
+            progress(f"[{i + 1}/{self.repeat}] fingerprint: plain logical_restore of the full snapshot ...")
+            restores.append(self.timed(lambda t=target: self.restore(*full, snapshot, t)))
+            got = self.fingerprint(target)
+            if got != source:
+                raise SystemExit(f"{target} differs from the source: {got} != {source}")
+            self.drop_db(target)
+            progress(f"[{i + 1}/{self.repeat}] fingerprint: pgplakar verify of the full snapshot ...")
+            verifies.append(self.timed(lambda: self.verify(*full, snapshot)))
+        r["restore"], r["verify"] = summarize(restores), summarize(verifies)
+        r["fingerprint"] = source
+        self.drop_db(DB)
+        return r
+
+
+def report_fingerprint(r: dict[str, Any], a: argparse.Namespace, server: Any, load0: tuple[float, ...]) -> None:
+    b, ro, ve = r["backups"], r["restore"], r["verify"]
+    raw, cat = b["raw"], b["catalog"]
+    how = f"median of {a.repeat} runs" if a.repeat > 1 else "single runs"
+    print()
+    print(f"Fingerprint case (issue 12): PostgreSQL {server.version}, `pgbench -i -s {a.scale}` (database "
+          f"{_mib(r['db_bytes'])}, dump {_mib(cat['dump_bytes'])}); {os.cpu_count()} cores, load average "
+          f"{load0[0]:.2f} at start / {os.getloadavg()[0]:.2f} at end ({how}).")
+    print()
+    print("| operation | seconds | process s | vs raw `pg_dump` | vs `catalog` backup | vs plain restore | "
+          "CPU s (ours / tools) | benchmark server CPU s | peak RSS MiB: ours (after unlock) / largest tool |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def row(name: str, d: dict[str, Any], ours: bool, vs_raw: str, vs_cat: str, vs_restore: str) -> None:
+        cpu = f"{d['cpu_s']:.2f} / {d['tool_cpu_s']:.2f}" if ours else f"– / {d['tool_cpu_s']:.2f}"
+        rss = (f"{d['rss_mib']:.0f} ({d['rss_after_unlock_mib']:.0f}) / {d['tool_rss_mib']:.0f}" if ours
+               else f"– / {d['tool_rss_mib']:.0f}")
+        print(f"| {name} | {d['seconds']:.2f} | {d['process_s']:.2f} | {vs_raw} | {vs_cat} | {vs_restore} | "
+              f"{cpu} | {d['server_cpu_s']:.2f} | {rss} |")
+
+    row("raw `pg_dump -Fc -Z0 > /dev/null`", raw, False, "1.00×", "", "")
+    for level in FINGERPRINT_LEVELS:
+        d = b[level]
+        row(f"our backup, `fingerprint={level}`" + (" (default)" if level == "catalog" else ""), d, True,
+            f"{d['seconds'] / raw['seconds']:.2f}×", f"{d['seconds'] / cat['seconds']:.2f}×", "")
+    row("plain `logical_restore` of the `full` snapshot", ro, True, "", "", "1.00×")
+    row("`pgplakar verify` of the `full` snapshot", ve, True, "", "",
+        f"{ve['seconds'] / ro['seconds']:.2f}×")
+    print()
+    print("- backups: `database=bench` with the given `fingerprint`, each into a fresh encrypted store, Argon2id "
+          "unlock included; raw: the same `pg_dump` argv to /dev/null. CPU: user+sys of the step, ours / its tools; "
+          "the `counts`/`full` scans run in the benchmark server: its CPU over the step (backends, checkpointer, "
+          "autovacuum: whatever ran then) is the server column.")
+    print("- plain restore: into a new, empty database on the benchmark server (its work in the server column); "
+          f"verify: a throwaway {ve['server']} of the same binaries (initdb, start, restore, recompute and compare "
+          f"{ve['findings']} findings at level {ve['level']}, stop, remove), whose CPU, server included, is in "
+          "`tools`; both with fsync=off. Restores checked against the source "
+          f"{tuple(r['fingerprint'])}; verify PASSED.")
+    if a.repeat > 1:
+        for key, d in (*b.items(), ("restore", ro), ("verify", ve)):
+            print(f"- {key} runs: {', '.join(f'{s:.2f}' for s in d['all_seconds'])} s")
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Report
 
@@ -637,8 +795,9 @@ def main() -> None:
     ap.add_argument("--workdir", help="parent of the temp dir holding the store and the dump file (default $TMPDIR)")
     ap.add_argument("--pg-conf", action="append", default=[], metavar="KEY=VALUE",
                     help=f"extra postgresql.conf setting (default adds {DEFAULT_CONF})")
-    ap.add_argument("--case", choices=("single", "multi", "both"), default="single",
-                    help="single: one pgbench database (default); multi: 4 databases, raw vs ours with jobs")
+    ap.add_argument("--case", choices=("single", "multi", "both", "fingerprint"), default="single",
+                    help="single: one pgbench database (default); multi: 4 databases, raw vs ours with jobs; "
+                         "fingerprint: each fingerprint level vs raw pg_dump, verify vs a plain restore")
     ap.add_argument("--multi-scale", type=int, default=20,
                     help="multi case: total pgbench scale spread over the 4 databases (default 20)")
     ap.add_argument("--jobs", type=int, action="append", default=None,
@@ -681,6 +840,9 @@ def main() -> None:
         if a.case in ("multi", "both"):
             multi = MultiBench(server, work, a.multi_scale, a.repeat, jobs).run()
             report_multi(multi, a, server, load0)
+        if a.case == "fingerprint":
+            fp = FingerprintBench(server, work, a.scale, a.repeat).run()
+            report_fingerprint(fp, a, server, load0)
     finally:
         progress("cleaning up ...")
         if manager is not None:

@@ -21,6 +21,10 @@ os.environ["AIRFLOW_HOME"] = _AIRFLOW_HOME
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "True"
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO_ROOT / "example_dags")
+# prune's waits (the settle time after an intent, the grace period of unindexed packs) are for real clocks and
+# slow uploads; tests that exercise them set their own values
+os.environ.setdefault("PGPLAKAR_PRUNE_SETTLE", "0")
+os.environ.setdefault("PGPLAKAR_PRUNE_GRACE", "0")
 
 from collections.abc import Iterator  # noqa: E402
 

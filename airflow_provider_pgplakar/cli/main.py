@@ -9,6 +9,7 @@ when cancelled by SIGTERM (running tools are stopped, nothing further starts and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -186,9 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--prune", action="store_true", help="prune afterwards")
 
-    p = cmd("prune", "delete data no snapshot references (waits for no one: fails if a backup runs)")
+    p = cmd("prune", "delete data no snapshot references (runs beside backups; fails if a restore or check runs, "
+                     "unless --wait)")
     p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait this long for running backups")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="wait this long for running restores or checks (backups never make prune wait)")
 
     p = cmd("stats", "per source the newest snapshot, its age and sizes; the store's totals and dedup ratio")
     p.add_argument("--group-by", default=",".join(DEFAULT_GROUP_BY), help="what a source is (as for forget)")
@@ -244,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _progress_output(args)
         from .commands import run
 
-        with cancellable(), _sigterm_cancels():
+        with cancellable(), _sigterm_cancels(), _progress_sink_restored():
             return run(location, args)
     except UsageError as e:
         print(f"pgplakar: usage: {e}", file=sys.stderr)
@@ -282,6 +285,17 @@ def _sigterm_cancels() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _progress_sink_restored() -> Iterator[None]:
+    """``main()`` may run in-process (tests, embedding): progress goes back to the log when it returns."""
+    from ..store import progress
+
+    try:
+        yield
+    finally:
+        progress.set_sink(None)
 
 
 def _progress_output(args: argparse.Namespace) -> None:

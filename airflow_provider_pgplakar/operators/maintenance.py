@@ -140,7 +140,8 @@ class PgPlakarPruneOperator(_StoreOperator):
     """Delete the data no snapshot references (``pgplakar prune``); returns the prune report: ``bytes_freed``,
     ``packs_deleted``, ``packs_repacked``, ``snapshots`` kept, ``dry_run``.
 
-    :param lock_wait: seconds to wait for running backups (see ``store/prune.py``).
+    :param lock_wait: seconds to wait for running readers (restores, checks); backups never make prune wait
+        (``store/intents.py``).
     """
 
     template_fields: Sequence[str] = ("store_conn_id",)

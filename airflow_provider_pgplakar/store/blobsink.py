@@ -16,13 +16,14 @@ return wrong bytes (docs/format.md §5.1).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,49 @@ class _SessionSet:
         os.unlink(self.path)
 
 
+class DepLog:
+    """For each blob a writer deduplicated, the indexed pack it was found in, on disk like :class:`_SessionSet`: a
+    commit checks those packs against prune intents (store/intents.py) and finds another location for blobs whose
+    pack a prune is deleting. Owned by the writer, which closes it after its commit."""
+
+    def __init__(self) -> None:
+        fd, self.path = tempfile.mkstemp(prefix="pgplakar-deps-", suffix=".sqlite")
+        os.close(fd)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=OFF")
+        self.db.execute("PRAGMA synchronous=OFF")
+        self.db.execute("CREATE TABLE d(id BLOB PRIMARY KEY, pack TEXT NOT NULL) WITHOUT ROWID")
+        self.packs: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, locations: dict[bytes, str]) -> None:
+        if not locations:
+            return
+        with self._lock:
+            self.db.executemany("INSERT OR IGNORE INTO d VALUES (?, ?)", locations.items())
+            self.packs.update(locations.values())
+
+    def blobs_in(self, packs: set[str], batch: int = 500) -> Iterator[list[bytes]]:
+        """The deduplicated blob IDs found in ``packs``, in batches."""
+        ids = sorted(packs)
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            cur = self.db.execute(f"SELECT id FROM d WHERE pack IN ({','.join('?' * len(part))})", part)  # noqa: S608
+            while rows := cur.fetchmany(batch):
+                yield [r[0] for r in rows]
+
+    def repoint(self, locations: dict[bytes, str]) -> None:
+        """Record new locations (after the old pack turned out to be doomed); ``packs`` is recomputed."""
+        with self._lock:
+            self.db.executemany("UPDATE d SET pack=? WHERE id=?", ((p, b) for b, p in locations.items()))
+            self.packs = {r[0] for r in self.db.execute("SELECT DISTINCT pack FROM d")}
+
+    def close(self) -> None:
+        self.db.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
 class BlobSink:
     """Accepts chunks, stores the new ones, and reports the packs it wrote (for the index segment)."""
 
@@ -116,7 +160,8 @@ class BlobSink:
         self.workers = workers or max(1, min(4, os.cpu_count() or 1))
         self.stats = SinkStats()
         self.packs_written: list[dict[str, Any]] = []
-        self.dep_packs: set[int] = set()  # cache numbers of the indexed packs holding blobs we deduplicated
+        self.deps: DepLog | None = None  # set by a snapshot writer: where each deduplicated blob was found
+        self.excluded_packs: frozenset[str] = frozenset()  # packs a prune intends to delete: not deduplicated against
         self._shared = _Shared()
         self._slots = threading.BoundedSemaphore(2 * self.workers + 2)
         self._dedup = threading.Lock()  # the cache and session connections, and the chunk counters
@@ -177,7 +222,10 @@ class BlobSink:
     def _claim(self, ids: list[bytes], sizes: list[int]) -> list[int | None]:
         """For each of ``ids``: the compression level to store it at, or None when it is indexed or already
         claimed (also earlier in ``ids``). The caller holds ``_dedup``; ``ids`` has at most a few hundred IDs."""
-        known = self.cache.known_blobs(ids, self.dep_packs)
+        locations: dict[bytes, str] | None = {} if self.deps is not None else None
+        known = self.cache.known_blobs(ids, locations, self.excluded_packs)
+        if self.deps is not None and locations:
+            self.deps.add(locations)
         fresh = self._session.add_many([i for i in ids if i not in known])
         out: list[int | None] = []
         for blob_id, size in zip(ids, sizes, strict=True):

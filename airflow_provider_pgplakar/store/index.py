@@ -22,7 +22,7 @@ from typing import Any
 
 from .backend import Backend
 from .crypto import Keys
-from .errors import IntegrityError, StoreError
+from .errors import IntegrityError, ObjectNotFound, StoreError
 from .objects import open_object, seal_object
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ class IndexCache:
         self.repo_id = repo_id
         self.bad_segments: dict[str, str] = {}
         self.superseded_listed: set[str] = set()  # listed in index/ but superseded: garbage for the next prune
+        self.frozen = False  # prune's private view: sync() leaves it as it is (store/prune.py)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = self._connect()
@@ -187,6 +188,8 @@ class IndexCache:
 
     def sync(self, backend: Backend, keys: Keys) -> None:
         """Bring the cache up to date with ``index/``; corrupt segments are skipped and remembered."""
+        if self.frozen:
+            return
         try:
             self._sync(backend, keys)
         except sqlite3.DatabaseError as e:
@@ -197,12 +200,18 @@ class IndexCache:
             self._sync(backend, keys)
 
     def _sync(self, backend: Backend, keys: Keys) -> None:
-        listed = {o.key.rsplit("/", 1)[-1] for o in backend.list("index/")}
-        for _attempt in range(3):
-            if self._apply_listed(backend, keys, listed):
-                return
-            # a segment read now supersedes one applied earlier (a prune that crashed before deleting the old
-            # segments, or a replay): start over without it
+        for _attempt in range(5):
+            listed = {o.key.rsplit("/", 1)[-1] for o in backend.list("index/")}
+            try:
+                if self._apply_listed(backend, keys, listed):
+                    return
+            except ObjectNotFound:
+                # a prune running beside us deleted a listed segment after consolidating it: list again (the
+                # consolidated segments are written before the old ones go)
+                log.info("an index segment was consolidated by a running prune while being read: listing again")
+                continue
+            # a segment read now supersedes one applied earlier (a prune consolidating now, one that crashed
+            # before deleting the old segments, or a replay): start over without it
             log.info("an applied index segment is superseded by another: rebuilding the local index cache")
             self.reset()
         raise StoreError(f"index of {backend.location} keeps changing while it is read: retry")
@@ -257,28 +266,34 @@ class IndexCache:
     def has_blob(self, blob_id: bytes) -> bool:
         return self.db.execute("SELECT 1 FROM blobs WHERE id=? LIMIT 1", (blob_id,)).fetchone() is not None
 
-    def known_blobs(self, blob_ids: list[bytes], packs: set[int] | None = None) -> set[bytes]:
-        """The subset of ``blob_ids`` the index holds: one query per batch instead of one per blob. ``packs``
-        collects the numbers of every pack holding one of them (what a snapshot deduplicating them depends on)."""
+    def known_blobs(self, blob_ids: list[bytes], locations: dict[bytes, str] | None = None,
+                    exclude: set[str] | frozenset[str] = frozenset()) -> set[bytes]:
+        """The subset of ``blob_ids`` the index holds: one query per batch instead of one per blob. ``locations``
+        gets, for each, the ID of a pack holding it (what a snapshot deduplicating it depends on); locations in
+        the ``exclude`` packs (a prune intends to delete them) do not count."""
         known: set[bytes] = set()
         for i in range(0, len(blob_ids), 500):  # well under SQLite's bound-parameter limit
             part = blob_ids[i : i + 500]
             marks = ",".join("?" * len(part))
-            if packs is None:
+            if locations is None and not exclude:
                 known.update(r[0] for r in self.db.execute(f"SELECT id FROM blobs WHERE id IN ({marks})", part))  # noqa: S608
                 continue
-            for blob_id, pack in self.db.execute(f"SELECT id, pack FROM blobs WHERE id IN ({marks})", part):  # noqa: S608
+            sql = f"SELECT b.id, p.id FROM blobs b JOIN packs p ON p.no=b.pack WHERE b.id IN ({marks})"  # noqa: S608
+            for blob_id, pack_id in self.db.execute(sql, part):
+                if pack_id in exclude:
+                    continue
                 known.add(blob_id)
-                packs.add(pack)
+                if locations is not None:
+                    locations[blob_id] = pack_id
         return known
 
-    def packs_by_number(self, numbers: Iterable[int]) -> list[tuple[str, int]]:
-        """(pack_id, size) of the packs with these cache-local numbers."""
-        nums = list(numbers)
+    def pack_sizes(self, pack_ids: Iterable[str]) -> list[tuple[str, int]]:
+        """(pack_id, indexed size) of the indexed packs among ``pack_ids``."""
+        ids = list(pack_ids)
         out: list[tuple[str, int]] = []
-        for i in range(0, len(nums), 500):
-            part = nums[i : i + 500]
-            sql = f"SELECT id, size FROM packs WHERE no IN ({','.join('?' * len(part))})"  # noqa: S608 - placeholders
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            sql = f"SELECT id, size FROM packs WHERE id IN ({','.join('?' * len(part))})"  # noqa: S608 - placeholders
             out.extend(self.db.execute(sql, part).fetchall())
         return out
 

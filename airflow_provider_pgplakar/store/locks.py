@@ -1,10 +1,12 @@
-"""Leases: backups and readers share the store, prune has it alone.
+"""Leases: who is using the store. Backups never wait; readers and prune exclude each other.
 
-- A backup (kind ``backup``) or a reader (kind ``read``: restores, ``cat``, ``check``, verification) writes
-  ``locks/<id>``, then lists ``locks/``; if a live ``prune`` lease exists it withdraws and waits. A prune does the
-  same and withdraws if any other live lease exists. With read-after-write list consistency (local fs, AWS S3) two
-  conflicting parties cannot both proceed: whichever wrote second is guaranteed to see the first. Both may
-  withdraw; they retry with jitter.
+- Every party writes ``locks/<id>``, then lists ``locks/``. A backup (kind ``backup``) proceeds whatever it sees:
+  a running prune announces what it will delete in an intent (store/intents.py) and the backup avoids, re-checks
+  and if need be rolls back around it; the backup's lease tells prune which unindexed packs are still being written.
+  A reader (kind ``read``: restores, ``cat``, ``check``, verification) withdraws and waits while a live ``prune``
+  lease exists; a prune withdraws while another prune or a reader is live. With read-after-write list consistency
+  (local fs, AWS S3) two conflicting parties cannot both proceed: whichever wrote second is guaranteed to see the
+  first. Both may withdraw; they retry with jitter.
 - A lease is live until its storage mtime is ``STALE_AFTER`` old. It is judged dead earlier only when it was written
   on this host, in this boot, in this pid namespace (all three recorded in the lease) and no process with its pid
   *and* start time exists: two containers with one host name (host networking, cloned hostnames) share neither a
@@ -267,10 +269,15 @@ class Lease:
 
 
 def _conflicts(mine: Lease, leases: list[LeaseInfo], now: float) -> list[LeaseInfo]:
+    """Backups conflict with nobody (prune announces its deletions in intents instead: store/intents.py);
+    readers and prunes exclude each other, and one prune runs at a time. A lease of unknown kind counts as a
+    conflict for a prune."""
     others = [le for le in leases if le.id != mine.id and not is_stale(le, now, mine.me)]
     if mine.kind == "prune":
-        return others
-    return [le for le in others if le.kind == "prune"]
+        return [le for le in others if le.kind != "backup"]
+    if mine.kind == "read":
+        return [le for le in others if le.kind == "prune"]
+    return []
 
 
 def acquire(backend: Backend, keys: Keys, kind: str, wait: float = 0.0, poll: float = 2.0) -> Lease:

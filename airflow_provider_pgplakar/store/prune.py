@@ -1,26 +1,35 @@
-"""Prune: delete what no snapshot references, under the exclusive prune lease.
+"""Prune: delete what no snapshot references, while backups go on (restic's rules plus intents).
 
-With the lease held no backup runs, so every pack not reachable from a committed snapshot is garbage (orphans of
-crashed or aborted writers included). Order, so that a crash at any step loses nothing and the next prune
-finishes the job:
+Backups never wait for prune and prune never waits for backups (readers and other prunes exclude it: store/locks.py).
+Order, so that a crash at any step loses nothing and the next prune finishes the job:
 
-1. mark: walk every snapshot's manifest into a SQLite ``live`` table (bounded memory). An unreadable snapshot
-   aborts the prune: we never delete when we cannot know what is live;
+1. mark: list the snapshots, then read the index, and walk every listed snapshot's manifest into a SQLite ``live``
+   table (bounded memory). An unreadable snapshot aborts the prune: we never delete when we cannot know what is live;
 2. repack packs that are mostly dead (live blobs re-sealed into new packs, uploaded, verified);
-3. write consolidated index segments for everything kept, then delete the superseded segments;
-4. delete dead packs, stale temp files and stale leases.
+3. write consolidated index segments for everything kept (dead blobs of kept packs stay indexed);
+4. write an intent (store/intents.py) naming the packs and segments to delete, wait for commits in flight, re-list
+   the snapshots and spare (and re-index) the packs that snapshots committed meanwhile need;
+5. delete the superseded segments, then the packs, then the intent; stale temp files and leases last.
+
+Unindexed packs are deleted only when older than the grace period and than every live backup lease: they may be
+the uploads of a backup that has not committed yet.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .blobsink import BlobSink
 from .errors import IntegrityError, StoreError
-from .index import write_segments
+from .index import IndexCache, read_segment, write_segments
+from .intents import delete_intent, env_seconds, list_intents, settle_seconds, write_intent
 from .locks import Lease, acquire, is_stale, list_leases
 from .pack import CHUNKLIST, TREE, decode_blob, pack_key, pack_object_name
 from .reader import chunk_refs, iter_records
@@ -31,7 +40,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPACK_DEAD_FRACTION = 0.25
+MIN_SKEW_S = 5.0  # at least this allowance between a lease's start (holder clock) and pack times (storage clock)
 TEMP_FILE_MAX_AGE = 86400.0
+
+
+def grace_seconds() -> float:
+    """Unindexed packs younger than this (storage clock) are never deleted, and it is the allowance for clock skew
+    against backup leases' start times (default 1 h; ``$PGPLAKAR_PRUNE_GRACE``)."""
+    return env_seconds("PGPLAKAR_PRUNE_GRACE", 3600.0, 7 * 86400.0)
 
 
 @dataclass
@@ -65,9 +81,29 @@ def _release(store: Store, lease: Lease) -> None:
 def prune(store: Store, *, dry_run: bool = False, lock_wait: float = 0.0) -> PruneReport:
     lease = _exclusive(store, lock_wait)
     try:
-        return _prune(store, dry_run, lease)
+        marked = store.snapshot_ids()  # listed before the index is read: a later commit is re-checked (spare)
+        with _private_cache(store):
+            return _prune(store, dry_run, lease, marked)
     finally:
         _release(store, lease)
+        store.sync_index()  # the shared cache notices the consolidation and rebuilds
+
+
+@contextmanager
+def _private_cache(store: Store) -> Iterator[None]:
+    """Run with an index cache of our own, rebuilt from ``index/``: the shared cache file is also used by backups
+    on this host, which apply the segments they and others write (ours included) while we still need the
+    pre-prune view of what the doomed packs hold."""
+    shared = store.cache
+    with tempfile.TemporaryDirectory(prefix="pgplakar-prune-") as tmp:
+        store.cache = IndexCache(Path(tmp) / "index.sqlite", shared.repo_id)
+        try:
+            store.sync_index()
+            store.cache.frozen = True
+            yield
+        finally:
+            store.cache.close()
+            store.cache = shared
 
 
 def _before_deleting(lease: Lease, what: str) -> None:
@@ -76,39 +112,60 @@ def _before_deleting(lease: Lease, what: str) -> None:
     lease.check_fresh(f"not deleting {what}")
 
 
-def _mark(store: Store, rep: PruneReport) -> None:
+def _mark(store: Store, snapshot_ids: list[str], table: str = "live") -> int:
+    """Every blob the snapshots reference (manifest leaves, chunk lists, chunks) into ``temp.<table>``, in batches
+    (no transaction spans the reads: reading may sync the cache, which commits)."""
     db = store.cache.db
-    db.execute("CREATE TEMP TABLE IF NOT EXISTS live(id BLOB PRIMARY KEY) WITHOUT ROWID")
-    db.execute("DELETE FROM temp.live")
-    ins = "INSERT OR IGNORE INTO temp.live VALUES (?)"
-    for sid in store.snapshot_ids():
+    db.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table}(id BLOB PRIMARY KEY) WITHOUT ROWID")
+    db.execute(f"DELETE FROM temp.{table}")  # noqa: S608 - a fixed table name
+    ins = f"INSERT OR IGNORE INTO temp.{table} VALUES (?)"  # noqa: S608
+    batch: list[tuple[bytes]] = []
+
+    def add(blob_id: bytes) -> None:
+        batch.append((blob_id,))
+        if len(batch) >= 10_000:
+            db.executemany(ins, batch)
+            batch.clear()
+
+    for sid in snapshot_ids:
         try:
             snap = store.load_snapshot(sid, use_cache=False)
-            db.execute("BEGIN")
             for leaf_id, _n in snap.header["manifest"]["leaves"]:
-                db.execute(ins, (leaf_id,))
+                add(leaf_id)
             for rec in iter_records(store, snap):
                 for cl in rec.get("cl", ()):
-                    db.execute(ins, (cl,))
+                    add(cl)
                 if rec.get("k") == "f":
-                    db.executemany(ins, ((b,) for b, _ in chunk_refs(store, rec)))
-            db.execute("COMMIT")
+                    for b, _ in chunk_refs(store, rec):
+                        add(b)
         except StoreError as e:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
             raise StoreError(f"refusing to prune: snapshot {sid[:8]} is unreadable ({e}); "
                              "run `check`, then repair or forget it") from None
-        rep.snapshots += 1
-    rep.live_blobs = db.execute("SELECT count(*) FROM temp.live").fetchone()[0]
+    db.executemany(ins, batch)
+    return int(db.execute(f"SELECT count(*) FROM temp.{table}").fetchone()[0])  # noqa: S608
 
 
-def _prune(store: Store, dry_run: bool, lease: Lease) -> PruneReport:
+def _orphans_deletable_before(store: Store, grace: float) -> float:
+    """Unindexed packs are uploads of crashed writers, or of writers still running (they index their packs at
+    commit). Only packs older than ``grace`` on the storage clock and older than the start of every live backup
+    lease (its holder's clock, with ``grace`` as the allowance for skew) are deleted."""
+    now = store.backend.now()
+    cutoff = now - grace
+    for lease in list_leases(store.backend, store.keys):
+        if lease.kind != "prune" and not is_stale(lease, now):
+            # S3's LastModified has whole seconds: a pack uploaded in the lease's first second may look older
+            cutoff = min(cutoff, lease.start - max(grace, MIN_SKEW_S))
+    return cutoff
+
+
+def _prune(store: Store, dry_run: bool, lease: Lease, marked: list[str]) -> PruneReport:
     rep = PruneReport(dry_run=dry_run)
-    store.sync_index()
     if store.cache.bad_segments:
         raise StoreError("refusing to prune: corrupt index segment(s) "
                          f"{', '.join(s[:16] for s in store.cache.bad_segments)}; run `repair index` first")
-    _mark(store, rep)
+    rep.live_blobs = _mark(store, marked)
+    rep.snapshots = len(marked)
+    older_intents = list_intents(store)  # of crashed prunes: this one recomputes everything, then replaces them
     db = store.cache.db
     # each live blob is owned by one location: the lowest-numbered pack holding it
     db.execute("CREATE TEMP TABLE IF NOT EXISTS owner(id BLOB PRIMARY KEY, pack INT) WITHOUT ROWID")
@@ -138,9 +195,13 @@ def _prune(store: Store, dry_run: bool, lease: Lease) -> PruneReport:
             repack.append((no, pid, size, salt))
         else:
             keep.append(no)
-    listed = {o.key.rsplit("/", 1)[-1]: o.size for o in store.backend.list("packs/")}
+    cutoff = _orphans_deletable_before(store, grace_seconds())
+    listed = {o.key.rsplit("/", 1)[-1]: o for o in store.backend.list("packs/")}
     indexed = {p[1] for p in packs}
-    orphans = [(pid, size) for pid, size in listed.items() if pid not in indexed]
+    orphans = [(pid, o.size) for pid, o in listed.items() if pid not in indexed and o.mtime < cutoff]
+    young = sum(1 for pid, o in listed.items() if pid not in indexed and o.mtime >= cutoff)
+    if young:
+        log.info("prune: %d unindexed pack(s) kept: written by a running backup, or within the grace period", young)
     rep.packs_deleted = len(delete) + len(orphans) + len(repack)
     rep.packs_repacked = len(repack)
     rep.bytes_freed = sum(s for _, s in delete) + sum(s for _, s in orphans)
@@ -148,30 +209,95 @@ def _prune(store: Store, dry_run: bool, lease: Lease) -> PruneReport:
         return rep
     new_packs = _repack(store, repack) if repack else []
     rep.bytes_freed += sum(r[2] for r in repack) - sum(p["size"] for p in new_packs)
-    # consolidated index: kept packs, listing only the blobs they own, plus the repacked ones
+    # consolidated index: the repacked packs, and each kept pack with every blob not owned by another pack. Dead
+    # blobs of kept packs stay indexed: a backup running now may have deduplicated against one, and nothing
+    # would tell it that the entry went away (their packs are not in the intent).
     entries: list[dict[str, Any]] = list(new_packs)
     for no in keep:
         pid, size, kind, salt = db.execute("SELECT id, size, kind, salt FROM packs WHERE no=?", (no,)).fetchone()
-        rows = db.execute("SELECT b.type, b.id, b.off, b.len, b.raw FROM blobs b JOIN temp.owner o "
-                          "ON o.id=b.id AND o.pack=b.pack WHERE b.pack=?", (no,)).fetchall()
+        rows = db.execute("SELECT b.type, b.id, b.off, b.len, b.raw FROM blobs b LEFT JOIN temp.owner o "
+                          "ON o.id=b.id WHERE b.pack=? AND (o.pack IS NULL OR o.pack=b.pack)", (no,)).fetchall()
         entries.append({"id": pid, "size": size, "kind": kind, "salt": salt, "blobs": [list(r) for r in rows]})
     old_segments = sorted(store.cache.segments())
     # supersedes is cumulative: an old segment re-uploaded later is recognised however many prunes ago it went
-    write_segments(store.backend, store.keys, entries, set(old_segments) | store.cache.superseded())
+    consolidated = write_segments(store.backend, store.keys, entries, set(old_segments) | store.cache.superseded())
+    doomed = {pid for pid, _ in delete + orphans} | {r[1] for r in repack}
+    intent = write_intent(store, doomed, set(old_segments) | store.cache.superseded_listed)
+    settle = settle_seconds()
+    log.info("prune: intent %s: %d pack(s) to delete; waiting %.0f s for backups committing now", intent.id[:8],
+             len(doomed), settle)
+    time.sleep(settle)
+    spared = _spare_for_new_snapshots(store, marked, doomed, new_packs, {seg for seg, _ in consolidated})
+    rep.packs_deleted -= len(spared)
+    rep.bytes_freed -= sum(s for pid, s in delete + orphans if pid in spared)
     _before_deleting(lease, "superseded index segments")
     for seg in old_segments + sorted(store.cache.superseded_listed):
         store.backend.delete(f"index/{seg}")
     rep.segments_replaced = len(old_segments)
     _before_deleting(lease, "packs")
-    for pid, _size in delete + orphans + [(r[1], r[2]) for r in repack]:
+    for pid in sorted(doomed - spared):
         store.backend.delete(pack_object_name(pid))
+    delete_intent(store, intent)
+    for old in older_intents:
+        delete_intent(store, old)
     _before_deleting(lease, "stale leases and temporary files")
     _cleanup(store)
-    store.cache.reset()
-    store.sync_index()
     log.info("prune: %d pack(s) deleted (%d repacked), %.1f MiB freed", rep.packs_deleted, rep.packs_repacked,
              rep.bytes_freed / 2**20)
     return rep
+
+
+def _spare_for_new_snapshots(store: Store, marked: list[str], doomed: set[str], new_packs: list[dict[str, Any]],
+                             written: set[str]) -> set[str]:
+    """Snapshots committed since the mark may use blobs whose only location is in a doomed pack (their writers
+    deduplicated against it before our intent existed). Spare those packs, and index their blobs again (the
+    consolidated index may have left them out) before the old segments go."""
+    late = sorted(set(store.snapshot_ids()) - set(marked))
+    if not late:
+        return set()
+    log.info("prune: %d snapshot(s) committed during this prune: sparing what they use", len(late))
+    db = store.cache.db
+    db.execute("CREATE TEMP TABLE IF NOT EXISTS late(id BLOB PRIMARY KEY) WITHOUT ROWID")
+    db.execute("DELETE FROM temp.late")
+    # read them through a fresh cache: ours must stay the pre-prune index (it alone still maps the doomed packs),
+    # and reading syncs the cache with the segments written since, the consolidated ones included
+    # our (frozen) pre-prune view plus the segments those backups wrote; never our consolidated ones, which would
+    # make the doomed packs' entries vanish from the view that decides what to spare
+    for seg_id in sorted({o.key.rsplit("/", 1)[-1] for o in store.backend.list("index/")} - store.cache.segments()
+                         - written):
+        seg = read_segment(store.backend, store.keys, seg_id)
+        if not seg.get("supersedes"):
+            store.cache.apply_segment(seg_id, seg)
+    _mark(store, late, "late")
+    db.execute("CREATE TEMP TABLE IF NOT EXISTS moved(id BLOB PRIMARY KEY) WITHOUT ROWID")
+    db.execute("DELETE FROM temp.moved")
+    db.executemany("INSERT OR IGNORE INTO temp.moved VALUES (?)", ((b[1],) for p in new_packs for b in p["blobs"]))
+    db.execute("CREATE TEMP TABLE IF NOT EXISTS doomed(id TEXT PRIMARY KEY) WITHOUT ROWID")
+    db.execute("DELETE FROM temp.doomed")
+    db.executemany("INSERT INTO temp.doomed VALUES (?)", ((pid,) for pid in doomed))
+    # blobs of late snapshots with no location outside the doomed packs (the pre-prune cache still knows them),
+    # and not repacked either
+    rows = db.execute(
+        "SELECT l.id FROM temp.late l WHERE l.id NOT IN (SELECT id FROM temp.moved) AND NOT EXISTS (SELECT 1 "
+        "FROM blobs b JOIN packs p ON p.no=b.pack WHERE b.id=l.id AND p.id NOT IN (SELECT id FROM temp.doomed))"
+    ).fetchall()
+    spared: set[str] = set()
+    needed = [r[0] for r in rows]
+    for i in range(0, len(needed), 500):
+        part = needed[i : i + 500]
+        marks = ",".join("?" * len(part))
+        spared.update(r[0] for r in db.execute(  # noqa: S608 - placeholders
+            f"SELECT DISTINCT p.id FROM blobs b JOIN packs p ON p.no=b.pack WHERE b.id IN ({marks})", part))
+    spared &= doomed
+    if spared:
+        entries = []
+        for pid in sorted(spared):
+            size, kind, salt = db.execute("SELECT size, kind, salt FROM packs WHERE id=?", (pid,)).fetchone()
+            entries.append({"id": pid, "size": size, "kind": kind, "salt": salt,
+                            "blobs": [[t, b, off, n, raw] for b, off, n, raw, t in store.cache.pack_entries(pid)]})
+        write_segments(store.backend, store.keys, entries)
+        log.info("prune: %d pack(s) spared for snapshots committed meanwhile", len(spared))
+    return spared
 
 
 def _repack(store: Store, repack: list[tuple[int, str, int, bytes]]) -> list[dict[str, Any]]:
@@ -197,7 +323,8 @@ def _repack(store: Store, repack: list[tuple[int, str, int, bytes]]) -> list[dic
 
 
 class _NoDedup:
-    def known_blobs(self, blob_ids: list[bytes], packs: set[int] | None = None) -> set[bytes]:
+    def known_blobs(self, blob_ids: list[bytes], locations: dict[bytes, str] | None = None,
+                    exclude: frozenset[str] = frozenset()) -> set[bytes]:
         return set()
 
 

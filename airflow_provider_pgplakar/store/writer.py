@@ -27,11 +27,12 @@ import blake3
 import msgpack
 import pendulum
 
-from .blobsink import BlobSink
+from .blobsink import BlobSink, DepLog
 from .chunker import Chunking, read_full
 from .errors import AlreadyExists, DependencyMissing, StoreError
 from .failpoints import failpoint
 from .index import write_segments
+from .intents import doomed_packs
 from .locks import Lease, acquire
 from .objects import seal_object
 from .pack import CHUNKLIST, DATA, TREE, pack_object_name
@@ -133,6 +134,7 @@ class SnapshotWriter:
         self.already_existed = False
         self._lease: Lease | None = None
         self._sink: BlobSink | None = None
+        self._deps: DepLog | None = None  # where deduplicated blobs were found; closed with the lease
         self._manifest: _Manifest | None = None
         self._bytes = 0
         self._errors = 0
@@ -151,6 +153,9 @@ class SnapshotWriter:
                 compression_level=st.compression_level, pack_target=st.config.pack_target,
                 uploaders=st.uploaders,
             )
+            # blobs only in packs a running prune will delete count as absent: stored again, never depended on
+            self._sink.excluded_packs = frozenset(doomed_packs(st))
+            self._deps = self._sink.deps = DepLog()
         except BaseException:
             self._release_lease()
             raise
@@ -174,6 +179,9 @@ class SnapshotWriter:
             self._release_lease()
 
     def _release_lease(self) -> None:
+        if self._deps is not None:
+            self._deps.close()
+            self._deps = None
         if self._lease is not None:
             self.store.leases.drop(self._lease)
             self._lease.release()
@@ -342,7 +350,10 @@ class SnapshotWriter:
         try:
             self._manifest.flush()
             packs = self._sink.close()
-            self._check_dependencies()
+            assert self._deps is not None
+            self._avoid_doomed_packs(self._deps)
+            deps = st.cache.pack_sizes(self._deps.packs)
+            self._check_dependencies(deps)
             failpoint("after-packs")
             seg_ids = write_segments(st.backend, st.keys, packs)
             failpoint("after-index")
@@ -374,6 +385,8 @@ class SnapshotWriter:
                 self.already_existed = True
                 log.info("snapshot %s already committed by an earlier attempt: keeping it", self.snapshot_id)
             failpoint("after-commit")
+            if not self.already_existed:
+                self._check_after_commit(deps)
             for seg_id, group in seg_ids:
                 st.cache.apply_segment(seg_id, {"packs": group})
             if not self.already_existed:
@@ -390,15 +403,58 @@ class SnapshotWriter:
             self._release_lease()
 
 
-    def _check_dependencies(self) -> None:
-        """Every indexed pack this snapshot deduplicates against must exist, at its indexed size: an index that
-        lists deleted packs (a replayed segment, lost data) would otherwise yield a snapshot that cannot be
-        restored. One stat per distinct pack, or one listing of ``packs/`` when that is fewer requests."""
-        assert self._sink is not None
+    def _avoid_doomed_packs(self, dep_log: DepLog) -> None:
+        """A prune that started after us may be deleting packs we deduplicated against. Its repacked copies and
+        consolidated index are written before its intent, so after re-reading the index most such blobs have
+        another location; depend on that one instead. A blob with none (it was dead when the prune marked, e.g.
+        its only snapshot was forgotten) makes the commit fail: a retry stores it anew."""
         st = self.store
-        deps = st.cache.packs_by_number(self._sink.dep_packs)
+        doomed = dep_log.packs & doomed_packs(st)
+        if not doomed:
+            return
+        st.cache.sync(st.backend, st.keys)
+        doomed = dep_log.packs & doomed_packs(st)
+        moved: dict[bytes, str] = {}
+        for ids in dep_log.blobs_in(doomed):
+            found: dict[bytes, str] = {}
+            st.cache.known_blobs(ids, found, exclude=doomed)
+            lost = [b for b in ids if b not in found]
+            if lost:
+                raise DependencyMissing(
+                    f"not committing snapshot {self.snapshot_id}: a running prune is deleting the only copy of "
+                    f"{len(lost)}+ chunk(s) it deduplicates against (in {pack_object_name(sorted(doomed)[0])}): "
+                    "retry the backup, which stores that data again")
+            moved.update(found)
+        dep_log.repoint(moved)
+        log.info("snapshot %s: %d deduplicated chunk(s) now depend on their repacked copies (a prune is running)",
+                 self.snapshot_id, len(moved))
+
+    def _check_after_commit(self, deps: list[tuple[str, int]]) -> None:
+        """After the snapshot file is written: a prune that re-listed snapshots before our commit may now be
+        deleting a pack we depend on. Then our snapshot is withdrawn (deleted) and the commit fails; a retry stores
+        that data anew (store/intents.py)."""
+        try:
+            self._check_dependencies(deps)
+        except DependencyMissing:
+            self.store.backend.delete(f"snapshots/{self.snapshot_id}")
+            log.warning("snapshot %s withdrawn: a prune deleted (or is deleting) data it depends on", self.snapshot_id)
+            raise
+
+    def _check_dependencies(self, deps: list[tuple[str, int]]) -> None:
+        """Every indexed pack this snapshot deduplicates against must exist, at its indexed size, and be in no prune
+        intent: an index that lists deleted packs (a replayed segment, lost data) or a prune deleting them now
+        would otherwise yield a snapshot that cannot be restored. One listing of ``intents/``, then one stat per
+        distinct pack, or one listing of ``packs/`` when that is fewer requests."""
+        st = self.store
         if not deps:
             return
+        doomed = sorted({pid for pid, _size in deps} & doomed_packs(st))
+        if doomed:
+            more = f" (and {len(doomed) - 1} more)" if len(doomed) > 1 else ""
+            raise DependencyMissing(
+                f"not committing snapshot {self.snapshot_id}: a running prune is deleting "
+                f"{pack_object_name(doomed[0])}{more}, which it deduplicates against: retry the backup (it stores "
+                "that data again)")
         total = st.cache.db.execute("SELECT count(*) FROM packs").fetchone()[0]
         if len(deps) <= DEPENDENCY_STAT_MAX or len(deps) * 1000 <= total:
             sizes = {}

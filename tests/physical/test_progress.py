@@ -25,6 +25,7 @@ def test_physical_backup_logs_progress_against_the_server_estimate_and_the_check
     src = pg_factory(15)
     with src.connect() as c:
         c.execute("CREATE TABLE big AS SELECT g, md5(g::text) AS h FROM generate_series(1, 200000) g")
+    progress.set_sink(None)  # to the log
     monkeypatch.setattr(progress, "EVERY_S", 0.001)  # every file is a progress line
     caplog.set_level(logging.INFO)
     result = physical_backup(store, phys_opts(src, checkpoint="spread"))

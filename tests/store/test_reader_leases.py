@@ -78,7 +78,8 @@ def test_prune_waits_for_readers(location: str, tmp_path: Path) -> None:
     reader.close()  # releases the read lease
     waiter.join(timeout=60)
     rep = outcome[0]
-    assert isinstance(rep, prune_mod.PruneReport) and rep.packs_repacked == 1, rep
+    # >= 1: the metadata pack is repacked too when /late got a chunk list (random data decides)
+    assert isinstance(rep, prune_mod.PruneReport) and rep.packs_repacked >= 1, rep
     assert_restores(st, keep, {"/late": late}, tmp_path / "restore")
     assert _kinds(st) == ["read"]  # the restore above; released on close
     st.close()
@@ -177,7 +178,8 @@ def test_big_restore_survives_prune_with_repack(tmp_path: Path, caplog: pytest.L
     assert restore.finish(timeout=600) == 0, restore.text("stderr")
     pruner.join(timeout=600)
     rep = outcome[0]
-    assert isinstance(rep, prune_mod.PruneReport) and rep.packs_repacked == 1, rep
+    # >= 1: the metadata pack is repacked too when /late got a chunk list (random data decides)
+    assert isinstance(rep, prune_mod.PruneReport) and rep.packs_repacked >= 1, rep
     assert _sha256(out / "big") == want
     assert (out / "late").read_bytes() == late
     # and after the repack the snapshot still restores
