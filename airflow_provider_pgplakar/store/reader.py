@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from .repo import Snapshot, Store
 
 MAX_GROUP_BYTES = 8 * 1024 * 1024
+# decoded bytes per group: a dump that compresses 80:1 put 640 MiB of decoded chunks in one 8 MiB ranged read, and
+# PREFETCH groups of those made a restore's memory grow with the dump's size
+MAX_GROUP_RAW = 8 * 1024 * 1024
 MAX_GAP = 64 * 1024
 PREFETCH = 6
 
@@ -81,6 +84,7 @@ def chunk_refs(store: Store, record: dict[str, Any]) -> Iterator[tuple[bytes, in
 def _groups(store: Store, record: dict[str, Any]) -> Iterator[tuple[Location, list[tuple[bytes, Location]]]]:
     """Coalesce consecutive chunks that sit close together in one pack into one ranged read."""
     cur: list[tuple[bytes, Location]] = []
+    raw = 0
     where = f" (record {record.get('p')!r})"
     for blob_id, _raw in chunk_refs(store, record):
         loc = locate(store, blob_id, where)
@@ -90,11 +94,14 @@ def _groups(store: Store, record: dict[str, Any]) -> Iterator[tuple[Location, li
             if (
                 loc.pack_id == first.pack_id and end <= loc.offset <= end + MAX_GAP
                 and loc.offset + loc.length - first.offset <= MAX_GROUP_BYTES
+                and raw + loc.raw_len <= MAX_GROUP_RAW
             ):
                 cur.append((blob_id, loc))
+                raw += loc.raw_len
                 continue
             yield cur[0][1], cur
         cur = [(blob_id, loc)]
+        raw = loc.raw_len
     if cur:
         yield cur[0][1], cur
 
