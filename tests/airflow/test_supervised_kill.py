@@ -76,19 +76,32 @@ def _descendants(root: int, name: str) -> list[int]:
 
 
 def _probe(pid: int) -> bool:
-    """A ``--version`` probe of tool discovery, not a tool run."""
+    """A ``--version`` probe of tool discovery, not a tool run. A process whose command line reads empty is
+    exiting (its memory is gone before it turns zombie): a probe that ended between reading its ``stat`` and its
+    ``cmdline`` used to count as a pg_dump run (a tool run lives on, waiting on the test's lock, and is seen again)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"--version" in f.read().split(b"\0")
+            argv = f.read().split(b"\0")
     except OSError:
         return True
+    return argv == [b""] or b"--version" in argv
 
 
-def _backends(watcher: Any, db: str, *, waiting: bool = False) -> list[int]:
+def _backends(watcher: Any, db: str, *, waiting: bool = False, manifest: bool = False) -> list[int]:
+    """The backup's backends on ``db``; ``waiting``: only those waiting on a lock; ``manifest``: only those running
+    one of the manifest's per-relation queries."""
     q = "SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name = 'pgplakar'"
     if waiting:
         q += " AND wait_event_type = 'Lock'"
-    return [r[0] for r in watcher.execute(q, (db,))]
+    if manifest:
+        q += " AND query LIKE ANY(%s)"
+    return [r[0] for r in watcher.execute(q, (db, MANIFEST_QUERIES) if manifest else (db,))]
+
+
+# What the manifest's per-relation queries (pg/manifest.py ``_columns``, ``_constraints``, ``_indexes``) start with:
+# one of them (pg_get_expr() of the serial default, or pg_get_indexdef()) waits on the test's lock on ``items``.
+# pg_dump's queries look nothing like them, and a lock-waiting pg_dump is not the catalog phase.
+MANIFEST_QUERIES = ["SELECT a.attrelid AS oid, %", "SELECT k.conrelid AS oid, %", "SELECT x.indrelid AS oid, %"]
 
 
 def _until(what: str, pred: Any, driver: subprocess.Popen[bytes] | None = None, timeout: float = 120) -> Any:
@@ -158,7 +171,9 @@ def test_task_marked_failed_stops_the_backup(phase: str, db: str, pg15: PgServer
         try:
             def waiting() -> bool:
                 dumps_seen.update(_descendants(driver.pid, "pg_dump"))
-                return bool(_backends(watcher, db, waiting=True)) and (phase == "catalog" or bool(dumps_seen))
+                if phase == "catalog":  # the manifest's own query, not any backend of the backup
+                    return bool(_backends(watcher, db, waiting=True, manifest=True))
+                return bool(_backends(watcher, db, waiting=True)) and bool(dumps_seen)
 
             _until(f"the backup to wait on the lock ({phase})", waiting, driver)
             backends = _backends(watcher, db)
