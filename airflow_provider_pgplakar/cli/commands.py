@@ -218,10 +218,16 @@ def _pg_backup(location: str, args: argparse.Namespace) -> int:
         print(f"pgplakar: warning: {w}", file=sys.stderr)
     if args.json:
         output.emit_json({"snapshot": res.snapshot_id, "databases": res.databases, "bytes": res.bytes,
-                          "warnings": res.warnings})
+                          "new_bytes": res.new_bytes, "new_stored_bytes": res.new_stored_bytes,
+                          "per_database": res.per_database, "warnings": res.warnings})
     else:
+        from ..pg.backup_stats import database_line
+
         print(f"snapshot {res.snapshot_id[:8]} created: {len(res.databases)} database(s), "
-              f"{output.human_bytes(res.bytes)}")
+              f"{output.human_bytes(res.bytes)}, {output.human_bytes(res.new_bytes)} new "
+              f"({output.human_bytes(res.new_stored_bytes)} stored)")
+        for row in res.per_database:
+            print(f"  {row['database']}: {database_line(row)}")
     return 0
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from ..pg.logical import database_from_path
+from ..pg.backup_stats import database_line, database_stats
 from ..store.sizes import human_bytes
 
 BACKUPS_ALIAS = "pgplakar-backups"
@@ -34,17 +34,13 @@ def source_uri(scheme: str, host: str, port: int, database: str | None = None) -
 
 
 def backup_stats(store: Any, snapshot_id: str) -> dict[str, Any]:
-    """The ``stats`` XCom of a backup: totals from the snapshot header, one row per dump record."""
+    """The ``stats`` XCom of a backup: totals from the snapshot header, one row per dump record (size, new bytes,
+    time: :func:`..pg.backup_stats.database_stats`)."""
     snap = store.load_snapshot(snapshot_id)
     header = snap.header
     totals = header.get("stats") or {}
     meta = header.get("meta") or {}
-    seconds = meta.get("seconds") or {}
-    databases = [
-        {"database": (rec.get("x") or {}).get("database") or database_from_path(rec["p"]), "bytes": rec.get("s", 0),
-         "seconds": seconds.get(rec["p"])}
-        for rec in store.records(snap) if (rec.get("x") or {}).get("type") == "dump"
-    ]
+    databases = database_stats(store, snap)
     return {
         "snapshot_id": snapshot_id, "store": store.location, "kind": (header.get("source") or {}).get("kind"),
         "bytes": totals.get("bytes", 0), "new_bytes": totals.get("new_raw_bytes", 0),
@@ -60,8 +56,7 @@ def summary_lines(stats: dict[str, Any]) -> list[str]:
              f"{human_bytes(stats['bytes'])}, {human_bytes(stats['new_bytes'])} new "
              f"({human_bytes(stats['new_stored_bytes'])} stored) in {stats['duration_s']:.1f} s"]
     for row in stats["databases"]:
-        took = f" in {row['seconds']:.1f} s" if row.get("seconds") is not None else ""
-        lines.append(f"  {row['database']}: {human_bytes(row['bytes'])}{took}")
+        lines.append(f"  {row['database']}: {database_line(row)}")
     for name in stats["skipped_databases"]:
         lines.append(f"  {name}: skipped (dropped during the backup)")
     return lines
@@ -79,7 +74,7 @@ def report(context: Any, task_log: Any, stats: dict[str, Any], uris: list[str]) 
         return
     from airflow.sdk import Asset, AssetAlias
 
-    by_db = {row["database"]: row["bytes"] for row in stats["databases"]}
+    by_db = {row["database"]: row for row in stats["databases"]}
     for uri in uris:
         extra = {"snapshot_id": stats["snapshot_id"], "store": stats["store"], "kind": stats["kind"],
                  "bytes": stats["bytes"], "new_bytes": stats["new_bytes"], "duration_s": stats["duration_s"]}
@@ -87,6 +82,8 @@ def report(context: Any, task_log: Any, stats: dict[str, Any], uris: list[str]) 
         if database:
             from urllib.parse import unquote
 
+            row = by_db.get(unquote(database)) or {}
             extra["database"] = unquote(database)
-            extra["database_bytes"] = by_db.get(unquote(database), 0)
+            extra["database_bytes"] = row.get("bytes", 0)
+            extra["database_new_bytes"] = row.get("new_bytes")
         events[AssetAlias(BACKUPS_ALIAS)].add(Asset(uri), extra=extra)

@@ -75,6 +75,9 @@ class BackupResult:
     warnings: list[str] = field(default_factory=list)
     already_existed: bool = False
     bytes: int = 0
+    new_bytes: int = 0  # the committed snapshot's totals: plaintext and packed bytes it added to the store
+    new_stored_bytes: int = 0
+    per_database: list[dict[str, Any]] = field(default_factory=list)  # :func:`.backup_stats.database_stats`
 
 
 @dataclass
@@ -174,15 +177,15 @@ def logical_backup(
                 "options": _option_summary(opts), "warnings": warnings}
         with store.writer(source=source, tags=tags, labels=dict(labels or {}), meta=meta,
                           idempotency_key=idempotency_key) as w:
-            w.add_bytes(MANIFEST_PATH, json.dumps(manifest, indent=2, sort_keys=False).encode(), mode=0o444,
-                        meta={"type": "manifest"})
+            added = [w.add_bytes(MANIFEST_PATH, json.dumps(manifest, indent=2, sort_keys=False).encode(), mode=0o444,
+                                 meta={"type": "manifest"})]
             if not manifest_only:
                 if not opts.data_only:
                     globals_rec = _stream(w, s, GLOBALS_PATH, commands.pg_dumpall_globals(
                         str(s.tool("pg_dumpall", major).path), no_role_passwords=not authid_ok),
                         {"type": "globals", "tool": tool_versions.get("pg_dumpall")})
                     assert globals_rec is not None  # no skip_if: a failure raises
-                    w.add_stored(globals_rec)
+                    added.append(w.add_stored(globals_rec))
                 dump_tool = str(s.tool("pg_dump", major).path)
                 level = fingerprint.effective_level(opts.fingerprint, schema_only=opts.schema_only,
                                                     data_only=opts.data_only)
@@ -203,19 +206,25 @@ def logical_backup(
                         warnings.append(f"database {db!r} was dropped after it was listed: skipped")
                         log.warning("%s", warnings[-1])
                         return
-                    w.add_stored(d.stored)
+                    added.append(w.add_stored(d.stored))
                     prints[db] = d.fingerprints
                     warnings.extend([d.warning] if d.warning else [])
 
                 run_ordered(list(enumerate(selected, 1)), dump, deliver, jobs=opts.jobs, stopper=stopper,
                             size=lambda item: sizes.get(item[1], 0), name=lambda item: f"database {item[1]!r}")
-                w.add_bytes(fingerprint.FINGERPRINTS_PATH, fingerprint.encode(prints), mode=0o444,
-                            meta={"type": "fingerprints"})
+                added.append(w.add_bytes(fingerprint.FINGERPRINTS_PATH, fingerprint.encode(prints), mode=0o444,
+                                         meta={"type": "fingerprints"}))
                 meta["seconds"] = dict(s.seconds)  # per record path: how long its tool ran
+            # per record path: what it added to the store (docs/format.md §6.4; waits for its last chunks' encoding)
+            meta["new_raw_bytes"] = {i.path: i.new_raw_bytes for i in added}
+            meta["new_stored_bytes"] = {i.path: i.new_stored_bytes for i in added}
             check_cancelled()  # a cancelled backup never commits
-        snap_id = w.snapshot_id
-        total = store.load_snapshot(snap_id).header["stats"]["bytes"]
-        return BackupResult(snap_id, dumped, warnings, w.already_existed, total)
+        from .backup_stats import database_stats
+
+        snap = store.load_snapshot(w.snapshot_id)
+        totals = snap.header["stats"]
+        return BackupResult(snap.id, dumped, warnings, w.already_existed, totals["bytes"], totals["new_raw_bytes"],
+                            totals["new_stored_bytes"], database_stats(store, snap))
 
 
 @dataclass

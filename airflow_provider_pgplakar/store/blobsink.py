@@ -57,8 +57,41 @@ class SinkStats:
     chunks: int = 0
     new_chunks: int = 0
     new_raw_bytes: int = 0
-    new_stored_bytes: int = 0
+    new_stored_bytes: int = 0  # sealed blob lengths in packs (codec byte + payload + AEAD overhead), as NewBytes
     packs: int = 0
+
+
+class NewBytes:
+    """What one record (or a snapshot's manifest) added to the store: ``raw``, the plaintext bytes of the blobs it
+    was the first in this session to claim (a blob already indexed, or claimed earlier by any stream, counts for no
+    one else: the sink's dedup lock decides the order, so concurrent streams never count a blob twice), and
+    ``stored``, their sealed lengths in packs (compressed and encrypted; no pack header or trailer).
+
+    ``raw`` is final once the caller's last ``add``/``add_blocks`` returned; ``stored`` waits for the blobs handed
+    over one at a time by :meth:`BlobSink.add`, which are encoded on the pool after it returned (``add_blocks``
+    encodes before its future resolves). The sink sums the same figures in :class:`SinkStats`, so the accounts of
+    one session add up to its totals."""
+
+    def __init__(self) -> None:
+        self.raw = 0  # guarded by the sink's dedup lock
+        self._stored = 0  # guarded by the sink's shared lock; read after the pending encodes ended
+        self._pending = 0
+        self._cond = threading.Condition()
+
+    @property
+    def stored(self) -> int:
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending == 0)
+            return self._stored
+
+    def _begin(self) -> None:
+        with self._cond:
+            self._pending += 1
+
+    def _end(self, _fut: Any = None) -> None:  # a done callback: also runs for a task cancelled by an abort
+        with self._cond:
+            self._pending -= 1
+            self._cond.notify_all()
 
 
 @dataclass
@@ -183,25 +216,33 @@ class BlobSink:
         if self._shared.error is not None:
             raise StoreError(f"writing to {self.backend.location} failed: {self._shared.error}") from self._shared.error
 
-    def add(self, blob_type: int, data: bytes | memoryview) -> bytes:
-        """Store ``data`` unless already present; return its blob ID. Blocks when the pipeline is full."""
+    def add(self, blob_type: int, data: bytes | memoryview, account: NewBytes | None = None) -> bytes:
+        """Store ``data`` unless already present; return its blob ID. Blocks when the pipeline is full. A new blob
+        is charged to ``account``."""
         self._raise_if_failed()
         blob_id = self.keys.blob_id(data)
         with self._dedup:
-            (level,) = self._claim([blob_id], [len(data)])
+            (level,) = self._claim([blob_id], [len(data)], account)
         if level is None:
             return blob_id
         self._slots.acquire()
+        if account is not None:
+            account._begin()
         try:
-            self._pool.submit(self._encode_task, blob_type, blob_id, data, level)
+            fut = self._pool.submit(self._encode_task, blob_type, blob_id, data, level, account)
         except BaseException:
             self._slots.release()
+            if account is not None:
+                account._end()
             raise
+        if account is not None:
+            fut.add_done_callback(account._end)
         return blob_id
 
-    def add_blocks(self, blob_type: int, blocks: Sequence[bytearray | memoryview]) -> Future[list[list[Any]]]:
+    def add_blocks(self, blob_type: int, blocks: Sequence[bytearray | memoryview],
+                   account: NewBytes | None = None) -> Future[list[list[Any]]]:
         """Store each of ``blocks`` unless present; the future gives their ``[blob_id, length]`` references in
-        order. Blocks when the pipeline is full.
+        order. Blocks when the pipeline is full. New blobs are charged to ``account``.
 
         Hashing, the dedup lookup and compression all run in the pool, one task per call: for fixed-size blocks
         (relation files) the caller only reads and submits, so one Python thread is no longer the bottleneck and
@@ -212,16 +253,17 @@ class BlobSink:
         self._raise_if_failed()
         self._slots.acquire()
         try:
-            fut = self._pool.submit(self._blocks_task, blob_type, blocks)
+            fut = self._pool.submit(self._blocks_task, blob_type, blocks, account)
         except BaseException:
             self._slots.release()
             raise
         fut.add_done_callback(lambda _: self._slots.release())  # also when the caller cancels it
         return fut
 
-    def _claim(self, ids: list[bytes], sizes: list[int]) -> list[int | None]:
+    def _claim(self, ids: list[bytes], sizes: list[int], account: NewBytes | None = None) -> list[int | None]:
         """For each of ``ids``: the compression level to store it at, or None when it is indexed or already
-        claimed (also earlier in ``ids``). The caller holds ``_dedup``; ``ids`` has at most a few hundred IDs."""
+        claimed (also earlier in ``ids``); the claimed ones are charged to ``account``. The caller holds
+        ``_dedup``; ``ids`` has at most a few hundred IDs."""
         locations: dict[bytes, str] | None = {} if self.deps is not None else None
         known = self.cache.known_blobs(ids, locations, self.excluded_packs)
         if self.deps is not None and locations:
@@ -236,6 +278,8 @@ class BlobSink:
             if new:
                 self.stats.new_chunks += 1
                 self.stats.new_raw_bytes += size
+                if account is not None:
+                    account.raw += size
                 out.append(self.quiet_level if self._new_ema <= NEW_FRACTION_LOW else self.level)
             else:
                 out.append(None)
@@ -251,31 +295,34 @@ class BlobSink:
             c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
         return c
 
-    def _encode_task(self, blob_type: int, blob_id: bytes, data: bytes | memoryview, level: int) -> None:
+    def _encode_task(self, blob_type: int, blob_id: bytes, data: bytes | memoryview, level: int,
+                     account: NewBytes | None) -> None:
         try:
             if self._shared.error is None:
-                self._encode(blob_type, blob_id, data, level)
+                self._encode(blob_type, blob_id, data, level, account)
         except BaseException as e:
             self._fail(e)
         finally:
             self._slots.release()
 
-    def _blocks_task(self, blob_type: int, blocks: Sequence[bytearray | memoryview]) -> list[list[Any]]:
+    def _blocks_task(self, blob_type: int, blocks: Sequence[bytearray | memoryview],
+                     account: NewBytes | None) -> list[list[Any]]:
         try:
             self._raise_if_failed()
             ids = [self.keys.blob_id(b) for b in blocks]
             with self._dedup:
-                levels = self._claim(ids, [len(b) for b in blocks])
+                levels = self._claim(ids, [len(b) for b in blocks], account)
             for piece, blob_id, level in zip(blocks, ids, levels, strict=True):
                 if level is not None:
                     self._raise_if_failed()
-                    self._encode(blob_type, blob_id, piece, level)
+                    self._encode(blob_type, blob_id, piece, level, account)
             return [[blob_id, len(b)] for blob_id, b in zip(ids, blocks, strict=True)]
         except BaseException as e:
             self._fail(e)
             raise
 
-    def _encode(self, blob_type: int, blob_id: bytes, data: bytes | bytearray | memoryview, level: int) -> None:
+    def _encode(self, blob_type: int, blob_id: bytes, data: bytes | bytearray | memoryview, level: int,
+                account: NewBytes | None = None) -> None:
         z = self._compressor(level).compress(data) if level > 0 else data
         compressed = len(z) < 0.97 * len(data)
         codec, payload = (CODEC_ZSTD, z) if compressed else (CODEC_RAW, data)
@@ -295,7 +342,10 @@ class BlobSink:
             if pb is None:
                 pb = self._open[kind] = PackBuilder(self.keys, kind)
             pb.add(blob_type, blob_id, codec, payload, len(data))
-            self.stats.new_stored_bytes += len(payload)
+            sealed = pb.entries[-1].length  # what the blob takes in its pack: compressed and encrypted
+            self.stats.new_stored_bytes += sealed
+            if account is not None:
+                account._stored += sealed
             if len(pb) >= self.pack_target:
                 full, self._open[kind] = pb, None
         if before is not None:

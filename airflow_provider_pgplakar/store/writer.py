@@ -3,6 +3,14 @@
 Order of durability (restic's rule, the crash-safety invariant): packs → index segment → snapshot file. The
 snapshot file is the only commit point and is written create-only, so a crash anywhere before it leaves only
 garbage for prune, never a half snapshot; an exception inside the ``with`` block commits nothing.
+
+New bytes per record: each record's :class:`RecordInfo` says what it added to the store (``new_raw_bytes``,
+``new_stored_bytes``; :class:`.blobsink.NewBytes`): the chunks and chunk lists this snapshot stored because of it,
+each charged to the first record that handed it to the store (records stored at once on several threads race for
+a shared chunk under the sink's dedup lock; the loser, like any later record or snapshot, is charged nothing).
+The manifest's leaves are charged to :attr:`SnapshotWriter.manifest_new`; records plus manifest add up to the
+header's ``new_raw_bytes`` and ``new_stored_bytes``. The per-record figures are not in the snapshot format (a
+caller may keep some in its ``meta``, as pg/logical.py does for its dumps).
 """
 
 from __future__ import annotations
@@ -20,14 +28,14 @@ import sys
 import time
 from collections.abc import Generator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import blake3
 import msgpack
 import pendulum
 
-from .blobsink import BlobSink, DepLog
+from .blobsink import BlobSink, DepLog, NewBytes
 from .chunker import Chunking, read_full
 from .errors import AlreadyExists, DependencyMissing, StoreError
 from .failpoints import failpoint
@@ -68,6 +76,17 @@ class RecordInfo:
     path: str
     size: int
     sha256: str | None
+    new: NewBytes = field(default_factory=NewBytes, compare=False, repr=False)  # what it added to the store
+
+    @property
+    def new_raw_bytes(self) -> int:
+        """Plaintext bytes of the chunks (and chunk lists) this record added to the store (module docstring)."""
+        return self.new.raw
+
+    @property
+    def new_stored_bytes(self) -> int:
+        """Their size in packs, compressed and encrypted (waits for the record's last chunks to be encoded)."""
+        return self.new.stored
 
 
 @dataclass(frozen=True)
@@ -92,6 +111,7 @@ class _Manifest:
         self.count = 0
         self.leaves: list[list[Any]] = []
         self.total = 0
+        self.new = NewBytes()
 
     def add(self, record: dict[str, Any]) -> None:
         packed = msgpack.packb(record, use_bin_type=True)
@@ -104,7 +124,7 @@ class _Manifest:
 
     def flush(self) -> None:
         if self.count:
-            leaf_id = self.sink.add(TREE, bytes(self.buf))
+            leaf_id = self.sink.add(TREE, bytes(self.buf), self.new)
             self.leaves.append([leaf_id, self.count])
             self.buf, self.count = bytearray(), 0
 
@@ -187,6 +207,12 @@ class SnapshotWriter:
             self._lease.release()
             self._lease = None
 
+    @property
+    def manifest_new(self) -> NewBytes:
+        """What the snapshot's manifest leaves added to the store (final after the commit)."""
+        assert self._manifest is not None, "use the writer as a context manager"
+        return self._manifest.new
+
     # -- records -------------------------------------------------------------------------------------------------
     def _record(self, path: str, kind: str, attrs: dict[str, Any]) -> dict[str, Any]:
         # no sequence number: the manifest's order is the record order, and a number would change every later
@@ -233,20 +259,21 @@ class SnapshotWriter:
         A record stored but never added costs only orphan blobs, as an abort does."""
         assert self._sink is not None and self._manifest is not None, "use the writer as a context manager"
         rec = self._record(path, "f", attrs)
+        new = NewBytes()
         digest: Any = hashlib.sha256() if sha256 else _NoDigest()
         refs: list[list[Any]] = []
         chunklists: list[bytes] = []
         size = 0
         progress = Progress(path, total=expected_size, estimate=True)
-        source = self._fixed_refs(stream, chunking.block_size, digest) if chunking.block_size else \
-            self._cdc_refs(stream, chunking, digest)
+        source = self._fixed_refs(stream, chunking.block_size, digest, new) if chunking.block_size else \
+            self._cdc_refs(stream, chunking, digest, new)
         try:
             for ref in source:
                 refs.append(ref)
                 size += ref[1]
                 if len(refs) >= CHUNKLIST_REFS or (len(refs) >= CHUNKLIST_MIN_REFS
                                                    and refs[-1][0][-1] % CHUNKLIST_CUT_MOD == 0):
-                    chunklists.append(self._sink.add(CHUNKLIST, msgpack.packb(refs, use_bin_type=True)))
+                    chunklists.append(self._sink.add(CHUNKLIST, msgpack.packb(refs, use_bin_type=True), new))
                     refs = []
                 progress.add(ref[1])
         finally:
@@ -254,16 +281,17 @@ class SnapshotWriter:
         progress.finish()
         if chunklists or len(refs) > INLINE_REFS:
             if refs:
-                chunklists.append(self._sink.add(CHUNKLIST, msgpack.packb(refs, use_bin_type=True)))
+                chunklists.append(self._sink.add(CHUNKLIST, msgpack.packb(refs, use_bin_type=True), new))
             rec["cl"] = chunklists
         else:
             rec["c"] = refs
         rec["s"] = size
         if sha256:
             rec["d"] = digest.digest()
-        return StoredRecord(RecordInfo(path, size, digest.hexdigest() if sha256 else None), rec)
+        return StoredRecord(RecordInfo(path, size, digest.hexdigest() if sha256 else None, new), rec)
 
-    def _cdc_refs(self, stream: BinaryIO, chunking: Chunking, digest: Any) -> Generator[list[Any], None, None]:
+    def _cdc_refs(self, stream: BinaryIO, chunking: Chunking, digest: Any,
+                  new: NewBytes) -> Generator[list[Any], None, None]:
         """Content-defined chunks: cut and SHA-256 on helper threads (see readahead), a batch of ~4 MiB of chunks
         per encode-pool task for BLAKE3, dedup and compression (:meth:`BlobSink.add_blocks`, as for fixed blocks:
         the caller only hands batches on, so the GIL changes hands per batch instead of several times per chunk);
@@ -274,13 +302,13 @@ class SnapshotWriter:
         if len(head) < 2:  # a small record (one batch): threads and a pool round trip would cost more than they save
             for chunk in head[0] if head else ():
                 digest.update(chunk)
-                yield [self._sink.add(DATA, chunk), len(chunk)]
+                yield [self._sink.add(DATA, chunk, new), len(chunk)]
             return
         source = Readahead(itertools.chain(head, batches), digest)
         pending: collections.deque[Future[list[list[Any]]]] = collections.deque()
         try:
             for batch in source:
-                pending.append(self._sink.add_blocks(DATA, batch))
+                pending.append(self._sink.add_blocks(DATA, batch, new))
                 while pending and (len(pending) > FIXED_WINDOW or pending[0].done()):
                     yield from pending.popleft().result()
             while pending:
@@ -290,7 +318,8 @@ class SnapshotWriter:
                 f.cancel()
             source.close()
 
-    def _fixed_refs(self, stream: BinaryIO, block: int, digest: Any) -> Generator[list[Any], None, None]:
+    def _fixed_refs(self, stream: BinaryIO, block: int, digest: Any,
+                    new: NewBytes) -> Generator[list[Any], None, None]:
         """Fixed-size blocks: this thread reads each block straight into its own buffer and hashes the record, the
         sink's pool does the rest, a batch of blocks per task (:meth:`BlobSink.add_blocks`); at most
         ``FIXED_WINDOW`` batches are pending, so memory stays bounded."""
@@ -314,9 +343,9 @@ class SnapshotWriter:
                     # the whole record fits in one batch (most relation files are a few pages): hash and claim
                     # here, so the next file starts at once instead of waiting for a pool round trip
                     for buf in blocks:
-                        yield [self._sink.add(DATA, bytes(buf)), len(buf)]
+                        yield [self._sink.add(DATA, bytes(buf), new), len(buf)]
                 elif blocks:
-                    pending.append(self._sink.add_blocks(DATA, blocks))
+                    pending.append(self._sink.add_blocks(DATA, blocks, new))
                 while pending and (eof or len(pending) > FIXED_WINDOW or pending[0].done()):
                     yield from pending.popleft().result()
         finally:

@@ -169,7 +169,9 @@ def test_backup_restore_check_dag_end_to_end(pg15: PgServer, store_dir: Path, mo
     assert event[0] == f"pgplakar://{pg15.host}:{pg15.port}/{source}"
     assert event[1] == {"snapshot_id": snapshot_id, "store": str(store_dir), "kind": "postgres",
                         "bytes": stats["bytes"], "new_bytes": stats["new_bytes"], "duration_s": stats["duration_s"],
-                        "database": source, "database_bytes": stats["databases"][0]["bytes"]}
+                        "database": source, "database_bytes": stats["databases"][0]["bytes"],
+                        "database_new_bytes": stats["databases"][0]["new_bytes"]}
+    assert 0 < stats["databases"][0]["new_bytes"] <= stats["new_bytes"]  # the first backup of this source
 
     out, err = capfd.readouterr()
     logs = out + err + caplog.text

@@ -23,10 +23,16 @@ def test_source_uris_are_valid_assets_for_awkward_hosts_and_names() -> None:
 def test_summary_is_human() -> None:
     stats = {"snapshot_id": "ab" * 16, "kind": "postgres", "store": "/srv/store", "bytes": 3 * 2**30,
              "new_bytes": 40 * 2**10, "new_stored_bytes": 512, "duration_s": 12.34,
-             "databases": [{"database": "sales", "bytes": 3 * 2**30, "seconds": None}],
+             "databases": [{"database": "sales", "bytes": 3 * 2**30, "new_bytes": 40 * 2**10, "new_stored_bytes": 500,
+                            "seconds": 11.01},
+                           {"database": "hr", "bytes": 2**20, "new_bytes": 0, "new_stored_bytes": 0, "seconds": 0.2},
+                           {"database": "old", "bytes": 2**20, "new_bytes": None, "new_stored_bytes": None,
+                            "seconds": None}],  # a snapshot from before per-database new bytes
              "skipped_databases": ["tmp_scratch"]}
     assert summary_lines(stats) == [
         f"snapshot {'ab' * 16} (postgres) in /srv/store: 3.0 GiB, 40.0 KiB new (512 B stored) in 12.3 s",
-        "  sales: 3.0 GiB",
+        "  sales: 3.0 GiB, 40.0 KiB new (500 B stored) in 11.0 s",
+        "  hr: 1.0 MiB, 0 B new (0 B stored) in 0.2 s",
+        "  old: 1.0 MiB",
         "  tmp_scratch: skipped (dropped during the backup)",
     ]

@@ -235,11 +235,24 @@ def test_cli_backup_with_jobs(src, cluster, tmp_path, monkeypatch, capsys) -> No
     location = f"postgres://{src.superuser}@{src.host}:{src.port}/"
     assert cli_main([*at, "backup", "--json", location, f"pg_bin_dir={src.bin_dir}", "jobs=3",
                      f"exclude_databases={EXCLUDE}"]) == 0
-    snap = json.loads(capsys.readouterr().out)["snapshot"]
+    out = json.loads(capsys.readouterr().out)
+    snap = out["snapshot"]
     with Store.open(str(tmp_path / "cli-store"), "cli jobs passphrase") as st:
         header = st.load_snapshot(snap).header
         dumps = [r["x"]["database"] for r in st.records(snap) if r["p"].endswith(".dump")]
     assert header["meta"]["options"]["jobs"] == 3 and dumps == sorted(cluster, key=lambda n: n.encode())
+    # the summary: per database its size and what it added to the store (the first snapshot: nearly all of it)
+    assert [r["database"] for r in out["per_database"]] == dumps
+    assert (out["new_bytes"], out["new_stored_bytes"]) == (header["stats"]["new_raw_bytes"],
+                                                          header["stats"]["new_stored_bytes"])
+    assert sum(r["new_bytes"] for r in out["per_database"]) <= out["new_bytes"]
+    assert all(0 < r["new_bytes"] <= r["bytes"] and r["new_stored_bytes"] > 0 for r in out["per_database"]), out
+    assert cli_main([*at, "backup", location, f"pg_bin_dir={src.bin_dir}", "jobs=3",
+                     f"exclude_databases={EXCLUDE}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("snapshot ") and " new (" in lines[0], lines
+    assert [line.split(":")[0].strip() for line in lines[1:]] == dumps
+    assert all(" new (" in line and " stored) in " in line for line in lines[1:]), lines
     assert cli_main([*at, "backup", location, f"pg_bin_dir={src.bin_dir}", "jobs=0"]) == 1
     assert "jobs: 0 is out of range (must be between 1 and 32)" in capsys.readouterr().err
 
