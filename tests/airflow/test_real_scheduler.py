@@ -10,6 +10,9 @@ Everything goes through the public REST API with a JWT from the simple auth mana
 * ``pgplakar_nightly_backup`` triggered with no logical date (as the UI's trigger button and most API clients do):
   task states, the snapshot ID as XCom, an Asset event per database with the snapshot ID in its ``extra``, the
   scratch database ``*_restore_check`` left out of the snapshot;
+* ``pgplakar_verify_after_backup``, scheduled on the Asset alias ``pgplakar-backups``: the backup's events trigger
+  it (a run of type ``asset_triggered``, no one calls the API for it), it picks the snapshot ID out of the
+  events and verifies that snapshot in a throwaway server (the proof snapshot in the store says so);
 * ``pgplakar_restore_on_demand``: the plan, the human-in-the-loop approval answered with
   ``PATCH .../hitlDetails``, then the restore, checked on the restored rows;
 * no secret (PostgreSQL password, store passphrase) in any task log file, rendered template field, XCom or Asset
@@ -47,7 +50,8 @@ pytestmark = pytest.mark.slow
 
 PASSPHRASE = "real-scheduler store passphrase"
 ADMIN_PASSWORD = secrets.token_urlsafe(12)
-RUN = ("pgplakar_nightly_backup", "pgplakar_restore_on_demand")  # every example DAG is parsed; these two run
+# every example DAG is parsed; these run (the verify one only when the backup's Asset events trigger it)
+RUN = ("pgplakar_nightly_backup", "pgplakar_restore_on_demand", "pgplakar_verify_after_backup")
 START_TIMEOUT = 300.0
 RUN_TIMEOUT = 420.0
 # Variables of the suite's own in-process Airflow that must not leak into the deployment.
@@ -127,6 +131,22 @@ class Deployment:
         tis = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
         return [ti.get("rendered_fields") for ti in tis]
 
+    def start(self, name: str, argv: list[str], **env: str) -> None:
+        with open(self.home / f"{name}.out", "ab") as out:
+            self.procs[name] = subprocess.Popen(  # noqa: S603 - argv of the venv's airflow, no shell
+                [_airflow(), *argv], env={**self.env, **env}, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+    def restart_scheduler(self, **env: str) -> None:
+        proc = self.procs.pop("scheduler")
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        self.start("scheduler", ["scheduler"], **env)
+
     def stop(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
@@ -181,7 +201,7 @@ def deployment(pg15: PgServer, source: PgServer, tmp_path_factory: pytest.TempPa
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",  # only RUN are unpaused (no Asset-triggered runs)
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",  # only RUN are unpaused
         "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base_url}/execution/",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
@@ -193,7 +213,7 @@ def deployment(pg15: PgServer, source: PgServer, tmp_path_factory: pytest.TempPa
         "AIRFLOW__API__BASE_URL": base_url,
         "AIRFLOW__API__WORKERS": "1",
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
-        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",  # only the runs the test triggers
+        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",  # only the runs the test triggers (until the test turns it on)
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         # the DAGs' connections, as a deployment's secrets backend or environment would provide them
@@ -212,9 +232,7 @@ def deployment(pg15: PgServer, source: PgServer, tmp_path_factory: pytest.TempPa
     try:
         for name, argv in (("api-server", ["api-server", "--port", str(port), "--host", "127.0.0.1"]),
                            ("scheduler", ["scheduler"]), ("dag-processor", ["dag-processor"])):
-            with open(home / f"{name}.out", "wb") as out:
-                dep.procs[name] = subprocess.Popen(  # noqa: S603 - argv of the venv's airflow, no shell
-                    [_airflow(), *argv], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            dep.start(name, argv)
 
         def token() -> str | None:
             try:
@@ -267,6 +285,10 @@ def test_backup_and_approved_restore_through_the_rest_api(deployment: Deployment
     by_database = {(e["extra"] or {}).get("database"): e for e in events}
     assert by_database["shop"]["uri"] == f"pgplakar://{source.host}:{source.port}/shop"
     assert by_database["shop"]["extra"]["snapshot_id"] == snapshot_id and "shop_restore_check" not in by_database
+    # The events queued a run of the DAG scheduled on their alias; a scheduler creates queued Asset-triggered runs
+    # only with job scheduling on, which would also start the unpaused nightly DAG's cron run: pause it first.
+    dep.request("PATCH", "/api/v2/dags/pgplakar_nightly_backup", {"is_paused": True})
+    dep.restart_scheduler(AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="True")
 
     # 2. damage, then restore on demand: plan, human approval through the REST API, restore
     with source.connect("shop") as c:
@@ -297,12 +319,32 @@ def test_backup_and_approved_restore_through_the_rest_api(deployment: Deployment
     summary = dep.xcom("pgplakar_restore_on_demand", restore, "restore_logical")
     assert summary["ok"] and summary["snapshot"] == snapshot_id
 
-    # 3. no secret in task logs, rendered template fields or XComs
+    # 3. the backup's Asset events triggered the DAG scheduled on the alias, which verified that snapshot
+    def verify_run() -> dict[str, Any] | None:
+        runs = dep.request("GET", "/api/v2/dags/pgplakar_verify_after_backup/dagRuns")["dag_runs"]
+        done = [r for r in runs if r["state"] in ("success", "failed")]
+        return done[0] if done else None
+
+    verify = dep.wait("the Asset-triggered verify run", verify_run, RUN_TIMEOUT)
+    verify_id = verify["dag_run_id"]
+    assert (verify["run_type"], verify["state"]) == ("asset_triggered", "success"), \
+        dep.task_states("pgplakar_verify_after_backup", verify_id)
+    assert dep.xcom("pgplakar_verify_after_backup", verify_id, "snapshots") == [snapshot_id]
+    consumed = dep.request("GET", f"/api/v2/dags/pgplakar_verify_after_backup/dagRuns/{quote(verify_id, safe='')}"
+                                  "/upstreamAssetEvents")["asset_events"]
+    assert f"pgplakar://{source.host}:{source.port}/shop" in {e["uri"] for e in consumed}
+    with Store.open(str(dep.home / "store"), PASSPHRASE) as store:
+        proofs = [s.header["labels"] for s in store.snapshots() if s.header["labels"].get("verifies")]
+    assert [(p["verifies"], p["verify_status"], p["dag_id"]) for p in proofs] == [
+        (snapshot_id, "passed", "pgplakar_verify_after_backup")]
+
+    # 4. no secret in task logs, rendered template fields or XComs
     texts = [p.read_text(errors="replace") for p in (dep.home / "logs").rglob("*") if p.is_file()]
     assert any("restore plan: logical snapshot" in t for t in texts), "task logs not found"
     texts += [json.dumps(dep.rendered_fields(d, r)) for d, r in (("pgplakar_nightly_backup", run),
-                                                                ("pgplakar_restore_on_demand", restore))]
-    texts += [json.dumps([snapshot_id, plan, summary, events])]
+                                                                ("pgplakar_restore_on_demand", restore),
+                                                                ("pgplakar_verify_after_backup", verify_id))]
+    texts += [json.dumps([snapshot_id, plan, summary, events, consumed])]
     for secret in (source.password, PASSPHRASE):
         for text in texts:
             assert secret not in text
