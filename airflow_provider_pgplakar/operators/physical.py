@@ -21,13 +21,7 @@ from airflow.sdk import BaseOperator
 from ..hooks.store import PgPlakarStoreHook
 from ..pg import OptionError
 from ..pg.process import cancel
-from .logical import (
-    _PgPlakarOperator,
-    cancellable_execute,
-    committed_by_earlier_try,
-    idempotency_key,
-    run_labels,
-)
+from .base import PgPlakarOperator, cancellable_execute, committed_by_earlier_try, idempotency_key, run_labels
 from .outcome import PHYSICAL_SCHEME, backup_stats, report, source_uri
 
 if TYPE_CHECKING:
@@ -54,7 +48,7 @@ def _mapping_arg(value: Any) -> Any:
     return parsed
 
 
-class PgPlakarBaseBackupOperator(_PgPlakarOperator):
+class PgPlakarBaseBackupOperator(PgPlakarOperator):
     """Physical base backup of the whole cluster into the store; returns the snapshot ID (XCom ``return_value``).
 
     :param checkpoint: ``fast`` or ``spread`` (default: the option/connection value, else ``spread``).

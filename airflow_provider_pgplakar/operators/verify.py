@@ -16,7 +16,7 @@ from airflow.sdk import BaseOperator
 from ..hooks.store import PgPlakarStoreHook
 from ..pg import OptionError
 from ..pg.process import cancel
-from .logical import cancellable_execute, run_labels
+from .base import cancellable_execute, run_labels
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

@@ -34,10 +34,10 @@ from ..store.progress import Progress
 from . import PgError, commands
 from .fingerprint import FINGERPRINTS_PATH
 from .iam import password_source
-from .logical import GLOBALS_PATH, MANIFEST_PATH, PasswordSource, Session, database_from_path
 from .options import RestoreOptions
 from .process import ToolFailed, check_cancelled, run_tool
 from .secrets import ssl_files
+from .session import GLOBALS_PATH, MANIFEST_PATH, PasswordSource, Session, database_from_path
 
 log = logging.getLogger(__name__)
 

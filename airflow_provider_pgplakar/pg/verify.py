@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import PgError, fingerprint
 from .fingerprint import level_rank
-from .logical import Session
 from .secrets import ssl_files
+from .session import Session
 
 if TYPE_CHECKING:
     from ..store.repo import Store

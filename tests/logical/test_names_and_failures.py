@@ -15,10 +15,11 @@ import pytest
 from psycopg import sql
 
 from airflow_provider_pgplakar.pg import PgError
-from airflow_provider_pgplakar.pg.logical import dump_path, logical_backup
+from airflow_provider_pgplakar.pg.logical import logical_backup
 from airflow_provider_pgplakar.pg.options import parse_restore_options, parse_source_options
 from airflow_provider_pgplakar.pg.process import ToolFailed
 from airflow_provider_pgplakar.pg.restore import logical_restore
+from airflow_provider_pgplakar.pg.session import dump_path
 from airflow_provider_pgplakar.store.check import check
 from airflow_provider_pgplakar.store.errors import StoreError
 from tests.logical.conftest import src_opts
@@ -395,7 +396,8 @@ def test_exclude_databases_takes_shell_patterns(store, src) -> None:
     import json
 
     from airflow_provider_pgplakar.pg import OptionError
-    from airflow_provider_pgplakar.pg.logical import MANIFEST_PATH, excluded
+    from airflow_provider_pgplakar.pg.logical import excluded
+    from airflow_provider_pgplakar.pg.session import MANIFEST_PATH
 
     names = ("xp_keep", "xp_a_restore_check", "xp_b_restore_check")
     for name in names:
