@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..hooks.postgres import password_source
 from ..hooks.store import PgPlakarStoreHook
 from .base import PgPlakarOperator, cancellable_execute, committed_by_earlier_try, idempotency_key, run_labels
 from .outcome import LOGICAL_SCHEME, backup_stats, report, source_uri
@@ -53,15 +54,16 @@ class PgPlakarBackupOperator(PgPlakarOperator):
             overrides["database"] = self.database
         if self.jobs is not None:
             overrides["jobs"] = self.jobs
-        hook = self._pg_hook()
-        opts = hook.source_options(overrides)
+        source = self._pg_hook().source_options(overrides)
+        opts = source.options
         labels = {**self.labels, **run_labels(context)}
         key = idempotency_key(labels) + ("/manifest" if self.manifest_only else "")
         with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
             sid = committed_by_earlier_try(store, key, self.log)
             if sid is None:
                 result = logical_backup(store, opts, labels=labels, tags=self.tags, idempotency_key=key,
-                                        manifest_only=self.manifest_only, password=hook.password_source(opts))
+                                        manifest_only=self.manifest_only,
+                                        password=password_source(opts, source.aws_conn_id))
                 for w in result.warnings:
                     self.log.warning("%s", w)
                 sid = result.snapshot_id
@@ -99,9 +101,9 @@ class PgPlakarRestoreOperator(PgPlakarOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from ..pg.restore import logical_restore
 
-        hook = self._pg_hook()
-        opts = hook.restore_options(self.options)
+        dest = self._pg_hook().restore_options(self.options)
         with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
             sid = store.resolve(str(self.snapshot_id).strip())
-            summary = logical_restore(store, sid, opts, password=hook.password_source(opts))
+            summary = logical_restore(store, sid, dest.options,
+                                      password=password_source(dest.options, dest.aws_conn_id))
         return summary.as_dict()
