@@ -2,9 +2,9 @@
 
 A standard Airflow ``postgres`` connection is read as: host, port, login, password, schema (= database), and the
 extras ``sslmode``, ``sslcert``, ``sslkey``, ``sslrootcert`` that the Airflow postgres provider uses, plus any of
-our option names (``exclude_databases``, ``compress``, ``pg_bin_dir``, …). Alternatively a seed-style
-``location`` URI. Operator ``options`` override both. Parsing is the :mod:`..pg.options` code the CLI uses, so
-every invalid value fails before anything runs, naming the option.
+our option names (``exclude_databases``, ``compress``, ``pg_bin_dir``, …). Alternatively a ``location`` URI as
+the CLI takes it (README, "Source options"). Operator ``options`` override both. Parsing is the :mod:`..pg.options`
+code the CLI uses, so every invalid value fails before anything runs, naming the option.
 
 RDS/Aurora IAM authentication, as with the Airflow postgres provider: the extra ``"iam": true`` makes the
 connection ``postgres+aws`` (a fresh IAM token per connection and tool process instead of a password, which is

@@ -21,8 +21,9 @@ class PgPlakarBackupOperator(PgPlakarOperator):
 
     :param database: one database (templated; e.g. ``{{ params.db }}`` or a mapped value); None = the connection's
         database if it has one, else every database; ``""`` forces the whole cluster.
-    :param options: seed option names (``exclude_databases``, ``compress``, ``schema_only``, ``data_only``,
-        ``fingerprint``, ``jobs``, ``pg_bin_dir``, ``ssl_*``); they override the connection.
+    :param options: the CLI's option names (README, "Source options": ``exclude_databases``, ``compress``,
+        ``schema_only``, ``data_only``, ``fingerprint``, ``jobs``, ``pg_bin_dir``, ``ssl_*``); they override the
+        connection.
     :param jobs: databases dumped at once into the one snapshot (templated; overrides ``options`` and the
         connection; None = theirs, else 1). One task, one snapshot; a mapped task per database is the alternative
         (README, "Many databases").
@@ -85,9 +86,10 @@ class PgPlakarRestoreOperator(PgPlakarOperator):
     """Restore a logical snapshot into a running server.
 
     :param snapshot_id: templated: e.g. ``{{ ti.xcom_pull(task_ids='backup') }}`` or ``backup_task.output``.
-    :param options: destination options with the seed's names (``database``, ``databases``, ``clean``,
-        ``recreate``, ``no_globals``, ``no_owner``, ``schema_only``, ``data_only``, ``exit_on_error``,
-        ``ignore_globals_errors``, ``pg_bin_dir``, ``tables``, ``schemas``, ``jobs``, ``ssl_*``); templated.
+    :param options: destination options with the CLI's names (README, "Destination options": ``database``,
+        ``databases``, ``clean``, ``recreate``, ``no_globals``, ``no_owner``, ``schema_only``, ``data_only``,
+        ``exit_on_error``, ``ignore_globals_errors``, ``pg_bin_dir``, ``tables``, ``schemas``, ``jobs``,
+        ``ssl_*``); templated.
     Returns the restore summary (a small dict) for downstream checks.
     """
 

@@ -55,7 +55,7 @@ class PgPlakarBaseBackupOperator(PgPlakarOperator):
     :param max_rate: transfer limit in kB/s (``100M`` style suffixes accepted as strings).
     :param server_compression: ``auto`` (default: lz4 when the server has it), ``none``, ``lz4`` or ``zstd``,
         optionally ``:<level>``; the server compresses the stream, which also costs it less CPU than sending it raw.
-    :param options: seed option names (``pg_bin_dir``, ``ssl_*``, ``checkpoint``, ``max_rate``,
+    :param options: the CLI's option names (README: ``pg_bin_dir``, ``ssl_*``, ``checkpoint``, ``max_rate``,
         ``server_compression``); templated.
     """
 

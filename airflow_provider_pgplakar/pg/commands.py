@@ -75,7 +75,7 @@ def pg_dump(
     """``pg_dump -Fc`` of one database to stdout.
 
     ``-Z0`` unless ``compress``: the store compresses and deduplicates, and pre-compressed dumps defeat both
-    (measured: a 1% change re-stores ~82% of a gzip'd dump, see peers.md). ``snapshot`` is an exported snapshot ID
+    (measured: a 1% change re-stores ~82% of a gzip'd dump). ``snapshot`` is an exported snapshot ID
     (``pg_export_snapshot()``) the dump reads in, so fingerprints taken in that snapshot describe the dump exactly.
     """
     _exclusive(schema_only, data_only)

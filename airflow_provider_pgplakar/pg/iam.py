@@ -78,7 +78,7 @@ def region_from_host(host: str) -> str | None:
 def sdk_region() -> tuple[str, str] | None:
     """The region the AWS SDK is configured with, and where it came from; None when there is none.
 
-    ``AWS_REGION`` first (what the other AWS SDKs and the seed's docs use; boto3 itself ignores it), then what
+    ``AWS_REGION`` first (what the other AWS SDKs and the reference tool's docs use; boto3 itself ignores it), then what
     botocore resolves: ``AWS_DEFAULT_REGION``, then ``region`` in the profile (``AWS_PROFILE``, ``AWS_CONFIG_FILE``).
     """
     env = os.environ.get("AWS_REGION", "").strip()

@@ -1,8 +1,8 @@
 """Build ``/manifest.json``: a JSON description of the cluster and of each backed-up database.
 
-The shape is the reference's ``version: 2`` manifest (behaviour spec §3.2): same field names, same JSON types
+The shape is the reference's ``version: 2`` manifest: same field names, same JSON types
 (``port`` is a string), and fields the reference marks ``omitempty`` are left out when empty, so readers of
-Plakar manifests can read ours. We fix the reference's quirks (spec §8.2) and add fields; nothing is renamed.
+Plakar manifests can read ours. We fix the reference's quirks and add fields; nothing is renamed.
 
 Fixes, each visible in the output:
 

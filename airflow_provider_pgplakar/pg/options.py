@@ -1,11 +1,11 @@
 """Options of the three source kinds and of the restore destination, parsed and validated up front.
 
-Names, defaults and precedence follow the reference tool (``seed-plakar-postgresql.md``): a location URI
+Names, defaults and precedence follow the reference tool (Plakar's PostgreSQL integration): a location URI
 ``postgres://[user[:password]@]host[:port][/database]`` (also ``postgresql://``), ``postgres+aws://`` (IAM token
 instead of a password) and ``postgres+bin://`` (physical, whole cluster), then ``key=value`` options that override
 the URI parts when present and non-empty.
 
-Where the reference accepts something and fails later or silently (see its behaviour spec §8), we refuse it here
+Where the reference accepts something and fails later or silently, we refuse it here
 with an :class:`OptionError` naming the option: unknown keys, URI query strings, a password for IAM,
 ``clean``+``recreate``, ``data_only``+``clean``, ``database``+``recreate``, half an SSL key pair, and so on.
 
@@ -310,7 +310,7 @@ class LogicalSourceOptions(_Redactable):
 
     ``database`` None means every connectable database minus ``exclude_databases``. ``exclude_databases`` None
     means the scheme's default: ``rdsadmin`` under IAM, nothing otherwise. With a single ``database`` the exclusions
-    have no effect (as the seed documents; the reference applied them anyway), except that excluding the very
+    have no effect (as the reference documents; the reference applied them anyway), except that excluding the very
     database selected is refused as contradictory. ``jobs`` databases are dumped at once into the one snapshot
     (1 to ``MAX_BACKUP_JOBS``; see :mod:`.jobs`).
     """
