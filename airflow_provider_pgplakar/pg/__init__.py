@@ -1,7 +1,7 @@
 """PostgreSQL tool layer: option parsing, client-tool discovery, argv builders, libpq environment.
 
-Pure logic around ``pg_dump``/``pg_restore``/``psql``/``pg_basebackup``; it imports neither Airflow nor the store, so
-the CLI, the operators and the tests share one implementation.
+PostgreSQL logic around ``pg_dump``/``pg_restore``/``psql`` and the replication protocol; it imports no Airflow, so
+the CLI, the operators and the tests share one implementation (docs/architecture.md lists every module).
 
 Submodules:
 

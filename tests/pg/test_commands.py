@@ -296,51 +296,6 @@ def test_psql_script_file_and_stop_on_error() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# pg_basebackup
-
-
-def test_pg_basebackup_defaults() -> None:
-    assert commands.pg_basebackup("pg_basebackup") == [
-        "pg_basebackup",
-        "--no-password",
-        "--pgdata=-",
-        "--format=tar",
-        "--wal-method=fetch",
-        "--checkpoint=spread",
-    ]
-
-
-def test_pg_basebackup_all_options() -> None:
-    assert commands.pg_basebackup(
-        "pg_basebackup", pgdata="/backup/dir", wal_method="stream", checkpoint="fast", max_rate=102400, label="nightly"
-    ) == [
-        "pg_basebackup",
-        "--no-password",
-        "--pgdata=/backup/dir",
-        "--format=tar",
-        "--wal-method=stream",
-        "--checkpoint=fast",
-        "--max-rate=102400",
-        "--label=nightly",
-    ]
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"wal_method": "stream"}, "cannot write to stdout"),
-        ({"wal_method": "archive"}, "wal_method must be"),
-        ({"checkpoint": "immediate"}, "checkpoint must be"),
-        ({"pgdata": ""}, "pgdata"),
-        ({"label": ""}, "label"),
-    ],
-)
-def test_pg_basebackup_refuses(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        commands.pg_basebackup("pg_basebackup", **kwargs)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Secrets never in argv: they all travel in the environment
 
 
@@ -353,7 +308,6 @@ def all_argvs_for(location: str, options: dict[str, str]) -> list[list[str]]:
         commands.pg_dump("pg_dump", src.database, compress=src.compress),
         commands.pg_restore("pg_restore", dst.database, clean=True, no_owner=True),
         commands.psql_script("psql", "postgres", exit_on_error=True),
-        commands.pg_basebackup("pg_basebackup", checkpoint="fast", max_rate=1024),
     ]
 
 
