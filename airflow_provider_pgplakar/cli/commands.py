@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from typing import Any
 
+from ..pg.location import SCHEME_RE, SCHEMES
 from ..store import check as check_mod
 from ..store import files
 from ..store import forget as forget_mod
@@ -61,9 +61,7 @@ def cmd_create(location: str, args: argparse.Namespace) -> int:
     return 0
 
 
-URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
-PG_SCHEMES = ("postgres://", "postgresql://", "postgres+aws://", "postgresql+aws://", "postgres+bin://",
-              "postgresql+bin://")
+PG_SCHEMES = tuple(f"{scheme}://" for scheme in SCHEMES)  # postgres://, postgresql://, postgres+aws://, ...
 
 
 def _pg_options(items: list[str], location: str = "") -> dict[str, str]:
@@ -80,7 +78,7 @@ def _pg_options(items: list[str], location: str = "") -> dict[str, str]:
 def cmd_backup(location: str, args: argparse.Namespace) -> int:
     if args.path.startswith(PG_SCHEMES):
         return _pg_backup(location, args)
-    scheme = URL_SCHEME.match(args.path)
+    scheme = SCHEME_RE.match(args.path)
     if scheme and not os.path.exists(args.path):
         raise UsageError(f"unknown scheme {scheme.group(1)!r} in {scheme.group(0)}…: a source is a directory, a file, "
                          "or a postgres://, postgres+aws:// or postgres+bin:// location")
@@ -158,19 +156,21 @@ def _ls_verified(st: Store, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(location: str, args: argparse.Namespace) -> int:
+    from ..pg.iam import password_source
     from ..pg.options import parse_restore_options
     from ..pg.verify import parse_verify_options, store_report, verify_snapshot
 
     opts = parse_verify_options(parse_kv(args.verify_options))
     # target=: a scratch server given as a location; its password from $PGPASSWORD (never on the command line)
-    target = None
+    target = password = None
     if opts.target:
         extra = {"pg_bin_dir": opts.pg_bin_dir} if opts.pg_bin_dir else {}
         target = parse_restore_options(opts.target, {**_pg_options([], opts.target), **extra})
+        password = password_source(target.conn)  # postgres+aws: its region is resolved before the store opens
     st = _open(location, args)
     sid = st.resolve(args.snapshot)
     report = verify_snapshot(st, sid, databases=opts.databases, amcheck=opts.amcheck, pg_bin_dir=opts.pg_bin_dir,
-                             target=target)
+                             target=target, password=password)
     if not args.no_store:
         store_report(st, report)
     if args.json:
@@ -205,15 +205,17 @@ def cmd_cat(location: str, args: argparse.Namespace) -> int:
 
 
 def _pg_backup(location: str, args: argparse.Namespace) -> int:
+    from ..pg.iam import password_source
     from ..pg.logical import logical_backup
     from ..pg.options import LogicalSourceOptions, parse_source_options
 
     opts = parse_source_options(args.path, _pg_options(args.pg_options, args.path))
+    password = password_source(opts.conn)  # postgres+aws: its region is resolved now, before the store opens
     st = _open(location, args)
     if not isinstance(opts, LogicalSourceOptions):
         return _pg_physical_backup(st, opts, args)
     res = logical_backup(st, opts, tags=args.tag, labels=parse_labels(args.label),
-                         idempotency_key=args.idempotency_key)
+                         idempotency_key=args.idempotency_key, password=password)
     for w in res.warnings:
         print(f"pgplakar: warning: {w}", file=sys.stderr)
     if args.json:
@@ -257,14 +259,16 @@ def _physical_restore(st: Store, sid: str, args: argparse.Namespace) -> int:
 
 
 def _pg_restore(location: str, args: argparse.Namespace) -> int:
+    from ..pg.iam import password_source
     from ..pg.options import parse_restore_options
     from ..pg.restore import RestoreFailed, logical_restore
 
     opts = parse_restore_options(args.to, _pg_options(args.items[:-1], args.to))
+    password = password_source(opts.conn)  # postgres+aws: its region is resolved now, before the store opens
     st = _open(location, args)
     sid = st.resolve(args.items[-1])
     try:
-        summary = logical_restore(st, sid, opts)
+        summary = logical_restore(st, sid, opts, password=password)
     except RestoreFailed as e:
         print(e.summary.text(), file=sys.stderr)
         raise

@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 from airflow.sdk import BaseHook
 
 from ..pg import OptionError
-from ..pg.iam import IamAuthError, IamTokenSource, PasswordSource
+from ..pg.iam import IamAuthError, IamTokenSource, PasswordSource, resolve_region
+from ..pg.location import AWS, LOGICAL, PHYSICAL, parse_location
 from ..pg.options import (
     SSL_KEY_DATA_ALIAS,
+    TRUE_WORDS,
     LogicalSourceOptions,
     PhysicalSourceOptions,
     RestoreOptions,
-    parse_location,
     parse_restore_options,
     parse_source_options,
 )
@@ -48,7 +49,7 @@ _IGNORED_EXTRAS = {"cursor", "iam", "aws_conn_id", "redshift", "connect_timeout"
 
 
 def _truthy(v: Any) -> bool:
-    return v is True or (isinstance(v, str) and v.strip().lower() in ("true", "1", "yes"))
+    return v is True or (isinstance(v, str) and v.strip().lower() in TRUE_WORDS)
 
 
 def _aws_base_hook(aws_conn_id: str) -> Any:
@@ -115,10 +116,11 @@ def password_source(opts: LogicalSourceOptions | RestoreOptions, aws_conn_id: st
         return None
     from airflow.sdk.log import mask_secret
 
-    session = None
-    if aws_conn_id:
-        session = _aws_base_hook(aws_conn_id).get_session(region_name=opts.conn.region)
-    return IamTokenSource(opts.conn, session=session, on_token=mask_secret)
+    conn, session = opts.conn, None
+    if aws_conn_id:  # the session is made for the region the tokens are signed for
+        conn = replace(conn, region=resolve_region(conn.region, conn.host))
+        session = _aws_base_hook(aws_conn_id).get_session(region_name=conn.region)
+    return IamTokenSource(conn, session=session, on_token=mask_secret)
 
 
 class PgPlakarPostgresHook(BaseHook):
@@ -141,7 +143,7 @@ class PgPlakarPostgresHook(BaseHook):
         from airflow.sdk.log import mask_secret
 
         opts: dict[str, str] = {}
-        scheme = "postgres"
+        scheme = LOGICAL
         aws_conn_id = None
         if self.location:
             location = self.location
@@ -157,7 +159,7 @@ class PgPlakarPostgresHook(BaseHook):
             if conn.login:
                 opts["username"] = conn.login
             if _truthy(extra.pop("iam", False)):
-                scheme = "postgres+aws"
+                scheme = AWS
                 aws_conn_id = self._iam_extras(extra)
                 if conn.password:
                     raise OptionError("password", f"connection {self.postgres_conn_id!r} has \"iam\": true, so it "
@@ -176,7 +178,7 @@ class PgPlakarPostgresHook(BaseHook):
             if "ssl_key_data" in opts:
                 log.warning("connection %r: Airflow shows the extra ssl_key_data in clear (UI, REST API); rename it "
                             "%s, which it masks", self.postgres_conn_id, SSL_KEY_DATA_ALIAS)
-            if scheme == "postgres+aws" and extra.get("region_name") not in (None, ""):
+            if scheme == AWS and extra.get("region_name") not in (None, ""):
                 opts["region"] = _text(extra["region_name"])
             location = f"{scheme}://"
         _override(opts, overrides)
@@ -185,7 +187,7 @@ class PgPlakarPostgresHook(BaseHook):
             if region:
                 opts["region"] = region
         _mask_secrets(opts)
-        if restore and "database" in opts and opts.get("recreate") in ("true", "1", "yes"):
+        if restore and "database" in opts and opts.get("recreate") in TRUE_WORDS:
             opts.pop("database")  # a connection's default database is no restore target with recreate
         return location, opts, aws_conn_id
 
@@ -218,11 +220,11 @@ class PgPlakarPostgresHook(BaseHook):
         """:class:`PhysicalSourceOptions` from the hook's connection or location, then ``overrides`` (which win)."""
         location, opts, _ = self._location_and_options(None, restore=False)  # IAM is refused below
         scheme = parse_location(location).scheme
-        if scheme == "postgres+aws":
+        if scheme == AWS:
             raise OptionError("iam", "a base backup needs a replication connection, which RDS/Aurora do not allow: "
                                      "use a logical backup for IAM connections")
-        if scheme == "postgres":
-            location = "postgres+bin" + location[location.index("://"):]
+        if scheme == LOGICAL:
+            location = PHYSICAL + location[location.index("://"):]
         if not self.location:
             dropped = sorted(k for k in opts if k in _LOGICAL_ONLY)
             for key in dropped:

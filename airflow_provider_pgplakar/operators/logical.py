@@ -57,14 +57,14 @@ class PgPlakarBackupOperator(PgPlakarOperator):
             overrides["jobs"] = self.jobs
         source = self._pg_hook().source_options(overrides)
         opts = source.options
+        password = password_source(opts, source.aws_conn_id)  # postgres+aws: its region is resolved here
         labels = {**self.labels, **run_labels(context)}
         key = idempotency_key(labels) + ("/manifest" if self.manifest_only else "")
         with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
             sid = committed_by_earlier_try(store, key, self.log)
             if sid is None:
                 result = logical_backup(store, opts, labels=labels, tags=self.tags, idempotency_key=key,
-                                        manifest_only=self.manifest_only,
-                                        password=password_source(opts, source.aws_conn_id))
+                                        manifest_only=self.manifest_only, password=password)
                 for w in result.warnings:
                     self.log.warning("%s", w)
                 sid = result.snapshot_id
@@ -104,8 +104,8 @@ class PgPlakarRestoreOperator(PgPlakarOperator):
         from ..pg.restore import logical_restore
 
         dest = self._pg_hook().restore_options(self.options)
+        password = password_source(dest.options, dest.aws_conn_id)  # postgres+aws: its region is resolved here
         with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
             sid = store.resolve(str(self.snapshot_id).strip())
-            summary = logical_restore(store, sid, dest.options,
-                                      password=password_source(dest.options, dest.aws_conn_id))
+            summary = logical_restore(store, sid, dest.options, password=password)
         return summary.as_dict()

@@ -129,6 +129,7 @@ VERIFY_KEYS = ("databases", "amcheck", "pg_bin_dir", "target")
 def parse_verify_options(options: dict[str, Any] | None) -> VerifyOptions:
     """``databases`` (comma-separated or a list), ``amcheck`` (a boolean), ``pg_bin_dir``; anything else refused."""
     from . import OptionError
+    from .options import parse_bool
 
     opts = dict(options or {})
     unknown = sorted(set(opts) - set(VERIFY_KEYS))
@@ -139,10 +140,7 @@ def parse_verify_options(options: dict[str, Any] | None) -> VerifyOptions:
         dbs = [d.strip() for d in dbs.split(",")]
     amcheck = opts.get("amcheck", False)
     if isinstance(amcheck, str):
-        word = amcheck.strip().lower()
-        if word not in ("true", "1", "yes", "false", "0", "no", ""):
-            raise OptionError("amcheck", f"invalid boolean {amcheck!r} (accepted: true/false, 1/0, yes/no)")
-        amcheck = word in ("true", "1", "yes")
+        amcheck = parse_bool("amcheck", amcheck) if amcheck.strip() else False
     if not isinstance(amcheck, bool):
         raise OptionError("amcheck", f"must be a boolean, got {type(amcheck).__name__}")
     pg_bin_dir = opts.get("pg_bin_dir") or None
@@ -151,9 +149,9 @@ def parse_verify_options(options: dict[str, Any] | None) -> VerifyOptions:
     names = tuple(dict.fromkeys(str(d) for d in dbs if str(d)))
     target = opts.get("target") or None
     if target is not None:
-        from .options import parse_location
+        from .location import PHYSICAL, parse_location
 
-        if not isinstance(target, str) or parse_location(target).scheme == "postgres+bin":
+        if not isinstance(target, str) or parse_location(target).scheme == PHYSICAL:
             raise OptionError("target", "must be a postgres:// or postgres+aws:// location of a scratch server")
     return VerifyOptions(databases=names, amcheck=amcheck, pg_bin_dir=pg_bin_dir, target=target)
 

@@ -90,7 +90,9 @@ def test_iam_extra_makes_a_postgres_aws_source(monkeypatch: pytest.MonkeyPatch) 
     assert PgPlakarPostgresHook("rds").source_options().options.conn.ssl_mode == "require"  # the default for IAM
     ropts = PgPlakarPostgresHook("rds").restore_options({"database": "scratch", "region": "us-west-1"}).options
     assert ropts.conn.region == "us-west-1" and ropts.database == "scratch" and ropts.scheme == "postgres+aws"
-    assert PgPlakarPostgresHook("rds").source_options().options.conn.region == "ap-northeast-1"
+    hostonly = PgPlakarPostgresHook("rds").source_options()
+    assert hostonly.options.conn.region is None  # resolved where tokens are made, not while parsing
+    assert password_source(hostonly.options, hostonly.aws_conn_id).region == "ap-northeast-1"  # type: ignore[union-attr]
 
 
 def test_without_iam_nothing_changes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -123,7 +125,8 @@ def test_iam_connection_errors(monkeypatch: pytest.MonkeyPatch, fields: dict[str
     monkeypatch.setitem(sys.modules, "airflow.providers.amazon", None)  # not installed (import raises)
     set_conn(monkeypatch, "bad", **fields)
     with pytest.raises(error, match=match) as info:
-        PgPlakarPostgresHook("bad").source_options()
+        source = PgPlakarPostgresHook("bad").source_options()
+        password_source(source.options, source.aws_conn_id)  # resolves the region (its error is raised here)
     assert "\n" not in str(info.value) and "static" not in str(info.value)
 
 

@@ -384,7 +384,7 @@ def test_env_is_an_allowlist_of_os_environ(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_env_iam_token_is_the_password() -> None:
-    iam = ConnOptions(host="rds", username="iam", region="us-east-1", ssl_mode="require")
+    iam = ConnOptions(host="rds", username="iam", iam=True, region="us-east-1", ssl_mode="require")
     with tool_environment(iam, password="token-abc", base_env={}) as env:
         assert env["PGPASSWORD"] == "token-abc" and env["PGUSER"] == "iam"
     with pytest.raises(ValueError, match="IAM token"):

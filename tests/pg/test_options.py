@@ -11,12 +11,12 @@ from contextlib import contextmanager
 import pytest
 
 from airflow_provider_pgplakar.pg import OptionError
+from airflow_provider_pgplakar.pg.location import parse_location
 from airflow_provider_pgplakar.pg.options import (
     ConnOptions,
     LogicalSourceOptions,
     PhysicalSourceOptions,
     RestoreOptions,
-    parse_location,
     parse_restore_options,
     parse_server_compression,
     parse_source_options,
@@ -468,15 +468,16 @@ def test_restore_errors(location: str, options: dict, option: str, match: str) -
         (lambda: ConnOptions(port=True), "port"),
         (lambda: ConnOptions(host=""), "host"),
         (lambda: ConnOptions(ssl_mode="on"), "ssl_mode"),
-        (lambda: ConnOptions(region="us-east-1"), "username"),
-        (lambda: ConnOptions(region="us-east-1", username="u", password="p"), "password"),
+        (lambda: ConnOptions(iam=True, region="us-east-1"), "username"),
+        (lambda: ConnOptions(region="us-east-1", username="u"), "region"),
+        (lambda: ConnOptions(iam=True, region="us-east-1", username="u", password="p"), "password"),
         (lambda: LogicalSourceOptions(conn=ConnOptions(), compress="yes"), "compress"),
         (lambda: LogicalSourceOptions(conn=ConnOptions(), exclude_databases="a,b"), "exclude_databases"),
         (lambda: LogicalSourceOptions(conn="postgres://h"), "conn"),
         (lambda: LogicalSourceOptions(conn=ConnOptions(), database=""), "database"),
         (lambda: PhysicalSourceOptions(conn=ConnOptions(), max_rate=1), "max_rate"),
         (lambda: PhysicalSourceOptions(conn=ConnOptions(), server_compression="brotli"), "server_compression"),
-        (lambda: PhysicalSourceOptions(conn=ConnOptions(region="us-east-1", username="u")), "location"),
+        (lambda: PhysicalSourceOptions(conn=ConnOptions(iam=True, username="u")), "location"),
         (lambda: RestoreOptions(conn=ConnOptions(), jobs=0), "jobs"),
         (lambda: RestoreOptions(conn=ConnOptions(), tables=("",)), "tables"),
         (lambda: RestoreOptions(conn=ConnOptions(), clean=True, recreate=True), "clean"),
@@ -491,7 +492,7 @@ def test_direct_construction_normalises_sequences_to_tuples() -> None:
     opts = RestoreOptions(conn=ConnOptions(), databases=["a", "b"], tables=["t"])
     assert opts.databases == ("a", "b") and opts.tables == ("t",)
     assert LogicalSourceOptions(conn=ConnOptions(), exclude_databases=["x"]).exclude_databases == ("x",)
-    assert LogicalSourceOptions(conn=ConnOptions(region="us-east-1", username="u")).exclude_databases == ("rdsadmin",)
+    assert LogicalSourceOptions(conn=ConnOptions(iam=True, username="u")).exclude_databases == ("rdsadmin",)
 
 
 def test_options_are_frozen() -> None:
