@@ -34,7 +34,6 @@ from .options import REGION_RE, ConnOptions
 __all__ = [
     "IamAuthError",
     "IamTokenSource",
-    "TOKEN_LIFETIME_S",
     "password_source",
     "region_from_host",
     "resolve_region",
@@ -43,7 +42,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TOKEN_LIFETIME_S = 900  # what generate_db_auth_token signs (X-Amz-Expires); RDS checks it at connect time only
 # mydb.abc123.eu-west-3.rds.amazonaws.com, mycluster.cluster-ro-xyz.us-east-1.rds.amazonaws.com, proxies alike;
 # China: mydb.abc123.rds.cn-north-1.amazonaws.com.cn
 _RDS_HOST_RE = re.compile(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,13 +13,36 @@ from psycopg.conninfo import conninfo_to_dict
 
 from airflow_provider_pgplakar.pg import OptionError, commands
 from airflow_provider_pgplakar.pg.options import ConnOptions, parse_restore_options, parse_source_options
-from airflow_provider_pgplakar.pg.secrets import (
-    LIBPQ_ENV_VARS,
-    base_tool_env,
-    libpq_env,
-    ssl_files,
-    tool_environment,
-)
+from airflow_provider_pgplakar.pg.secrets import base_tool_env, libpq_env, ssl_files
+
+# Variables libpq (and so every client tool) reads; none may be inherited (pg/secrets.py's TOOL_ENV_ALLOWED): only
+# what the options say reaches the tool.
+LIBPQ_ENV_VARS = frozenset(
+    {
+        "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGPASSFILE", "PGSERVICE",
+        "PGSERVICEFILE", "PGOPTIONS", "PGAPPNAME", "PGCHANNELBINDING", "PGREQUIREAUTH", "PGSSLMODE", "PGREQUIRESSL",
+        "PGSSLNEGOTIATION", "PGSSLCOMPRESSION", "PGSSLCERT", "PGSSLKEY", "PGSSLCERTMODE", "PGSSLROOTCERT",
+        "PGSSLCRL", "PGSSLCRLDIR", "PGSSLSNI", "PGREQUIREPEER", "PGSSLMINPROTOCOLVERSION", "PGSSLMAXPROTOCOLVERSION",
+        "PGMINPROTOCOLVERSION", "PGMAXPROTOCOLVERSION", "PGGSSENCMODE", "PGKRBSRVNAME", "PGGSSLIB",
+        "PGGSSDELEGATION", "PGCONNECT_TIMEOUT", "PGCLIENTENCODING", "PGTARGETSESSIONATTRS", "PGLOADBALANCEHOSTS",
+        "PGDATESTYLE", "PGTZ", "PGGEQO",
+    }
+)  # fmt: skip
+
+
+@contextmanager
+def tool_environment(
+    conn: ConnOptions,
+    *,
+    password: str | None = None,
+    database: str | None = None,
+    base_env: Mapping[str, str] | None = None,
+    tmp_root: str | None = None,
+) -> Iterator[dict[str, str]]:
+    """:func:`ssl_files` and :func:`libpq_env` in one block: the env is valid until the block exits."""
+    with ssl_files(conn, tmp_root=tmp_root) as files:
+        yield libpq_env(conn, files, password=password, database=database, base_env=base_env)
+
 
 PEM_CERT = "-----BEGIN CERTIFICATE-----\nMIIBclientcert\n-----END CERTIFICATE-----\n"
 PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIIEsupersecretkey\n-----END PRIVATE KEY-----\n"
