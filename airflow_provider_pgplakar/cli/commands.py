@@ -1,4 +1,5 @@
-"""The CLI's command implementations: thin wrappers over :mod:`airflow_provider_pgplakar.store`."""
+"""The CLI's command handlers, thin wrappers over :mod:`airflow_provider_pgplakar.store` and ``pg/``, and the table
+:data:`COMMANDS` that names them (the arguments they get are defined in :mod:`.parser`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import os
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..store import check as check_mod
@@ -17,7 +19,7 @@ from ..store.forget import source_label
 from ..store.repo import Store
 from ..store.retention import Policy, parse_group_by
 from . import output
-from .main import UsageError, parse_duration, parse_kv, parse_labels
+from .parser import UsageError, parse_duration, parse_kv, parse_labels
 from .secrets import passphrase as get_passphrase
 from .secrets import raw_key
 
@@ -38,7 +40,7 @@ def _split_target(target: str) -> tuple[str, str | None]:
 
 
 def run(location: str, args: argparse.Namespace) -> int:
-    handler = globals()[f"cmd_{args.command}"]
+    handler = COMMANDS[args.command]
     try:
         return handler(location, args) or 0
     finally:
@@ -512,4 +514,12 @@ def cmd_repair(location: str, args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["run", "StoreError"]
+Handler = Callable[[str, argparse.Namespace], int]
+# every command of cli/parser.py's build_parser, and no other (tests/test_cli_structure.py)
+COMMANDS: dict[str, Handler] = {
+    "create": cmd_create, "backup": cmd_backup, "ls": cmd_ls, "verify": cmd_verify, "cat": cmd_cat,
+    "restore": cmd_restore, "check": cmd_check, "forget": cmd_forget, "prune": cmd_prune, "stats": cmd_stats,
+    "freshness": cmd_freshness, "info": cmd_info, "key": cmd_key, "repair": cmd_repair,
+}
+
+__all__ = ["COMMANDS", "run", "StoreError"]
