@@ -267,9 +267,10 @@ def _pg_restore(location: str, args: argparse.Namespace) -> int:
     sid = st.resolve(args.items[-1])
     try:
         summary = logical_restore(st, sid, opts)
-    except RestoreFailed as e:
-        print(e.summary.text(), file=sys.stderr)
-        raise
+    except RestoreFailed as e:  # one line; -v has logged every record's result with the tools' full output
+        if args.verbose:
+            raise
+        raise RestoreFailed(e.summary, note="-v shows the tools' full output") from None
     if args.json:
         output.emit_json(summary.as_dict())
     else:
