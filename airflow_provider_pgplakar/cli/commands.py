@@ -68,6 +68,25 @@ PG_SCHEMES = ("postgres://", "postgresql://", "postgres+aws://", "postgresql+aws
               "postgresql+bin://")
 
 
+def _refuse_unknown_scheme(text: str, expected: str) -> None:
+    """``postgress://…`` (a typo) is not a local path: refused before a directory of that name is read or made."""
+    scheme = URL_SCHEME.match(text)
+    if scheme and not os.path.exists(text):
+        raise UsageError(f"unknown scheme {scheme.group(1)!r} in {scheme.group(0)}…: {expected}")
+
+
+def _snapshot_among_options(items: list[str], command: str, example: str) -> tuple[str, list[str]]:
+    """The one SNAPSHOT among a command's ``key=value`` options, before or after them (an ID never holds ``=``)."""
+    words = [i for i in items if "=" not in i]
+    if not words:
+        raise UsageError(f"{command} needs a SNAPSHOT (an ID, a unique prefix of one, or latest) besides its "
+                         "key=value options")
+    if len(words) > 1:
+        raise UsageError(f"{command}: {' and '.join(map(repr, words))} are not key=value: give one SNAPSHOT, and "
+                         f"options as key=value (e.g. {example})")
+    return words[0], [i for i in items if "=" in i]
+
+
 def _pg_options(items: list[str], location: str = "") -> dict[str, str]:
     opts = parse_kv(items)
     if "password" in opts:
@@ -82,10 +101,8 @@ def _pg_options(items: list[str], location: str = "") -> dict[str, str]:
 def cmd_backup(location: str, args: argparse.Namespace) -> int:
     if args.path.startswith(PG_SCHEMES):
         return _pg_backup(location, args)
-    scheme = URL_SCHEME.match(args.path)
-    if scheme and not os.path.exists(args.path):
-        raise UsageError(f"unknown scheme {scheme.group(1)!r} in {scheme.group(0)}…: a source is a directory, a file, "
-                         "or a postgres://, postgres+aws:// or postgres+bin:// location")
+    _refuse_unknown_scheme(args.path, "a source is a directory, a file, or a postgres://, postgres+aws:// or "
+                                      "postgres+bin:// location")
     if args.pg_options:
         raise UsageError("key=value options are for postgres:// sources only")
     st = _open(location, args)
@@ -163,14 +180,15 @@ def cmd_verify(location: str, args: argparse.Namespace) -> int:
     from ..pg.options import parse_restore_options
     from ..pg.verify import parse_verify_options, store_report, verify_snapshot
 
-    opts = parse_verify_options(parse_kv(args.verify_options))
+    snapshot, options = _snapshot_among_options([args.snapshot, *args.verify_options], "verify", "databases=a,b")
+    opts = parse_verify_options(parse_kv(options))
     # target=: a scratch server given as a location; its password from $PGPASSWORD (never on the command line)
     target = None
     if opts.target:
         extra = {"pg_bin_dir": opts.pg_bin_dir} if opts.pg_bin_dir else {}
         target = parse_restore_options(opts.target, {**_pg_options([], opts.target), **extra})
     st = _open(location, args)
-    sid = st.resolve(args.snapshot)
+    sid = st.resolve(snapshot)
     report = verify_snapshot(st, sid, databases=opts.databases, amcheck=opts.amcheck, pg_bin_dir=opts.pg_bin_dir,
                              target=target)
     if not args.no_store:
@@ -262,9 +280,10 @@ def _pg_restore(location: str, args: argparse.Namespace) -> int:
     from ..pg.options import parse_restore_options
     from ..pg.restore import RestoreFailed, logical_restore
 
-    opts = parse_restore_options(args.to, _pg_options(args.items[:-1], args.to))
+    snapshot, options = _snapshot_among_options(args.items, "restore", "recreate=true")
+    opts = parse_restore_options(args.to, _pg_options(options, args.to))
     st = _open(location, args)
-    sid = st.resolve(args.items[-1])
+    sid = st.resolve(snapshot)
     try:
         summary = logical_restore(st, sid, opts)
     except RestoreFailed as e:  # one line; -v has logged every record's result with the tools' full output
@@ -281,6 +300,7 @@ def _pg_restore(location: str, args: argparse.Namespace) -> int:
 def cmd_restore(location: str, args: argparse.Namespace) -> int:
     if args.to.startswith(PG_SCHEMES):
         return _pg_restore(location, args)
+    _refuse_unknown_scheme(args.to, "-to is a directory or a postgres:// or postgres+aws:// location")
     if len(args.items) != 1:
         raise UsageError("key=value options are for postgres:// destinations only")
     st = _open(location, args)

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub_common = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
     _common(sub_common)
     parser = _Parser(
-        prog="pgplakar", parents=[common],
+        prog="pgplakar", parents=[common], usage="pgplakar [options] at STORE COMMAND [ARGS]",
         description="Encrypted, deduplicated snapshots. Usage: pgplakar at STORE COMMAND (STORE: a directory, "
                     "file:// URL or s3://bucket/prefix; default ~/.pgplakar or $PGPLAKAR_STORE).",
     )
@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("verify", "restore a logical snapshot into a throwaway server and compare it with its fingerprints")
     p.add_argument("snapshot", metavar="SNAPSHOT")
     p.add_argument("verify_options", nargs="*", metavar="key=value",
-                   help="databases=a,b | amcheck=true | pg_bin_dir=DIR (the verify server's binaries) | "
-                        "target=postgres://user@host:port (a scratch server instead; password from $PGPASSWORD)")
+                   help="before or after SNAPSHOT: databases=a,b | amcheck=true | pg_bin_dir=DIR (the verify "
+                        "server's binaries) | target=postgres://user@host:port (a scratch server instead; password "
+                        "from $PGPASSWORD)")
     p.add_argument("--no-store", action="store_true", help="do not store the report as a verifies=<id> snapshot")
 
     p = cmd("cat", "write a record's content to stdout")
@@ -134,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "logical snapshot into a server")
     p.add_argument("-to", "--to", dest="to", required=True, metavar="DIR|postgres://...")
     p.add_argument("items", nargs="+", metavar="[key=value ...] SNAPSHOT[:/path]",
-                   help="destination options (postgres:// only, listed below with their defaults), then the snapshot")
+                   help="the snapshot, and destination options (postgres:// only, listed below with their defaults) "
+                        "before or after it")
     p.epilog = _restore_options_help()
     p.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
                    help="replace existing files (a physical snapshot: empty a non-empty data or tablespace "

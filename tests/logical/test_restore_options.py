@@ -472,15 +472,17 @@ def _globals_snapshot(store: Store, script: str) -> str:
     return w.snapshot_id
 
 
-def _cli_restore(store: Store, server: PgServer, snap: str, *options: str,
-                 flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def _cli_restore(store: Store, server: PgServer, snap: str, *options: str, flags: tuple[str, ...] = (),
+                 snapshot_first: bool = False) -> subprocess.CompletedProcess:
     pgplakar = Path(sys.executable).with_name("pgplakar")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGPLAKAR_"))}
     env.update(PGPLAKAR_PASSPHRASE="pw", PGPLAKAR_KDF="1,8192,1", PGPASSWORD=server.password,
                PGPLAKAR_CACHE_DIR=str(Path(tempfile.gettempdir()) / f"pgplakar-test-cache-{os.getpid()}"))
     to = f"postgres://{server.superuser}@{server.host}:{server.port}/"
-    return subprocess.run([str(pgplakar), "at", store.location, "restore", *flags, "-to", to,
-                           f"pg_bin_dir={server.bin_dir}", *options, snap], env=env, capture_output=True, timeout=120)
+    items = [snap, f"pg_bin_dir={server.bin_dir}", *options] if snapshot_first else \
+        [f"pg_bin_dir={server.bin_dir}", *options, snap]
+    return subprocess.run([str(pgplakar), "at", store.location, "restore", *flags, "-to", to, *items], env=env,
+                          capture_output=True, timeout=120)
 
 
 def test_globals_with_failing_statements_fail_the_restore(mstore, dst) -> None:
@@ -625,8 +627,10 @@ def test_a_failed_restore_is_one_line_with_the_likely_fix(mstore, snap, dst, cap
         assert "Command was: CREATE TABLE public.posts" in caplog.text
         # the data is the first restore's
         assert _one(dst, "blog", "SELECT count(*) FROM posts") == 120
-        # with the fix, the same restore succeeds
-        assert _cli_restore(mstore, dst, snap, "databases=blog", "no_globals=true", "recreate=true").returncode == 0
-        assert _one(dst, "blog", "SELECT count(*) FROM posts") == 120
+        # with the fix, the same restore succeeds (the snapshot before the options is understood too)
+        _exec(dst, "blog", ["INSERT INTO posts VALUES (-1, 'target only')"])
+        r = _cli_restore(mstore, dst, snap, "databases=blog", "no_globals=true", "recreate=true", snapshot_first=True)
+        assert r.returncode == 0, r.stderr.decode()
+        assert _one(dst, "blog", "SELECT count(*), min(id) FROM posts") == (120, 1)
     finally:
         _drop_db(dst, "blog")
