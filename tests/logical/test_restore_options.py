@@ -24,7 +24,7 @@ from airflow_provider_pgplakar.pg.logical import logical_backup
 from airflow_provider_pgplakar.pg.options import RestoreOptions, parse_restore_options, parse_source_options
 from airflow_provider_pgplakar.pg.restore import RestoreFailed, logical_restore
 from airflow_provider_pgplakar.store.repo import Store
-from tests.logical.conftest import src_opts
+from tests.logical.conftest import module_server, src_opts
 from tests.pgservers import PgManager, PgServer
 
 CLUSTER = [
@@ -155,11 +155,7 @@ def source_shop(src: PgServer, snap: str) -> dict[str, Any]:
     return shop_state(src, "shop")
 
 
-@pytest.fixture(scope="module")
-def dst(pg_manager: PgManager) -> Iterator[PgServer]:
-    server = pg_manager.start(15)
-    yield server
-    pg_manager.discard(server)
+dst = module_server()
 
 
 @pytest.fixture
