@@ -121,7 +121,7 @@ def brief_detail(detail: str) -> str:
     error(s))``; any other text with its whitespace collapsed."""
     lines = detail.splitlines()
     errors = [m.group(1) for line in lines if (m := _TOOL_ERROR.search(line))]
-    if len(lines) <= 1 or not errors:
+    if not errors:
         return " ".join(detail.split())
     ignored = _ERRORS_IGNORED.search(detail)
     more = max(len(errors), int(ignored.group(1)) if ignored else 0) - 1
