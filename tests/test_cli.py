@@ -273,7 +273,11 @@ def test_info(created: Cli, src: Path) -> None:
     header = cli.json("info", sid[:8])
     assert header["id"] == sid and header["tags"] == ["nightly"] and header["labels"] == {"db": "main"}
     assert "manifest" not in header
-    assert any(line.startswith("id ") and sid in line for line in cli.ok("info", sid[:8]).splitlines())
+    human = {line.split("  ", 1)[0]: line.split("  ", 1)[1].strip() for line in cli.ok("info", sid[:8]).splitlines()}
+    assert human["id"] == sid and human["tags"] == "nightly" and human["labels"] == "db=main", human
+    assert human["source"] == f"files {src}" and human["idempotent"] == "no", human
+    assert human["contents"].startswith(f"{header['stats']['records']} records, "), human
+    assert not any(c in text for text in human.values() for c in "{}[]'"), human  # no Python reprs
 
 
 # -- keys --------------------------------------------------------------------------------------------------------------

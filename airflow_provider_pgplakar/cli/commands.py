@@ -460,8 +460,10 @@ def cmd_info(location: str, args: argparse.Namespace) -> int:
         if args.json:
             output.emit_json(h)
         else:
-            for k, v in h.items():
-                print(f"{k:15} {v}")
+            rows = output.snapshot_rows(h)
+            width = max(len(label) for label, _ in rows)
+            for label, text in rows:
+                print(f"{label:{width}}  {text}")
         return 0
     c = st.config
     info = {"location": st.location, "format": c.format, "repo_id": c.repo_id, "encryption": c.encryption,
