@@ -44,7 +44,7 @@ from .jobs import Stopper, run_ordered
 from .options import AWS_DEFAULT_EXCLUDES, LogicalSourceOptions
 from .process import ToolFailed, check_cancelled, run_tool
 from .secrets import ssl_files
-from .session import GLOBALS_PATH, MANIFEST_PATH, PasswordSource, Session, dump_path
+from .session import GLOBALS_PATH, LOGICAL_KIND, MANIFEST_KIND, MANIFEST_PATH, PasswordSource, Session, dump_path
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def logical_backup(
                             "passwords (--no-role-passwords)")
             log.warning("%s", warnings[-1])
         manifest = _manifest(s, opts, selected, tool_versions, manifest_only, authid_ok, dict(labels or {}))
-        source = {"kind": "postgres-manifest" if manifest_only else "postgres",
+        source = {"kind": MANIFEST_KIND if manifest_only else LOGICAL_KIND,
                   "origin": opts.conn.redacted_uri(opts.scheme, opts.database)}
         dumped = list(selected)  # minus databases dropped before their dump (the header is written at commit)
         skipped: list[str] = []

@@ -52,7 +52,7 @@ from .manifest import ManifestError
 from .options import OptionError, PhysicalSourceOptions
 from .process import check_cancelled
 from .secrets import ssl_files
-from .session import MANIFEST_PATH, Session
+from .session import MANIFEST_PATH, PHYSICAL_KIND, Session
 from .tarstream import Member, TarFormatError, TarReader
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ __all__ = [
     "physical_backup",
 ]
 
-SOURCE_KIND = "postgres+bin"
+SOURCE_KIND = PHYSICAL_KIND
 LAYOUT_VERSION = 1
 DATA_PREFIX = "/data"
 TABLESPACES_PREFIX = "/tablespaces"

@@ -40,7 +40,7 @@ from .iam import password_source
 from .options import RestoreOptions
 from .process import ToolFailed, check_cancelled, run_tool
 from .secrets import ssl_files
-from .session import GLOBALS_PATH, MANIFEST_PATH, PasswordSource, Session, database_from_path
+from .session import GLOBALS_PATH, LOGICAL_KIND, MANIFEST_PATH, PasswordSource, Session, database_from_path
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def _plan(records: list[dict[str, Any]],
         path = rec["p"]
         if rec.get("k") != "f" or path in (MANIFEST_PATH, FINGERPRINTS_PATH):
             continue
-        if path == GLOBALS_PATH or path.endswith("/00000-globals.sql"):
+        if path.endswith(GLOBALS_PATH):  # also below a directory
             globals_rec = rec
         elif path.endswith(".dump"):
             dumps.append((rec, (rec.get("x") or {}).get("database") or database_from_path(path)))
@@ -286,7 +286,7 @@ def logical_restore(store: Any, snapshot_id: str, opts: RestoreOptions, *, passw
 
     snap = store.load_snapshot(snapshot_id)
     kind = (snap.header.get("source") or {}).get("kind")
-    if kind not in ("postgres", None):
+    if kind not in (LOGICAL_KIND, None):
         raise PgError(f"snapshot {snapshot_id[:8]} is a {kind!r} snapshot, not a logical PostgreSQL backup")
     records = list(store.records(snap))
     globals_rec, dumps = _plan(records, opts)

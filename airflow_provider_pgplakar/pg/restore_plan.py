@@ -20,10 +20,10 @@ from .iam import password_source
 from .options import RestoreOptions
 from .restore import NEVER_DROPPED, _plan
 from .secrets import ssl_files
-from .session import PasswordSource, Session
+from .session import LOGICAL_KIND, PHYSICAL_KIND, PasswordSource, Session
 
-LOGICAL_KINDS = ("postgres",)  # source.kind of logical backups (postgres:// and postgres+aws://)
-PHYSICAL_KINDS = ("postgres+bin",)
+LOGICAL_KINDS = (LOGICAL_KIND,)  # source.kind of logical backups (postgres:// and postgres+aws://)
+PHYSICAL_KINDS = (PHYSICAL_KIND,)
 
 
 class ConfirmationMismatch(PgError):

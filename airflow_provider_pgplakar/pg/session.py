@@ -1,5 +1,5 @@
 """What backup, restore, verification and physical backup share: the :class:`Session` of one run (options, SSL
-files, tools, a password source) and the record paths of a snapshot.
+files, tools, a password source), the source kinds in a snapshot's header and the record paths of a snapshot.
 
 Its own module so that restore, verification and the physical backup do not import the logical backup.
 """
@@ -14,8 +14,13 @@ from .jobs import Stopper
 from .secrets import SslFiles, libpq_env
 from .tools import Tool, find_tool
 
-__all__ = ["GLOBALS_PATH", "MANIFEST_PATH", "PasswordSource", "Session", "database_from_path", "dump_path"]
+__all__ = ["GLOBALS_PATH", "LOGICAL_KIND", "MANIFEST_KIND", "MANIFEST_PATH", "PHYSICAL_KIND", "PasswordSource",
+           "Session", "database_from_path", "dump_path"]
 
+# ``source.kind`` in a snapshot's header: a logical backup, its manifest alone, a physical backup.
+LOGICAL_KIND = "postgres"
+MANIFEST_KIND = "postgres-manifest"
+PHYSICAL_KIND = "postgres+bin"
 # Record paths of a logical snapshot (``MANIFEST_PATH`` also of a physical one; docs/format.md).
 GLOBALS_PATH = "/00000-globals.sql"
 MANIFEST_PATH = "/manifest.json"

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from . import PgError, fingerprint
 from .fingerprint import level_rank
 from .secrets import ssl_files
-from .session import Session
+from .session import LOGICAL_KIND, PHYSICAL_KIND, Session
 
 if TYPE_CHECKING:
     from ..store.repo import Store
@@ -236,16 +236,16 @@ def verify_snapshot(store: Any, snapshot_id: str, *, databases: Sequence[str] = 
     kind = (snap.header.get("source") or {}).get("kind")
     t0 = time.time()
     report = VerifyReport(snapshot_id, amcheck=amcheck, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    if kind == "postgres+bin" and target is not None:
+    if kind == PHYSICAL_KIND and target is not None:
         raise PgError(f"snapshot {snapshot_id[:8]} is physical: it is verified on a throwaway server of its own "
                       "major, not into target=")
-    if kind == "postgres+bin":
+    if kind == PHYSICAL_KIND:
         from .physical_verify import verify_physical
 
         verify_physical(store, snapshot_id, report, databases=tuple(databases), amcheck=amcheck,
                         pg_bin_dir=pg_bin_dir, extra_dirs=extra_dirs)
         return _finish(report, t0)
-    if kind not in ("postgres", None):
+    if kind not in (LOGICAL_KIND, None):
         raise PgError(f"snapshot {snapshot_id[:8]} is a {kind!r} snapshot: verify handles PostgreSQL backups "
                       "(postgres://, postgres+aws://, postgres+bin://)")
     meta = snap.header.get("meta") or {}
@@ -444,7 +444,7 @@ def newest_per_source(store: Any, *, errors: list[str] | None = None) -> list[st
     newest: dict[str, Any] = {}
     for snap in store.snapshots(errors=errors):
         source = snap.header.get("source") or {}
-        if source.get("kind") not in ("postgres", "postgres+bin"):
+        if source.get("kind") not in (LOGICAL_KIND, PHYSICAL_KIND):
             continue
         key = f"{source.get('kind')} {source.get('origin')}"
         if key not in newest or snap.time > newest[key].time:
