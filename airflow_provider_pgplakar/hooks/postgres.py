@@ -111,7 +111,8 @@ class HookOptions(Generic[Opts]):
 
 def password_source(opts: LogicalSourceOptions | RestoreOptions, aws_conn_id: str | None) -> PasswordSource | None:
     """For IAM (``postgres+aws``) options: a source of fresh tokens, each masked in task logs, signed with the
-    credentials of ``aws_conn_id`` when given; else None (the static password in ``opts`` is used)."""
+    credentials of ``aws_conn_id`` when given; else None (the static password in ``opts`` is used). The region is
+    resolved here (:func:`..pg.iam.resolve_region`): call it before opening the store so its errors come first."""
     if not opts.conn.iam:
         return None
     from airflow.sdk.log import mask_secret
