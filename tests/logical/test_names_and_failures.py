@@ -7,7 +7,6 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,8 @@ from airflow_provider_pgplakar.pg.process import ToolFailed
 from airflow_provider_pgplakar.pg.restore import logical_restore
 from airflow_provider_pgplakar.store.check import check
 from airflow_provider_pgplakar.store.errors import StoreError
-from tests.logical.conftest import src_opts
-from tests.pgservers import PgManager, PgServer
+from tests.logical.conftest import module_server, src_opts
+from tests.pgservers import PgServer
 
 NAMES = [
     "with space",
@@ -39,18 +38,10 @@ NAMES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def src(pg_manager: PgManager) -> Iterator[PgServer]:
-    server = pg_manager.start(15)
-    yield server
-    pg_manager.discard(server)
+src = module_server()
 
 
-@pytest.fixture(scope="module")
-def dst(pg_manager: PgManager) -> Iterator[PgServer]:
-    server = pg_manager.start(15)
-    yield server
-    pg_manager.discard(server)
+dst = module_server()
 
 
 def _create_db(server: PgServer, name: str, owner: str | None = None) -> None:
