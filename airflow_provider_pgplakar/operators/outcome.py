@@ -16,11 +16,14 @@ the same numbers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from ..pg.backup_stats import database_line, database_stats
 from ..store.sizes import human_bytes
+
+if TYPE_CHECKING:
+    from ..store.repo import Store
 
 BACKUPS_ALIAS = "pgplakar-backups"
 LOGICAL_SCHEME = "pgplakar"
@@ -33,7 +36,7 @@ def source_uri(scheme: str, host: str, port: int, database: str | None = None) -
     return f"{scheme}://{netloc}:{port}/{quote(database, safe='') if database else ''}"
 
 
-def backup_stats(store: Any, snapshot_id: str) -> dict[str, Any]:
+def backup_stats(store: Store, snapshot_id: str) -> dict[str, Any]:
     """The ``stats`` XCom of a backup: totals from the snapshot header, one row per dump record (size, new bytes,
     time: :func:`..pg.backup_stats.database_stats`)."""
     snap = store.load_snapshot(snapshot_id)

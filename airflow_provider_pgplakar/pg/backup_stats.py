@@ -7,13 +7,16 @@ reuses an earlier try's snapshot reports that snapshot's numbers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..store.sizes import human_bytes
-from .logical import database_from_path
+from .session import database_from_path
+
+if TYPE_CHECKING:
+    from ..store.repo import Snapshot, Store
 
 
-def database_stats(store: Any, snap: Any) -> list[dict[str, Any]]:
+def database_stats(store: Store, snap: Snapshot | str) -> list[dict[str, Any]]:
     """One row per dump record of a logical snapshot (``snap``: a Snapshot or an ID): ``database``,
     ``bytes`` (the dump's size), ``new_bytes`` and ``new_stored_bytes`` (what the dump added to the store, plaintext
     and packed; docs/format.md §6.4) and ``seconds`` (how long pg_dump ran); None where an older snapshot has no
@@ -22,9 +25,9 @@ def database_stats(store: Any, snap: Any) -> list[dict[str, Any]]:
     meta = snap.header.get("meta") or {}
     seconds, raw, stored = (meta.get(k) or {} for k in ("seconds", "new_raw_bytes", "new_stored_bytes"))
     return [
-        {"database": (rec.get("x") or {}).get("database") or database_from_path(rec["p"]), "bytes": rec.get("s", 0),
-         "new_bytes": raw.get(rec["p"]), "new_stored_bytes": stored.get(rec["p"]), "seconds": seconds.get(rec["p"])}
-        for rec in store.records(snap) if (rec.get("x") or {}).get("type") == "dump"
+        {"database": rec.meta.get("database") or database_from_path(rec.path), "bytes": rec.size or 0,
+         "new_bytes": raw.get(rec.path), "new_stored_bytes": stored.get(rec.path), "seconds": seconds.get(rec.path)}
+        for rec in store.records(snap) if rec.meta.get("type") == "dump"
     ]
 
 

@@ -28,9 +28,9 @@ from airflow_provider_pgplakar.pg.restore import logical_restore
 from airflow_provider_pgplakar.store.check import check
 from airflow_provider_pgplakar.store.errors import StoreError
 from airflow_provider_pgplakar.store.repo import Store
-from tests.logical.conftest import src_opts
+from tests.logical.conftest import module_server, src_opts
 from tests.logical.test_names_and_failures import _Killer, _proc_children
-from tests.pgservers import PgManager, PgServer
+from tests.pgservers import PgServer
 
 # quotes, '=', spaces, a leading '-', '%' and '/' (percent-encoded in record paths); sizes differ so that the
 # largest-first schedule is visible: rows per table
@@ -44,18 +44,10 @@ AWKWARD = {
 EXCLUDE = "postgres,template1"  # leftovers of other tests' servers and the fixed databases stay out of the way
 
 
-@pytest.fixture(scope="module")
-def src(pg_manager: PgManager) -> Iterator[PgServer]:
-    server = pg_manager.start(15)
-    yield server
-    pg_manager.discard(server)
+src = module_server()
 
 
-@pytest.fixture(scope="module")
-def dst(pg_manager: PgManager) -> Iterator[PgServer]:
-    server = pg_manager.start(15)
-    yield server
-    pg_manager.discard(server)
+dst = module_server()
 
 
 def _exec(server: PgServer, db: str, query: Any, params: Any = None) -> None:
@@ -109,7 +101,7 @@ def cluster(src: PgServer) -> Iterator[list[str]]:
 def _records(store: Any, snap: str) -> list[tuple[Any, ...]]:
     """What a restore reads: path, kind, mode and metadata of every record, in manifest order (dump contents
     differ in pg_dump's timestamp only, so they are compared by restoring)."""
-    return [(r["p"], r["k"], r.get("m"), r.get("x")) for r in store.records(snap)]
+    return [(r.path, r.kind, r.mode, r.meta) for r in store.records(snap)]
 
 
 def _restore_counts(store: Any, snap: str, dst: PgServer, names: list[str]) -> dict[str, tuple[int, ...]]:
@@ -239,7 +231,7 @@ def test_cli_backup_with_jobs(src, cluster, tmp_path, monkeypatch, capsys) -> No
     snap = out["snapshot"]
     with Store.open(str(tmp_path / "cli-store"), "cli jobs passphrase") as st:
         header = st.load_snapshot(snap).header
-        dumps = [r["x"]["database"] for r in st.records(snap) if r["p"].endswith(".dump")]
+        dumps = [r.meta["database"] for r in st.records(snap) if r.path.endswith(".dump")]
     assert header["meta"]["options"]["jobs"] == 3 and dumps == sorted(cluster, key=lambda n: n.encode())
     # the summary: per database its size and what it added to the store (the first snapshot: nearly all of it)
     assert [r["database"] for r in out["per_database"]] == dumps
