@@ -74,7 +74,7 @@ def test_stats_xcom_gives_each_database_its_new_bytes(store: Store, pg15: PgServ
         assert o["new_stored_bytes"] + n["new_stored_bytes"] <= stats["new_stored_bytes"]
         meta = header["meta"]
         assert sum(meta["new_stored_bytes"].values()) <= header["stats"]["new_stored_bytes"]
-        assert set(meta["new_raw_bytes"]) == {r["p"] for r in store.records(sid)}
+        assert set(meta["new_raw_bytes"]) == {r.path for r in store.records(sid)}
     finally:
         with pg15.connect() as c:
             for name in (old, new):
