@@ -232,12 +232,10 @@ def _prune(store: Store, dry_run: bool, lease: Lease, marked: list[str]) -> Prun
     rep.packs_deleted -= len(spared)
     rep.bytes_freed -= sum(s for pid, s in delete + orphans if pid in spared)
     _before_deleting(lease, "superseded index segments")
-    for seg in old_segments + sorted(store.cache.superseded_listed):
-        store.backend.delete(f"index/{seg}")
+    store.backend.delete_many(f"index/{seg}" for seg in old_segments + sorted(store.cache.superseded_listed))
     rep.segments_replaced = len(old_segments)
     _before_deleting(lease, "packs")
-    for pid in sorted(doomed - spared):
-        store.backend.delete(pack_object_name(pid))
+    store.backend.delete_many(pack_object_name(pid) for pid in sorted(doomed - spared))
     delete_intent(store, intent)
     for old in older_intents:
         delete_intent(store, old)
