@@ -203,8 +203,9 @@ def child_tools(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_backup(spec: dict[str, Any]) -> dict[str, Any]:
-    from airflow_provider_pgplakar.pg.logical import dump_path, logical_backup
+    from airflow_provider_pgplakar.pg.logical import logical_backup
     from airflow_provider_pgplakar.pg.options import parse_source_options
+    from airflow_provider_pgplakar.pg.session import dump_path
     from airflow_provider_pgplakar.store.repo import Store
 
     opts = parse_source_options("postgres://", spec["options"])

@@ -36,7 +36,8 @@ class Cli:
     env: dict[str, str]
     secrets: list[str] = field(default_factory=lambda: list(SECRETS))
 
-    def run(self, *args: str, env: dict[str, str | None] | None = None, at: bool = True) -> subprocess.CompletedProcess:
+    def run(self, *args: str, env: dict[str, str | None] | None = None, at: bool = True,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
         full_env = dict(self.env)
         for k, v in (env or {}).items():
             if v is None:
@@ -44,7 +45,7 @@ class Cli:
             else:
                 full_env[k] = v
         argv = [str(PGPLAKAR), *(["at", self.location] if at else []), *args]
-        return subprocess.run(argv, env=full_env, capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
+        return subprocess.run(argv, env=full_env, capture_output=True, stdin=subprocess.DEVNULL, timeout=120, cwd=cwd)
 
     def ok(self, *args: str, **kw: Any) -> str:
         r = self.run(*args, **kw)
@@ -272,7 +273,11 @@ def test_info(created: Cli, src: Path) -> None:
     header = cli.json("info", sid[:8])
     assert header["id"] == sid and header["tags"] == ["nightly"] and header["labels"] == {"db": "main"}
     assert "manifest" not in header
-    assert any(line.startswith("id ") and sid in line for line in cli.ok("info", sid[:8]).splitlines())
+    human = {line.split("  ", 1)[0]: line.split("  ", 1)[1].strip() for line in cli.ok("info", sid[:8]).splitlines()}
+    assert human["id"] == sid and human["tags"] == "nightly" and human["labels"] == "db=main", human
+    assert human["source"] == f"files {src}" and human["idempotent"] == "no", human
+    assert human["contents"].startswith(f"{header['stats']['records']} records, "), human
+    assert not any(c in text for text in human.values() for c in "{}[]'"), human  # no Python reprs
 
 
 # -- keys --------------------------------------------------------------------------------------------------------------
@@ -447,7 +452,7 @@ def test_at_without_location(cli: Cli) -> None:
 
 def test_help_exits_zero(cli: Cli) -> None:
     r = cli.run("--help", at=False)
-    assert r.returncode == 0 and b"at STORE COMMAND" in r.stdout
+    assert r.returncode == 0 and r.stdout.startswith(b"usage: pgplakar [options] at STORE COMMAND [ARGS]\n")
 
 
 def test_help_of_backup_and_restore_lists_every_option_with_its_default(cli: Cli) -> None:
@@ -483,6 +488,95 @@ def test_a_newcomers_mistakes_get_one_line_that_says_what_to_do(created: Cli, sr
         f"pgplakar: error: the passphrase file {empty} is empty: write the passphrase into it (one line)")
     info = cli.ok("info")
     assert "{" not in info and "compression  zstd level 1" in info and "pack_target  16.0 MiB" in info
+
+
+def test_a_snapshot_before_or_after_the_options_is_understood(created: Cli, src: Path, tmp_path: Path) -> None:
+    cli = created
+    sid = backup(cli, src)[:8]
+    server = "postgres://nobody@db.invalid:1/"
+    # understood in either place: the command gets as far as the snapshot (a files snapshot, refused as such)
+    for items in ((sid, "recreate=true"), ("recreate=true", sid)):
+        assert cli.fails(1, "restore", "-to", server, *items) == (
+            f"pgplakar: error: snapshot {sid} is a 'files' snapshot, not a logical PostgreSQL backup")
+    for items in ((sid, "databases=a"), ("databases=a", sid)):
+        assert f"snapshot {sid} is a 'files' snapshot: verify handles PostgreSQL" in cli.fails(1, "verify", *items)
+    # explained when it is not one word among key=value options
+    assert cli.fails(2, "restore", "-to", server, sid, "recreate") == (
+        f"pgplakar: usage: restore: '{sid}' and 'recreate' are not key=value: give one SNAPSHOT, and options as "
+        "key=value (e.g. recreate=true)")
+    assert cli.fails(2, "verify", "databases=a") == (
+        "pgplakar: usage: verify needs a SNAPSHOT (an ID, a unique prefix of one, or latest) besides its key=value "
+        "options")
+
+
+def test_a_scheme_typo_in_a_restore_target_is_not_a_directory(created: Cli, src: Path, tmp_path: Path) -> None:
+    sid = backup(created, src)[:8]
+    work = tmp_path / "cwd"
+    work.mkdir()
+    line = created.fails(2, "restore", "-to", "postgress://db.example.com/sales", sid, cwd=work)
+    assert line == ("pgplakar: usage: unknown scheme 'postgress' in postgress://…: -to is a directory or a "
+                    "postgres:// or postgres+aws:// location")
+    assert list(work.iterdir()) == []  # no directory "postgress:" was made
+
+
+def test_ctrl_d_at_the_passphrase_prompt_is_an_interrupt(created: Cli) -> None:
+    """Through a real terminal (a pty): getpass reads /dev/tty, where Ctrl-D ends the input."""
+    import pty
+    import select
+    import time
+
+    env = {k: v for k, v in created.env.items() if k != "PGPLAKAR_PASSPHRASE"}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the pty is its controlling terminal
+        try:
+            os.execve(str(PGPLAKAR), [str(PGPLAKAR), "at", created.location, "ls"], env)
+        finally:
+            os._exit(127)
+    out = b""
+    sent = False
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([fd], [], [], 1.0)[0]:
+                continue
+            try:
+                piece = os.read(fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not piece:
+                break
+            out += piece
+            if not sent and out.rstrip().endswith(b"passphrase:"):
+                os.write(fd, b"\x04")
+                sent = True
+    finally:
+        os.close(fd)
+        _, status = os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert sent, text
+    assert os.waitstatus_to_exitcode(status) == 130, text
+    assert text.replace("\r\n", "\n").rstrip().endswith("passphrase: \npgplakar: interrupted"), text
+    assert "Traceback" not in text and "internal error" not in text and "EOFError" not in text
+
+
+def test_a_failing_write_is_one_line_without_pipeline_noise(created: Cli, tmp_path: Path) -> None:
+    """An upload fails inside the write pipeline (every packs/XX is a file, not a directory): the uploader's failure
+    is reported once, by the command, not again as a log line (not even with -v)."""
+    root = tmp_path / "big"
+    root.mkdir()
+    (root / "data.bin").write_bytes(random.Random(7).randbytes(3_000_000))
+    packs = Path(created.location) / "packs"
+    packs.mkdir(exist_ok=True)
+    for i in range(256):
+        (packs / f"{i:02x}").write_bytes(b"")
+    line = created.fails(1, "backup", str(root))
+    assert line.startswith(f"pgplakar: error: writing to {created.location} failed: ") and "Not a directory" in line
+    verbose = created.run("-v", "backup", str(root)).stderr.decode()
+    assert "pipeline" not in verbose and "aborted" not in verbose, verbose
+    assert verbose.splitlines()[-1].startswith("pgplakar: error: writing to "), verbose
+    for i in range(256):
+        (packs / f"{i:02x}").unlink()
+    assert created.json("ls") == []  # nothing was committed
 
 
 # -- S3 ----------------------------------------------------------------------------------------------------------------

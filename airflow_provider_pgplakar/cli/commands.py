@@ -1,13 +1,15 @@
-"""The CLI's command implementations: thin wrappers over :mod:`airflow_provider_pgplakar.store`."""
+"""The CLI's command handlers, thin wrappers over :mod:`airflow_provider_pgplakar.store` and ``pg/``, and the table
+:data:`COMMANDS` that names them (the arguments they get are defined in :mod:`.parser`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
+from ..pg.location import SCHEME_RE, SCHEMES
 from ..store import check as check_mod
 from ..store import files
 from ..store import forget as forget_mod
@@ -17,7 +19,7 @@ from ..store.forget import source_label
 from ..store.repo import Store
 from ..store.retention import Policy, parse_group_by
 from . import output
-from .main import UsageError, parse_duration, parse_kv, parse_labels
+from .parser import UsageError, parse_duration, parse_kv, parse_labels
 from .secrets import passphrase as get_passphrase
 from .secrets import raw_key
 
@@ -38,7 +40,7 @@ def _split_target(target: str) -> tuple[str, str | None]:
 
 
 def run(location: str, args: argparse.Namespace) -> int:
-    handler = globals()[f"cmd_{args.command}"]
+    handler = COMMANDS[args.command]
     try:
         return handler(location, args) or 0
     finally:
@@ -61,9 +63,26 @@ def cmd_create(location: str, args: argparse.Namespace) -> int:
     return 0
 
 
-URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
-PG_SCHEMES = ("postgres://", "postgresql://", "postgres+aws://", "postgresql+aws://", "postgres+bin://",
-              "postgresql+bin://")
+PG_SCHEMES = tuple(f"{scheme}://" for scheme in SCHEMES)  # postgres://, postgresql://, postgres+aws://, ...
+
+
+def _refuse_unknown_scheme(text: str, expected: str) -> None:
+    """``postgress://…`` (a typo) is not a local path: refused before a directory of that name is read or made."""
+    scheme = SCHEME_RE.match(text)
+    if scheme and not os.path.exists(text):
+        raise UsageError(f"unknown scheme {scheme.group(1)!r} in {scheme.group(0)}…: {expected}")
+
+
+def _snapshot_among_options(items: list[str], command: str, example: str) -> tuple[str, list[str]]:
+    """The one SNAPSHOT among a command's ``key=value`` options, before or after them (an ID never holds ``=``)."""
+    words = [i for i in items if "=" not in i]
+    if not words:
+        raise UsageError(f"{command} needs a SNAPSHOT (an ID, a unique prefix of one, or latest) besides its "
+                         "key=value options")
+    if len(words) > 1:
+        raise UsageError(f"{command}: {' and '.join(map(repr, words))} are not key=value: give one SNAPSHOT, and "
+                         f"options as key=value (e.g. {example})")
+    return words[0], [i for i in items if "=" in i]
 
 
 def _pg_options(items: list[str], location: str = "") -> dict[str, str]:
@@ -80,10 +99,8 @@ def _pg_options(items: list[str], location: str = "") -> dict[str, str]:
 def cmd_backup(location: str, args: argparse.Namespace) -> int:
     if args.path.startswith(PG_SCHEMES):
         return _pg_backup(location, args)
-    scheme = URL_SCHEME.match(args.path)
-    if scheme and not os.path.exists(args.path):
-        raise UsageError(f"unknown scheme {scheme.group(1)!r} in {scheme.group(0)}…: a source is a directory, a file, "
-                         "or a postgres://, postgres+aws:// or postgres+bin:// location")
+    _refuse_unknown_scheme(args.path, "a source is a directory, a file, or a postgres://, postgres+aws:// or "
+                                      "postgres+bin:// location")
     if args.pg_options:
         raise UsageError("key=value options are for postgres:// sources only")
     st = _open(location, args)
@@ -158,19 +175,22 @@ def _ls_verified(st: Store, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(location: str, args: argparse.Namespace) -> int:
+    from ..pg.iam import password_source
     from ..pg.options import parse_restore_options
     from ..pg.verify import parse_verify_options, store_report, verify_snapshot
 
-    opts = parse_verify_options(parse_kv(args.verify_options))
+    snapshot, options = _snapshot_among_options([args.snapshot, *args.verify_options], "verify", "databases=a,b")
+    opts = parse_verify_options(parse_kv(options))
     # target=: a scratch server given as a location; its password from $PGPASSWORD (never on the command line)
-    target = None
+    target = password = None
     if opts.target:
         extra = {"pg_bin_dir": opts.pg_bin_dir} if opts.pg_bin_dir else {}
         target = parse_restore_options(opts.target, {**_pg_options([], opts.target), **extra})
+        password = password_source(target.conn)  # postgres+aws: its region is resolved before the store opens
     st = _open(location, args)
-    sid = st.resolve(args.snapshot)
+    sid = st.resolve(snapshot)
     report = verify_snapshot(st, sid, databases=opts.databases, amcheck=opts.amcheck, pg_bin_dir=opts.pg_bin_dir,
-                             target=target)
+                             target=target, password=password)
     if not args.no_store:
         store_report(st, report)
     if args.json:
@@ -205,15 +225,17 @@ def cmd_cat(location: str, args: argparse.Namespace) -> int:
 
 
 def _pg_backup(location: str, args: argparse.Namespace) -> int:
+    from ..pg.iam import password_source
     from ..pg.logical import logical_backup
     from ..pg.options import LogicalSourceOptions, parse_source_options
 
     opts = parse_source_options(args.path, _pg_options(args.pg_options, args.path))
+    password = password_source(opts.conn)  # postgres+aws: its region is resolved now, before the store opens
     st = _open(location, args)
     if not isinstance(opts, LogicalSourceOptions):
         return _pg_physical_backup(st, opts, args)
     res = logical_backup(st, opts, tags=args.tag, labels=parse_labels(args.label),
-                         idempotency_key=args.idempotency_key)
+                         idempotency_key=args.idempotency_key, password=password)
     for w in res.warnings:
         print(f"pgplakar: warning: {w}", file=sys.stderr)
     if args.json:
@@ -257,17 +279,21 @@ def _physical_restore(st: Store, sid: str, args: argparse.Namespace) -> int:
 
 
 def _pg_restore(location: str, args: argparse.Namespace) -> int:
+    from ..pg.iam import password_source
     from ..pg.options import parse_restore_options
     from ..pg.restore import RestoreFailed, logical_restore
 
-    opts = parse_restore_options(args.to, _pg_options(args.items[:-1], args.to))
+    snapshot, options = _snapshot_among_options(args.items, "restore", "recreate=true")
+    opts = parse_restore_options(args.to, _pg_options(options, args.to))
+    password = password_source(opts.conn)  # postgres+aws: its region is resolved now, before the store opens
     st = _open(location, args)
-    sid = st.resolve(args.items[-1])
+    sid = st.resolve(snapshot)
     try:
-        summary = logical_restore(st, sid, opts)
-    except RestoreFailed as e:
-        print(e.summary.text(), file=sys.stderr)
-        raise
+        summary = logical_restore(st, sid, opts, password=password)
+    except RestoreFailed as e:  # one line; -v has logged every record's result with the tools' full output
+        if args.verbose:
+            raise
+        raise RestoreFailed(e.summary, note="-v shows the tools' full output") from None
     if args.json:
         output.emit_json(summary.as_dict())
     else:
@@ -278,6 +304,7 @@ def _pg_restore(location: str, args: argparse.Namespace) -> int:
 def cmd_restore(location: str, args: argparse.Namespace) -> int:
     if args.to.startswith(PG_SCHEMES):
         return _pg_restore(location, args)
+    _refuse_unknown_scheme(args.to, "-to is a directory or a postgres:// or postgres+aws:// location")
     if len(args.items) != 1:
         raise UsageError("key=value options are for postgres:// destinations only")
     st = _open(location, args)
@@ -437,8 +464,10 @@ def cmd_info(location: str, args: argparse.Namespace) -> int:
         if args.json:
             output.emit_json(h)
         else:
-            for k, v in h.items():
-                print(f"{k:15} {v}")
+            rows = output.snapshot_rows(h)
+            width = max(len(label) for label, _ in rows)
+            for label, text in rows:
+                print(f"{label:{width}}  {text}")
         return 0
     c = st.config
     info = {"location": st.location, "format": c.format, "repo_id": c.repo_id, "encryption": c.encryption,
@@ -512,4 +541,12 @@ def cmd_repair(location: str, args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["run", "StoreError"]
+Handler = Callable[[str, argparse.Namespace], int]
+# every command of cli/parser.py's build_parser, and no other (tests/test_cli_structure.py)
+COMMANDS: dict[str, Handler] = {
+    "create": cmd_create, "backup": cmd_backup, "ls": cmd_ls, "verify": cmd_verify, "cat": cmd_cat,
+    "restore": cmd_restore, "check": cmd_check, "forget": cmd_forget, "prune": cmd_prune, "stats": cmd_stats,
+    "freshness": cmd_freshness, "info": cmd_info, "key": cmd_key, "repair": cmd_repair,
+}
+
+__all__ = ["COMMANDS", "run", "StoreError"]

@@ -31,7 +31,8 @@ def passphrase(file: str | None, *, prompt: str = "passphrase", confirm: bool = 
             value = getpass.getpass(f"{prompt}: ")
             if confirm and getpass.getpass(f"repeat {prompt}: ") != value:
                 raise StoreError("the passphrases do not match")
-        except EOFError:  # Ctrl-D at the prompt: the user gave up, as with Ctrl-C
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D at the prompt: the user gave up, as with Ctrl-C
+            sys.stderr.write("\n")  # end the prompt's line: "pgplakar: interrupted" gets its own
             raise KeyboardInterrupt from None
         return value
     return None

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from ..pg.logical import database_from_path
+from ..pg.session import database_from_path
 from ..store.sizes import human_bytes
 
 BACKUPS_ALIAS = "pgplakar-backups"

@@ -48,11 +48,11 @@ from ..store.sizes import human_bytes
 from . import PgError
 from .basebackup import Archive, BaseBackupStream, CompressionUnsupported, ReplicationConnection, Tablespace
 from .connect import PgConnectError
-from .logical import Session
 from .manifest import ManifestError
 from .options import OptionError, PhysicalSourceOptions
 from .process import check_cancelled
 from .secrets import ssl_files
+from .session import MANIFEST_PATH, PHYSICAL_KIND, Session
 from .tarstream import Member, TarFormatError, TarReader
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,8 @@ __all__ = [
     "physical_backup",
 ]
 
-SOURCE_KIND = "postgres+bin"
+SOURCE_KIND = PHYSICAL_KIND
 LAYOUT_VERSION = 1
-MANIFEST_PATH = "/manifest.json"
 DATA_PREFIX = "/data"
 TABLESPACES_PREFIX = "/tablespaces"
 BACKUP_MANIFEST_PATH = f"{DATA_PREFIX}/backup_manifest"

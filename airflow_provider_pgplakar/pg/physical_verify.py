@@ -20,9 +20,9 @@ import time
 from typing import Any
 
 from . import PgError, fingerprint
-from .logical import Session
 from .scratch import PORT, hba_trust_local, private_root, server_bin_dir, server_user, start_server, stop_server
 from .secrets import ssl_files
+from .session import Session
 
 log = logging.getLogger(__name__)
 

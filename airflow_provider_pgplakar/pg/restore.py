@@ -13,7 +13,10 @@ Policy beyond the reference:
 - Contradictions are refused before anything runs (see :class:`RestoreOptions`), and so is pouring every dump of a
   multi-database snapshot into one ``database`` without a ``databases`` filter.
 - Every record gets a result; the summary lists what was restored and what failed, and any failure raises
-  :class:`RestoreFailed` after the rest was attempted (or at once with ``exit_on_error``). A globals script with
+  :class:`RestoreFailed` after the rest was attempted (or at once with ``exit_on_error``). Its message is one line:
+  per failed record the database, the tool's first error, how many more, and the likely fix (``recreate=true`` or
+  ``clean=true`` for objects that already exist, creating a database missing on the target); the tool's full
+  output is in the record's ``detail`` and in the summary logged at INFO. A globals script with
   failing statements is a failed record (psql itself exits 0): its statements are counted over psql's whole stderr
   and the first few are named, unless ``ignore_globals_errors`` accepts them (they are still named).
 """
@@ -34,10 +37,10 @@ from ..store.progress import Progress
 from . import PgError, commands
 from .fingerprint import FINGERPRINTS_PATH
 from .iam import password_source
-from .logical import GLOBALS_PATH, MANIFEST_PATH, PasswordSource, Session, database_from_path
 from .options import RestoreOptions
 from .process import ToolFailed, check_cancelled, run_tool
 from .secrets import ssl_files
+from .session import GLOBALS_PATH, LOGICAL_KIND, MANIFEST_PATH, PasswordSource, Session, database_from_path
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,10 @@ _TABLE_DESCS = ("TABLE", "VIEW", "MATERIALIZED VIEW", "SEQUENCE", "FOREIGN TABLE
 _NOT_RELATIONS = ("TABLE DATA ", "TABLE ATTACH ", "SEQUENCE SET ", "SEQUENCE OWNED BY ")  # about a relation
 _SCHEMA_MEMBER_DESCS = _TABLE_DESCS + ("TABLE DATA", "FUNCTION", "PROCEDURE", "AGGREGATE", "TYPE", "DOMAIN",
                                        "INDEX", "CONSTRAINT", "SEQUENCE SET", "COLLATION", "OPERATOR")
+# pg_restore's stderr: "pg_restore: error: ..." per failure, a final count when it went on past errors
+_TOOL_ERROR = re.compile(r"(?:^|: )pg_restore: error: (.*)")
+_ERRORS_IGNORED = re.compile(r"errors ignored on restore: (\d+)")
+_NO_DATABASE = re.compile(r'database "(?:[^"]|"")*" does not exist')
 
 
 @dataclass
@@ -66,7 +73,13 @@ class RecordResult:
     path: str
     database: str | None
     status: str  # restored | skipped | failed
-    detail: str = ""
+    detail: str = ""  # a failure's full text (a tool's stderr included)
+    hint: str = ""  # the likely fix of a failure, when one is known
+
+    def brief(self) -> str:
+        """The failure in one line: the database, the tool's first error and how many more, the likely fix."""
+        what = f"database {self.database!r} ({self.path})" if self.database else self.path
+        return f"{what}: {brief_detail(self.detail)}" + (f"; likely fix: {self.hint}" if self.hint else "")
 
 
 @dataclass
@@ -83,6 +96,8 @@ class RestoreSummary:
         for r in self.results:
             what = r.path + (f" → {r.database}" if r.database else "")
             lines.append(f"  {r.status:8} {what}" + (f": {r.detail}" if r.detail else ""))
+            if r.hint:
+                lines.append(f"  likely fix: {r.hint}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -91,11 +106,42 @@ class RestoreSummary:
 
 
 class RestoreFailed(PgError):
-    def __init__(self, summary: RestoreSummary) -> None:
+    """One line (see the module docstring); ``summary`` holds every record's result and full text. ``note`` is added
+    at the end (the CLI says there where the full text is)."""
+
+    def __init__(self, summary: RestoreSummary, note: str = "") -> None:
         self.summary = summary
         failed = [r for r in summary.results if r.status == "failed"]
-        super().__init__(f"{len(failed)} of {len(summary.results)} record(s) failed to restore: "
-                         + "; ".join(f"{r.path}: {r.detail}" for r in failed))
+        super().__init__(f"restore of snapshot {summary.snapshot_id[:8]}: {len(failed)} of {len(summary.results)} "
+                         "record(s) failed: " + "; ".join(r.brief() for r in failed) + (f" ({note})" if note else ""))
+
+
+def brief_detail(detail: str) -> str:
+    """A tool's multi-line failure as one line: ``pg_restore failed (exit status 1): <first error> (and N more
+    error(s))``; any other text with its whitespace collapsed."""
+    lines = detail.splitlines()
+    errors = [m.group(1) for line in lines if (m := _TOOL_ERROR.search(line))]
+    if not errors:
+        return " ".join(detail.split())
+    ignored = _ERRORS_IGNORED.search(detail)
+    more = max(len(errors), int(ignored.group(1)) if ignored else 0) - 1
+    head = lines[0].split(": ", 1)[0]  # "pg_restore failed (exit status 1)" (see process.ToolFailed)
+    return f"{head}: {' '.join(errors[0].split())}" + (f" (and {more} more error(s))" if more > 0 else "")
+
+
+def failure_hint(detail: str, opts: RestoreOptions, target: str) -> str:
+    """The likely fix of a failed dump restore, from pg_restore's text and the options that were given."""
+    if _NO_DATABASE.search(detail) and not opts.recreate:
+        if opts.database is not None:
+            return f"create database {target!r} on the target first"
+        return (f"database {target!r} is missing on the target: add recreate=true to create it from the archive, "
+                "or create it first")
+    if "already exists" in detail and not (opts.recreate or opts.clean or opts.data_only):
+        if opts.database is not None:  # recreate takes the name from the archive: refused with database=
+            return f"database {target!r} already holds these objects: add clean=true to drop them first"
+        return (f"database {target!r} already holds these objects: add recreate=true to drop and recreate it, or "
+                "clean=true to drop its objects first")
+    return ""
 
 
 @dataclass
@@ -215,7 +261,7 @@ def _plan(records: list[dict[str, Any]],
         path = rec["p"]
         if rec.get("k") != "f" or path in (MANIFEST_PATH, FINGERPRINTS_PATH):
             continue
-        if path == GLOBALS_PATH or path.endswith("/00000-globals.sql"):
+        if path.endswith(GLOBALS_PATH):  # also below a directory
             globals_rec = rec
         elif path.endswith(".dump"):
             dumps.append((rec, (rec.get("x") or {}).get("database") or database_from_path(path)))
@@ -240,7 +286,7 @@ def logical_restore(store: Any, snapshot_id: str, opts: RestoreOptions, *, passw
 
     snap = store.load_snapshot(snapshot_id)
     kind = (snap.header.get("source") or {}).get("kind")
-    if kind not in ("postgres", None):
+    if kind not in (LOGICAL_KIND, None):
         raise PgError(f"snapshot {snapshot_id[:8]} is a {kind!r} snapshot, not a logical PostgreSQL backup")
     records = list(store.records(snap))
     globals_rec, dumps = _plan(records, opts)
@@ -270,6 +316,12 @@ def logical_restore(store: Any, snapshot_id: str, opts: RestoreOptions, *, passw
     return summary
 
 
+def _stopped(summary: RestoreSummary) -> RestoreFailed:
+    """``exit_on_error`` ends the restore at a failure: the full text goes to the log first, as at the end."""
+    log.info("%s", summary.text())
+    return RestoreFailed(summary)
+
+
 def _restore_globals(store: Any, s: Session, rec: dict[str, Any], opts: RestoreOptions, min_major: int,
                      existing_roles: set[str], login_role: str, summary: RestoreSummary) -> None:
     psql = str(s.tool("psql", min_major).path)
@@ -287,7 +339,7 @@ def _restore_globals(store: Any, s: Session, rec: dict[str, Any], opts: RestoreO
                   else _PASSWORD_ECHOED.sub(" PASSWORD '…'", str(e)))
         summary.results.append(RecordResult(rec["p"], None, "failed", detail))
         if opts.exit_on_error:
-            raise RestoreFailed(summary) from None
+            raise _stopped(summary) from None
         return
     errors = found[0] if found else ScriptErrors()
     if not errors.count:
@@ -300,7 +352,7 @@ def _restore_globals(store: Any, s: Session, rec: dict[str, Any], opts: RestoreO
         detail = f"{errors.text()} (set ignore_globals_errors=true to accept them)"
         summary.results.append(RecordResult(rec["p"], None, "failed", detail))
         if opts.exit_on_error:
-            raise RestoreFailed(summary)
+            raise _stopped(summary)
 
 
 def _restore_dump(store: Any, s: Session, rec: dict[str, Any], db: str, opts: RestoreOptions, min_major: int,
@@ -325,9 +377,9 @@ def _restore_dump(store: Any, s: Session, rec: dict[str, Any], db: str, opts: Re
                 _run_with_input(commands.pg_restore(tool, connect_db, **kwargs), s.env(),
                                 counted(src.iter_chunks(), Progress(f"restore of {rec['p']}", rec.get("s"))))
     except Exception as e:
-        summary.results.append(RecordResult(rec["p"], target, "failed", str(e)))
+        summary.results.append(RecordResult(rec["p"], target, "failed", str(e), failure_hint(str(e), opts, target)))
         if opts.exit_on_error:
-            raise RestoreFailed(summary) from e
+            raise _stopped(summary) from e
         return
     summary.results.append(RecordResult(rec["p"], target, "restored"))
 

@@ -17,13 +17,13 @@ from typing import Any
 from ..store.sizes import human_bytes
 from . import PgError
 from .iam import password_source
-from .logical import PasswordSource, Session
 from .options import RestoreOptions
 from .restore import NEVER_DROPPED, _plan
 from .secrets import ssl_files
+from .session import LOGICAL_KIND, PHYSICAL_KIND, PasswordSource, Session
 
-LOGICAL_KINDS = ("postgres",)  # source.kind of logical backups (postgres:// and postgres+aws://)
-PHYSICAL_KINDS = ("postgres+bin",)
+LOGICAL_KINDS = (LOGICAL_KIND,)  # source.kind of logical backups (postgres:// and postgres+aws://)
+PHYSICAL_KINDS = (PHYSICAL_KIND,)
 
 
 class ConfirmationMismatch(PgError):

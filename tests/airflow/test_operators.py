@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_pgplakar.operators.base import idempotency_key
 from airflow_provider_pgplakar.operators.logical import (
     PgPlakarBackupOperator,
     PgPlakarManifestOperator,
     PgPlakarRestoreOperator,
-    idempotency_key,
 )
 from airflow_provider_pgplakar.pg import PgError
 from airflow_provider_pgplakar.pg.process import TaskCancelled

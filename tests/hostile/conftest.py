@@ -3,27 +3,13 @@ before and after each restore."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from airflow_provider_pgplakar.store.repo import Store
 from tests.hostile.trees import tree
-
-
-@pytest.fixture(autouse=True)
-def _fast_kdf_private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("PGPLAKAR_KDF", "1,8192,1")
-    monkeypatch.setenv("PGPLAKAR_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    st = Store.create(str(tmp_path / "store"), "pw")
-    yield st
-    st.close()
+from tests.store_fixtures import _fast_kdf_private_cache, store  # noqa: F401 (fixtures)
 
 
 @dataclass

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from airflow_provider_pgplakar.store.repo import Store
-from tests.pgservers import PgServer
-
-
-@pytest.fixture(autouse=True)
-def _fast_kdf_private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("PGPLAKAR_KDF", "1,8192,1")
-    monkeypatch.setenv("PGPLAKAR_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def store(tmp_path: Path):
-    st = Store.create(str(tmp_path / "store"), "pw")
-    yield st
-    st.close()
+from tests.pgservers import PgManager, PgServer
+from tests.store_fixtures import _fast_kdf_private_cache, store  # noqa: F401 (fixtures)
 
 
 def src_opts(server: PgServer, **extra: str) -> tuple[str, dict[str, str]]:
@@ -28,3 +15,16 @@ def src_opts(server: PgServer, **extra: str) -> tuple[str, dict[str, str]]:
     opts = {"host": server.host, "port": str(server.port), "username": server.superuser,
             "password": server.password, "pg_bin_dir": str(server.bin_dir), **extra}
     return "postgres://", opts
+
+
+def module_server(major: int = 15) -> Callable[[PgManager], Iterator[PgServer]]:
+    """A module-scoped fixture: a PostgreSQL ``major`` server of the module's own, discarded after its tests
+    (``src = module_server()`` in a test module)."""
+
+    @pytest.fixture(scope="module")
+    def server(pg_manager: PgManager) -> Iterator[PgServer]:
+        started = pg_manager.start(major)
+        yield started
+        pg_manager.discard(started)
+
+    return server

@@ -185,43 +185,59 @@ def test_region_from_rds_host_names() -> None:
         assert region_from_host(host) is None, host
 
 
+def token_region(conn: ConnOptions) -> str:
+    """The region the tokens of ``conn`` are signed for (resolved when the token source is made)."""
+    return IamTokenSource(conn).region
+
+
 def test_region_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     rds_loc = f"postgres+aws://u@{RDS_HOST}/app"
     # 4. the RDS host name, when nothing else says
-    assert parse_source_options(rds_loc).conn.region == "eu-west-3"
+    assert token_region(parse_source_options(rds_loc).conn) == "eu-west-3"
     # 3. the profile's region beats the host name
     config = tmp_path / "config"
     config.write_text("[default]\nregion = us-west-2\n[profile other]\nregion = ca-central-1\n")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
-    assert parse_source_options(rds_loc).conn.region == "us-west-2"
+    assert token_region(parse_source_options(rds_loc).conn) == "us-west-2"
     monkeypatch.setenv("AWS_PROFILE", "other")
-    assert parse_source_options(rds_loc).conn.region == "ca-central-1"
+    assert token_region(parse_source_options(rds_loc).conn) == "ca-central-1"
     # 2. AWS_DEFAULT_REGION beats the profile, AWS_REGION beats both
     monkeypatch.setenv("AWS_DEFAULT_REGION", "sa-east-1")
-    assert parse_source_options(rds_loc).conn.region == "sa-east-1"
+    assert token_region(parse_source_options(rds_loc).conn) == "sa-east-1"
     monkeypatch.setenv("AWS_REGION", "me-south-1")
-    assert parse_restore_options(rds_loc).conn.region == "me-south-1"
+    assert token_region(parse_restore_options(rds_loc).conn) == "me-south-1"
     # 1. the option beats everything; an empty option means unset
-    assert parse_source_options(rds_loc, {"region": "us-east-1"}).conn.region == "us-east-1"
-    assert parse_source_options(rds_loc, {"region": ""}).conn.region == "me-south-1"
+    assert token_region(parse_source_options(rds_loc, {"region": "us-east-1"}).conn) == "us-east-1"
+    assert token_region(parse_source_options(rds_loc, {"region": ""}).conn) == "me-south-1"
     assert resolve_region("af-south-1", "db.example.com") == "af-south-1"
+
+
+def test_parsing_never_reads_the_aws_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken AWS configuration (an unknown profile) fails the token source, never the parsing of options."""
+    monkeypatch.setenv("AWS_PROFILE", "nosuchprofile")
+    monkeypatch.setenv("AWS_REGION", "Not A Region")
+    opts = parse_source_options(f"postgres+aws://u@{RDS_HOST}/app")
+    assert opts.conn.iam and opts.conn.region is None and opts.conn.ssl_mode == "require"
+    assert parse_restore_options("postgres+aws://u@db.example.com/app").conn.region is None
+    with pytest.raises(OptionError, match="region: 'Not A Region' from AWS_REGION is not an AWS region"):
+        IamTokenSource(opts.conn)
 
 
 def test_region_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(OptionError) as info:
-        parse_source_options("postgres+aws://u@db.example.com/app")
+        password_source(parse_source_options("postgres+aws://u@db.example.com/app").conn)
     msg = str(info.value)
     assert info.value.option == "region" and "\n" not in msg
     assert "region=" in msg and "AWS_REGION" in msg and "db.example.com" in msg
     with pytest.raises(OptionError, match="region: 'Virginia' is not an AWS region"):
-        parse_source_options(f"postgres+aws://u@{RDS_HOST}/app", {"region": "Virginia"})
+        parse_source_options(f"postgres+aws://u@{RDS_HOST}/app", {"region": "Virginia"})  # an option: at parsing
     monkeypatch.setenv("AWS_DEFAULT_REGION", "EU_WEST_3")
     with pytest.raises(OptionError, match="region: 'EU_WEST_3' from AWS_DEFAULT_REGION is not an AWS region"):
-        parse_source_options(f"postgres+aws://u@{RDS_HOST}/app")
+        IamTokenSource(parse_source_options(f"postgres+aws://u@{RDS_HOST}/app").conn)
     monkeypatch.delenv("AWS_DEFAULT_REGION")
     monkeypatch.setenv("AWS_PROFILE", "nosuchprofile")
     with pytest.raises(IamAuthError, match="nosuchprofile.*fix AWS_PROFILE"):
-        parse_source_options("postgres+aws://u@db.example.com/app")
+        IamTokenSource(parse_source_options("postgres+aws://u@db.example.com/app").conn)
 
 
 @pytest.mark.parametrize(
@@ -250,7 +266,7 @@ def test_ssl_mode_defaults_to_require_for_iam_only() -> None:
     """An active attacker on ``prefer`` can downgrade the connection and read the IAM token: require by default."""
     assert parse_source_options(f"postgres+aws://u@{RDS_HOST}/app").conn.ssl_mode == "require"
     assert parse_restore_options(f"postgres+aws://u@{RDS_HOST}/app").conn.ssl_mode == "require"
-    assert ConnOptions(username="u", region=REGION).ssl_mode == "require"
+    assert ConnOptions(username="u", iam=True).ssl_mode == "require"
     assert parse_source_options(f"postgres+aws://u@{RDS_HOST}/app", {"ssl_mode": "prefer"}).conn.ssl_mode == "prefer"
     assert parse_source_options("postgres://u@db/app").conn.ssl_mode == "prefer"
     assert ConnOptions().ssl_mode == "prefer"
@@ -279,7 +295,7 @@ def test_exclude_databases_default_and_explicit_empty() -> None:
 
 
 def _conn(host: str = "127.0.0.1", port: int = 5432, ssl_mode: str = "require") -> ConnOptions:
-    return ConnOptions(host=host, port=port, username=IAM_USER, region=REGION, ssl_mode=ssl_mode)
+    return ConnOptions(host=host, port=port, username=IAM_USER, iam=True, region=REGION, ssl_mode=ssl_mode)
 
 
 def test_token_is_deterministic_for_a_frozen_clock(monkeypatch: pytest.MonkeyPatch, clock: Clock) -> None:

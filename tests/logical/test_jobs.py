@@ -28,9 +28,9 @@ from airflow_provider_pgplakar.pg.restore import logical_restore
 from airflow_provider_pgplakar.store.check import check
 from airflow_provider_pgplakar.store.errors import StoreError
 from airflow_provider_pgplakar.store.repo import Store
-from tests.logical.conftest import src_opts
+from tests.logical.conftest import module_server, src_opts
 from tests.logical.test_names_and_failures import _Killer, _proc_children
-from tests.pgservers import PgManager, PgServer
+from tests.pgservers import PgServer
 
 # quotes, '=', spaces, a leading '-', '%' and '/' (percent-encoded in record paths); sizes differ so that the
 # largest-first schedule is visible: rows per table
@@ -44,18 +44,10 @@ AWKWARD = {
 EXCLUDE = "postgres,template1"  # leftovers of other tests' servers and the fixed databases stay out of the way
 
 
-@pytest.fixture(scope="module")
-def src(pg_manager: PgManager) -> Iterator[PgServer]:
-    server = pg_manager.start(15)
-    yield server
-    pg_manager.discard(server)
+src = module_server()
 
 
-@pytest.fixture(scope="module")
-def dst(pg_manager: PgManager) -> Iterator[PgServer]:
-    server = pg_manager.start(15)
-    yield server
-    pg_manager.discard(server)
+dst = module_server()
 
 
 def _exec(server: PgServer, db: str, query: Any, params: Any = None) -> None:

@@ -7,7 +7,6 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +14,15 @@ import pytest
 from psycopg import sql
 
 from airflow_provider_pgplakar.pg import PgError
-from airflow_provider_pgplakar.pg.logical import dump_path, logical_backup
+from airflow_provider_pgplakar.pg.logical import logical_backup
 from airflow_provider_pgplakar.pg.options import parse_restore_options, parse_source_options
 from airflow_provider_pgplakar.pg.process import ToolFailed
 from airflow_provider_pgplakar.pg.restore import logical_restore
+from airflow_provider_pgplakar.pg.session import dump_path
 from airflow_provider_pgplakar.store.check import check
 from airflow_provider_pgplakar.store.errors import StoreError
-from tests.logical.conftest import src_opts
-from tests.pgservers import PgManager, PgServer
+from tests.logical.conftest import module_server, src_opts
+from tests.pgservers import PgServer
 
 NAMES = [
     "with space",
@@ -39,18 +39,10 @@ NAMES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def src(pg_manager: PgManager) -> Iterator[PgServer]:
-    server = pg_manager.start(15)
-    yield server
-    pg_manager.discard(server)
+src = module_server()
 
 
-@pytest.fixture(scope="module")
-def dst(pg_manager: PgManager) -> Iterator[PgServer]:
-    server = pg_manager.start(15)
-    yield server
-    pg_manager.discard(server)
+dst = module_server()
 
 
 def _create_db(server: PgServer, name: str, owner: str | None = None) -> None:
@@ -395,7 +387,8 @@ def test_exclude_databases_takes_shell_patterns(store, src) -> None:
     import json
 
     from airflow_provider_pgplakar.pg import OptionError
-    from airflow_provider_pgplakar.pg.logical import MANIFEST_PATH, excluded
+    from airflow_provider_pgplakar.pg.logical import excluded
+    from airflow_provider_pgplakar.pg.session import MANIFEST_PATH
 
     names = ("xp_keep", "xp_a_restore_check", "xp_b_restore_check")
     for name in names:

@@ -24,7 +24,7 @@ from airflow_provider_pgplakar.pg.logical import logical_backup
 from airflow_provider_pgplakar.pg.options import RestoreOptions, parse_restore_options, parse_source_options
 from airflow_provider_pgplakar.pg.restore import RestoreFailed, logical_restore
 from airflow_provider_pgplakar.store.repo import Store
-from tests.logical.conftest import src_opts
+from tests.logical.conftest import module_server, src_opts
 from tests.pgservers import PgManager, PgServer
 
 CLUSTER = [
@@ -155,11 +155,7 @@ def source_shop(src: PgServer, snap: str) -> dict[str, Any]:
     return shop_state(src, "shop")
 
 
-@pytest.fixture(scope="module")
-def dst(pg_manager: PgManager) -> Iterator[PgServer]:
-    server = pg_manager.start(15)
-    yield server
-    pg_manager.discard(server)
+dst = module_server()
 
 
 @pytest.fixture
@@ -472,14 +468,17 @@ def _globals_snapshot(store: Store, script: str) -> str:
     return w.snapshot_id
 
 
-def _cli_restore(store: Store, server: PgServer, snap: str, *options: str) -> subprocess.CompletedProcess:
+def _cli_restore(store: Store, server: PgServer, snap: str, *options: str, flags: tuple[str, ...] = (),
+                 snapshot_first: bool = False) -> subprocess.CompletedProcess:
     pgplakar = Path(sys.executable).with_name("pgplakar")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGPLAKAR_"))}
     env.update(PGPLAKAR_PASSPHRASE="pw", PGPLAKAR_KDF="1,8192,1", PGPASSWORD=server.password,
                PGPLAKAR_CACHE_DIR=str(Path(tempfile.gettempdir()) / f"pgplakar-test-cache-{os.getpid()}"))
     to = f"postgres://{server.superuser}@{server.host}:{server.port}/"
-    return subprocess.run([str(pgplakar), "at", store.location, "restore", "-to", to, f"pg_bin_dir={server.bin_dir}",
-                           *options, snap], env=env, capture_output=True, timeout=120)
+    items = [snap, f"pg_bin_dir={server.bin_dir}", *options] if snapshot_first else \
+        [f"pg_bin_dir={server.bin_dir}", *options, snap]
+    return subprocess.run([str(pgplakar), "at", store.location, "restore", *flags, "-to", to, *items], env=env,
+                          capture_output=True, timeout=120)
 
 
 def test_globals_with_failing_statements_fail_the_restore(mstore, dst) -> None:
@@ -569,3 +568,65 @@ def test_selectors_matching_nothing_are_refused_before_anything_is_dropped(pg_fa
                        tables="audit", schemas="extra")
     assert summary.ok, summary.text()
     assert shop_state(target, "shop") == source_shop
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a failed dump: one line naming the database, pg_restore's first error and the likely fix; the full text in the log
+
+
+def test_a_failed_restore_is_one_line_with_the_likely_fix(mstore, snap, dst, caplog) -> None:
+    _drop_db(dst, "blog")
+    try:
+        # a database missing on the target, without recreate
+        r = _cli_restore(mstore, dst, snap, "databases=blog", "no_globals=true")
+        err = r.stderr.decode()
+        assert r.returncode == 1 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"pgplakar: error: restore of snapshot {snap[:8]}: 1 of 2 record(s) failed: "
+                              "database 'blog' (/")
+        assert 'FATAL: database "blog" does not exist' in err
+        assert err.rstrip("\n").endswith("likely fix: database 'blog' is missing on the target: add recreate=true "
+                                          "to create it from the archive, or create it first (-v shows the tools' "
+                                          "full output)")
+        assert "blog" not in _databases(dst)
+
+        # restored once; the same restore again, without recreate: pg_restore fails on every existing object
+        assert _cli_restore(mstore, dst, snap, "databases=blog", "no_globals=true", "recreate=true").returncode == 0
+        r = _cli_restore(mstore, dst, snap, "databases=blog", "no_globals=true")
+        err = r.stderr.decode()
+        assert r.returncode == 1 and len(err.splitlines()) == 1, err
+        line = err.rstrip("\n")
+        assert line.startswith(f"pgplakar: error: restore of snapshot {snap[:8]}: 1 of 2 record(s) failed: "
+                               "database 'blog' (/")
+        assert ': pg_restore failed (exit status 1): could not execute query: ERROR: relation "posts" already ' \
+               "exists (and " in line
+        assert line.endswith("more error(s)); likely fix: database 'blog' already holds these objects: add "
+                             "recreate=true to drop and recreate it, or clean=true to drop its objects first "
+                             "(-v shows the tools' full output)")
+        assert "Command was" not in line
+        # -v: the same line last, after every record's result with pg_restore's whole text
+        r = _cli_restore(mstore, dst, snap, "databases=blog", "no_globals=true", flags=("-v",))
+        verbose = r.stderr.decode()
+        assert r.returncode == 1 and verbose.splitlines()[-1] == line.removesuffix(
+            " (-v shows the tools' full output)"), verbose
+        assert "Command was: CREATE TABLE public.posts" in verbose
+        assert "pg_restore: warning: errors ignored on restore: " in verbose
+        assert "likely fix: database 'blog' already holds these objects" in verbose
+
+        # in Python (the operators): the same one-line message, the full text in the log and the result
+        with caplog.at_level("INFO", logger="airflow_provider_pgplakar.pg.restore"), \
+                pytest.raises(RestoreFailed) as exc:
+            _restore(mstore, snap, dst, databases="blog", no_globals="true")
+        message = str(exc.value)
+        assert "\n" not in message and "database 'blog'" in message and "recreate=true" in message
+        [failed] = [x for x in exc.value.summary.results if x.status == "failed"]
+        assert "Command was: CREATE TABLE public.posts" in failed.detail
+        assert "Command was: CREATE TABLE public.posts" in caplog.text
+        # the data is the first restore's
+        assert _one(dst, "blog", "SELECT count(*) FROM posts") == 120
+        # with the fix, the same restore succeeds (the snapshot before the options is understood too)
+        _exec(dst, "blog", ["INSERT INTO posts VALUES (-1, 'target only')"])
+        r = _cli_restore(mstore, dst, snap, "databases=blog", "no_globals=true", "recreate=true", snapshot_first=True)
+        assert r.returncode == 0, r.stderr.decode()
+        assert _one(dst, "blog", "SELECT count(*), min(id) FROM posts") == (120, 1)
+    finally:
+        _drop_db(dst, "blog")

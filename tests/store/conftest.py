@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.s3_server import s3_location
+from tests.store.writer_proc import kill_leftovers
+from tests.store_fixtures import _fast_kdf_private_cache  # noqa: F401 (fixtures)
 
 PASSPHRASE = "correct horse battery staple"
-
-
-@pytest.fixture(autouse=True)
-def _fast_kdf_private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Cheap Argon2 parameters (stored per key file, so this only speeds tests) and a per-test cache."""
-    monkeypatch.setenv("PGPLAKAR_KDF", "1,8192,1")
-    monkeypatch.setenv("PGPLAKAR_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("PGPLAKAR_PASSPHRASE", raising=False)
-    monkeypatch.delenv("PGPLAKAR_KEY", raising=False)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -36,3 +30,10 @@ def store(location: str):
     st = Store.create(location, PASSPHRASE)
     yield st
     st.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_children() -> Iterator[None]:
+    """SIGKILL writer processes a test left running (a failed test must not leave one sleeping at a failpoint)."""
+    yield
+    kill_leftovers()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,6 @@ from tests.store.conftest import PASSPHRASE
 from tests.store.writer_proc import (
     assert_restores,
     cli,
-    kill_leftovers,
     lease_count,
     make_tree,
     pack_census,
@@ -30,12 +29,6 @@ from tests.store.writer_proc import (
 )
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_children() -> Iterator[None]:
-    yield
-    kill_leftovers()
 
 
 def _check_clean(st: Store) -> None:

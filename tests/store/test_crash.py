@@ -12,7 +12,6 @@ keeps the unfiltered behaviour (the writer dies writing its lease).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,6 @@ from tests.store.conftest import PASSPHRASE
 from tests.store.writer_proc import (
     assert_restores,
     cli,
-    kill_leftovers,
     lease_count,
     make_tree,
     pack_census,
@@ -34,12 +32,6 @@ from tests.store.writer_proc import (
 MiB = 1 << 20
 PACK_TARGET = MiB // 2
 RANDOM_BYTES = 4 * 650_000
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_children() -> Iterator[None]:
-    yield
-    kill_leftovers()
 
 
 def _source(root: Path) -> dict[str, bytes]:

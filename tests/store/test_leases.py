@@ -9,7 +9,6 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from airflow_provider_pgplakar.store.repo import Store
 from tests.store.conftest import PASSPHRASE
 from tests.store.writer_proc import (
     assert_restores,
-    kill_leftovers,
     make_tree,
     ns_writer,
     pack_census,
@@ -30,12 +28,6 @@ from tests.store.writer_proc import (
 )
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_children() -> Iterator[None]:
-    yield
-    kill_leftovers()
 
 
 def _wait_packs(st: Store) -> set[str]:

@@ -8,7 +8,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,15 +19,9 @@ from airflow_provider_pgplakar.store import prune as prune_mod
 from airflow_provider_pgplakar.store.errors import StoreLocked
 from airflow_provider_pgplakar.store.repo import Store
 from tests.store.conftest import PASSPHRASE
-from tests.store.writer_proc import assert_restores, cli, kill_leftovers, rand
+from tests.store.writer_proc import assert_restores, cli, rand
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_children() -> Iterator[None]:
-    yield
-    kill_leftovers()
 
 
 def _kinds(st: Store) -> list[str]:
