@@ -345,7 +345,8 @@ class BlobSink:
             pack_id, data, pb = item
             try:
                 try:
-                    self.backend.put(pack_object_name(pack_id), data)
+                    # the pack's name is its SHA-256: S3's checksum reuses it instead of hashing the pack again
+                    self.backend.put(pack_object_name(pack_id), data, sha256=bytes.fromhex(pack_id))
                 except AlreadyExists:
                     pass  # content-addressed: identical bytes are already stored
                 info = {
