@@ -16,6 +16,7 @@ from ..store import forget as forget_mod
 from ..store import prune as prune_mod
 from ..store.errors import StoreError
 from ..store.forget import source_label
+from ..store.record import Record
 from ..store.repo import Store
 from ..store.retention import Policy, parse_group_by
 from . import output
@@ -130,7 +131,7 @@ def cmd_ls(location: str, args: argparse.Namespace) -> int:
             output.emit_json([_record_view(r) for r in recs])
         else:
             output.table(["mode", "size", "kind", "path"],
-                         [[oct(r.get("m", 0)), r.get("s", ""), r.get("k"), r["p"]] for r in recs])
+                         [[oct(r.mode or 0), "" if r.size is None else r.size, r.kind, r.path] for r in recs])
         return 0
     if args.verified:
         return _ls_verified(st, args)
@@ -157,7 +158,7 @@ def _ls_verified(st: Store, args: argparse.Namespace) -> int:
     proofs = verifications(st, errors=errors)
     for e in errors:
         print(f"pgplakar: warning: {e}", file=sys.stderr)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for s in st.snapshots():
         if s.id in proofs and (not args.tag or args.tag in s.header["tags"]):
             last = proofs[s.id][-1]
@@ -202,11 +203,11 @@ def cmd_verify(location: str, args: argparse.Namespace) -> int:
     return 0 if report.ok else 3
 
 
-def _record_view(r: dict[str, Any]) -> dict[str, Any]:
-    out = {"path": r["p"], "kind": r.get("k"), "size": r.get("s"), "mode": r.get("m"), "mtime_ns": r.get("t"),
-           "uid": r.get("u"), "gid": r.get("g"), "link_target": r.get("lt"), "meta": r.get("x"), "error": r.get("e")}
-    if "d" in r:
-        out["sha256"] = r["d"].hex()
+def _record_view(r: Record) -> dict[str, Any]:
+    out = {"path": r.path, "kind": r.kind, "size": r.size, "mode": r.mode, "mtime_ns": r.mtime_ns, "uid": r.uid,
+           "gid": r.gid, "link_target": r.link_target, "meta": dict(r.meta) or None, "error": r.error}
+    if r.sha256 is not None:
+        out["sha256"] = r.sha256.hex()
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -27,6 +27,8 @@ from .outcome import BACKUPS_ALIAS
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from ..store.repo import Store
+
 __all__ = ["PgPlakarOperator", "cancellable_execute", "committed_by_earlier_try", "idempotency_key",
            "masked_option_names", "run_labels"]
 
@@ -46,7 +48,7 @@ def idempotency_key(labels: Mapping[str, str]) -> str:
     return "/".join(labels[k] for k in ("dag_id", "task_id", "run_id", "map_index"))
 
 
-def committed_by_earlier_try(store: Any, key: str, task_log: Any) -> str | None:
+def committed_by_earlier_try(store: Store, key: str, task_log: Any) -> str | None:
     """The snapshot an earlier try of this task already committed under ``key``, if any (a retry then reuses it
     instead of dumping again)."""
     existing = store.idempotent_id(key)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Collection, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -45,6 +45,10 @@ from .options import AWS_DEFAULT_EXCLUDES, LogicalSourceOptions
 from .process import ToolFailed, check_cancelled, run_tool
 from .secrets import ssl_files
 from .session import GLOBALS_PATH, LOGICAL_KIND, MANIFEST_KIND, MANIFEST_PATH, PasswordSource, Session, dump_path
+
+if TYPE_CHECKING:
+    from ..store.repo import Store
+    from ..store.writer import SnapshotWriter, StoredRecord
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,7 @@ def excluded(name: str, patterns: Collection[str]) -> bool:
 
 
 def logical_backup(
-    store: Any,
+    store: Store,
     opts: LogicalSourceOptions,
     *,
     password: PasswordSource | None = None,
@@ -169,12 +173,12 @@ def logical_backup(
 class _Dumped:
     """One database's dump: its stored record (None: dropped before its dump, skipped), fingerprints, warning."""
 
-    stored: Any
+    stored: StoredRecord | None
     fingerprints: dict[str, Any] | None = None
     warning: str | None = None
 
 
-def _dump_database(w: Any, s: Session, opts: LogicalSourceOptions, n: int, db: str, dump_tool: str,
+def _dump_database(w: SnapshotWriter, s: Session, opts: LogicalSourceOptions, n: int, db: str, dump_tool: str,
                    tool_version: str, level: str, size: int | None = None) -> _Dumped:
     """Fingerprint ``db`` in an exported snapshot and stream ``pg_dump --snapshot`` of it into a stored record."""
     gone = None if opts.database is not None else (lambda e: _vanished(s, db, e))
@@ -256,8 +260,9 @@ def _gone(s: Session, database: str) -> bool:
     return count == 0
 
 
-def _stream(w: Any, s: Session, path: str, argv: list[str], meta: dict[str, Any],
-            skip_if: Callable[[ToolFailed], bool] | None = None, expected_size: int | None = None) -> Any:
+def _stream(w: SnapshotWriter, s: Session, path: str, argv: list[str], meta: dict[str, Any],
+            skip_if: Callable[[ToolFailed], bool] | None = None,
+            expected_size: int | None = None) -> StoredRecord | None:
     """Store a tool's stdout as the content of ``path``; the caller adds the returned record to the snapshot
     (``w.add_stored``). None (nothing stored) when the tool failed before writing a byte and ``skip_if`` accepts
     its failure. The time the tool ran goes to ``s.seconds[path]`` (the header's ``meta.seconds``; not the record,

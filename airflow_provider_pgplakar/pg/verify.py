@@ -28,7 +28,7 @@ from .secrets import ssl_files
 from .session import LOGICAL_KIND, PHYSICAL_KIND, Session
 
 if TYPE_CHECKING:
-    from ..store.repo import Store
+    from ..store.repo import Snapshot, Store
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def _compare_relation(name: str, rel: dict[str, Any], got: dict[str, Any] | None
 
 # -- verify ----------------------------------------------------------------------------------------------------------
 
-def verify_snapshot(store: Any, snapshot_id: str, *, databases: Sequence[str] = (), amcheck: bool = False,
+def verify_snapshot(store: Store, snapshot_id: str, *, databases: Sequence[str] = (), amcheck: bool = False,
                     pg_bin_dir: str | None = None, extra_dirs: tuple[str, ...] = (), target: Any = None,
                     password: Any = None) -> VerifyReport:
     """Restore ``snapshot_id`` into a throwaway server and compare; the report says PASSED or FAILED (not raised).
@@ -299,7 +299,7 @@ def _check_extensions(s: Session, expected: dict[str, Any], names: list[str], re
                                      f"({report.server}): install it there or set pg_bin_dir to a server that has it")
 
 
-def _restore(store: Any, snapshot_id: str, srv: Any, databases: tuple[str, ...], report: VerifyReport,
+def _restore(store: Store, snapshot_id: str, srv: Any, databases: tuple[str, ...], report: VerifyReport,
              extra_dirs: tuple[str, ...]) -> None:
     from . import restore as restore_mod  # by module: a test injects a faulty restore here
     from .options import RestoreOptions
@@ -338,7 +338,7 @@ def _compare_all(s: Session, expected: dict[str, Any] | None, names: list[str], 
         report.databases.append(rep)
 
 
-def _verify_into_target(store: Any, snapshot_id: str, report: VerifyReport, expected: dict[str, Any] | None,
+def _verify_into_target(store: Store, snapshot_id: str, report: VerifyReport, expected: dict[str, Any] | None,
                         names: list[str], target: Any, password: Any, min_major: int,
                         extra_dirs: tuple[str, ...]) -> None:
     """``target=``: restore each database into a new prefixed database of the user's server; drop them after.
@@ -425,9 +425,9 @@ def store_report(store: Store, report: VerifyReport, *, labels: dict[str, str] |
     return w.snapshot_id
 
 
-def verifications(store: Any, *, errors: list[str] | None = None) -> dict[str, list[Any]]:
+def verifications(store: Store, *, errors: list[str] | None = None) -> dict[str, list[Snapshot]]:
     """``{snapshot id: [verify report snapshots, oldest first]}`` from the labels (no record is read)."""
-    out: dict[str, list[Any]] = {}
+    out: dict[str, list[Snapshot]] = {}
     for snap in store.snapshots(errors=errors):
         if (snap.header.get("source") or {}).get("kind") == VERIFY_KIND:
             target = (snap.header.get("labels") or {}).get(VERIFIES_LABEL)
@@ -438,10 +438,10 @@ def verifications(store: Any, *, errors: list[str] | None = None) -> dict[str, l
     return out
 
 
-def newest_per_source(store: Any, *, errors: list[str] | None = None) -> list[str]:
+def newest_per_source(store: Store, *, errors: list[str] | None = None) -> list[str]:
     """The newest logical or physical backup of each source (manifest-only snapshots and verify reports are not
     backups): what a restore drill verifies."""
-    newest: dict[str, Any] = {}
+    newest: dict[str, Snapshot] = {}
     for snap in store.snapshots(errors=errors):
         source = snap.header.get("source") or {}
         if source.get("kind") not in (LOGICAL_KIND, PHYSICAL_KIND):

@@ -395,7 +395,7 @@ def test_backup_and_restore_use_the_token_boto3_makes(rds: PgServer, store: Stor
     assert res.databases == ["app"]
     assert any("--no-role-passwords" in w for w in res.warnings)  # RDS-like user: pg_authid is unreadable
     assert "ssl_mode=prefer is weaker than require" in caplog.text
-    records = {r["p"]: r for r in store.records(res.snapshot_id)}
+    records = {r.path: r for r in store.records(res.snapshot_id)}
     assert set(records) == {"/manifest.json", "/00000-globals.sql", "/00001-app.dump", "/fingerprints.json"}
     globals_sql = read(store, records["/00000-globals.sql"]).decode()
     assert "CREATE ROLE app_reader;" in globals_sql and f"CREATE ROLE {IAM_USER};" in globals_sql
@@ -466,7 +466,7 @@ def test_a_fresh_token_for_every_connection_and_every_tool(rds: PgServer, store:
     opts = parse_source_options(aws_location(rds), aws_opts(rds, ssl_mode="prefer"))
     res = logical_backup(store, opts, password=IamTokenSource(opts.conn, on_token=rotate))
     assert "rdsadmin" not in res.databases and {"app", "postgres", "template1"} <= set(res.databases)
-    assert not any("rdsadmin" in r["p"] for r in store.records(res.snapshot_id))
+    assert not any("rdsadmin" in r.path for r in store.records(res.snapshot_id))
     consumers = [c for c, _ in used]
     assert consumers.count("pg_dumpall") == 1 and consumers.count("pg_dump") == len(res.databases)
     # database list and pg_authid probe, then the manifest: its main connection and one per non-template database
@@ -474,7 +474,7 @@ def test_a_fresh_token_for_every_connection_and_every_tool(rds: PgServer, store:
     # then per dumped database the fingerprint session that exports the snapshot and the probe that imports it
     snapshots = [f"connect {d}" for d in res.databases for _ in range(2)]
     assert [c for c in consumers if c.startswith("connect ")] == ["connect postgres"] * 2 + details + snapshots
-    manifest = json.loads(read(store, next(r for r in store.records(res.snapshot_id) if r["p"] == "/manifest.json")))
+    manifest = json.loads(read(store, next(r for r in store.records(res.snapshot_id) if r.path == "/manifest.json")))
     assert [e for e in manifest["errors"] if e["section"] == "connect"] == []
     assert [p for _, p in used] == made and len(set(made)) == len(made)  # one new token per consumer, in order
 
@@ -509,7 +509,7 @@ def test_explicit_empty_exclude_databases_keeps_rdsadmin(rds: PgServer, store: S
     set_password(rds, boto3_token(rds))
     res = logical_backup(store, parse_source_options(aws_location(rds), aws_opts(rds, exclude_databases="")))
     assert "rdsadmin" in res.databases
-    assert any(r["p"].endswith("-rdsadmin.dump") for r in store.records(res.snapshot_id))
+    assert any(r.path.endswith("-rdsadmin.dump") for r in store.records(res.snapshot_id))
 
 
 def test_cli_backup_and_restore(rds: PgServer, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch,

@@ -82,8 +82,8 @@ def test_awkward_database_names_round_trip(store, src, dst) -> None:
         location, opts = src_opts(src)
         res = logical_backup(store, parse_source_options(location, opts))
         assert set(NAMES) <= set(res.databases)
-        recs = [r for r in store.records(res.snapshot_id) if (r.get("x") or {}).get("type") == "dump"]
-        by_db = {r["x"]["database"]: r["p"] for r in recs}
+        recs = [r for r in store.records(res.snapshot_id) if r.meta.get("type") == "dump"]
+        by_db = {r.meta["database"]: r.path for r in recs}
         assert set(NAMES) <= set(by_db)
         assert len(set(by_db.values())) == len(by_db)  # no two names collapse onto one path
         for name in NAMES:
@@ -242,7 +242,7 @@ def test_pg_dump_killed_mid_stream_commits_nothing(store, src) -> None:
         assert not os.path.exists(f"/proc/{killer.killed}")  # reaped, nothing left running
         _no_partial_snapshot(store, ids_before)
         # the store is still usable: the earlier snapshot restores its records
-        assert [r["p"] for r in store.records(first.snapshot_id) if r["p"].endswith(".dump")][-1].endswith(
+        assert [r.path for r in store.records(first.snapshot_id) if r.path.endswith(".dump")][-1].endswith(
             "-postgres.dump")
     finally:
         _drop_db(src, "big")
@@ -327,7 +327,7 @@ def test_database_dropped_before_its_dump_is_skipped_and_recorded(store, src, ds
         assert header["meta"]["skipped_databases"] == ["vk_scratch"]
         assert header["meta"]["warnings"] == res.warnings
         assert header["meta"]["databases"] == res.databases
-        dumps = {r["x"]["database"] for r in store.records(res.snapshot_id) if r["p"].endswith(".dump")}
+        dumps = {r.meta["database"] for r in store.records(res.snapshot_id) if r.path.endswith(".dump")}
         assert dumps == set(res.databases)  # no empty record stands in for the skipped database
         # the others are complete: restore them and count
         location, ropts = src_opts(dst, recreate="true", databases="vk_alpha,vk_zulu", no_globals="true")
