@@ -312,10 +312,12 @@ class BlobSink:
             ids = [self.keys.blob_id(b) for b in blocks]
             with self._dedup:
                 levels = self._claim(ids, [len(b) for b in blocks], account)
+            encoded = []
             for piece, blob_id, level in zip(blocks, ids, levels, strict=True):
                 if level is not None:
                     self._raise_if_failed()
-                    self._encode(blob_type, blob_id, piece, level, account)
+                    encoded.append(self._compress(blob_id, piece, level))
+            self._place(blob_type, encoded, account)
             return [[blob_id, len(b)] for blob_id, b in zip(ids, blocks, strict=True)]
         except BaseException as e:
             self._fail(e)
@@ -323,6 +325,11 @@ class BlobSink:
 
     def _encode(self, blob_type: int, blob_id: bytes, data: bytes | bytearray | memoryview, level: int,
                 account: NewBytes | None = None) -> None:
+        self._place(blob_type, [self._compress(blob_id, data, level)], account)
+
+    def _compress(self, blob_id: bytes, data: bytes | bytearray | memoryview,
+                  level: int) -> tuple[bytes, int, bytes | bytearray | memoryview, int]:
+        """(blob_id, codec, payload, raw length) of one new blob, verified (see the module docstring)."""
         z = self._compressor(level).compress(data) if level > 0 else data
         compressed = len(z) < 0.97 * len(data)
         codec, payload = (CODEC_ZSTD, z) if compressed else (CODEC_RAW, data)
@@ -332,26 +339,33 @@ class BlobSink:
             # zero-copy views) compares element by element, ~60x slower
             if len(out) != len(data) or not out.startswith(data):
                 raise IntegrityError(f"blob {blob_id.hex()[:16]} did not survive compression: refusing to store it")
+        return blob_id, codec, payload, len(data)
+
+    def _place(self, blob_type: int, encoded: list[tuple[bytes, int, bytes | bytearray | memoryview, int]],
+               account: NewBytes | None = None) -> None:
+        """Seal blobs into the open pack of their kind, one batch together: a batch's chunks stay adjacent in the
+        pack, so a restore reads them in one ranged read (interleaved with the other encode threads' blobs, reads
+        were coalesced ~2.7 chunks at a time: ten times the GETs on S3)."""
         kind = "data" if blob_type == DATA else "tree"
-        full = before = None
+        ready: list[PackBuilder] = []
         with self._shared.lock:
-            pb = self._open[kind]
-            if pb is not None and not pb.fits(len(payload)):  # PACK_HARD_MAX: close it before it would overflow
-                before = pb
-                pb = None
-            if pb is None:
-                pb = self._open[kind] = PackBuilder(self.keys, kind)
-            pb.add(blob_type, blob_id, codec, payload, len(data))
-            sealed = pb.entries[-1].length  # what the blob takes in its pack: compressed and encrypted
-            self.stats.new_stored_bytes += sealed
-            if account is not None:
-                account._stored += sealed
-            if len(pb) >= self.pack_target:
-                full, self._open[kind] = pb, None
-        if before is not None:
-            self._enqueue(before)
-        if full is not None:
-            self._enqueue(full)
+            for blob_id, codec, payload, raw_len in encoded:
+                pb = self._open[kind]
+                if pb is not None and not pb.fits(len(payload)):  # PACK_HARD_MAX: close it before it would overflow
+                    ready.append(pb)
+                    pb = None
+                if pb is None:
+                    pb = self._open[kind] = PackBuilder(self.keys, kind)
+                pb.add(blob_type, blob_id, codec, payload, raw_len)
+                sealed = pb.entries[-1].length  # what the blob takes in its pack: compressed and encrypted
+                self.stats.new_stored_bytes += sealed
+                if account is not None:
+                    account._stored += sealed
+                if len(pb) >= self.pack_target:
+                    ready.append(pb)
+                    self._open[kind] = None
+        for pb in ready:
+            self._enqueue(pb)
 
     def _enqueue(self, pb: PackBuilder) -> None:
         failpoint("before-first-pack")
@@ -382,7 +396,8 @@ class BlobSink:
             pack_id, data, pb = item
             try:
                 try:
-                    self.backend.put(pack_object_name(pack_id), data)
+                    # the pack's name is its SHA-256: S3's checksum reuses it instead of hashing the pack again
+                    self.backend.put(pack_object_name(pack_id), data, sha256=bytes.fromhex(pack_id))
                 except AlreadyExists:
                     pass  # content-addressed: identical bytes are already stored
                 info = {

@@ -305,6 +305,19 @@ class IndexCache:
         ).fetchone()
         return Location(*row) if row else None
 
+    def lookup_many(self, blob_ids: list[bytes]) -> dict[bytes, Location]:
+        """:meth:`lookup` for a batch (a restore's chunk list): one query per 500 IDs instead of one per blob. A blob
+        held by several packs maps to the one with the lowest pack number, as :meth:`lookup` picks."""
+        out: dict[bytes, Location] = {}
+        for i in range(0, len(blob_ids), 500):
+            part = blob_ids[i : i + 500]
+            sql = ("SELECT b.id, p.id, p.salt, b.off, b.len, b.raw, b.type FROM blobs b JOIN packs p ON p.no=b.pack "  # noqa: S608
+                   f"WHERE b.id IN ({','.join('?' * len(part))}) ORDER BY b.pack")
+            for blob_id, *loc in self.db.execute(sql, part):
+                if blob_id not in out:
+                    out[blob_id] = Location(*loc)
+        return out
+
     def packs(self) -> list[tuple[str, int, str, str]]:
         return self.db.execute("SELECT id, size, kind, segment FROM packs").fetchall()
 

@@ -60,7 +60,8 @@ class LocalBackend:
             raise StoreError(f"invalid object key {key!r}")
         return self.root / key
 
-    def put(self, key: str, data: bytes | bytearray, *, create_only: bool = True) -> None:
+    def put(self, key: str, data: bytes | bytearray, *, create_only: bool = True,
+            sha256: bytes | None = None) -> None:
         final = self._path(key)
         _make_dirs(final.parent)
         tmp = final.parent / f"{TMP_PREFIX}{secrets.token_hex(8)}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from .crypto import ObjectKey
 from .errors import IntegrityError, ObjectNotFound, StoreError
 from .index import Location
 from .pack import CHUNKLIST, DATA, TREE, decode_blob, pack_key, pack_object_name
@@ -31,6 +33,8 @@ MAX_GROUP_BYTES = 8 * 1024 * 1024
 MAX_GROUP_RAW = 8 * 1024 * 1024
 MAX_GAP = 64 * 1024
 PREFETCH = 6
+LOOKUP_BATCH = 256  # chunk IDs per index query
+OKEY_CACHE = 64  # pack keys kept per open record
 
 
 def read_blob(store: Store, blob_id: bytes, blob_type: int, where: str = "") -> bytes:
@@ -96,13 +100,25 @@ def _ref(ref: object, record: Record) -> tuple[bytes, int]:
                          "corrupt or was tampered with)")
 
 
+def _located(store: Store, record: Record, where: str) -> Iterator[tuple[bytes, Location]]:
+    """The record's chunks with their locations, looked up in batches (one index query per ~256 chunks)."""
+    refs = chunk_refs(store, record)
+    while True:
+        batch = [blob_id for blob_id, _raw in itertools.islice(refs, LOOKUP_BATCH)]
+        if not batch:
+            return
+        found = store.cache.lookup_many(batch)
+        for blob_id in batch:
+            loc = found.get(blob_id)
+            yield blob_id, (loc if loc is not None else locate(store, blob_id, where))
+
+
 def _groups(store: Store, record: Record) -> Iterator[tuple[Location, list[tuple[bytes, Location]]]]:
     """Coalesce consecutive chunks that sit close together in one pack into one ranged read."""
     cur: list[tuple[bytes, Location]] = []
     raw = 0
     where = f" (record {record.path!r})"
-    for blob_id, _raw in chunk_refs(store, record):
-        loc = locate(store, blob_id, where)
+    for blob_id, loc in _located(store, record, where):
         if cur:
             first, last = cur[0][1], cur[-1][1]
             end = last.offset + last.length
@@ -139,6 +155,7 @@ class RecordReader(io.RawIOBase):
         self._pool = ThreadPoolExecutor(min(prefetch, 4), thread_name_prefix="pgplakar-read")
         self._pending: deque[Future[list[bytes]]] = deque()
         self._prefetch = prefetch
+        self._okeys: dict[bytes, ObjectKey] = {}  # pack salt -> key; a benign race between fetch threads
         self._buf = memoryview(b"")
         self._chunks: deque[bytes] = deque()
         self._sha = hashlib.sha256() if record.sha256 is not None else None  # records may go without (see add_stream)
@@ -156,7 +173,12 @@ class RecordReader(io.RawIOBase):
             data = memoryview(self.store.backend.get(name, first.offset, last.offset + last.length - first.offset))
         except ObjectNotFound as e:
             raise IntegrityError(f"{e} (needed by record {self.record.path!r})") from None
-        okey = pack_key(self.store.keys, first.salt)
+        okey = self._okeys.get(first.salt)
+        if okey is None:  # one HKDF per pack, not per ranged read (a restore reads each pack in many groups)
+            okey = pack_key(self.store.keys, first.salt)
+            if len(self._okeys) >= OKEY_CACHE:
+                self._okeys.clear()
+            self._okeys[first.salt] = okey
         out = []
         for blob_id, loc in members:
             rel = loc.offset - first.offset

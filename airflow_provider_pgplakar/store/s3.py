@@ -210,10 +210,12 @@ class S3Backend:
 
     # -- Backend protocol ----------------------------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes | bytearray, *, create_only: bool = True) -> None:
-        """One PUT carrying a SHA-256 that S3 verifies (moto does not); create-only via ``If-None-Match: *``."""
+    def put(self, key: str, data: bytes | bytearray, *, create_only: bool = True,
+            sha256: bytes | None = None) -> None:
+        """One PUT carrying a SHA-256 that S3 verifies (moto does not); create-only via ``If-None-Match: *``.
+        ``sha256`` is the caller's digest of ``data`` (a pack's name): S3 rejects the PUT if it is wrong."""
         full = self._full(key)
-        checksum = base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
+        checksum = base64.b64encode(sha256 or hashlib.sha256(data).digest()).decode("ascii")
         kwargs: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": full,
