@@ -203,8 +203,9 @@ def child_tools(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_backup(spec: dict[str, Any]) -> dict[str, Any]:
-    from airflow_provider_pgplakar.pg.logical import dump_path, logical_backup
+    from airflow_provider_pgplakar.pg.logical import logical_backup
     from airflow_provider_pgplakar.pg.options import parse_source_options
+    from airflow_provider_pgplakar.pg.session import dump_path
     from airflow_provider_pgplakar.store.repo import Store
 
     opts = parse_source_options("postgres://", spec["options"])
@@ -219,9 +220,9 @@ def child_backup(spec: dict[str, Any]) -> dict[str, Any]:
     with Store.open(spec["store"], PASS, cache_dir=spec["cache"]) as st:  # untimed
         stats = st.load_snapshot(res.snapshot_id).header["stats"]
         if opts.database is not None:
-            dump_bytes = st.find_record(res.snapshot_id, dump_path(1, DB))["s"]
+            dump_bytes = st.find_record(res.snapshot_id, dump_path(1, DB)).size
         else:
-            dump_bytes = sum(r["s"] for r in st.records(res.snapshot_id) if r["p"].endswith(".dump"))
+            dump_bytes = sum(r.size for r in st.records(res.snapshot_id) if r.path.endswith(".dump"))
     return {"seconds": secs, "unlock_s": unlock, "snapshot": res.snapshot_id, "stats": stats,
             "dump_bytes": dump_bytes, **usage}
 

@@ -333,9 +333,9 @@ def new_bytes_by_kind(store: Any, snapshot_id: str) -> dict[str, int]:
         elif btype == 2:
             out["chunk lists"] += size
     for rec in store.records(snapshot_id):
-        if rec.get("k") != "f":
+        if rec.kind != "f":
             continue
-        path = rec["p"]
+        path = rec.path
         kind = ("WAL" if path.startswith("/data/pg_wal/") else "relation blocks"
                 if path.startswith(("/data/base/", "/data/global/", "/tablespaces/")) else "other files")
         for blob_id, _n in chunk_refs(store, rec):

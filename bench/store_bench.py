@@ -68,7 +68,7 @@ def child(op: str, location: str, src: str) -> None:
             w.add_stream("/data", f)
         out["stats"] = st.load_snapshot(w.snapshot_id).header["stats"]
     elif op == "restore":
-        rec = next(r for r in st.records(st.resolve("latest")) if r["p"] == "/data")
+        rec = next(r for r in st.records(st.resolve("latest")) if r.path == "/data")
         with st.open_record(rec) as r:
             n = sum(len(piece) for piece in r.iter_chunks())
         out["bytes"] = n

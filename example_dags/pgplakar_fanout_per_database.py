@@ -55,7 +55,7 @@ with DAG(
         from airflow_provider_pgplakar.pg.secrets import ssl_files
 
         params = get_current_context()["params"]
-        opts = PgPlakarPostgresHook(params["postgres_conn_id"]).source_options()
+        opts = PgPlakarPostgresHook(params["postgres_conn_id"]).source_options().options
         with ssl_files(opts.conn) as ssl, connect(opts.conn, ssl, opts.database or "postgres") as conn:
             names = server_databases(conn)
         patterns = params["exclude_databases"]

@@ -101,7 +101,7 @@ with DAG(
     @task
     def plan(params: dict) -> dict[str, Any]:
         """Resolve the snapshot, log what will be dropped and restored, check the confirmation. Reads only."""
-        from airflow_provider_pgplakar.hooks.postgres import PgPlakarPostgresHook
+        from airflow_provider_pgplakar.hooks.postgres import PgPlakarPostgresHook, password_source
         from airflow_provider_pgplakar.hooks.store import PgPlakarStoreHook
         from airflow_provider_pgplakar.pg.restore_plan import (
             check_confirmation,
@@ -115,9 +115,9 @@ with DAG(
             snap = pick_snapshot(store, params["snapshot"], kind=params["kind"],
                                  source_contains=params["source_contains"], tag=params["tag"])
             if params["kind"] == "logical":
-                hook = PgPlakarPostgresHook(params["target_conn_id"])
-                opts = hook.restore_options(options)
-                planned = plan_logical_restore(store, snap, opts, password=hook.password_source(opts))
+                dest = PgPlakarPostgresHook(params["target_conn_id"]).restore_options(options)
+                planned = plan_logical_restore(store, snap, dest.options,
+                                               password=password_source(dest.options, dest.aws_conn_id))
             else:
                 planned = plan_physical_restore(snap, params["target_dir"], params["tablespace_mapping"])
         log.info("%s", planned.text())

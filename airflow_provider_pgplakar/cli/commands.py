@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..pg.location import SCHEME_RE, SCHEMES
 from ..store import check as check_mod
 from ..store import files
 from ..store import forget as forget_mod
 from ..store import prune as prune_mod
 from ..store.errors import StoreError
 from ..store.forget import source_label
+from ..store.record import Record
 from ..store.repo import Store
 from ..store.retention import Policy, parse_group_by
 from . import output
@@ -63,14 +64,12 @@ def cmd_create(location: str, args: argparse.Namespace) -> int:
     return 0
 
 
-URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
-PG_SCHEMES = ("postgres://", "postgresql://", "postgres+aws://", "postgresql+aws://", "postgres+bin://",
-              "postgresql+bin://")
+PG_SCHEMES = tuple(f"{scheme}://" for scheme in SCHEMES)  # postgres://, postgresql://, postgres+aws://, ...
 
 
 def _refuse_unknown_scheme(text: str, expected: str) -> None:
     """``postgress://…`` (a typo) is not a local path: refused before a directory of that name is read or made."""
-    scheme = URL_SCHEME.match(text)
+    scheme = SCHEME_RE.match(text)
     if scheme and not os.path.exists(text):
         raise UsageError(f"unknown scheme {scheme.group(1)!r} in {scheme.group(0)}…: {expected}")
 
@@ -132,7 +131,7 @@ def cmd_ls(location: str, args: argparse.Namespace) -> int:
             output.emit_json([_record_view(r) for r in recs])
         else:
             output.table(["mode", "size", "kind", "path"],
-                         [[oct(r.get("m", 0)), r.get("s", ""), r.get("k"), r["p"]] for r in recs])
+                         [[oct(r.mode or 0), "" if r.size is None else r.size, r.kind, r.path] for r in recs])
         return 0
     if args.verified:
         return _ls_verified(st, args)
@@ -159,7 +158,7 @@ def _ls_verified(st: Store, args: argparse.Namespace) -> int:
     proofs = verifications(st, errors=errors)
     for e in errors:
         print(f"pgplakar: warning: {e}", file=sys.stderr)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for s in st.snapshots():
         if s.id in proofs and (not args.tag or args.tag in s.header["tags"]):
             last = proofs[s.id][-1]
@@ -177,20 +176,22 @@ def _ls_verified(st: Store, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(location: str, args: argparse.Namespace) -> int:
+    from ..pg.iam import password_source
     from ..pg.options import parse_restore_options
     from ..pg.verify import parse_verify_options, store_report, verify_snapshot
 
     snapshot, options = _snapshot_among_options([args.snapshot, *args.verify_options], "verify", "databases=a,b")
     opts = parse_verify_options(parse_kv(options))
     # target=: a scratch server given as a location; its password from $PGPASSWORD (never on the command line)
-    target = None
+    target = password = None
     if opts.target:
         extra = {"pg_bin_dir": opts.pg_bin_dir} if opts.pg_bin_dir else {}
         target = parse_restore_options(opts.target, {**_pg_options([], opts.target), **extra})
+        password = password_source(target.conn)  # postgres+aws: its region is resolved before the store opens
     st = _open(location, args)
     sid = st.resolve(snapshot)
     report = verify_snapshot(st, sid, databases=opts.databases, amcheck=opts.amcheck, pg_bin_dir=opts.pg_bin_dir,
-                             target=target)
+                             target=target, password=password)
     if not args.no_store:
         store_report(st, report)
     if args.json:
@@ -202,11 +203,11 @@ def cmd_verify(location: str, args: argparse.Namespace) -> int:
     return 0 if report.ok else 3
 
 
-def _record_view(r: dict[str, Any]) -> dict[str, Any]:
-    out = {"path": r["p"], "kind": r.get("k"), "size": r.get("s"), "mode": r.get("m"), "mtime_ns": r.get("t"),
-           "uid": r.get("u"), "gid": r.get("g"), "link_target": r.get("lt"), "meta": r.get("x"), "error": r.get("e")}
-    if "d" in r:
-        out["sha256"] = r["d"].hex()
+def _record_view(r: Record) -> dict[str, Any]:
+    out = {"path": r.path, "kind": r.kind, "size": r.size, "mode": r.mode, "mtime_ns": r.mtime_ns, "uid": r.uid,
+           "gid": r.gid, "link_target": r.link_target, "meta": dict(r.meta) or None, "error": r.error}
+    if r.sha256 is not None:
+        out["sha256"] = r.sha256.hex()
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -225,15 +226,17 @@ def cmd_cat(location: str, args: argparse.Namespace) -> int:
 
 
 def _pg_backup(location: str, args: argparse.Namespace) -> int:
+    from ..pg.iam import password_source
     from ..pg.logical import logical_backup
     from ..pg.options import LogicalSourceOptions, parse_source_options
 
     opts = parse_source_options(args.path, _pg_options(args.pg_options, args.path))
+    password = password_source(opts.conn)  # postgres+aws: its region is resolved now, before the store opens
     st = _open(location, args)
     if not isinstance(opts, LogicalSourceOptions):
         return _pg_physical_backup(st, opts, args)
     res = logical_backup(st, opts, tags=args.tag, labels=parse_labels(args.label),
-                         idempotency_key=args.idempotency_key)
+                         idempotency_key=args.idempotency_key, password=password)
     for w in res.warnings:
         print(f"pgplakar: warning: {w}", file=sys.stderr)
     if args.json:
@@ -277,15 +280,17 @@ def _physical_restore(st: Store, sid: str, args: argparse.Namespace) -> int:
 
 
 def _pg_restore(location: str, args: argparse.Namespace) -> int:
+    from ..pg.iam import password_source
     from ..pg.options import parse_restore_options
     from ..pg.restore import RestoreFailed, logical_restore
 
     snapshot, options = _snapshot_among_options(args.items, "restore", "recreate=true")
     opts = parse_restore_options(args.to, _pg_options(options, args.to))
+    password = password_source(opts.conn)  # postgres+aws: its region is resolved now, before the store opens
     st = _open(location, args)
     sid = st.resolve(snapshot)
     try:
-        summary = logical_restore(st, sid, opts)
+        summary = logical_restore(st, sid, opts, password=password)
     except RestoreFailed as e:  # one line; -v has logged every record's result with the tools' full output
         if args.verbose:
             raise

@@ -48,7 +48,7 @@ def _source_options_help() -> str:
         "PostgreSQL source options (key=value; [default]; meanings in the README's option tables):",
         _wrap("postgres://, postgres+aws://", _options_line(LogicalSourceOptions)),
         _wrap("postgres+bin://", _options_line(PhysicalSourceOptions)),
-        _wrap("connection, every scheme", _options_line(ConnOptions, frozenset({"region"}))
+        _wrap("connection, every scheme", _options_line(ConnOptions, frozenset({"iam", "region"}))
               + "; region (postgres+aws); the password is best given in $PGPASSWORD"),
     ])
 
@@ -59,7 +59,7 @@ def _restore_options_help() -> str:
     return "\n".join([
         "Restore into a server (-to postgres://...; key=value; [default]; meanings in the README):",
         _wrap("restore", _options_line(RestoreOptions)),
-        _wrap("connection", _options_line(ConnOptions, frozenset({"region"}))),
+        _wrap("connection", _options_line(ConnOptions, frozenset({"iam", "region"}))),
         "A directory target restores files; a physical snapshot becomes a data directory (see the flags above).",
     ])
 

@@ -2,39 +2,44 @@
 
 A standard Airflow ``postgres`` connection is read as: host, port, login, password, schema (= database), and the
 extras ``sslmode``, ``sslcert``, ``sslkey``, ``sslrootcert`` that the Airflow postgres provider uses, plus any of
-our option names (``exclude_databases``, ``compress``, ``pg_bin_dir``, …). Alternatively a seed-style
-``location`` URI. Operator ``options`` override both. Parsing is the :mod:`..pg.options` code the CLI uses, so
-every invalid value fails before anything runs, naming the option.
+our option names (``exclude_databases``, ``compress``, ``pg_bin_dir``, …). Alternatively a ``location`` URI as
+the CLI takes it (README, "Source options"). Operator ``options`` override both. Parsing is the :mod:`..pg.options`
+code the CLI uses, so every invalid value fails before anything runs, naming the option.
 
 RDS/Aurora IAM authentication, as with the Airflow postgres provider: the extra ``"iam": true`` makes the
 connection ``postgres+aws`` (a fresh IAM token per connection and tool process instead of a password, which is
 then refused), with the optional extras ``region_name`` and ``aws_conn_id``. Without ``aws_conn_id`` the token is
 signed with boto3's standard credential chain (boto3 alone is enough); with it, with the credentials and region of
 that AWS connection, which needs the Amazon provider (imported only then). A ``postgres+aws://`` location works too.
-Every token is registered with ``mask_secret``.
+Every token is registered with ``mask_secret``. :meth:`~PgPlakarPostgresHook.source_options` and
+:meth:`~PgPlakarPostgresHook.restore_options` return the options together with the connection's ``aws_conn_id``
+(:class:`HookOptions`); :func:`password_source` takes both, so the hook keeps no state between calls.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
 
 from airflow.sdk import BaseHook
 
 from ..pg import OptionError
-from ..pg.iam import IamAuthError, IamTokenSource
+from ..pg.iam import IamAuthError, IamTokenSource, PasswordSource, resolve_region
+from ..pg.location import AWS, LOGICAL, PHYSICAL, parse_location
 from ..pg.options import (
     SSL_KEY_DATA_ALIAS,
+    TRUE_WORDS,
     LogicalSourceOptions,
     PhysicalSourceOptions,
     RestoreOptions,
-    parse_location,
     parse_restore_options,
     parse_source_options,
 )
 
 log = logging.getLogger(__name__)
+Opts = TypeVar("Opts", LogicalSourceOptions, RestoreOptions)
 
 _SSL_EXTRAS = {"sslmode": "ssl_mode", "sslcert": "ssl_cert", "sslkey": "ssl_key", "sslrootcert": "ssl_root_cert"}
 # Extras of the Airflow postgres provider that mean nothing for dump tools (not errors).
@@ -44,7 +49,7 @@ _IGNORED_EXTRAS = {"cursor", "iam", "aws_conn_id", "redshift", "connect_timeout"
 
 
 def _truthy(v: Any) -> bool:
-    return v is True or (isinstance(v, str) and v.strip().lower() in ("true", "1", "yes"))
+    return v is True or (isinstance(v, str) and v.strip().lower() in TRUE_WORDS)
 
 
 def _aws_base_hook(aws_conn_id: str) -> Any:
@@ -95,6 +100,30 @@ _LOGICAL_ONLY = frozenset({"database", "databases", "exclude_databases", "compre
                            "tables", "schemas", "jobs", "fingerprint"})
 
 
+@dataclass(frozen=True)
+class HookOptions(Generic[Opts]):
+    """Validated options and the AWS connection that signs their IAM tokens (``aws_conn_id``, None: boto3's
+    credential chain), returned together so a password source is never built from another connection's state."""
+
+    options: Opts
+    aws_conn_id: str | None = None
+
+
+def password_source(opts: LogicalSourceOptions | RestoreOptions, aws_conn_id: str | None) -> PasswordSource | None:
+    """For IAM (``postgres+aws``) options: a source of fresh tokens, each masked in task logs, signed with the
+    credentials of ``aws_conn_id`` when given; else None (the static password in ``opts`` is used). The region is
+    resolved here (:func:`..pg.iam.resolve_region`): call it before opening the store so its errors come first."""
+    if not opts.conn.iam:
+        return None
+    from airflow.sdk.log import mask_secret
+
+    conn, session = opts.conn, None
+    if aws_conn_id:  # the session is made for the region the tokens are signed for
+        conn = replace(conn, region=resolve_region(conn.region, conn.host))
+        session = _aws_base_hook(aws_conn_id).get_session(region_name=conn.region)
+    return IamTokenSource(conn, session=session, on_token=mask_secret)
+
+
 class PgPlakarPostgresHook(BaseHook):
     """Builds validated source/destination options for our PostgreSQL tools."""
 
@@ -108,14 +137,15 @@ class PgPlakarPostgresHook(BaseHook):
         super().__init__(**kwargs)
         self.postgres_conn_id = postgres_conn_id
         self.location = location
-        self.aws_conn_id: str | None = None  # set from the connection's extras by source/restore_options()
 
-    def _location_and_options(self, overrides: Mapping[str, Any] | None, *, restore: bool) -> tuple[str, dict]:
+    def _location_and_options(self, overrides: Mapping[str, Any] | None, *,
+                              restore: bool) -> tuple[str, dict[str, str], str | None]:
+        """The location, the ``key=value`` options and the connection's ``aws_conn_id`` (None without one)."""
         from airflow.sdk.log import mask_secret
 
         opts: dict[str, str] = {}
-        scheme = "postgres"
-        self.aws_conn_id = None
+        scheme = LOGICAL
+        aws_conn_id = None
         if self.location:
             location = self.location
         else:
@@ -130,8 +160,8 @@ class PgPlakarPostgresHook(BaseHook):
             if conn.login:
                 opts["username"] = conn.login
             if _truthy(extra.pop("iam", False)):
-                scheme = "postgres+aws"
-                self._iam_extras(extra)
+                scheme = AWS
+                aws_conn_id = self._iam_extras(extra)
                 if conn.password:
                     raise OptionError("password", f"connection {self.postgres_conn_id!r} has \"iam\": true, so it "
                                                   "authenticates with an IAM token; remove its password")
@@ -149,61 +179,53 @@ class PgPlakarPostgresHook(BaseHook):
             if "ssl_key_data" in opts:
                 log.warning("connection %r: Airflow shows the extra ssl_key_data in clear (UI, REST API); rename it "
                             "%s, which it masks", self.postgres_conn_id, SSL_KEY_DATA_ALIAS)
-            if scheme == "postgres+aws" and extra.get("region_name") not in (None, ""):
+            if scheme == AWS and extra.get("region_name") not in (None, ""):
                 opts["region"] = _text(extra["region_name"])
             location = f"{scheme}://"
         _override(opts, overrides)
-        if self.aws_conn_id and not opts.get("region"):
-            region = _aws_base_hook(self.aws_conn_id).region_name  # the AWS connection's region_name, if any
+        if aws_conn_id and not opts.get("region"):
+            region = _aws_base_hook(aws_conn_id).region_name  # the AWS connection's region_name, if any
             if region:
                 opts["region"] = region
         _mask_secrets(opts)
-        if restore and "database" in opts and opts.get("recreate") in ("true", "1", "yes"):
+        if restore and "database" in opts and opts.get("recreate") in TRUE_WORDS:
             opts.pop("database")  # a connection's default database is no restore target with recreate
-        return location, opts
+        return location, opts, aws_conn_id
 
-    def _iam_extras(self, extra: dict[str, Any]) -> None:
+    @staticmethod
+    def _iam_extras(extra: dict[str, Any]) -> str | None:
+        """Check an IAM connection's extras; return its ``aws_conn_id`` (None: boto3's credential chain)."""
         if _truthy(extra.get("redshift")) or _truthy(extra.get("redshift-serverless")):
             raise OptionError("iam", "Redshift IAM credentials are not supported (only RDS and Aurora PostgreSQL)")
         aws_conn_id = extra.get("aws_conn_id")
-        if aws_conn_id not in (None, ""):
-            self.aws_conn_id = str(aws_conn_id)
-            _aws_base_hook(self.aws_conn_id)  # fail now, before any store work, if the Amazon provider is missing
-
-    def password_source(self, opts: LogicalSourceOptions | RestoreOptions) -> Callable[[], str | None] | None:
-        """For IAM (``postgres+aws``) options: a source of fresh tokens, each masked in task logs; else None (the
-        static password in ``opts`` is used). Call after :meth:`source_options`/:meth:`restore_options`, which
-        record the connection's ``aws_conn_id``."""
-        if not opts.conn.iam:
+        if aws_conn_id in (None, ""):
             return None
-        from airflow.sdk.log import mask_secret
+        _aws_base_hook(str(aws_conn_id))  # fail now, before any store work, if the Amazon provider is missing
+        return str(aws_conn_id)
 
-        session = None
-        if self.aws_conn_id:
-            session = _aws_base_hook(self.aws_conn_id).get_session(region_name=opts.conn.region)
-        return IamTokenSource(opts.conn, session=session, on_token=mask_secret)
-
-    def source_options(self, overrides: Mapping[str, Any] | None = None) -> LogicalSourceOptions:
-        location, opts = self._location_and_options(overrides, restore=False)
+    def source_options(self, overrides: Mapping[str, Any] | None = None) -> HookOptions[LogicalSourceOptions]:
+        """A logical backup's source options (``overrides`` win) with the connection's ``aws_conn_id``."""
+        location, opts, aws_conn_id = self._location_and_options(overrides, restore=False)
         parsed = parse_source_options(location, opts)
         if not isinstance(parsed, LogicalSourceOptions):
             raise ValueError("this operator takes a logical source (postgres://), not postgres+bin://")
-        return parsed
+        return HookOptions(parsed, aws_conn_id)
 
-    def restore_options(self, overrides: Mapping[str, Any] | None = None) -> RestoreOptions:
-        location, opts = self._location_and_options(overrides, restore=True)
-        return parse_restore_options(location, opts)
+    def restore_options(self, overrides: Mapping[str, Any] | None = None) -> HookOptions[RestoreOptions]:
+        """A logical restore's destination options (``overrides`` win) with the connection's ``aws_conn_id``."""
+        location, opts, aws_conn_id = self._location_and_options(overrides, restore=True)
+        return HookOptions(parse_restore_options(location, opts), aws_conn_id)
 
     def physical_source_options(self, overrides: Mapping[str, Any] | None = None,
                                 log: Any = None) -> PhysicalSourceOptions:
         """:class:`PhysicalSourceOptions` from the hook's connection or location, then ``overrides`` (which win)."""
-        location, opts = self._location_and_options(None, restore=False)
+        location, opts, _ = self._location_and_options(None, restore=False)  # IAM is refused below
         scheme = parse_location(location).scheme
-        if scheme == "postgres+aws":
+        if scheme == AWS:
             raise OptionError("iam", "a base backup needs a replication connection, which RDS/Aurora do not allow: "
                                      "use a logical backup for IAM connections")
-        if scheme == "postgres":
-            location = "postgres+bin" + location[location.index("://"):]
+        if scheme == LOGICAL:
+            location = PHYSICAL + location[location.index("://"):]
         if not self.location:
             dropped = sorted(k for k in opts if k in _LOGICAL_ONLY)
             for key in dropped:

@@ -16,11 +16,14 @@ the same numbers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from ..pg.logical import database_from_path
+from ..pg.session import database_from_path
 from ..store.sizes import human_bytes
+
+if TYPE_CHECKING:
+    from ..store.repo import Store
 
 BACKUPS_ALIAS = "pgplakar-backups"
 LOGICAL_SCHEME = "pgplakar"
@@ -33,7 +36,7 @@ def source_uri(scheme: str, host: str, port: int, database: str | None = None) -
     return f"{scheme}://{netloc}:{port}/{quote(database, safe='') if database else ''}"
 
 
-def backup_stats(store: Any, snapshot_id: str) -> dict[str, Any]:
+def backup_stats(store: Store, snapshot_id: str) -> dict[str, Any]:
     """The ``stats`` XCom of a backup: totals from the snapshot header, one row per dump record."""
     snap = store.load_snapshot(snapshot_id)
     header = snap.header
@@ -41,9 +44,9 @@ def backup_stats(store: Any, snapshot_id: str) -> dict[str, Any]:
     meta = header.get("meta") or {}
     seconds = meta.get("seconds") or {}
     databases = [
-        {"database": (rec.get("x") or {}).get("database") or database_from_path(rec["p"]), "bytes": rec.get("s", 0),
-         "seconds": seconds.get(rec["p"])}
-        for rec in store.records(snap) if (rec.get("x") or {}).get("type") == "dump"
+        {"database": rec.meta.get("database") or database_from_path(rec.path), "bytes": rec.size or 0,
+         "seconds": seconds.get(rec.path)}
+        for rec in store.records(snap) if rec.meta.get("type") == "dump"
     ]
     return {
         "snapshot_id": snapshot_id, "store": store.location, "kind": (header.get("source") or {}).get("kind"),

@@ -21,13 +21,7 @@ from airflow.sdk import BaseOperator
 from ..hooks.store import PgPlakarStoreHook
 from ..pg import OptionError
 from ..pg.process import cancel
-from .logical import (
-    _PgPlakarOperator,
-    cancellable_execute,
-    committed_by_earlier_try,
-    idempotency_key,
-    run_labels,
-)
+from .base import PgPlakarOperator, cancellable_execute, committed_by_earlier_try, idempotency_key, run_labels
 from .outcome import PHYSICAL_SCHEME, backup_stats, report, source_uri
 
 if TYPE_CHECKING:
@@ -54,14 +48,14 @@ def _mapping_arg(value: Any) -> Any:
     return parsed
 
 
-class PgPlakarBaseBackupOperator(_PgPlakarOperator):
+class PgPlakarBaseBackupOperator(PgPlakarOperator):
     """Physical base backup of the whole cluster into the store; returns the snapshot ID (XCom ``return_value``).
 
     :param checkpoint: ``fast`` or ``spread`` (default: the option/connection value, else ``spread``).
     :param max_rate: transfer limit in kB/s (``100M`` style suffixes accepted as strings).
     :param server_compression: ``auto`` (default: lz4 when the server has it), ``none``, ``lz4`` or ``zstd``,
         optionally ``:<level>``; the server compresses the stream, which also costs it less CPU than sending it raw.
-    :param options: seed option names (``pg_bin_dir``, ``ssl_*``, ``checkpoint``, ``max_rate``,
+    :param options: the CLI's option names (README: ``pg_bin_dir``, ``ssl_*``, ``checkpoint``, ``max_rate``,
         ``server_compression``); templated.
     """
 

@@ -16,7 +16,7 @@ from airflow.sdk import BaseOperator
 from ..hooks.store import PgPlakarStoreHook
 from ..pg import OptionError
 from ..pg.process import cancel
-from .logical import cancellable_execute, run_labels
+from .base import cancellable_execute, run_labels
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -58,11 +58,10 @@ class PgPlakarVerifyOperator(BaseOperator):
         if opts.target:
             raise OptionError("target", "use target_conn_id= (a postgres connection) in Airflow")
         if self.target_conn_id:
-            from ..hooks.postgres import PgPlakarPostgresHook
+            from ..hooks.postgres import PgPlakarPostgresHook, password_source
 
-            hook = PgPlakarPostgresHook(self.target_conn_id)
-            target = hook.restore_options()
-            password = hook.password_source(target)
+            dest = PgPlakarPostgresHook(self.target_conn_id).restore_options()
+            target, password = dest.options, password_source(dest.options, dest.aws_conn_id)
         with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
             sid = store.resolve(str(self.snapshot_id).strip())
             report = verify_snapshot(store, sid, databases=opts.databases, amcheck=opts.amcheck,

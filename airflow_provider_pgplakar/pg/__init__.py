@@ -1,12 +1,14 @@
 """PostgreSQL tool layer: option parsing, client-tool discovery, argv builders, libpq environment.
 
-Pure logic around ``pg_dump``/``pg_restore``/``psql``/``pg_basebackup``; it imports neither Airflow nor the store, so
-the CLI, the operators and the tests share one implementation.
+PostgreSQL logic around ``pg_dump``/``pg_restore``/``psql`` and the replication protocol; it imports no Airflow, so
+the CLI, the operators and the tests share one implementation (docs/architecture.md lists every module).
 
 Submodules:
 
-- :mod:`.options`: parse a ``postgres://`` / ``postgres+aws://`` / ``postgres+bin://`` location plus ``key=value``
-  options into frozen dataclasses, refusing every invalid value before anything runs.
+- :mod:`.location`: split a ``postgres://`` / ``postgres+aws://`` / ``postgres+bin://`` location URI into its parts.
+- :mod:`.options`: merge a parsed location with ``key=value`` options into frozen dataclasses, refusing every
+  invalid value before anything runs.
+- :mod:`.session`: what one backup or restore run shares (:class:`.session.Session`) and a snapshot's record paths.
 - :mod:`.secrets`: materialise inline SSL PEM data into private temp files and build the child environment
   (passwords and SSL settings reach tools through the environment, never argv).
 - :mod:`.tools`: find client tools and probe their versions.
@@ -16,6 +18,8 @@ The exception hierarchy lives here so every submodule can raise it without impor
 """
 
 from __future__ import annotations
+
+REDACTED = "***"  # in place of a secret in reprs and messages
 
 
 class PgError(Exception):
@@ -54,4 +58,4 @@ class ToolVersionError(ToolError):
     """Only tools older than required were found (pg_dump must be >= the server's major version)."""
 
 
-__all__ = ["OptionError", "PgError", "ToolBroken", "ToolError", "ToolNotFound", "ToolVersionError"]
+__all__ = ["REDACTED", "OptionError", "PgError", "ToolBroken", "ToolError", "ToolNotFound", "ToolVersionError"]

@@ -2,7 +2,8 @@
 
 Why not the ``pg_basebackup`` binary: with tar to stdout it writes one tablespace only ("can only write single
 tablespace to stdout") and named pipes cannot stand in for its output files (it refuses a non-empty target
-directory); see ``design/physical.md``. The protocol gives every archive as a stream, so nothing is staged on disk.
+directory). The protocol gives every archive as a stream, so nothing is staged on disk (docs/architecture.md,
+"(c) Physical backup", follows a backup through it).
 
 One replication connection does everything, in this order:
 

@@ -21,7 +21,6 @@ from psycopg.conninfo import make_conninfo
 
 __all__ = [
     "dbname_conninfo",
-    "pg_basebackup",
     "pg_dump",
     "pg_dumpall_globals",
     "pg_restore",
@@ -75,7 +74,7 @@ def pg_dump(
     """``pg_dump -Fc`` of one database to stdout.
 
     ``-Z0`` unless ``compress``: the store compresses and deduplicates, and pre-compressed dumps defeat both
-    (measured: a 1% change re-stores ~82% of a gzip'd dump, see peers.md). ``snapshot`` is an exported snapshot ID
+    (measured: a 1% change re-stores ~82% of a gzip'd dump). ``snapshot`` is an exported snapshot ID
     (``pg_export_snapshot()``) the dump reads in, so fingerprints taken in that snapshot describe the dump exactly.
     """
     _exclusive(schema_only, data_only)
@@ -166,35 +165,4 @@ def psql_script(tool: str, database: str, *, exit_on_error: bool, script: str | 
     if script is not None:
         _check_name("script path", script)
         argv.append(f"--file={script}")
-    return argv
-
-
-def pg_basebackup(
-    tool: str,
-    *,
-    pgdata: str = "-",
-    wal_method: str = "fetch",
-    checkpoint: str = "spread",
-    max_rate: int | None = None,
-    label: str | None = None,
-) -> list[str]:
-    """``pg_basebackup`` in tar format, to stdout by default (``pgdata="-"``).
-
-    With stdout only ``fetch`` or ``none`` WAL methods work (``stream`` needs a second file). ``max_rate`` is in
-    kB/s. The server must keep the WAL for the whole run with ``fetch``; protecting it (a slot) is the caller's job.
-    """
-    _check_name("pgdata", pgdata)
-    if wal_method not in ("fetch", "stream", "none"):
-        raise ValueError(f"wal_method must be fetch, stream or none, got {wal_method!r}")
-    if wal_method == "stream" and pgdata == "-":
-        raise ValueError("wal_method=stream cannot write to stdout")
-    if checkpoint not in ("fast", "spread"):
-        raise ValueError(f"checkpoint must be fast or spread, got {checkpoint!r}")
-    argv = [tool, "--no-password", f"--pgdata={pgdata}", "--format=tar", f"--wal-method={wal_method}"]
-    argv.append(f"--checkpoint={checkpoint}")
-    if max_rate is not None:
-        argv.append(f"--max-rate={max_rate}")
-    if label is not None:
-        _check_name("label", label)
-        argv.append(f"--label={label}")
     return argv

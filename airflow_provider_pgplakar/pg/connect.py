@@ -23,14 +23,13 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
-from airflow_provider_pgplakar.pg import PgError
+from airflow_provider_pgplakar.pg import REDACTED, PgError
 from airflow_provider_pgplakar.pg.options import ConnOptions
 from airflow_provider_pgplakar.pg.process import cancelled, check_cancelled, track_connection
 from airflow_provider_pgplakar.pg.secrets import APPLICATION_NAME, CONNECT_TIMEOUT_S, SslFiles
 
 __all__ = ["PgConnectError", "can_read_pg_authid", "connect", "connect_params", "list_databases", "server_version_num"]
 
-_REDACTED = "***"
 # libpq prefixes each attempt (one per address, and a non-SSL retry under sslmode=prefer/allow) with where it went:
 # 'connection to server at "h" (addr), port 5432 failed: '. Our message already says where, so only the reasons
 # are kept, each once.
@@ -122,7 +121,7 @@ def connect(
         user = conn.username or "<default user>"
         message = f"cannot connect to {host}:{conn.port}/{dbname} as {user}: {_reason(exc)}"
         if isinstance(secret, str) and secret:
-            message = message.replace(secret, _REDACTED)  # also where it equals the user or database name
+            message = message.replace(secret, REDACTED)  # also where it equals the user or database name
         raise PgConnectError(message, sqlstate=getattr(exc, "sqlstate", None)) from None
     track_connection(c)  # cancel() cancels its running query
     if cancelled():

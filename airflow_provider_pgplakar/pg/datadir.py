@@ -38,8 +38,9 @@ import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..store.record import Record, RecordKind
 from ..store.safefs import Owner, RecordPlan, SafeTree, UnsafeRecord, split_path
 from ..store.sizes import human_bytes
 from . import PgError, ToolError
@@ -47,6 +48,9 @@ from .physical import DATA_PREFIX, MANIFEST_PATH, SOURCE_KIND, TABLESPACES_PREFI
 from .process import check_cancelled, spawn, untrack_process
 from .secrets import base_tool_env
 from .tools import DEBIAN_BIN_GLOB, probe_version
+
+if TYPE_CHECKING:
+    from ..store.repo import Snapshot, Store
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +193,7 @@ def _split_mapping(item: str) -> tuple[str, str]:
 
 
 def plan_restore(
-    store: Any,
+    store: Store,
     snapshot_id: str,
     target_dir: str | os.PathLike[str],
     *,
@@ -249,12 +253,12 @@ def _parse_owner(owner: str | None) -> Owner | None:
     return Owner(pw.pw_uid, gid)
 
 
-def _server_version(store: Any, snap: Any, meta: Mapping[str, Any]) -> tuple[int, str]:
+def _server_version(store: Store, snap: Snapshot, meta: Mapping[str, Any]) -> tuple[int, str]:
     """Server version from ``/manifest.json`` (the snapshot header's copy when the manifest lacks it)."""
     manifest: dict[str, Any] = {}
     try:
         rec = next(store.records(snap, MANIFEST_PATH), None)
-        if rec is not None and rec.get("k") == "f":
+        if rec is not None and rec.kind == RecordKind.FILE:
             with store.open_record(rec) as src:
                 manifest = json.loads(b"".join(src.iter_chunks()))
     except (ValueError, OSError) as exc:
@@ -418,19 +422,19 @@ def running_servers(proc: str = "/proc") -> list[tuple[int, Path, str]]:
     return out
 
 
-def _check_records(store: Any, snap: Any, plan: RestorePlan) -> None:
+def _check_records(store: Store, snap: Snapshot, plan: RestorePlan) -> None:
     """Validate every record before anything is written; resolve the owner names (as root) on this host."""
     layout = _Layout(plan)
     names: set[tuple[str, str]] = set()
-    first: dict[str, Any] | None = None  # the first data directory record with an owner: owns the roots
+    first: Record | None = None  # the first data directory record with an owner: owns the roots
     for rec in store.records(snap):
         where = layout.locate(rec)
         if where is None:
             continue
-        for key, short in (("u", "un"), ("g", "gn")):
-            if isinstance(rec.get(short), str):
-                names.add((key, rec[short]))
-        if first is None and where[0] == DATA and ("u" in rec or "un" in rec):
+        for key, name in (("u", rec.uname), ("g", rec.gname)):
+            if name is not None:
+                names.add((key, name))
+        if first is None and where[0] == DATA and (rec.uid is not None or rec.uname is not None):
             first = rec
     if os.geteuid() == 0 and plan.owner is None:
         for key, name in sorted(names):
@@ -446,10 +450,10 @@ def _check_records(store: Any, snap: Any, plan: RestorePlan) -> None:
         plan.root_owner = (ids["uid"], ids["gid"])
 
 
-def record_owner(plan: RestorePlan, rec: dict[str, Any]) -> dict[str, int | None]:
+def record_owner(plan: RestorePlan, rec: Record) -> dict[str, int | None]:
     """uid/gid for a record: its owner names resolved on this host (as root), else its numeric ids."""
-    uid = plan.names.get(("u", rec["un"])) if isinstance(rec.get("un"), str) else rec.get("u")
-    gid = plan.names.get(("g", rec["gn"])) if isinstance(rec.get("gn"), str) else rec.get("g")
+    uid = plan.names.get(("u", rec.uname)) if rec.uname is not None else rec.uid
+    gid = plan.names.get(("g", rec.gname)) if rec.gname is not None else rec.gid
     return {"uid": uid if isinstance(uid, int) and uid >= 0 else None,
             "gid": gid if isinstance(gid, int) and gid >= 0 else None}
 
@@ -461,8 +465,8 @@ class _Layout:
         self.ts = {str(t.oid): t for t in plan.tablespaces}
         self.plans = {DATA: RecordPlan(), **{oid: RecordPlan() for oid in self.ts}}
 
-    def where(self, path: Any) -> tuple[str, tuple[str, ...]] | None:
-        parts = split_path(path) if isinstance(path, str) else split_path(str(path))
+    def where(self, path: str) -> tuple[str, tuple[str, ...]] | None:
+        parts = split_path(path)
         if path == MANIFEST_PATH or parts == (TABLESPACES_PREFIX[1:],):
             return None
         if parts and parts[0] == DATA_PREFIX[1:]:
@@ -472,24 +476,24 @@ class _Layout:
         raise UnsafeRecord(str(path), "it does not belong to the physical snapshot layout (/data/..., "
                                       "/tablespaces/<oid of a tablespace of this backup>/...)")
 
-    def locate(self, rec: dict[str, Any]) -> tuple[str, tuple[str, ...]] | None:
-        p = rec.get("p")
+    def locate(self, rec: Record) -> tuple[str, tuple[str, ...]] | None:
+        p = rec.path
         where = self.where(p)
         if where is None:
             return None
         root, parts = where
-        kind = rec.get("k")
-        if kind == "e":
-            raise PhysicalRestoreError(f"{p} was not backed up ({rec.get('e')}): the snapshot is incomplete")
-        if kind == "l" and not (root == DATA and len(parts) == 2 and parts[0] == "pg_tblspc"
+        kind = rec.kind
+        if kind == RecordKind.ERROR:
+            raise PhysicalRestoreError(f"{p} was not backed up ({rec.error}): the snapshot is incomplete")
+        if kind == RecordKind.SYMLINK and not (root == DATA and len(parts) == 2 and parts[0] == "pg_tblspc"
                                 and parts[1] in self.ts):
             raise UnsafeRecord(str(p), "a physical restore accepts symlinks only at pg_tblspc/<oid> of a "
                                        "tablespace of this backup")
         link_to = None
-        if kind == "h":
-            target = self.where(rec.get("lt")) if isinstance(rec.get("lt"), str) else None
+        if kind == RecordKind.HARDLINK:
+            target = self.where(rec.link_target) if rec.link_target is not None else None
             if target is None or target[0] != root:
-                raise UnsafeRecord(str(p), f"its hard link target {rec.get('lt')!r} is not a file of the same "
+                raise UnsafeRecord(str(p), f"its hard link target {rec.link_target!r} is not a file of the same "
                                            "directory")
             link_to = target[1]
         self.plans[root].add(parts, kind or "?", str(p), link_to=link_to)
@@ -520,7 +524,7 @@ def _find_verifier(major: int, pg_bin_dir: str | None) -> tuple[str | None, str]
 
 
 def physical_restore(
-    store: Any,
+    store: Store,
     snapshot_id: str,
     target_dir: str | os.PathLike[str],
     *,
@@ -580,16 +584,20 @@ def _empty(root: Path) -> None:
             os.unlink(entry.path)
 
 
+def _mode(rec: Record, default: int) -> int:
+    return default if rec.mode is None else rec.mode
+
+
 class _Writer:
     """Writes records below the data directory and the tablespace directories; directory attributes last."""
 
-    def __init__(self, store: Any, plan: RestorePlan) -> None:
+    def __init__(self, store: Store, plan: RestorePlan) -> None:
         self.store = store
         self.plan = plan
         self.layout = _Layout(plan)
         self.ts_links = {t.oid: t.target for t in plan.tablespaces}
         self.trees: dict[str, SafeTree] = {}
-        self.dirs: list[tuple[str, tuple[str, ...], dict[str, Any]]] = []
+        self.dirs: list[tuple[str, tuple[str, ...], Record]] = []
         self.files = 0
         self.bytes = 0
         roots = {DATA: plan.target_dir, **{str(t.oid): Path(t.target) for t in plan.tablespaces}}
@@ -602,7 +610,7 @@ class _Writer:
             self.close(success=False)
             raise
 
-    def _owner(self, rec: dict[str, Any]) -> dict[str, Any]:
+    def _owner(self, rec: Record) -> dict[str, Any]:
         return record_owner(self.plan, rec)
 
     def owner_text(self) -> str:
@@ -618,7 +626,7 @@ class _Writer:
             return "root (the snapshot has no owners): chown -R them to the server's OS user before starting it"
         return f"uid {uid}, gid {gid}" + (f" ({_name(uid)})" if _name(uid) else "")
 
-    def add(self, rec: dict[str, Any]) -> None:
+    def add(self, rec: Record) -> None:
         where = self.layout.locate(rec)
         if where is None:
             return
@@ -626,24 +634,24 @@ class _Writer:
         if not parts:
             return
         tree = self.trees[root]
-        kind = rec.get("k")
+        kind = rec.kind
         owner = self._owner(rec)
-        if kind == "d":
+        if kind == RecordKind.DIR:
             tree.mkdir(parts)
             self.dirs.append((root, parts, rec))
-        elif kind == "f":
+        elif kind == RecordKind.FILE:
             with self.store.open_record(rec) as src:
-                self.bytes += tree.write_file(parts, src.iter_chunks(), mode=rec.get("m", 0o600),
-                                              mtime_ns=rec.get("t"), **owner)
+                self.bytes += tree.write_file(parts, src.iter_chunks(), mode=_mode(rec, 0o600),
+                                              mtime_ns=rec.mtime_ns, **owner)
             self.files += 1
-        elif kind == "l":
-            tree.symlink(parts, self.ts_links[int(parts[1])], mtime_ns=rec.get("t"), **owner)
-        elif kind == "h":
-            tree.hardlink(parts, split_path(rec["lt"])[1 if root == DATA else 2:])
+        elif kind == RecordKind.SYMLINK:
+            tree.symlink(parts, self.ts_links[int(parts[1])], mtime_ns=rec.mtime_ns, **owner)
+        elif kind == RecordKind.HARDLINK:
+            tree.hardlink(parts, split_path(rec.link_target or "")[1 if root == DATA else 2:])  # checked by locate
 
     def finish(self) -> None:
         for root, parts, rec in reversed(self.dirs):
-            self.trees[root].set_attrs(parts, mode=rec.get("m", 0o700), mtime_ns=rec.get("t"), **self._owner(rec))
+            self.trees[root].set_attrs(parts, mode=_mode(rec, 0o700), mtime_ns=rec.mtime_ns, **self._owner(rec))
         data = self.trees[DATA]
         if data.probe(("PG_VERSION",)) != "f" or data.probe(("backup_label",)) != "f":
             raise PhysicalRestoreError(f"the snapshot did not contain a complete data directory "
@@ -699,7 +707,7 @@ def _verify(tool: str, target: Path) -> tuple[bool, str]:
     return True, f"passed ({how}; {tool})"
 
 
-def is_physical_snapshot(store: Any, snapshot_id: str) -> bool:
+def is_physical_snapshot(store: Store, snapshot_id: str) -> bool:
     """Whether a snapshot was made by :func:`.physical.physical_backup` (its source kind)."""
     return (store.load_snapshot(snapshot_id).header.get("source") or {}).get("kind") == SOURCE_KIND
 

@@ -27,7 +27,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
@@ -35,6 +35,9 @@ from psycopg import sql
 from . import PgError
 from .options import FINGERPRINT_LEVELS
 from .process import check_cancelled
+
+if TYPE_CHECKING:
+    from ..store.repo import Snapshot, Store
 
 log = logging.getLogger(__name__)
 
@@ -244,13 +247,13 @@ def encode(databases: dict[str, dict[str, Any]]) -> bytes:
     return json.dumps({"format": FORMAT, "databases": databases}, indent=1, sort_keys=True).encode()
 
 
-def read(store: Any, snap: Any) -> dict[str, dict[str, Any]] | None:
+def read(store: Store, snap: Snapshot | str) -> dict[str, dict[str, Any]] | None:
     """The fingerprints recorded in a snapshot (``None`` for snapshots made before fingerprints existed)."""
-    rec = next((r for r in store.records(snap) if r.get("p") == FINGERPRINTS_PATH), None)
+    rec = next((r for r in store.records(snap) if r.path == FINGERPRINTS_PATH), None)
     if rec is None:
         return None
-    size = rec.get("s")
-    if not isinstance(size, int) or not 0 <= size <= MAX_FINGERPRINTS_BYTES:
+    size = rec.size
+    if size is None or not 0 <= size <= MAX_FINGERPRINTS_BYTES:
         raise FingerprintError(f"{FINGERPRINTS_PATH}: size {size!r} is not plausible (limit "
                                f"{MAX_FINGERPRINTS_BYTES} bytes)")
     with store.open_record(rec) as src:

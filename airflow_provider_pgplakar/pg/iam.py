@@ -12,9 +12,9 @@ Credentials come from boto3's standard chain (environment variables, the shared 
 Airflow: the one of an AWS connection, ``aws_conn_id``). The boto3 client is made once per source; refreshable
 credentials (web identity, metadata) renew themselves when they near expiry.
 
-The region is resolved by :func:`resolve_region`: the ``region`` option, else the SDK's configured region
-(``AWS_REGION``, ``AWS_DEFAULT_REGION``, the profile's ``region``), else the region in an ``*.rds.amazonaws.com``
-host name, else an error naming the fix.
+The region is resolved by :func:`resolve_region` when a token source is made (parsing options never reads the AWS
+configuration): the ``region`` option, else the SDK's configured region (``AWS_REGION``, ``AWS_DEFAULT_REGION``,
+the profile's ``region``), else the region in an ``*.rds.amazonaws.com`` host name, else an error naming the fix.
 
 Tokens are secrets: they never go into argv (only ``PGPASSWORD`` and psycopg's ``password`` keyword), logs or
 exceptions; ``on_token`` lets a caller register each one with a log masker (Airflow's ``mask_secret``).
@@ -29,12 +29,11 @@ from collections.abc import Callable
 from typing import Any
 
 from . import OptionError, PgError
-from .options import ConnOptions
+from .options import REGION_RE, ConnOptions
 
 __all__ = [
     "IamAuthError",
     "IamTokenSource",
-    "TOKEN_LIFETIME_S",
     "password_source",
     "region_from_host",
     "resolve_region",
@@ -43,12 +42,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TOKEN_LIFETIME_S = 900  # what generate_db_auth_token signs (X-Amz-Expires); RDS checks it at connect time only
-_REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]+")
 # mydb.abc123.eu-west-3.rds.amazonaws.com, mycluster.cluster-ro-xyz.us-east-1.rds.amazonaws.com, proxies alike;
 # China: mydb.abc123.rds.cn-north-1.amazonaws.com.cn
 _RDS_HOST_RE = re.compile(
-    r"\.(?P<region>[a-z]{2}(?:-[a-z]+)+-[0-9]+)\.rds\.amazonaws\.com\.?\Z"
+    rf"\.(?P<region>{REGION_RE.pattern})\.rds\.amazonaws\.com\.?\Z"
     r"|\.rds\.(?P<cn_region>cn-[a-z]+-[0-9]+)\.amazonaws\.com\.cn\.?\Z"
 )
 _WEAK_SSL = ("allow", "prefer")
@@ -78,7 +75,7 @@ def region_from_host(host: str) -> str | None:
 def sdk_region() -> tuple[str, str] | None:
     """The region the AWS SDK is configured with, and where it came from; None when there is none.
 
-    ``AWS_REGION`` first (what the other AWS SDKs and the seed's docs use; boto3 itself ignores it), then what
+    ``AWS_REGION`` first (what the other AWS SDKs and the reference tool's docs use; boto3 itself ignores it), then what
     botocore resolves: ``AWS_DEFAULT_REGION``, then ``region`` in the profile (``AWS_PROFILE``, ``AWS_CONFIG_FILE``).
     """
     env = os.environ.get("AWS_REGION", "").strip()
@@ -109,7 +106,7 @@ def resolve_region(region: str | None, host: str) -> str:
     found = sdk_region()
     if found is not None:
         value, where = found
-        if not _REGION_RE.fullmatch(value):
+        if not REGION_RE.fullmatch(value):
             raise OptionError("region", f"{value!r} from {where} is not an AWS region name (e.g. us-east-1); fix it "
                                         "or give region=")
         log.debug("postgres+aws: region %s from %s", value, where)
@@ -129,7 +126,8 @@ def resolve_region(region: str | None, host: str) -> str:
 class IamTokenSource:
     """A :data:`PasswordSource` for ``postgres+aws``: each call returns a fresh RDS IAM token.
 
-    :param conn: IAM connection options (``conn.iam``: region and username set).
+    :param conn: IAM connection options (``conn.iam``, a username); without ``conn.region`` the region is
+        resolved here (:func:`resolve_region`), so an :class:`OptionError` for ``region`` is raised on creation.
     :param session: a ``boto3.session.Session`` to take credentials from; default: a new session, i.e. boto3's
         standard credential chain.
     :param on_token: called with every token made, e.g. Airflow's ``mask_secret``.
@@ -140,12 +138,12 @@ class IamTokenSource:
 
     def __init__(self, conn: ConnOptions, *, session: Any = None,
                  on_token: Callable[[str], object] | None = None) -> None:
-        if not conn.iam or conn.username is None or conn.region is None:
-            raise ValueError("IamTokenSource needs postgres+aws connection options (username and region)")
+        if not conn.iam or conn.username is None:
+            raise ValueError("IamTokenSource needs postgres+aws connection options (with a username)")
         self.host = conn.host
         self.port = conn.port
         self.username = conn.username
-        self.region = conn.region
+        self.region = resolve_region(conn.region, conn.host)
         self.count = 0
         self._session = session
         self._on_token = on_token

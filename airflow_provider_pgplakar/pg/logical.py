@@ -32,7 +32,7 @@ from collections.abc import Callable, Collection, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -43,30 +43,14 @@ from .iam import password_source
 from .jobs import Stopper, run_ordered
 from .options import AWS_DEFAULT_EXCLUDES, LogicalSourceOptions
 from .process import ToolFailed, check_cancelled, run_tool
-from .secrets import SslFiles, libpq_env, ssl_files
-from .tools import Tool, find_tool
+from .secrets import ssl_files
+from .session import GLOBALS_PATH, LOGICAL_KIND, MANIFEST_KIND, MANIFEST_PATH, PasswordSource, Session, dump_path
+
+if TYPE_CHECKING:
+    from ..store.repo import Store
+    from ..store.writer import SnapshotWriter, StoredRecord
 
 log = logging.getLogger(__name__)
-
-PasswordSource = Callable[[], "str | None"]
-GLOBALS_PATH = "/00000-globals.sql"
-MANIFEST_PATH = "/manifest.json"
-
-
-def dump_path(n: int, database: str) -> str:
-    safe = database.replace("%", "%25").replace("/", "%2F")
-    return f"/{n:05d}-{safe}.dump"
-
-
-def database_from_path(path: str) -> str:
-    """Inverse of :func:`dump_path` (for records without metadata, e.g. made by the reference tool)."""
-    from urllib.parse import unquote
-
-    stem = path.rsplit("/", 1)[-1].removesuffix(".dump")
-    head, sep, rest = stem.partition("-")
-    name = rest if sep and head.isdigit() and head else stem
-    return unquote(name)
-
 
 @dataclass
 class BackupResult:
@@ -75,39 +59,6 @@ class BackupResult:
     warnings: list[str] = field(default_factory=list)
     already_existed: bool = False
     bytes: int = 0
-
-
-@dataclass
-class Session:
-    """What every step of one backup or restore shares: options, SSL files, tools, a password source."""
-
-    conn_opts: Any
-    ssl: SslFiles
-    password: PasswordSource
-    pg_bin_dir: str | None
-    extra_dirs: tuple[str, ...] = ()
-    tools: dict[str, Tool] = field(default_factory=dict)
-    stopper: Stopper | None = None  # set for a backup: what its parallel dumps started, to stop them all at once
-    seconds: dict[str, float] = field(default_factory=dict)  # record path -> how long its tool ran
-
-    def env(self, database: str | None = None) -> dict[str, str]:
-        """A fresh environment per tool process (a fresh IAM token each time, when the source makes tokens)."""
-        return libpq_env(self.conn_opts, self.ssl, password=self.password(), database=database)
-
-    def connect(self, dbname: str) -> Any:
-        from .connect import connect
-        from .process import track_connection
-
-        if self.stopper is not None:
-            self.stopper.check()
-        conn = track_connection(connect(self.conn_opts, self.ssl, dbname, password=self.password()))
-        return conn if self.stopper is None else self.stopper.connection(conn)
-
-    def tool(self, name: str, min_major: int) -> Tool:
-        if name not in self.tools:
-            self.tools[name] = find_tool(name, min_major=min_major, pg_bin_dir=self.pg_bin_dir,
-                                         extra_dirs=self.extra_dirs)
-        return self.tools[name]
 
 
 def _select(all_dbs: list[str], opts: LogicalSourceOptions) -> list[str]:
@@ -125,7 +76,7 @@ def excluded(name: str, patterns: Collection[str]) -> bool:
 
 
 def logical_backup(
-    store: Any,
+    store: Store,
     opts: LogicalSourceOptions,
     *,
     password: PasswordSource | None = None,
@@ -166,7 +117,7 @@ def logical_backup(
                             "passwords (--no-role-passwords)")
             log.warning("%s", warnings[-1])
         manifest = _manifest(s, opts, selected, tool_versions, manifest_only, authid_ok, dict(labels or {}))
-        source = {"kind": "postgres-manifest" if manifest_only else "postgres",
+        source = {"kind": MANIFEST_KIND if manifest_only else LOGICAL_KIND,
                   "origin": opts.conn.redacted_uri(opts.scheme, opts.database)}
         dumped = list(selected)  # minus databases dropped before their dump (the header is written at commit)
         skipped: list[str] = []
@@ -222,12 +173,12 @@ def logical_backup(
 class _Dumped:
     """One database's dump: its stored record (None: dropped before its dump, skipped), fingerprints, warning."""
 
-    stored: Any
+    stored: StoredRecord | None
     fingerprints: dict[str, Any] | None = None
     warning: str | None = None
 
 
-def _dump_database(w: Any, s: Session, opts: LogicalSourceOptions, n: int, db: str, dump_tool: str,
+def _dump_database(w: SnapshotWriter, s: Session, opts: LogicalSourceOptions, n: int, db: str, dump_tool: str,
                    tool_version: str, level: str, size: int | None = None) -> _Dumped:
     """Fingerprint ``db`` in an exported snapshot and stream ``pg_dump --snapshot`` of it into a stored record."""
     gone = None if opts.database is not None else (lambda e: _vanished(s, db, e))
@@ -309,8 +260,9 @@ def _gone(s: Session, database: str) -> bool:
     return count == 0
 
 
-def _stream(w: Any, s: Session, path: str, argv: list[str], meta: dict[str, Any],
-            skip_if: Callable[[ToolFailed], bool] | None = None, expected_size: int | None = None) -> Any:
+def _stream(w: SnapshotWriter, s: Session, path: str, argv: list[str], meta: dict[str, Any],
+            skip_if: Callable[[ToolFailed], bool] | None = None,
+            expected_size: int | None = None) -> StoredRecord | None:
     """Store a tool's stdout as the content of ``path``; the caller adds the returned record to the snapshot
     (``w.add_stored``). None (nothing stored) when the tool failed before writing a byte and ``skip_if`` accepts
     its failure. The time the tool ran goes to ``s.seconds[path]`` (the header's ``meta.seconds``; not the record,

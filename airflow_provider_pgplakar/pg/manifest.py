@@ -1,8 +1,8 @@
 """Build ``/manifest.json``: a JSON description of the cluster and of each backed-up database.
 
-The shape is the reference's ``version: 2`` manifest (behaviour spec §3.2): same field names, same JSON types
+The shape is the reference's ``version: 2`` manifest: same field names, same JSON types
 (``port`` is a string), and fields the reference marks ``omitempty`` are left out when empty, so readers of
-Plakar manifests can read ours. We fix the reference's quirks (spec §8.2) and add fields; nothing is renamed.
+Plakar manifests can read ours. We fix the reference's quirks and add fields; nothing is renamed.
 
 Fixes, each visible in the output:
 
@@ -50,9 +50,9 @@ from psycopg.rows import dict_row
 
 from airflow_provider_pgplakar.pg import PgError
 from airflow_provider_pgplakar.pg.process import check_cancelled
+from airflow_provider_pgplakar.store.progress import Ticker
 
 log = logging.getLogger(__name__)
-PROGRESS_EVERY_S = 15.0  # manifest progress lines: at most one per interval (a cluster may hold thousands of dbs)
 
 __all__ = ["MANIFEST_VERSION", "ConnFactory", "ManifestError", "collect_manifest"]
 
@@ -540,7 +540,7 @@ def collect_manifest(
     extra_copy = _json_copy("extra", dict(extra)) if extra else None
     errors = _Errors()
     main_db = database if database is not None else "postgres"
-    t0 = last = time.monotonic()
+    t0 = time.monotonic()
     log.info("manifest: reading the cluster inventory from %s", main_db)
     conn = conn_factory(main_db)
     try:
@@ -559,12 +559,11 @@ def collect_manifest(
         raise ManifestError(f"starting the manifest transaction on {main_db}: {exc}") from exc
     # After the manifest connection is closed: one connection at a time, no long-held snapshot.
     log.info("manifest: detailing %d database(s) (schemas, relations, extensions)", len(targets))
+    ticker = Ticker("manifest")  # a line per interval: a cluster may hold thousands of databases
     for n, entry in enumerate(targets, 1):
         if entry["name"] != main_db:
             _collect_other(conn_factory, entry, errors)
-        if time.monotonic() - last >= PROGRESS_EVERY_S:
-            last = time.monotonic()
-            log.info("manifest: %d of %d database(s) detailed (%s), %.0fs", n, len(targets), entry["name"], last - t0)
+        ticker.tick(f"{n} of {len(targets)} database(s) detailed ({entry['name']})")
     log.info("manifest: done in %.1fs (%d database(s) detailed, %d error(s))", time.monotonic() - t0, len(targets),
              len(errors.items))
     _omit_empty(manifest, ["pg_dump_version", "pg_basebackup_version", "database", "options"])

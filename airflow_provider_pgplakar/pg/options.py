@@ -1,16 +1,16 @@
 """Options of the three source kinds and of the restore destination, parsed and validated up front.
 
-Names, defaults and precedence follow the reference tool (``seed-plakar-postgresql.md``): a location URI
-``postgres://[user[:password]@]host[:port][/database]`` (also ``postgresql://``), ``postgres+aws://`` (IAM token
-instead of a password) and ``postgres+bin://`` (physical, whole cluster), then ``key=value`` options that override
-the URI parts when present and non-empty.
+Names, defaults and precedence follow the reference tool (Plakar's PostgreSQL integration): a location URI
+(:mod:`.location`), then ``key=value`` options that override the URI parts when present and non-empty.
 
-Where the reference accepts something and fails later or silently (see its behaviour spec §8), we refuse it here
-with an :class:`OptionError` naming the option: unknown keys, URI query strings, a password for IAM,
+Where the reference accepts something and fails later or silently, we refuse it here with an :class:`OptionError`
+naming the option: unknown keys, URI query strings (:mod:`.location`), a password for IAM,
 ``clean``+``recreate``, ``data_only``+``clean``, ``database``+``recreate``, half an SSL key pair, and so on.
 
 Validation lives in the dataclasses' ``__post_init__`` so options built directly in Python (for example by an
-operator from typed arguments) get the same checks as options parsed from strings.
+operator from typed arguments) get the same checks as options parsed from strings. Parsing reads nothing but its
+arguments: the AWS region of a ``postgres+aws`` source without a ``region`` option is resolved where its tokens are
+made (:func:`.iam.resolve_region`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import Field, dataclass, field, fields
 from fnmatch import fnmatchcase
 from typing import Any, ClassVar
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
-from airflow_provider_pgplakar.pg import OptionError
+from airflow_provider_pgplakar.pg import REDACTED, OptionError
+
+from .location import AWS, LOGICAL, PHYSICAL, ParsedLocation, parse_location
 
 __all__ = [
     "AWS_DEFAULT_EXCLUDES",
@@ -30,29 +32,19 @@ __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "FINGERPRINT_LEVELS",
+    "REGION_RE",
     "SSL_MODES",
+    "TRUE_WORDS",
     "ConnOptions",
     "LogicalSourceOptions",
+    "FALSE_WORDS",
     "OptionError",
-    "ParsedLocation",
     "PhysicalSourceOptions",
     "RestoreOptions",
-    "parse_location",
+    "parse_bool",
     "parse_restore_options",
     "parse_source_options",
 ]
-
-LOGICAL = "postgres"
-AWS = "postgres+aws"
-PHYSICAL = "postgres+bin"
-_SCHEMES = {
-    "postgres": LOGICAL,
-    "postgresql": LOGICAL,
-    "postgres+aws": AWS,
-    "postgresql+aws": AWS,
-    "postgres+bin": PHYSICAL,
-    "postgresql+bin": PHYSICAL,
-}
 
 DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 5432
@@ -67,15 +59,15 @@ MAX_RATE_MAX_KB = 1024 * 1024
 SERVER_COMPRESSION_LEVELS = {"lz4": (1, 12), "zstd": (1, 22)}
 SERVER_COMPRESSION_AUTO = "auto"
 
-_TRUE = {"true", "1", "yes"}
-_FALSE = {"false", "0", "no"}
+# Boolean option values (case-insensitive, trimmed).
+TRUE_WORDS = frozenset({"true", "1", "yes"})
+FALSE_WORDS = frozenset({"false", "0", "no"})
 # Plausible AWS region names: us-east-1, eu-west-3, us-gov-west-1, cn-north-1, us-isob-east-1.
-_REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]+")
+REGION_RE = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]+")
 _SSL_PAIRS = (("ssl_cert", "ssl_cert_data"), ("ssl_key", "ssl_key_data"), ("ssl_root_cert", "ssl_root_cert_data"))
 # Another name for ``ssl_key_data``: Airflow's secret masker hides values whose key contains ``private_key`` (in the
 # UI, the REST API and rendered templates) but shows ``ssl_key_data`` in clear; the Airflow glue uses this name.
 SSL_KEY_DATA_ALIAS = "ssl_private_key_data"
-_REDACTED = "***"
 
 # Option names accepted per kind. ``location`` is passed separately.
 _CONN_KEYS = frozenset(
@@ -164,7 +156,7 @@ def _redact(name: str, value: object) -> object:
     if value is None:
         return None
     if name == "password":
-        return _REDACTED
+        return REDACTED
     if name.endswith("_data"):
         return "<inline PEM>"
     return value
@@ -183,16 +175,18 @@ def _repr(obj: Any) -> str:
 class ConnOptions:
     """How to reach and authenticate to the server; everything here reaches tools via the libpq environment.
 
-    ``region`` is set exactly for ``postgres+aws``: authentication then uses a fresh IAM token, so a password is
-    refused (the reference silently overwrote one) and a username is required. Parsing a location fills it in
-    (the ``region`` option, else the AWS SDK's configured region, else the region in an ``*.rds.amazonaws.com``
-    host name: :func:`.iam.resolve_region`); built directly, it must be given.
+    ``iam`` is set exactly for ``postgres+aws``: authentication then uses a fresh IAM token, so a password is
+    refused (the reference silently overwrote one) and a username is required. ``region`` is the ``region``
+    option, or None: the token source resolves it then (the AWS SDK's configured region, else the region in an
+    ``*.rds.amazonaws.com`` host name: :func:`.iam.resolve_region`), so building options never reads the AWS
+    configuration.
     """
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     username: str | None = None
     password: str | None = None
+    iam: bool = False
     region: str | None = None
     # None: the default, prefer (require for postgres+aws); the CLI help shows help_default
     ssl_mode: str | None = field(default=None, metadata={"help_default": "prefer; postgres+aws: require"})
@@ -214,12 +208,15 @@ class ConnOptions:
                 raise OptionError("password", "must be a string without NUL characters")
         if self.ssl_mode is None:
             # RDS IAM needs TLS, and on "prefer" an active attacker can downgrade the connection and read the token.
-            object.__setattr__(self, "ssl_mode", "require" if self.region is not None else "prefer")
+            object.__setattr__(self, "ssl_mode", "require" if self.iam else "prefer")
         if self.ssl_mode not in SSL_MODES:
             raise OptionError("ssl_mode", f"invalid value {self.ssl_mode!r} (accepted: {', '.join(SSL_MODES)})")
         self._check_ssl_files()
-        if self.region is not None:
+        _check_bool("iam", self.iam)
+        if self.iam:
             self._check_iam()
+        elif self.region is not None:
+            raise OptionError("region", "only for postgres+aws (IAM authentication)")
 
     def _check_ssl_files(self) -> None:
         for path_key, data_key in _SSL_PAIRS:
@@ -242,20 +239,16 @@ class ConnOptions:
             raise OptionError("ssl_mode", "ssl_mode=disable contradicts the SSL certificates given")
 
     def _check_iam(self) -> None:
-        region = _check_text("region", self.region, what="region")
-        if not _REGION_RE.fullmatch(region):
-            raise OptionError("region", f"{self.region!r} is not an AWS region name (e.g. us-east-1)")
+        if self.region is not None:
+            region = _check_text("region", self.region, what="region")
+            if not REGION_RE.fullmatch(region):
+                raise OptionError("region", f"{self.region!r} is not an AWS region name (e.g. us-east-1)")
         if self.username is None:
             raise OptionError("username", "postgres+aws needs the IAM-enabled database user (username)")
         if self.password is not None:
             raise OptionError("password", "postgres+aws authenticates with an IAM token; remove the password")
         if self.ssl_mode == "disable":
             raise OptionError("ssl_mode", "IAM authentication requires SSL; use ssl_mode=require or stronger")
-
-    @property
-    def iam(self) -> bool:
-        """True when the password is an IAM token generated per connection (``postgres+aws``)."""
-        return self.region is not None
 
     def redacted(self) -> dict[str, object]:
         """All fields, with the password and inline PEM data masked: safe for logs, errors and XCom."""
@@ -310,7 +303,7 @@ class LogicalSourceOptions(_Redactable):
 
     ``database`` None means every connectable database minus ``exclude_databases``. ``exclude_databases`` None
     means the scheme's default: ``rdsadmin`` under IAM, nothing otherwise. With a single ``database`` the exclusions
-    have no effect (as the seed documents; the reference applied them anyway), except that excluding the very
+    have no effect (as the reference documents; the reference applied them anyway), except that excluding the very
     database selected is refused as contradictory. ``jobs`` databases are dumped at once into the one snapshot
     (1 to ``MAX_BACKUP_JOBS``; see :mod:`.jobs`).
     """
@@ -470,115 +463,14 @@ class RestoreOptions(_Redactable):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Location URI
-
-
-@dataclass(frozen=True)
-class ParsedLocation:
-    """The parts of a location URI; None where the URI says nothing. ``has_password`` is True even for ``u:@h``."""
-
-    scheme: str
-    host: str | None = None
-    port: int | None = None
-    username: str | None = None
-    password: str | None = None
-    has_password: bool = False
-    database: str | None = None
-
-    def __repr__(self) -> str:
-        pw = _REDACTED if self.has_password else None
-        return (
-            f"ParsedLocation(scheme={self.scheme!r}, host={self.host!r}, port={self.port!r}, "
-            f"username={self.username!r}, password={pw!r}, database={self.database!r})"
-        )
-
-
-_URI_HINT = "expected postgres://[user[:password]@]host[:port][/database]"
-_ENCODE_HINT = "percent-encode '@', ':', '/', '?', '#' and '%' in the user name and password"
-
-
-def _decode(part: str, what: str) -> str:
-    try:
-        return unquote(part, errors="strict")
-    except UnicodeDecodeError:
-        raise OptionError("location", f"invalid percent-encoding in the {what}") from None
-
-
-def _split_hostport(hostport: str) -> tuple[str | None, int | None]:
-    if hostport.startswith("["):
-        end = hostport.find("]")
-        if end < 0:
-            raise OptionError("location", "unterminated '[' in an IPv6 host")
-        host, rest = hostport[1:end], hostport[end + 1 :]
-        if rest and not rest.startswith(":"):
-            raise OptionError("location", "unexpected text after an IPv6 host")
-        port_text = rest[1:] if rest else ""
-    else:
-        if hostport.count(":") > 1:
-            raise OptionError("location", "IPv6 hosts must be written in brackets, e.g. postgres://[::1]:5432/")
-        host, _, port_text = hostport.partition(":")
-    port = None
-    if port_text:
-        # The value is not echoed: a badly encoded password could land here.
-        if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 1 <= int(port_text) <= 65535:
-            raise OptionError("location", f"port must be a number between 1 and 65535 ({_ENCODE_HINT})")
-        port = int(port_text)
-    return (_decode(host, "host") or None), port
-
-
-def parse_location(location: str) -> ParsedLocation:
-    """Split a location URI into its parts, percent-decoding user, password, host and database.
-
-    Query strings and fragments are refused: the reference silently ignored ``?sslmode=require``, which would turn
-    a security setting into a no-op. Error messages never quote the user-info part.
-    """
-    if not isinstance(location, str) or not location:
-        raise OptionError("location", f"is required ({_URI_HINT})")
-    match = re.fullmatch(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", location, re.DOTALL)
-    if not match:
-        raise OptionError("location", _URI_HINT)
-    scheme = _SCHEMES.get(match.group(1).lower())
-    if scheme is None:
-        accepted = ", ".join(f"{s}://" for s in _SCHEMES)
-        raise OptionError("location", f"unsupported scheme {match.group(1)!r} (accepted: {accepted})")
-    rest = match.group(2)
-    end = len(rest)
-    for sep in "/?#":
-        pos = rest.find(sep)
-        if pos >= 0:
-            end = min(end, pos)
-    authority, tail = rest[:end], rest[end:]
-    if "?" in tail or "#" in tail:
-        raise OptionError(
-            "location", f"query strings and fragments are not supported; use options such as ssl_mode= ({_ENCODE_HINT})"
-        )
-    userinfo, at, hostport = authority.rpartition("@")
-    username = password = None
-    has_password = False
-    if at:
-        user_text, colon, password_text = userinfo.partition(":")
-        username = _decode(user_text, "user name") or None
-        has_password = bool(colon)
-        password = _decode(password_text, "password") if colon else None
-    host, port = _split_hostport(hostport)
-    database = None
-    if tail not in ("", "/"):
-        path = tail[1:]
-        if "/" in path:
-            raise OptionError("location", "the path must be a single database name (write '/' in a name as %2F)")
-        database = _decode(path, "database name")
-    return ParsedLocation(scheme, host, port, username, password or None, has_password, database)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # key=value parsing
 
 
-def _parse_bool(key: str, value: str) -> bool:
+def parse_bool(key: str, value: str) -> bool:
     word = value.strip().lower()
-    if word in _TRUE:
+    if word in TRUE_WORDS:
         return True
-    if word in _FALSE:
+    if word in FALSE_WORDS:
         return False
     raise OptionError(key, f"invalid boolean {value!r} (accepted: true/false, 1/0, yes/no)")
 
@@ -640,14 +532,9 @@ def _conn_from(loc: ParsedLocation, opts: dict[str, str]) -> ConnOptions:
         "username": opts.get("username", loc.username),
         "password": opts.get("password", loc.password),
         "ssl_mode": opts["ssl_mode"].strip() if "ssl_mode" in opts else None,
-        "region": opts["region"].strip() if "region" in opts else None,
+        "iam": loc.scheme == AWS,
+        "region": opts["region"].strip() if "region" in opts else None,  # None: resolved by the token source
     }
-    if loc.scheme == AWS:
-        if kwargs["username"] is None:  # before the region: no need to consult the AWS configuration
-            raise OptionError("username", "postgres+aws needs the IAM-enabled database user (username)")
-        from .iam import resolve_region  # option, else the SDK's configured region, else the RDS host name
-
-        kwargs["region"] = resolve_region(kwargs["region"], kwargs["host"])
     for pair in _SSL_PAIRS:
         for key in pair:
             kwargs[key] = opts.get(key)
@@ -683,9 +570,9 @@ def parse_source_options(
         conn=_conn_from(loc, opts),
         database=opts.get("database", loc.database),
         exclude_databases=_parse_list(opts["exclude_databases"]) if "exclude_databases" in opts else None,
-        compress=_parse_bool("compress", opts.get("compress", "false")),
-        schema_only=_parse_bool("schema_only", opts.get("schema_only", "false")),
-        data_only=_parse_bool("data_only", opts.get("data_only", "false")),
+        compress=parse_bool("compress", opts.get("compress", "false")),
+        schema_only=parse_bool("schema_only", opts.get("schema_only", "false")),
+        data_only=parse_bool("data_only", opts.get("data_only", "false")),
         pg_bin_dir=opts.get("pg_bin_dir"),
         fingerprint=opts.get("fingerprint", "catalog").strip().lower(),
         jobs=_parse_int("jobs", opts["jobs"]) if "jobs" in opts else 1,
@@ -701,7 +588,7 @@ def parse_restore_options(location: str, options: Mapping[str, str] | None = Non
         )
     opts = _check_keys(f"{loc.scheme}:// restore", options or {})
     flags = {
-        name: _parse_bool(name, opts.get(name, "false"))
+        name: parse_bool(name, opts.get(name, "false"))
         for name in ("clean", "recreate", "no_globals", "no_owner", "schema_only", "data_only", "exit_on_error",
                      "ignore_globals_errors")
     }

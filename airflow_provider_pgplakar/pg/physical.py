@@ -41,19 +41,24 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from ..store.progress import Progress, heartbeat
 from ..store.sizes import human_bytes
 from . import PgError
 from .basebackup import Archive, BaseBackupStream, CompressionUnsupported, ReplicationConnection, Tablespace
 from .connect import PgConnectError
-from .logical import Session
 from .manifest import ManifestError
 from .options import OptionError, PhysicalSourceOptions
 from .process import check_cancelled
 from .secrets import ssl_files
+from .session import MANIFEST_PATH, PHYSICAL_KIND, Session
 from .tarstream import Member, TarFormatError, TarReader
+
+if TYPE_CHECKING:
+    from ..store.chunker import Chunking
+    from ..store.repo import Store
+    from ..store.writer import SnapshotWriter
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +74,8 @@ __all__ = [
     "physical_backup",
 ]
 
-SOURCE_KIND = "postgres+bin"
+SOURCE_KIND = PHYSICAL_KIND
 LAYOUT_VERSION = 1
-MANIFEST_PATH = "/manifest.json"
 DATA_PREFIX = "/data"
 TABLESPACES_PREFIX = "/tablespaces"
 BACKUP_MANIFEST_PATH = f"{DATA_PREFIX}/backup_manifest"
@@ -109,7 +113,7 @@ class PhysicalBackupResult:
 
 
 def physical_backup(
-    store: Any,
+    store: Store,
     opts: PhysicalSourceOptions,
     *,
     labels: Mapping[str, str] | None = None,
@@ -170,7 +174,7 @@ def physical_backup(
 # Archives -> records
 
 
-def _copy_archives(w: Any, bb: BaseBackupStream, fixed: Any) -> int:
+def _copy_archives(w: SnapshotWriter, bb: BaseBackupStream, fixed: Chunking) -> int:
     from ..store.chunker import Chunking
 
     files = 0
@@ -180,7 +184,7 @@ def _copy_archives(w: Any, bb: BaseBackupStream, fixed: Any) -> int:
         prefix = _archive_prefix(w, archive)
         relation_archive = archive.tablespace is not None
 
-        def chunking(name: str, relation_archive: bool = relation_archive) -> Any:
+        def chunking(name: str, relation_archive: bool = relation_archive) -> Chunking:
             return fixed if relation_archive or name.startswith(_RELATION_DIRS) else Chunking()
 
         files += _copy_archive(w, archive, prefix, chunking, progress)
@@ -219,7 +223,7 @@ def _check_tablespaces(tablespaces: list[Tablespace]) -> None:
             )
 
 
-def _archive_prefix(w: Any, archive: Archive) -> str:
+def _archive_prefix(w: SnapshotWriter, archive: Archive) -> str:
     if archive.tablespace is None:
         w.add_entry(DATA_PREFIX, "d", mode=0o700)
         return DATA_PREFIX
@@ -228,7 +232,8 @@ def _archive_prefix(w: Any, archive: Archive) -> str:
     return prefix
 
 
-def _copy_archive(w: Any, archive: Archive, prefix: str, chunking: Callable[[str], Any], progress: Progress) -> int:
+def _copy_archive(w: SnapshotWriter, archive: Archive, prefix: str, chunking: Callable[[str], Chunking],
+                  progress: Progress) -> int:
     files = 0
     links: set[str] = set()  # symlink members: nothing may sit below one (a restore would write through it)
     tar = TarReader(archive.stream)
@@ -251,7 +256,8 @@ def _copy_archive(w: Any, archive: Archive, prefix: str, chunking: Callable[[str
             elif member.isreg():
                 how = chunking(name)
                 # relation files: no whole-file SHA-256, backup_manifest's CRC32C (pg_verifybackup) covers them
-                info = w.add_stream(path, tar, chunking=how, sha256=not how.block_size, **attrs)
+                # the writer reads members with readinto only, which TarReader has
+                info = w.add_stream(path, cast("BinaryIO", tar), chunking=how, sha256=not how.block_size, **attrs)
                 if info.size != member.size:
                     raise PhysicalBackupError(f"{archive.name}: {name}: got {info.size} bytes, the archive "
                                               f"header says {member.size}")

@@ -17,12 +17,16 @@ import logging
 import os
 import shutil
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import PgError, fingerprint
-from .logical import Session
 from .scratch import PORT, hba_trust_local, private_root, server_bin_dir, server_user, start_server, stop_server
 from .secrets import ssl_files
+from .session import Session
+
+if TYPE_CHECKING:
+    from ..store.repo import Snapshot, Store
+    from .verify import VerifyReport
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +40,14 @@ SETTINGS = {"listen_addresses": "", "port": str(PORT), "archive_mode": "off", "s
             "restore_command": ""}
 
 
-def _read_manifest(store: Any, snap: Any) -> dict[str, Any]:
+def _read_manifest(store: Store, snap: Snapshot) -> dict[str, Any]:
     from .physical import MANIFEST_PATH
 
-    rec = next((r for r in store.records(snap, MANIFEST_PATH) if r.get("p") == MANIFEST_PATH), None)
+    rec = next((r for r in store.records(snap, MANIFEST_PATH) if r.path == MANIFEST_PATH), None)
     if rec is None:
         raise PgError(f"snapshot {snap.short_id} has no {MANIFEST_PATH}: nothing to compare a restore with")
-    size = rec.get("s")
-    if not isinstance(size, int) or not 0 <= size <= MAX_MANIFEST_BYTES:
+    size = rec.size
+    if size is None or not 0 <= size <= MAX_MANIFEST_BYTES:
         raise PgError(f"{MANIFEST_PATH} of snapshot {snap.short_id}: implausible size {size!r}")
     with store.open_record(rec) as src:
         doc = json.loads(b"".join(src.iter_chunks()))
@@ -52,7 +56,7 @@ def _read_manifest(store: Any, snap: Any) -> dict[str, Any]:
     return doc
 
 
-def verify_physical(store: Any, snapshot_id: str, report: Any, *, databases: tuple[str, ...] = (),
+def verify_physical(store: Store, snapshot_id: str, report: VerifyReport, *, databases: tuple[str, ...] = (),
                     amcheck: bool = False, pg_bin_dir: str | None = None, extra_dirs: tuple[str, ...] = ()) -> None:
     """Fill ``report`` (a :class:`.verify.VerifyReport`) for a physical snapshot."""
     from .datadir import physical_restore

@@ -278,13 +278,6 @@ def kill_all() -> None:
         _killpg(p)
 
 
-def track_process(proc: subprocess.Popen[Any]) -> None:
-    """Have :func:`kill_all` kill ``proc``'s process group too (a server started in its own session, e.g. the
-    throwaway verify server of :mod:`.scratch`)."""
-    with _lock:
-        _running.add(proc)
-
-
 def untrack_process(proc: subprocess.Popen[Any]) -> None:
     with _lock:
         _running.discard(proc)

@@ -29,18 +29,22 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ..store.progress import Progress
+from ..store.record import Record, RecordKind
 from . import PgError, commands
 from .fingerprint import FINGERPRINTS_PATH
 from .iam import password_source
-from .logical import GLOBALS_PATH, MANIFEST_PATH, PasswordSource, Session, database_from_path
 from .options import RestoreOptions
 from .process import ToolFailed, check_cancelled, run_tool
 from .secrets import ssl_files
+from .session import GLOBALS_PATH, LOGICAL_KIND, MANIFEST_PATH, PasswordSource, Session, database_from_path
+
+if TYPE_CHECKING:
+    from ..store.repo import Store
 
 log = logging.getLogger(__name__)
 
@@ -248,23 +252,22 @@ def _run_with_input(argv: list[str], env: dict[str, str], chunks: Iterator[bytes
                 on_stderr(tool.stderr_lines())
 
 
-def _archive_major(meta: dict[str, Any]) -> int:
+def _archive_major(meta: Mapping[str, Any]) -> int:
     m = _VERSION.search(meta.get("tool") or "")
     return int(m.group(1)) if m else 0
 
 
-def _plan(records: list[dict[str, Any]],
-          opts: RestoreOptions) -> tuple[dict[str, Any] | None, list[tuple[dict[str, Any], str]]]:
+def _plan(records: list[Record], opts: RestoreOptions) -> tuple[Record | None, list[tuple[Record, str]]]:
     globals_rec = None
-    dumps: list[tuple[dict[str, Any], str]] = []
+    dumps: list[tuple[Record, str]] = []
     for rec in records:
-        path = rec["p"]
-        if rec.get("k") != "f" or path in (MANIFEST_PATH, FINGERPRINTS_PATH):
+        path = rec.path
+        if rec.kind != RecordKind.FILE or path in (MANIFEST_PATH, FINGERPRINTS_PATH):
             continue
-        if path == GLOBALS_PATH or path.endswith("/00000-globals.sql"):
+        if path.endswith(GLOBALS_PATH):  # also below a directory
             globals_rec = rec
         elif path.endswith(".dump"):
-            dumps.append((rec, (rec.get("x") or {}).get("database") or database_from_path(path)))
+            dumps.append((rec, rec.meta.get("database") or database_from_path(path)))
         else:
             raise PgError(f"snapshot holds {path!r}, which is not part of a logical PostgreSQL backup")
     names = [db for _, db in dumps]
@@ -280,13 +283,13 @@ def _plan(records: list[dict[str, Any]],
     return globals_rec, dumps
 
 
-def logical_restore(store: Any, snapshot_id: str, opts: RestoreOptions, *, password: PasswordSource | None = None,
+def logical_restore(store: Store, snapshot_id: str, opts: RestoreOptions, *, password: PasswordSource | None = None,
                     extra_dirs: tuple[str, ...] = ()) -> RestoreSummary:
     from .connect import server_version_num
 
     snap = store.load_snapshot(snapshot_id)
     kind = (snap.header.get("source") or {}).get("kind")
-    if kind not in ("postgres", None):
+    if kind not in (LOGICAL_KIND, None):
         raise PgError(f"snapshot {snapshot_id[:8]} is a {kind!r} snapshot, not a logical PostgreSQL backup")
     records = list(store.records(snap))
     globals_rec, dumps = _plan(records, opts)
@@ -298,13 +301,13 @@ def logical_restore(store: Any, snapshot_id: str, opts: RestoreOptions, *, passw
             major = server_version_num(c) // 10000
             existing_roles = {r[0] for r in c.execute("SELECT rolname FROM pg_roles")}
             login_role = c.execute("SELECT current_user").fetchone()[0]
-        archive_major = max([_archive_major(r.get("x") or {}) for r, _ in dumps] + [0])
+        archive_major = max([_archive_major(r.meta) for r, _ in dumps] + [0])
         _check_selectors(store, s, dumps, opts, max(major, archive_major))  # before any globals, DROP or restore
         if globals_rec is not None and not opts.no_globals and not opts.data_only:
             _restore_globals(store, s, globals_rec, opts, max(major, archive_major), existing_roles, login_role,
                              summary)
         elif globals_rec is not None:
-            summary.results.append(RecordResult(globals_rec["p"], None, "skipped",
+            summary.results.append(RecordResult(globals_rec.path, None, "skipped",
                                                 "no_globals" if opts.no_globals else "data_only"))
         for rec, db in dumps:
             check_cancelled()  # a failure recorded for a cancelled database ends the restore here
@@ -322,7 +325,7 @@ def _stopped(summary: RestoreSummary) -> RestoreFailed:
     return RestoreFailed(summary)
 
 
-def _restore_globals(store: Any, s: Session, rec: dict[str, Any], opts: RestoreOptions, min_major: int,
+def _restore_globals(store: Store, s: Session, rec: Record, opts: RestoreOptions, min_major: int,
                      existing_roles: set[str], login_role: str, summary: RestoreSummary) -> None:
     psql = str(s.tool("psql", min_major).path)
     stop = opts.exit_on_error and not opts.ignore_globals_errors
@@ -337,25 +340,25 @@ def _restore_globals(store: Any, s: Session, rec: dict[str, Any], opts: RestoreO
         named = found[0] if found and found[0].count else None
         detail = (f"psql stopped (exit_on_error): {named.text()}" if named
                   else _PASSWORD_ECHOED.sub(" PASSWORD '…'", str(e)))
-        summary.results.append(RecordResult(rec["p"], None, "failed", detail))
+        summary.results.append(RecordResult(rec.path, None, "failed", detail))
         if opts.exit_on_error:
             raise _stopped(summary) from None
         return
     errors = found[0] if found else ScriptErrors()
     if not errors.count:
-        summary.results.append(RecordResult(rec["p"], None, "restored"))
+        summary.results.append(RecordResult(rec.path, None, "restored"))
     elif opts.ignore_globals_errors:
         detail = f"{errors.text()} (ignored: ignore_globals_errors=true)"
-        log.warning("%s: %s", rec["p"], detail)
-        summary.results.append(RecordResult(rec["p"], None, "restored", detail))
+        log.warning("%s: %s", rec.path, detail)
+        summary.results.append(RecordResult(rec.path, None, "restored", detail))
     else:
         detail = f"{errors.text()} (set ignore_globals_errors=true to accept them)"
-        summary.results.append(RecordResult(rec["p"], None, "failed", detail))
+        summary.results.append(RecordResult(rec.path, None, "failed", detail))
         if opts.exit_on_error:
             raise _stopped(summary)
 
 
-def _restore_dump(store: Any, s: Session, rec: dict[str, Any], db: str, opts: RestoreOptions, min_major: int,
+def _restore_dump(store: Store, s: Session, rec: Record, db: str, opts: RestoreOptions, min_major: int,
                   summary: RestoreSummary) -> None:
     tool = str(s.tool("pg_restore", min_major).path)
     target = opts.database or db
@@ -366,7 +369,7 @@ def _restore_dump(store: Any, s: Session, rec: dict[str, Any], db: str, opts: Re
     kwargs: dict[str, Any] = dict(clean=clean, create=create, no_owner=opts.no_owner, exit_on_error=opts.exit_on_error,
                   schema_only=opts.schema_only, data_only=opts.data_only, tables=opts.tables, schemas=opts.schemas)
     connect_db = "postgres" if create else target
-    log.info("restoring %s into %s", rec["p"], target)
+    log.info("restoring %s into %s", rec.path, target)
     try:
         if opts.schemas and not create and not opts.data_only:
             _create_schemas(s, target, opts.schemas)
@@ -375,16 +378,16 @@ def _restore_dump(store: Any, s: Session, rec: dict[str, Any], db: str, opts: Re
         else:
             with store.open_record(rec) as src:
                 _run_with_input(commands.pg_restore(tool, connect_db, **kwargs), s.env(),
-                                counted(src.iter_chunks(), Progress(f"restore of {rec['p']}", rec.get("s"))))
+                                counted(src.iter_chunks(), Progress(f"restore of {rec.path}", rec.size)))
     except Exception as e:
-        summary.results.append(RecordResult(rec["p"], target, "failed", str(e), failure_hint(str(e), opts, target)))
+        summary.results.append(RecordResult(rec.path, target, "failed", str(e), failure_hint(str(e), opts, target)))
         if opts.exit_on_error:
             raise _stopped(summary) from e
         return
-    summary.results.append(RecordResult(rec["p"], target, "restored"))
+    summary.results.append(RecordResult(rec.path, target, "restored"))
 
 
-def _check_selectors(store: Any, s: Session, dumps: list[tuple[dict[str, Any], str]], opts: RestoreOptions,
+def _check_selectors(store: Store, s: Session, dumps: list[tuple[Record, str]], opts: RestoreOptions,
                      min_major: int) -> None:
     """Refuse ``tables``/``schemas`` names that a dump to restore does not contain: pg_restore would select nothing,
     and with ``recreate`` or ``clean`` the database would be emptied with nothing put back. Decided from each dump's
@@ -403,7 +406,7 @@ def _check_selectors(store: Any, s: Session, dumps: list[tuple[dict[str, Any], s
                           "database with databases=): nothing was dropped or restored")
 
 
-def _toc_matches(store: Any, s: Session, rec: dict[str, Any], tool: str, tables: tuple[str, ...],
+def _toc_matches(store: Store, s: Session, rec: Record, tool: str, tables: tuple[str, ...],
                  schemas: tuple[str, ...], sample_size: int = 8) -> tuple[set[str], set[str], list[str]]:
     """Which of ``tables`` (within ``schemas`` when given, as pg_restore combines them) and ``schemas`` the dump's
     TOC holds, and a few table names for the error. Names are matched against the TOC line's text, so memory
@@ -464,7 +467,7 @@ def _create_schemas(s: Session, database: str, schemas: tuple[str, ...]) -> None
         c.commit()
 
 
-def _restore_staged(store: Any, s: Session, rec: dict[str, Any], tool: str, connect_db: str, jobs: int,
+def _restore_staged(store: Store, s: Session, rec: Record, tool: str, connect_db: str, jobs: int,
                     kwargs: dict[str, Any]) -> None:
     """``jobs > 1``: pg_restore needs a seekable file, so the dump is staged in a private temp dir (removed)."""
     tmp = tempfile.mkdtemp(prefix="pgplakar-restore-")

@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..store.sizes import human_bytes
 from . import PgError
 from .iam import password_source
-from .logical import PasswordSource, Session
 from .options import RestoreOptions
 from .restore import NEVER_DROPPED, _plan
 from .secrets import ssl_files
+from .session import LOGICAL_KIND, PHYSICAL_KIND, PasswordSource, Session
 
-LOGICAL_KINDS = ("postgres",)  # source.kind of logical backups (postgres:// and postgres+aws://)
-PHYSICAL_KINDS = ("postgres+bin",)
+if TYPE_CHECKING:
+    from ..store.repo import Snapshot, Store
+
+LOGICAL_KINDS = (LOGICAL_KIND,)  # source.kind of logical backups (postgres:// and postgres+aws://)
+PHYSICAL_KINDS = (PHYSICAL_KIND,)
 
 
 class ConfirmationMismatch(PgError):
@@ -96,14 +99,14 @@ class RestorePlan:
                 "text": self.text()}
 
 
-def pick_snapshot(store: Any, ref: str, *, kind: str, source_contains: str = "", tag: str = "") -> Any:
+def pick_snapshot(store: Store, ref: str, *, kind: str, source_contains: str = "", tag: str = "") -> Snapshot:
     """The snapshot to restore: ``ref`` (an ID or unambiguous prefix) or ``latest``, the newest ``kind`` backup
     (``logical`` or ``physical``) whose origin contains ``source_contains`` and which has ``tag``. An explicit ID of
     the other kind, or one the filters exclude, is refused rather than silently replaced."""
     kinds = LOGICAL_KINDS if kind == "logical" else PHYSICAL_KINDS
     ref = (ref or "").strip()
 
-    def matches(snap: Any) -> bool:
+    def matches(snap: Snapshot) -> bool:
         source = snap.header.get("source") or {}
         return (source.get("kind") in kinds and source_contains in str(source.get("origin") or "")
                 and (not tag or tag in (snap.header.get("tags") or [])))
@@ -123,13 +126,13 @@ def pick_snapshot(store: Any, ref: str, *, kind: str, source_contains: str = "",
     return snap
 
 
-def _header_fields(snap: Any) -> dict[str, Any]:
+def _header_fields(snap: Snapshot) -> dict[str, Any]:
     source = snap.header.get("source") or {}
     return {"snapshot_id": snap.id, "time": snap.time, "origin": str(source.get("origin") or "?"),
             "size_bytes": int((snap.header.get("stats") or {}).get("bytes") or 0)}
 
 
-def plan_logical_restore(store: Any, snap: Any, opts: RestoreOptions, *,
+def plan_logical_restore(store: Store, snap: Snapshot, opts: RestoreOptions, *,
                          password: PasswordSource | None = None) -> RestorePlan:
     """Each dump of ``snap`` selected by ``opts`` with what happens to its target database on the server of
     ``opts`` (looked up in ``pg_database``). A target that is absent without ``recreate`` is refused here (the
@@ -173,7 +176,8 @@ def plan_logical_restore(store: Any, snap: Any, opts: RestoreOptions, *,
     return plan
 
 
-def plan_physical_restore(snap: Any, target_dir: str, tablespace_mapping: dict[str, str] | None = None) -> RestorePlan:
+def plan_physical_restore(snap: Snapshot, target_dir: str,
+                          tablespace_mapping: dict[str, str] | None = None) -> RestorePlan:
     """The data directory a physical restore writes (it must be empty or absent: nothing is overwritten) and where
     each tablespace goes."""
     if not target_dir or not os.path.isabs(target_dir):

@@ -6,8 +6,9 @@ dir that is removed on every exit path, because libpq only takes certificates an
 
 Typical use::
 
-    with tool_environment(opts.conn, password=token) as env:
-        subprocess.run(commands.pg_dump(tool.path, "sales"), env=env, ...)
+    with ssl_files(opts.conn) as files:
+        env = libpq_env(opts.conn, files, password=token, database="sales")
+        ...  # run the tool with env (pg/process.py run_tool)
 """
 
 from __future__ import annotations
@@ -24,23 +25,9 @@ from airflow_provider_pgplakar.pg import OptionError
 from airflow_provider_pgplakar.pg.options import ConnOptions
 
 __all__ = [
-    "CONNECT_TIMEOUT_S", "LIBPQ_ENV_VARS", "TOOL_ENV_ALLOWED", "SslFiles", "base_tool_env", "libpq_env", "ssl_files",
-    "tool_environment",
+    "CONNECT_TIMEOUT_S", "TOOL_ENV_ALLOWED", "SslFiles", "base_tool_env", "libpq_env", "ssl_files",
 ]  # fmt: skip
 
-# Variables libpq (and so every client tool) reads; none is inherited (see TOOL_ENV_ALLOWED), only what the options
-# say reaches the tool.
-LIBPQ_ENV_VARS = frozenset(
-    {
-        "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGPASSFILE", "PGSERVICE",
-        "PGSERVICEFILE", "PGOPTIONS", "PGAPPNAME", "PGCHANNELBINDING", "PGREQUIREAUTH", "PGSSLMODE", "PGREQUIRESSL",
-        "PGSSLNEGOTIATION", "PGSSLCOMPRESSION", "PGSSLCERT", "PGSSLKEY", "PGSSLCERTMODE", "PGSSLROOTCERT",
-        "PGSSLCRL", "PGSSLCRLDIR", "PGSSLSNI", "PGREQUIREPEER", "PGSSLMINPROTOCOLVERSION", "PGSSLMAXPROTOCOLVERSION",
-        "PGMINPROTOCOLVERSION", "PGMAXPROTOCOLVERSION", "PGGSSENCMODE", "PGKRBSRVNAME", "PGGSSLIB",
-        "PGGSSDELEGATION", "PGCONNECT_TIMEOUT", "PGCLIENTENCODING", "PGTARGETSESSIONATTRS", "PGLOADBALANCEHOSTS",
-        "PGDATESTYLE", "PGTZ", "PGGEQO",
-    }
-)  # fmt: skip
 # A firewalled host would otherwise hang a task until Airflow's own timeout; the reference uses 10 s too.
 CONNECT_TIMEOUT_S = 10
 APPLICATION_NAME = "pgplakar"
@@ -171,17 +158,3 @@ def libpq_env(
     }
     env.update({k: v for k, v in optional.items() if v is not None})
     return env
-
-
-@contextmanager
-def tool_environment(
-    conn: ConnOptions,
-    *,
-    password: str | None = None,
-    database: str | None = None,
-    base_env: Mapping[str, str] | None = None,
-    tmp_root: str | None = None,
-) -> Iterator[dict[str, str]]:
-    """:func:`ssl_files` and :func:`libpq_env` in one block: the env is valid until the block exits."""
-    with ssl_files(conn, tmp_root=tmp_root) as files:
-        yield libpq_env(conn, files, password=password, database=database, base_env=base_env)

@@ -25,17 +25,14 @@ from airflow_provider_pgplakar.pg.secrets import base_tool_env
 
 __all__ = [
     "DEBIAN_BIN_GLOB",
-    "TOOL_NAMES",
     "Tool",
     "ToolVersion",
-    "clear_version_cache",
     "find_tool",
     "parse_version",
     "probe_version",
     "server_major",
 ]
 
-TOOL_NAMES = ("pg_dump", "pg_dumpall", "pg_restore", "psql", "pg_basebackup", "pg_verifybackup")
 DEBIAN_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 PROBE_TIMEOUT_S = 10
 
@@ -118,11 +115,6 @@ def server_major(server_version_num: int) -> int:
 # Keyed by the file's identity, so a replaced binary (package upgrade) is probed again.
 _cache: dict[tuple[str, int, int, int, int], ToolVersion] = {}
 _cache_lock = threading.Lock()
-
-
-def clear_version_cache() -> None:
-    with _cache_lock:
-        _cache.clear()
 
 
 def probe_version(path: str, tool: str | None = None) -> ToolVersion:

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import PgError, fingerprint
 from .fingerprint import level_rank
-from .logical import Session
 from .secrets import ssl_files
+from .session import LOGICAL_KIND, PHYSICAL_KIND, Session
 
 if TYPE_CHECKING:
-    from ..store.repo import Store
+    from ..store.repo import Snapshot, Store
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ VERIFY_KEYS = ("databases", "amcheck", "pg_bin_dir", "target")
 def parse_verify_options(options: dict[str, Any] | None) -> VerifyOptions:
     """``databases`` (comma-separated or a list), ``amcheck`` (a boolean), ``pg_bin_dir``; anything else refused."""
     from . import OptionError
+    from .options import parse_bool
 
     opts = dict(options or {})
     unknown = sorted(set(opts) - set(VERIFY_KEYS))
@@ -139,10 +140,7 @@ def parse_verify_options(options: dict[str, Any] | None) -> VerifyOptions:
         dbs = [d.strip() for d in dbs.split(",")]
     amcheck = opts.get("amcheck", False)
     if isinstance(amcheck, str):
-        word = amcheck.strip().lower()
-        if word not in ("true", "1", "yes", "false", "0", "no", ""):
-            raise OptionError("amcheck", f"invalid boolean {amcheck!r} (accepted: true/false, 1/0, yes/no)")
-        amcheck = word in ("true", "1", "yes")
+        amcheck = parse_bool("amcheck", amcheck) if amcheck.strip() else False
     if not isinstance(amcheck, bool):
         raise OptionError("amcheck", f"must be a boolean, got {type(amcheck).__name__}")
     pg_bin_dir = opts.get("pg_bin_dir") or None
@@ -151,9 +149,9 @@ def parse_verify_options(options: dict[str, Any] | None) -> VerifyOptions:
     names = tuple(dict.fromkeys(str(d) for d in dbs if str(d)))
     target = opts.get("target") or None
     if target is not None:
-        from .options import parse_location
+        from .location import PHYSICAL, parse_location
 
-        if not isinstance(target, str) or parse_location(target).scheme == "postgres+bin":
+        if not isinstance(target, str) or parse_location(target).scheme == PHYSICAL:
             raise OptionError("target", "must be a postgres:// or postgres+aws:// location of a scratch server")
     return VerifyOptions(databases=names, amcheck=amcheck, pg_bin_dir=pg_bin_dir, target=target)
 
@@ -223,7 +221,7 @@ def _compare_relation(name: str, rel: dict[str, Any], got: dict[str, Any] | None
 
 # -- verify ----------------------------------------------------------------------------------------------------------
 
-def verify_snapshot(store: Any, snapshot_id: str, *, databases: Sequence[str] = (), amcheck: bool = False,
+def verify_snapshot(store: Store, snapshot_id: str, *, databases: Sequence[str] = (), amcheck: bool = False,
                     pg_bin_dir: str | None = None, extra_dirs: tuple[str, ...] = (), target: Any = None,
                     password: Any = None) -> VerifyReport:
     """Restore ``snapshot_id`` into a throwaway server and compare; the report says PASSED or FAILED (not raised).
@@ -238,16 +236,16 @@ def verify_snapshot(store: Any, snapshot_id: str, *, databases: Sequence[str] = 
     kind = (snap.header.get("source") or {}).get("kind")
     t0 = time.time()
     report = VerifyReport(snapshot_id, amcheck=amcheck, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    if kind == "postgres+bin" and target is not None:
+    if kind == PHYSICAL_KIND and target is not None:
         raise PgError(f"snapshot {snapshot_id[:8]} is physical: it is verified on a throwaway server of its own "
                       "major, not into target=")
-    if kind == "postgres+bin":
+    if kind == PHYSICAL_KIND:
         from .physical_verify import verify_physical
 
         verify_physical(store, snapshot_id, report, databases=tuple(databases), amcheck=amcheck,
                         pg_bin_dir=pg_bin_dir, extra_dirs=extra_dirs)
         return _finish(report, t0)
-    if kind not in ("postgres", None):
+    if kind not in (LOGICAL_KIND, None):
         raise PgError(f"snapshot {snapshot_id[:8]} is a {kind!r} snapshot: verify handles PostgreSQL backups "
                       "(postgres://, postgres+aws://, postgres+bin://)")
     meta = snap.header.get("meta") or {}
@@ -301,7 +299,7 @@ def _check_extensions(s: Session, expected: dict[str, Any], names: list[str], re
                                      f"({report.server}): install it there or set pg_bin_dir to a server that has it")
 
 
-def _restore(store: Any, snapshot_id: str, srv: Any, databases: tuple[str, ...], report: VerifyReport,
+def _restore(store: Store, snapshot_id: str, srv: Any, databases: tuple[str, ...], report: VerifyReport,
              extra_dirs: tuple[str, ...]) -> None:
     from . import restore as restore_mod  # by module: a test injects a faulty restore here
     from .options import RestoreOptions
@@ -340,7 +338,7 @@ def _compare_all(s: Session, expected: dict[str, Any] | None, names: list[str], 
         report.databases.append(rep)
 
 
-def _verify_into_target(store: Any, snapshot_id: str, report: VerifyReport, expected: dict[str, Any] | None,
+def _verify_into_target(store: Store, snapshot_id: str, report: VerifyReport, expected: dict[str, Any] | None,
                         names: list[str], target: Any, password: Any, min_major: int,
                         extra_dirs: tuple[str, ...]) -> None:
     """``target=``: restore each database into a new prefixed database of the user's server; drop them after.
@@ -427,9 +425,9 @@ def store_report(store: Store, report: VerifyReport, *, labels: dict[str, str] |
     return w.snapshot_id
 
 
-def verifications(store: Any, *, errors: list[str] | None = None) -> dict[str, list[Any]]:
+def verifications(store: Store, *, errors: list[str] | None = None) -> dict[str, list[Snapshot]]:
     """``{snapshot id: [verify report snapshots, oldest first]}`` from the labels (no record is read)."""
-    out: dict[str, list[Any]] = {}
+    out: dict[str, list[Snapshot]] = {}
     for snap in store.snapshots(errors=errors):
         if (snap.header.get("source") or {}).get("kind") == VERIFY_KIND:
             target = (snap.header.get("labels") or {}).get(VERIFIES_LABEL)
@@ -440,13 +438,13 @@ def verifications(store: Any, *, errors: list[str] | None = None) -> dict[str, l
     return out
 
 
-def newest_per_source(store: Any, *, errors: list[str] | None = None) -> list[str]:
+def newest_per_source(store: Store, *, errors: list[str] | None = None) -> list[str]:
     """The newest logical or physical backup of each source (manifest-only snapshots and verify reports are not
     backups): what a restore drill verifies."""
-    newest: dict[str, Any] = {}
+    newest: dict[str, Snapshot] = {}
     for snap in store.snapshots(errors=errors):
         source = snap.header.get("source") or {}
-        if source.get("kind") not in ("postgres", "postgres+bin"):
+        if source.get("kind") not in (LOGICAL_KIND, PHYSICAL_KIND):
             continue
         key = f"{source.get('kind')} {source.get('origin')}"
         if key not in newest or snap.time > newest[key].time:

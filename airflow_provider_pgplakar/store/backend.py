@@ -15,7 +15,7 @@ Invariants every backend MUST keep (tested by ``tests/store/test_backend_conform
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,6 +39,11 @@ class Backend(Protocol):
     def stat(self, key: str) -> ObjInfo | None: ...
 
     def delete(self, key: str) -> None: ...
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Delete every key (a missing one is no failure); S3 sends 1000 per request. Raises one StoreError naming
+        every key that could not be deleted, after trying them all."""
+        ...
 
     def now(self) -> float:
         """The storage clock now (used to judge lease age against ``ObjInfo.mtime``)."""

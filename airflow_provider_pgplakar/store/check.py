@@ -27,6 +27,7 @@ from .index import IndexCache
 from .keyfiles import load_checked
 from .pack import decode_blob, pack_key, pack_object_name, parse_pack
 from .reader import chunk_refs, iter_records
+from .record import RecordKind
 
 if TYPE_CHECKING:
     from .repo import Store
@@ -265,9 +266,9 @@ def _check_snapshots(store: Store, cache: IndexCache, rep: CheckReport, bad: dic
         try:
             for rec in iter_records(store, snap):
                 rep.records += 1
-                if rec.get("k") != "f":
+                if rec.kind != RecordKind.FILE:
                     continue
-                where = f"snapshot {short} record {rec.get('p')!r}"
+                where = f"snapshot {short} record {rec.path!r}"
                 try:
                     for blob_id, _raw in chunk_refs(store, rec):
                         loc = cache.lookup(blob_id)
@@ -279,6 +280,6 @@ def _check_snapshots(store: Store, cache: IndexCache, rep: CheckReport, bad: dic
                             hit(pack_object_name(loc.pack_id), reason if len(reason) < 40 else "corrupt data", where)
                             break
                 except IntegrityError as e:
-                    hit(f"chunk list of {rec.get('p')!r}", str(e), where)
+                    hit(f"chunk list of {rec.path!r}", str(e), where)
         except IntegrityError as e:
             hit(f"manifest of snapshot {short}", str(e), f"snapshot {short} (all records)")

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import StoreError
+from .record import Record, RecordKind
 from .safefs import RecordPlan, SafeTree, TargetBlocked, UnsafeRecord, split_path
 
 if TYPE_CHECKING:
+    from .repo import Store
     from .writer import SnapshotWriter
 
 log = logging.getLogger(__name__)
@@ -146,18 +148,19 @@ def _changed(e: OSError, what: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Restore
 
-Records = Iterable[dict[str, Any]] | Callable[[], Iterable[dict[str, Any]]]
+Records = Iterable[Record] | Callable[[], Iterable[Record]]
+_RESTORED = (RecordKind.DIR, RecordKind.FILE, RecordKind.SYMLINK, RecordKind.HARDLINK)
 
 
-def _strip(path: Any, strip: str) -> Any:
-    if strip and strip != "/" and isinstance(path, str):
+def _strip(path: str, strip: str) -> str:
+    if strip and strip != "/":
         prefix = strip.rstrip("/")
         if path == prefix or path.startswith(prefix + "/"):
             return path[len(prefix):] or "/"
     return path
 
 
-def restore_records(store: Any, records: Records, dest: str | os.PathLike[str], *, overwrite: bool = False,
+def restore_records(store: Store, records: Records, dest: str | os.PathLike[str], *, overwrite: bool = False,
                     strip: str = "", sync: bool = True) -> int:
     """Write records below ``dest``; ``strip`` removes a leading snapshot path prefix. Returns files written.
 
@@ -166,7 +169,7 @@ def restore_records(store: Any, records: Records, dest: str | os.PathLike[str], 
     writing anything for a hostile record, and :class:`RestoreIncomplete` after writing when records were skipped.
     """
     if callable(records):
-        again: Callable[[], Iterable[dict[str, Any]]] = records
+        again: Callable[[], Iterable[Record]] = records
     else:
         held = list(records)
         again = lambda: held  # noqa: E731
@@ -190,33 +193,33 @@ def restore_records(store: Any, records: Records, dest: str | os.PathLike[str], 
     return written
 
 
-def _link_parts(rec: dict[str, Any], strip: str) -> Any:
-    lt = rec.get("lt")
-    if not isinstance(lt, str):
-        raise UnsafeRecord(str(rec.get("p")), "it has no link target")
-    return split_path(_strip(lt, strip), rec["p"])
+def _link_parts(rec: Record, strip: str) -> tuple[str, ...]:
+    lt = rec.link_target
+    if lt is None:
+        raise UnsafeRecord(rec.path, "it has no link target")
+    return split_path(_strip(lt, strip), rec.path)
 
 
-def _plan(records: Iterable[dict[str, Any]], strip: str, tree: SafeTree | None,
+def _plan(records: Iterable[Record], strip: str, tree: SafeTree | None,
           overwrite: bool) -> tuple[RecordPlan, list[str]]:
     """Every refusal, before the first byte is written: hostile records, and what is in the way in the target."""
     plan = RecordPlan()
     skipped: list[str] = []
     for rec in records:
-        p = rec.get("p")
-        kind = rec.get("k")
-        parts = split_path(_strip(p, strip), str(p))
-        if kind == "e":
-            skipped.append(f"{p} (not backed up: {rec.get('e')})")
+        p = rec.path
+        kind = rec.kind
+        parts = split_path(_strip(p, strip), p)
+        if kind == RecordKind.ERROR:
+            skipped.append(f"{p} (not backed up: {rec.error})")
             continue
-        if kind not in ("d", "f", "l", "h"):
-            skipped.append(f"{p} (unknown record kind {kind!r})")
+        if kind not in _RESTORED:
+            skipped.append(f"{p} (unknown record kind {str(kind)!r})")
             continue
-        if kind == "l" and (not isinstance(rec.get("lt"), str) or "\0" in rec["lt"]):
-            raise UnsafeRecord(str(p), "its symlink target is missing or contains a NUL byte")
-        plan.add(parts, kind, str(p), link_to=_link_parts(rec, strip) if kind == "h" else None)
+        if kind == RecordKind.SYMLINK and (rec.link_target is None or "\0" in rec.link_target):
+            raise UnsafeRecord(p, "its symlink target is missing or contains a NUL byte")
+        plan.add(parts, kind, p, link_to=_link_parts(rec, strip) if kind == RecordKind.HARDLINK else None)
         if tree is not None:
-            _check_existing(tree, parts, kind, str(p), overwrite)
+            _check_existing(tree, parts, kind, p, overwrite)
     return plan, skipped
 
 
@@ -240,29 +243,31 @@ def _check_existing(tree: SafeTree, parts: tuple[str, ...], kind: str, p: str, o
         raise StoreError(f"{where} already exists (pass --overwrite to replace it)")
 
 
-def _write(store: Any, records: Iterable[dict[str, Any]], strip: str, tree: SafeTree, plan: RecordPlan,
+def _write(store: Store, records: Iterable[Record], strip: str, tree: SafeTree, plan: RecordPlan,
            overwrite: bool) -> int:
-    dirs: list[tuple[tuple[str, ...], dict[str, Any]]] = []
+    dirs: list[tuple[tuple[str, ...], Record]] = []
     written = 0
     for rec in records:
-        kind = rec.get("k")
-        if kind not in ("d", "f", "l", "h"):
+        kind = rec.kind
+        if kind not in _RESTORED:
             continue
-        parts = split_path(_strip(rec["p"], strip), rec["p"])
+        parts = split_path(_strip(rec.path, strip), rec.path)
         if plan.kinds.get(parts) != kind:
-            raise UnsafeRecord(rec["p"], "the snapshot's records changed between validation and restore")
-        attrs = {"mtime_ns": rec.get("t"), "uid": rec.get("u"), "gid": rec.get("g")}
-        if kind == "d":
+            raise UnsafeRecord(rec.path, "the snapshot's records changed between validation and restore")
+        attrs = {"mtime_ns": rec.mtime_ns, "uid": rec.uid, "gid": rec.gid}
+        if kind == RecordKind.DIR:
             tree.mkdir(parts)
             dirs.append((parts, rec))
-        elif kind == "l":
-            tree.symlink(parts, rec["lt"], replace=overwrite, **attrs)
-        elif kind == "h":
+        elif kind == RecordKind.SYMLINK:
+            if rec.link_target is None:
+                raise UnsafeRecord(rec.path, "the snapshot's records changed between validation and restore")
+            tree.symlink(parts, rec.link_target, replace=overwrite, **attrs)
+        elif kind == RecordKind.HARDLINK:
             tree.hardlink(parts, _link_parts(rec, strip), replace=overwrite)
         else:
             with store.open_record(rec) as src:
-                tree.write_file(parts, src.iter_chunks(), replace=True, mode=rec.get("m"), **attrs)
+                tree.write_file(parts, src.iter_chunks(), replace=True, mode=rec.mode, **attrs)
             written += 1
     for parts, rec in reversed(dirs):
-        tree.set_attrs(parts, mode=rec.get("m"), mtime_ns=rec.get("t"), uid=rec.get("u"), gid=rec.get("g"))
+        tree.set_attrs(parts, mode=rec.mode, mtime_ns=rec.mtime_ns, uid=rec.uid, gid=rec.gid)
     return written

@@ -4,7 +4,8 @@ Every long phase (a record's stream, a base backup, a restore, a read-data check
 :class:`Progress`; at most every :data:`EVERY_S` seconds that becomes a line with bytes done, rate, and the share
 done and ETA when the total is known (``~`` marks an estimate, such as a database's size for its dump). Waits
 whose end we cannot measure (a spread checkpoint, a lock, the manifest queries) use :func:`heartbeat`, which says
-what is being waited for at the same rate.
+what is being waited for at the same rate; progress counted in other units (the manifest's databases) uses
+:class:`Ticker`. One interval for all of them: :func:`interval`, ``PGPLAKAR_PROGRESS_EVERY`` seconds (default 30).
 
 Lines go to the module logger (the Airflow task log); the CLI installs a different sink with :func:`set_sink`: a
 redrawn bar on a terminal, JSON lines with ``--json``.
@@ -98,6 +99,11 @@ def set_sink(sink: Callable[[ProgressEvent], None] | None, every: float | None =
     _sink_every = every
 
 
+def interval() -> float:
+    """Seconds between two progress lines: the sink's own (a terminal bar), else :data:`EVERY_S`."""
+    return _sink_every or EVERY_S
+
+
 @dataclass
 class Progress:
     """Bytes done in one named operation; thread-safe, reports at most every interval (and never for short work)."""
@@ -115,7 +121,7 @@ class Progress:
         with self._lock:
             self.done += n
             now = time.monotonic()
-            if now - self._last < (_sink_every or EVERY_S):
+            if now - self._last < interval():
                 return
             self._last = now
             self._reported = True
@@ -129,15 +135,32 @@ class Progress:
                                 final=True))
 
 
+@dataclass
+class Ticker:
+    """Progress in other units than bytes: :meth:`tick` with a status (``3 of 40 database(s) detailed``) reports
+    it at most once per :func:`interval`."""
+
+    what: str
+    _t0: float = field(default_factory=time.monotonic)
+    _last: float = field(default_factory=time.monotonic)
+
+    def tick(self, status: str) -> None:
+        now = time.monotonic()
+        if now - self._last < interval():
+            return
+        self._last = now
+        _sink(ProgressEvent(self.what, 0, None, False, now - self._t0, waiting=status))
+
+
 @contextlib.contextmanager
 def heartbeat(what: str, waiting: str, every: float | None = None) -> Iterator[None]:
     """While the block runs, say every interval that ``what`` is ``waiting`` (e.g. for a spread checkpoint)."""
     stop = threading.Event()
     t0 = time.monotonic()
-    interval = every or _sink_every or EVERY_S
+    seconds = every or interval()
 
     def beat() -> None:
-        while not stop.wait(interval):
+        while not stop.wait(seconds):
             _sink(ProgressEvent(what, 0, None, False, time.monotonic() - t0, waiting=waiting))
 
     thread = threading.Thread(target=beat, name="pgplakar-heartbeat", daemon=True)

@@ -33,6 +33,7 @@ from .intents import delete_intent, env_seconds, list_intents, settle_seconds, w
 from .locks import Lease, acquire, is_stale, list_leases
 from .pack import CHUNKLIST, TREE, decode_blob, pack_key, pack_object_name
 from .reader import chunk_refs, iter_records
+from .record import RecordKind
 
 if TYPE_CHECKING:
     from .repo import Store
@@ -133,9 +134,9 @@ def _mark(store: Store, snapshot_ids: list[str], table: str = "live") -> int:
             for leaf_id, _n in snap.header["manifest"]["leaves"]:
                 add(leaf_id)
             for rec in iter_records(store, snap):
-                for cl in rec.get("cl", ()):
+                for cl in rec.chunk_list_ids():
                     add(cl)
-                if rec.get("k") == "f":
+                if rec.kind == RecordKind.FILE:
                     for b, _ in chunk_refs(store, rec):
                         add(b)
         except StoreError as e:
@@ -231,12 +232,10 @@ def _prune(store: Store, dry_run: bool, lease: Lease, marked: list[str]) -> Prun
     rep.packs_deleted -= len(spared)
     rep.bytes_freed -= sum(s for pid, s in delete + orphans if pid in spared)
     _before_deleting(lease, "superseded index segments")
-    for seg in old_segments + sorted(store.cache.superseded_listed):
-        store.backend.delete(f"index/{seg}")
+    store.backend.delete_many(f"index/{seg}" for seg in old_segments + sorted(store.cache.superseded_listed))
     rep.segments_replaced = len(old_segments)
     _before_deleting(lease, "packs")
-    for pid in sorted(doomed - spared):
-        store.backend.delete(pack_object_name(pid))
+    store.backend.delete_many(pack_object_name(pid) for pid in sorted(doomed - spared))
     delete_intent(store, intent)
     for old in older_intents:
         delete_intent(store, old)

@@ -20,6 +20,7 @@ import msgpack
 from .errors import IntegrityError, ObjectNotFound, StoreError
 from .index import Location
 from .pack import CHUNKLIST, DATA, TREE, decode_blob, pack_key, pack_object_name
+from .record import Record, RecordKind, decode_record
 
 if TYPE_CHECKING:
     from .repo import Snapshot, Store
@@ -54,14 +55,16 @@ def locate(store: Store, blob_id: bytes, where: str = "") -> Location:
     return loc
 
 
-def iter_records(store: Store, snap: Snapshot, prefix: str | None = None) -> Iterator[dict[str, Any]]:
+def iter_records(store: Store, snap: Snapshot, prefix: str | None = None) -> Iterator[Record]:
     """Records in insertion order; ``prefix`` keeps a path and everything below it."""
     store.ensure_read_lease()
     store.sync_index()
+    where = f"snapshot {snap.short_id}"
     for leaf_id, _count in snap.header["manifest"]["leaves"]:
-        leaf = read_blob(store, leaf_id, TREE, f" (manifest of snapshot {snap.short_id})")
-        for rec in msgpack.Unpacker(io.BytesIO(leaf), raw=False):
-            if prefix is None or _under(rec.get("p", ""), prefix):
+        leaf = read_blob(store, leaf_id, TREE, f" (manifest of {where})")
+        for raw in msgpack.Unpacker(io.BytesIO(leaf), raw=False):
+            rec = decode_record(raw, where)
+            if prefix is None or _under(rec.path, prefix):
                 yield rec
 
 
@@ -70,22 +73,34 @@ def _under(path: str, prefix: str) -> bool:
     return not prefix or path == prefix or path.startswith(prefix + "/")
 
 
-def chunk_refs(store: Store, record: dict[str, Any]) -> Iterator[tuple[bytes, int]]:
-    if "c" in record:
-        for blob_id, raw_len in record["c"]:
-            yield blob_id, raw_len
+def chunk_refs(store: Store, record: Record) -> Iterator[tuple[bytes, int]]:
+    """(blob ID, length) of each chunk of a file record, from its inline refs or its chunk-list blobs."""
+    inline = record._chunks
+    if inline is not None:
+        for ref in inline:
+            yield _ref(ref, record)
         return
-    for cl_id in record.get("cl", ()):
-        data = read_blob(store, cl_id, CHUNKLIST, f" (chunk list of {record.get('p')!r})")
-        for blob_id, raw_len in msgpack.unpackb(data, raw=False):
-            yield blob_id, raw_len
+    for cl_id in record.chunk_list_ids():
+        data = read_blob(store, cl_id, CHUNKLIST, f" (chunk list of {record.path!r})")
+        refs = msgpack.unpackb(data, raw=False)
+        if type(refs) is not list:
+            raise IntegrityError(f"record {record.path!r}: a chunk list is not a list")
+        for ref in refs:
+            yield _ref(ref, record)
 
 
-def _groups(store: Store, record: dict[str, Any]) -> Iterator[tuple[Location, list[tuple[bytes, Location]]]]:
+def _ref(ref: object, record: Record) -> tuple[bytes, int]:
+    if type(ref) is list and len(ref) == 2 and type(ref[0]) is bytes and type(ref[1]) is int:
+        return ref[0], ref[1]
+    raise IntegrityError(f"record {record.path!r}: a chunk reference is not [blob ID, length] (the manifest is "
+                         "corrupt or was tampered with)")
+
+
+def _groups(store: Store, record: Record) -> Iterator[tuple[Location, list[tuple[bytes, Location]]]]:
     """Coalesce consecutive chunks that sit close together in one pack into one ranged read."""
     cur: list[tuple[bytes, Location]] = []
     raw = 0
-    where = f" (record {record.get('p')!r})"
+    where = f" (record {record.path!r})"
     for blob_id, _raw in chunk_refs(store, record):
         loc = locate(store, blob_id, where)
         if cur:
@@ -109,16 +124,16 @@ def _groups(store: Store, record: dict[str, Any]) -> Iterator[tuple[Location, li
 class RecordReader(io.RawIOBase):
     """A readable binary stream of one file record, verified chunk by chunk and as a whole at EOF."""
 
-    def __init__(self, store: Store, record: dict[str, Any], prefetch: int = PREFETCH) -> None:
+    def __init__(self, store: Store, record: Record, prefetch: int = PREFETCH) -> None:
         super().__init__()
-        if record.get("k") != "f":
-            raise StoreError(f"{record.get('p')!r} is not a file record (kind {record.get('k')!r})")
+        if record.kind != RecordKind.FILE:
+            raise StoreError(f"{record.path!r} is not a file record (kind {str(record.kind)!r})")
         self.store, self.record = store, record
         store.ensure_read_lease()
         # LIST index/ only when the local index lacks a blob of this record (records come from iter_records, which
         # has just synced): one LIST per opened file made restores of many small files from S3 list-bound.
-        inline = record.get("c")
-        if inline is None or not all(store.cache.has_blob(blob_id) for blob_id, _n in inline):
+        inline = record._chunks
+        if inline is None or not all(store.cache.has_blob(_ref(ref, record)[0]) for ref in inline):
             store.sync_index()
         self._groups = _groups(store, record)
         self._pool = ThreadPoolExecutor(min(prefetch, 4), thread_name_prefix="pgplakar-read")
@@ -126,7 +141,7 @@ class RecordReader(io.RawIOBase):
         self._prefetch = prefetch
         self._buf = memoryview(b"")
         self._chunks: deque[bytes] = deque()
-        self._sha = hashlib.sha256() if "d" in record else None  # records may go without (see add_stream)
+        self._sha = hashlib.sha256() if record.sha256 is not None else None  # records may go without (see add_stream)
         self._size = 0
         self._eof = False
         self._fill()
@@ -140,13 +155,13 @@ class RecordReader(io.RawIOBase):
         try:
             data = memoryview(self.store.backend.get(name, first.offset, last.offset + last.length - first.offset))
         except ObjectNotFound as e:
-            raise IntegrityError(f"{e} (needed by record {self.record.get('p')!r})") from None
+            raise IntegrityError(f"{e} (needed by record {self.record.path!r})") from None
         okey = pack_key(self.store.keys, first.salt)
         out = []
         for blob_id, loc in members:
             rel = loc.offset - first.offset
             out.append(decode_blob(okey, DATA, blob_id, data[rel : rel + loc.length], loc.raw_len, self.store.keys,
-                                   f"{name} (record {self.record.get('p')!r})"))
+                                   f"{name} (record {self.record.path!r})"))
         return out
 
     def _fill(self) -> None:
@@ -185,10 +200,10 @@ class RecordReader(io.RawIOBase):
     def _finish(self) -> None:
         self._eof = True
         rec = self.record
-        if self._size != rec.get("s"):
-            raise IntegrityError(f"record {rec.get('p')!r}: {self._size} bytes read, the manifest says {rec.get('s')}")
-        if self._sha is not None and self._sha.digest() != rec.get("d"):
-            raise IntegrityError(f"record {rec.get('p')!r}: the SHA-256 does not match the manifest")
+        if self._size != rec.size:
+            raise IntegrityError(f"record {rec.path!r}: {self._size} bytes read, the manifest says {rec.size}")
+        if self._sha is not None and self._sha.digest() != rec.sha256:
+            raise IntegrityError(f"record {rec.path!r}: the SHA-256 does not match the manifest")
 
     def iter_chunks(self) -> Iterator[bytes]:
         """Chunk-sized pieces without an extra copy (fast path for restore to a file or pipe)."""

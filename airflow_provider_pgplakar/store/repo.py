@@ -43,6 +43,7 @@ from .objects import open_object
 
 if TYPE_CHECKING:
     from .reader import RecordReader
+    from .record import Record
     from .writer import SnapshotWriter
 
 log = logging.getLogger(__name__)
@@ -308,21 +309,23 @@ class Store:
             raise AmbiguousSnapshotId(f"{ref!r} matches {len(found)} snapshots: give more digits")
         return found[0]
 
-    def records(self, snap: Snapshot | str, prefix: str | None = None) -> Iterator[dict[str, Any]]:
+    def records(self, snap: Snapshot | str, prefix: str | None = None) -> Iterator[Record]:
+        """The snapshot's records (:class:`~.record.Record`) in insertion order; ``prefix`` keeps a path and
+        everything below it. A record with a wrong-typed field raises :class:`IntegrityError` naming it."""
         from .reader import iter_records
 
         return iter_records(self, snap if isinstance(snap, Snapshot) else self.load_snapshot(snap), prefix)
 
-    def open_record(self, record: dict[str, Any]) -> RecordReader:
+    def open_record(self, record: Record) -> RecordReader:
         """A verified binary stream of a file record's content (see :class:`~.reader.RecordReader`)."""
         from .reader import RecordReader
 
         return RecordReader(self, record)
 
-    def find_record(self, snap: Snapshot | str, path: str) -> dict[str, Any]:
+    def find_record(self, snap: Snapshot | str, path: str) -> Record:
         snapshot = snap if isinstance(snap, Snapshot) else self.load_snapshot(snap)
         for rec in self.records(snapshot):
-            if rec.get("p") == path:
+            if rec.path == path:
                 return rec
         raise StoreError(f"no record {path!r} in snapshot {snapshot.short_id}")
 

@@ -125,8 +125,9 @@ class Duration:
 
 
 _DURATION_UNITS = {"y": "years", "m": "months", "w": "weeks", "d": "days", "h": "hours"}
-# At most 9 digits per number: larger values mean "all history" anyway, and bound the parse.
-_DURATION_RE = re.compile(r"(?:[0-9]{1,9}[ymwdh])+")
+# One number and its unit; at most 9 digits per number: larger values mean "all history" anyway, and bound the parse.
+_DURATION_PART = re.compile(rf"([0-9]{{1,9}})([{''.join(_DURATION_UNITS)}])")
+_DURATION_RE = re.compile(rf"(?:{_DURATION_PART.pattern})+")
 DURATION_HELP = "y years, m months, w weeks, d days, h hours, combined as in 1y6m or 7d12h"
 
 
@@ -135,7 +136,7 @@ def parse_duration(text: str) -> Duration:
     if not isinstance(text, str) or not _DURATION_RE.fullmatch(text):
         raise ValueError(f"keep_within: {text!r} is not a duration ({DURATION_HELP})")
     total = dict.fromkeys(_DURATION_UNITS.values(), 0)
-    for number, unit in re.findall(r"([0-9]+)([ymwdh])", text):
+    for number, unit in _DURATION_PART.findall(text):
         total[_DURATION_UNITS[unit]] += int(number)  # a repeated unit adds up, as in restic
     weeks = total.pop("weeks")
     total["days"] += 7 * weeks

@@ -262,7 +262,7 @@ def _backup(server: PgServer, store: Store, database: str, **kw: Any) -> str:
 
 
 def _dump_bytes(store: Store, sid: str) -> bytes:
-    (rec,) = [r for r in store.records(sid) if r["p"].endswith(".dump")]
+    (rec,) = [r for r in store.records(sid) if r.path.endswith(".dump")]
     with store.open_record(rec) as f:
         return f.read()
 

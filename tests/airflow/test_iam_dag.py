@@ -22,7 +22,7 @@ import botocore.auth
 import pytest
 from psycopg import sql
 
-from airflow_provider_pgplakar.hooks.postgres import PgPlakarPostgresHook
+from airflow_provider_pgplakar.hooks.postgres import PgPlakarPostgresHook, password_source
 from airflow_provider_pgplakar.pg import OptionError
 from airflow_provider_pgplakar.pg.iam import IamAuthError, IamTokenSource
 from airflow_provider_pgplakar.store.repo import Store
@@ -77,29 +77,32 @@ def fake_amazon_provider(monkeypatch: pytest.MonkeyPatch, *, region: str | None,
 def test_iam_extra_makes_a_postgres_aws_source(monkeypatch: pytest.MonkeyPatch) -> None:
     set_conn(monkeypatch, "rds", host=RDS_HOST, login="backup_iam", schema="app",
              extra={"iam": True, "region_name": "eu-central-1", "sslmode": "require", "pg_bin_dir": "/opt/pg/bin"})
-    hook = PgPlakarPostgresHook("rds")
-    opts = hook.source_options()
+    source = PgPlakarPostgresHook("rds").source_options()
+    opts = source.options
     assert opts.scheme == "postgres+aws" and opts.conn.iam and opts.conn.password is None
     assert (opts.conn.host, opts.conn.port, opts.conn.username) == (RDS_HOST, 5432, "backup_iam")
     assert opts.conn.region == "eu-central-1" and opts.conn.ssl_mode == "require"
     assert opts.database == "app" and opts.exclude_databases == ("rdsadmin",) and opts.pg_bin_dir == "/opt/pg/bin"
-    assert hook.aws_conn_id is None
-    assert isinstance(hook.password_source(opts), IamTokenSource)
+    assert source.aws_conn_id is None
+    assert isinstance(password_source(opts, source.aws_conn_id), IamTokenSource)
     # operator options override; without region_name the region comes from the host name
     set_conn(monkeypatch, "rds", host=RDS_HOST, login="backup_iam", extra={"iam": "true"})
-    assert PgPlakarPostgresHook("rds").source_options().conn.ssl_mode == "require"  # the default for IAM
-    ropts = PgPlakarPostgresHook("rds").restore_options({"database": "scratch", "region": "us-west-1"})
+    assert PgPlakarPostgresHook("rds").source_options().options.conn.ssl_mode == "require"  # the default for IAM
+    ropts = PgPlakarPostgresHook("rds").restore_options({"database": "scratch", "region": "us-west-1"}).options
     assert ropts.conn.region == "us-west-1" and ropts.database == "scratch" and ropts.scheme == "postgres+aws"
-    assert PgPlakarPostgresHook("rds").source_options().conn.region == "ap-northeast-1"
+    hostonly = PgPlakarPostgresHook("rds").source_options()
+    assert hostonly.options.conn.region is None  # resolved where tokens are made, not while parsing
+    assert password_source(hostonly.options, hostonly.aws_conn_id).region == "ap-northeast-1"  # type: ignore[union-attr]
 
 
 def test_without_iam_nothing_changes(monkeypatch: pytest.MonkeyPatch) -> None:
     set_conn(monkeypatch, "plain", host="db", login="u", password="pw",
              extra={"iam": False, "region_name": "eu-west-1", "aws_conn_id": "aws_x"})
-    hook = PgPlakarPostgresHook("plain")
-    opts = hook.source_options()
+    source = PgPlakarPostgresHook("plain").source_options()
+    opts = source.options
     assert opts.scheme == "postgres" and opts.conn.password == "pw" and opts.conn.region is None
-    assert hook.password_source(opts) is None
+    assert source.aws_conn_id is None  # aws_conn_id of a connection without "iam" is ignored
+    assert password_source(opts, source.aws_conn_id) is None
 
 
 @pytest.mark.parametrize(
@@ -122,7 +125,8 @@ def test_iam_connection_errors(monkeypatch: pytest.MonkeyPatch, fields: dict[str
     monkeypatch.setitem(sys.modules, "airflow.providers.amazon", None)  # not installed (import raises)
     set_conn(monkeypatch, "bad", **fields)
     with pytest.raises(error, match=match) as info:
-        PgPlakarPostgresHook("bad").source_options()
+        source = PgPlakarPostgresHook("bad").source_options()
+        password_source(source.options, source.aws_conn_id)  # resolves the region (its error is raised here)
     assert "\n" not in str(info.value) and "static" not in str(info.value)
 
 
@@ -132,10 +136,10 @@ def test_aws_conn_id_uses_the_aws_connection(monkeypatch: pytest.MonkeyPatch) ->
     calls = fake_amazon_provider(monkeypatch, region="ap-south-1", key="AKIAFROMAWSCONN0000")
     set_conn(monkeypatch, "rds", host="10.0.0.5", port=5433, login="backup_iam",
              extra={"iam": True, "aws_conn_id": "aws_backup"})
-    hook = PgPlakarPostgresHook("rds")
-    opts = hook.source_options()
-    assert opts.conn.region == "ap-south-1" and hook.aws_conn_id == "aws_backup"  # the AWS connection's region
-    token = hook.password_source(opts)()
+    source = PgPlakarPostgresHook("rds").source_options()
+    opts = source.options
+    assert opts.conn.region == "ap-south-1" and source.aws_conn_id == "aws_backup"  # the AWS connection's region
+    token = password_source(opts, source.aws_conn_id)()
     assert token.startswith("10.0.0.5:5433/?Action=connect&DBUser=backup_iam&")
     assert "X-Amz-Credential=AKIAFROMAWSCONN0000%2F20260701%2Fap-south-1%2Frds-db%2F" in token
     assert set(calls) == {"aws_backup"}
@@ -143,7 +147,27 @@ def test_aws_conn_id_uses_the_aws_connection(monkeypatch: pytest.MonkeyPatch) ->
     # region_name on the postgres connection wins over the AWS connection's
     set_conn(monkeypatch, "rds", host="10.0.0.5", login="backup_iam",
              extra={"iam": True, "aws_conn_id": "aws_backup", "region_name": "us-east-2"})
-    assert PgPlakarPostgresHook("rds").source_options().conn.region == "us-east-2"
+    assert PgPlakarPostgresHook("rds").source_options().options.conn.region == "us-east-2"
+
+
+def test_successive_calls_never_share_an_aws_conn_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One hook, two calls while the connection changes: each result keeps its own aws_conn_id, so the first
+    options' tokens are still signed with the first AWS connection (the hook used to keep the last one)."""
+    calls = fake_amazon_provider(monkeypatch, region="ap-south-1", key="AKIAFROMAWSCONN0000")
+    set_conn(monkeypatch, "rds", host="10.0.0.5", login="backup_iam", extra={"iam": True, "aws_conn_id": "aws_a"})
+    hook = PgPlakarPostgresHook("rds")
+    first = hook.source_options()
+    set_conn(monkeypatch, "rds", host="10.0.0.5", login="backup_iam", extra={"iam": True, "region_name": REGION})
+    second = hook.restore_options()
+    assert (first.aws_conn_id, second.aws_conn_id) == ("aws_a", None)
+    calls.clear()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIADEFAULTCHAIN0000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    second_token = password_source(second.options, second.aws_conn_id)()
+    assert calls == [] and "X-Amz-Credential=AKIADEFAULTCHAIN0000%2F" in second_token  # boto3's chain
+    first_token = password_source(first.options, first.aws_conn_id)()
+    assert calls == ["aws_a"] and "X-Amz-Credential=AKIAFROMAWSCONN0000%2F" in first_token
+    assert not hasattr(hook, "aws_conn_id")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -106,5 +106,5 @@ def test_both_names_are_one_option(monkeypatch: pytest.MonkeyPatch) -> None:
     extra = {"ssl_cert_data": PEM_CERT, "ssl_key_data": PEM_KEY.replace("masked", "oldkey")}
     monkeypatch.setenv("AIRFLOW_CONN_PG_TLS", json.dumps({"conn_type": "postgres", "host": "db", "login": "u",
                                                           "extra": extra}))
-    opts = PgPlakarPostgresHook("pg_tls").source_options({"ssl_private_key_data": PEM_KEY})
+    opts = PgPlakarPostgresHook("pg_tls").source_options({"ssl_private_key_data": PEM_KEY}).options
     assert opts.conn.ssl_key_data == PEM_KEY

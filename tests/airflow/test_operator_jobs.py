@@ -25,7 +25,7 @@ def test_backup_operator_jobs_parameter(store: Store, pg15: PgServer, db: str) -
         header = store.load_snapshot(op.execute(ctx)).header
         assert header["meta"]["options"]["jobs"] == 3
         assert set(header["meta"]["databases"]) >= {db, other}
-        dumps = [r["x"]["database"] for r in store.records(header["id"]) if r["p"].endswith(".dump")]
+        dumps = [r.meta["database"] for r in store.records(header["id"]) if r.path.endswith(".dump")]
         assert dumps == header["meta"]["databases"]  # listing order, as with jobs=1
 
         with pytest.raises(OptionError, match="jobs"):

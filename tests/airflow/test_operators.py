@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_pgplakar.operators.base import idempotency_key
 from airflow_provider_pgplakar.operators.logical import (
     PgPlakarBackupOperator,
     PgPlakarManifestOperator,
     PgPlakarRestoreOperator,
-    idempotency_key,
 )
 from airflow_provider_pgplakar.pg import PgError
 from airflow_provider_pgplakar.pg.process import TaskCancelled
@@ -102,12 +102,12 @@ def test_manifest_operator_writes_a_manifest_only_snapshot(db: str, store: Store
     sid = PgPlakarManifestOperator(task_id="manifest", database=db).execute(context(ti))
     snap = store.load_snapshot(sid)
     assert snap.header["source"]["kind"] == "postgres-manifest"
-    assert [r["p"] for r in store.records(snap) if r.get("k") == "f"] == ["/manifest.json"]
+    assert [r.path for r in store.records(snap) if r.kind == "f"] == ["/manifest.json"]
     manifest = json.loads(store.open_record(store.find_record(snap, "/manifest.json")).read())
     assert "items" in json.dumps(manifest) and "notes" in json.dumps(manifest)
     # the same task context for a full backup is a different snapshot (the key is suffixed for manifests)
     full = PgPlakarBackupOperator(task_id="manifest", database=db).execute(context(ti))
-    assert full != sid and {r["p"] for r in store.records(full)} >= {"/manifest.json", f"/00001-{db}.dump"}
+    assert full != sid and {r.path for r in store.records(full)} >= {"/manifest.json", f"/00001-{db}.dump"}
 
 
 def test_restore_operator_with_templated_snapshot_id_and_options(db: str, store: Store, pg15: PgServer) -> None:

@@ -244,13 +244,13 @@ def test_planning_refusals(pg15: PgServer, store: Store, backed_up: tuple[str, s
         pick_snapshot(store, "latest", kind="logical", source_contains="elsewhere")
     snap = store.load_snapshot(sid)
     # restoring into a database the target lacks, without recreate
-    opts = hook.restore_options({"databases": name, "database": f"{name}_missing"})
+    opts = hook.restore_options({"databases": name, "database": f"{name}_missing"}).options
     with pytest.raises(PgError, match=f"database '{name}_missing' does not exist on the target server: set "
                                       "recreate=true"):
         plan_logical_restore(store, snap, opts)
     with pytest.raises(OptionError, match="clean and recreate are mutually exclusive"):
         hook.restore_options({"clean": "true", "recreate": "true"})
-    into = plan_logical_restore(store, snap, hook.restore_options({"databases": name, "database": "postgres"}))
+    into = plan_logical_restore(store, snap, hook.restore_options({"databases": name, "database": "postgres"}).options)
     assert [(t.target, t.action) for t in into.targets] == [("postgres", "restore-into")] and not into.destructive
     with pytest.raises(ConfirmationMismatch, match="nothing was changed"):
         check_confirmation(into, "")

@@ -70,7 +70,7 @@ def test_tar_with_tablespace_links_is_accepted(store) -> None:
     sid = back_up_tar(store, [("PG_VERSION", "f", b"15\n"), ("pg_tblspc", "d", None),
                               ("pg_tblspc/16384", "l", "/srv/ts"), ("global", "d", None),
                               ("global/pg_control", "f", b"c" * 8192), ("global/same", "h", "global/pg_control")])
-    kinds = {r["p"]: r["k"] for r in store.records(sid)}
+    kinds = {r.path: r.kind for r in store.records(sid)}
     assert kinds["/data/pg_tblspc/16384"] == "l" and kinds["/data/global/same"] == "h"
 
 
@@ -108,10 +108,10 @@ def test_files_backup_does_not_follow_an_entry_swapped_for_a_symlink(store, sand
     with store.writer(source={"kind": "files", "origin": str(src)}) as w:
         files.backup_path(w, src)
     monkeypatch.undo()
-    recs = {r["p"]: r for r in store.records(w.snapshot_id)}
-    assert recs["/victim"]["k"] == "e" and "replaced by a symlink" in recs["/victim"]["e"]
-    assert recs["/dir"]["k"] == "e" and "/dir/inner" not in recs
+    recs = {r.path: r for r in store.records(w.snapshot_id)}
+    assert recs["/victim"].kind == "e" and "replaced by a symlink" in recs["/victim"].error
+    assert recs["/dir"].kind == "e" and "/dir/inner" not in recs
     for rec in recs.values():
-        if rec["k"] == "f":
+        if rec.kind == "f":
             with store.open_record(rec) as r:
                 assert b"s3cret" not in r.read()

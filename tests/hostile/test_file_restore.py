@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from airflow_provider_pgplakar.store.files import RestoreIncomplete, restore_records
+from airflow_provider_pgplakar.store.record import Record
 from airflow_provider_pgplakar.store.safefs import UnsafeRecord
 from tests.hostile.trees import listing
 
@@ -149,7 +150,7 @@ def test_skipped_records_fail_the_restore_naming_them(store, sandbox) -> None:
 
 def test_unknown_kind_is_skipped_and_reported(store, sandbox, monkeypatch) -> None:
     sid = snapshot(store, lambda w: w.add_bytes("/x", b"x"))
-    recs = list(store.records(sid)) + [{"p": "/future", "k": "z"}]
+    recs = list(store.records(sid)) + [Record.of("/future", "z")]
     with pytest.raises(RestoreIncomplete, match=r"/future \(unknown record kind 'z'\)"):
         restore_records(store, recs, sandbox.target)
     assert (sandbox.target / "x").read_bytes() == b"x"

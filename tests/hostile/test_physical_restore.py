@@ -12,6 +12,7 @@ import os
 import pytest
 
 from airflow_provider_pgplakar.pg.datadir import PhysicalRestoreError, physical_restore
+from airflow_provider_pgplakar.store.errors import IntegrityError
 from airflow_provider_pgplakar.store.safefs import UnsafeRecord
 from tests.hostile.trees import listing
 
@@ -113,6 +114,16 @@ def test_hardlink_outside(store, sandbox) -> None:
 def test_error_record_is_refused_before_writing(store, sandbox) -> None:
     sid = phys_snapshot(store, lambda w: w.add_error("/data/base/1/1259", "unreadable"))
     refused(store, sandbox, sid, PhysicalRestoreError, "was not backed up")
+
+
+@pytest.mark.parametrize("tampered", [{"p": "/data/global", "k": "d", "u": "0"},
+                                      {"p": "/data/pg_hba.conf", "k": "f", "s": 1, "m": "0777"},
+                                      {"p": "/data/base", "k": "l", "lt": 7}])
+def test_wrong_typed_record_is_refused_before_writing(store, sandbox, tampered) -> None:
+    """A manifest entry with a wrong-typed field (a tampered store) fails decoding with the record named, before
+    anything is written, in place of a TypeError midway through the restore."""
+    sid = phys_snapshot(store, lambda w: w._manifest.add(tampered))
+    refused(store, sandbox, sid, IntegrityError, f"record '{tampered['p']}' of snapshot .*: its ")
 
 
 def test_tablespace_is_never_wiped_without_explicit_mapping(store, sandbox) -> None:

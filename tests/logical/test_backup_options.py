@@ -80,7 +80,7 @@ def _records(store: Store, snap: str) -> list[dict[str, Any]]:
 
 
 def _dumps(store: Store, snap: str) -> dict[str, dict[str, Any]]:
-    return {r["x"]["database"]: r for r in _records(store, snap) if (r.get("x") or {}).get("type") == "dump"}
+    return {r.meta["database"]: r for r in _records(store, snap) if r.meta.get("type") == "dump"}
 
 
 def _read(store: Store, rec: dict[str, Any]) -> bytes:
@@ -92,9 +92,9 @@ def test_single_database(store, src) -> None:
     res = _backup(store, src, database="alpha")
     assert res.databases == ["alpha"]
     recs = _records(store, res.snapshot_id)
-    assert [r["p"] for r in recs] == ["/manifest.json", "/00000-globals.sql", "/00001-alpha.dump", "/fingerprints.json"]
-    assert [(r.get("x") or {}).get("type") for r in recs] == ["manifest", "globals", "dump", "fingerprints"]
-    assert recs[2]["x"]["database"] == "alpha"
+    assert [r.path for r in recs] == ["/manifest.json", "/00000-globals.sql", "/00001-alpha.dump", "/fingerprints.json"]
+    assert [r.meta.get("type") for r in recs] == ["manifest", "globals", "dump", "fingerprints"]
+    assert recs[2].meta["database"] == "alpha"
     manifest = json.loads(_read(store, recs[0]))
     assert manifest["pgplakar"]["databases_dumped"] == ["alpha"]
     assert b"CREATE ROLE alpha_owner" in _read(store, recs[1])
@@ -108,7 +108,7 @@ def test_exclude_databases(store, src) -> None:
     assert {"alpha", "postgres"} <= set(res.databases)
     dumps = _dumps(store, res.snapshot_id)
     assert set(dumps) == set(res.databases)
-    assert not any("beta" in r["p"] for r in _records(store, res.snapshot_id))
+    assert not any("beta" in r.path for r in _records(store, res.snapshot_id))
 
 
 def test_schema_only_restores_empty_tables(store, src, target_db) -> None:
@@ -123,7 +123,7 @@ def test_schema_only_restores_empty_tables(store, src, target_db) -> None:
 
 def test_data_only_has_no_globals_and_fills_existing_schema(store, src, target_db, alpha_state) -> None:
     res = _backup(store, src, database="alpha", data_only="true")
-    paths = [r["p"] for r in _records(store, res.snapshot_id)]
+    paths = [r.path for r in _records(store, res.snapshot_id)]
     assert paths == ["/manifest.json", "/00001-alpha.dump", "/fingerprints.json"]
     assert "pg_dumpall" not in store.load_snapshot(res.snapshot_id).header["meta"]["tool_versions"]
     with src.connect(target_db) as c:
@@ -149,8 +149,8 @@ def test_compress(store, src, target_db, alpha_state, tmp_path) -> None:
     packed = _backup(store, src, database="alpha", compress="true")
     plain_rec, packed_rec = _dumps(store, plain.snapshot_id)["alpha"], _dumps(store, packed.snapshot_id)["alpha"]
     plain_data, packed_data = _read(store, plain_rec), _read(store, packed_rec)
-    assert plain_rec["s"] == len(plain_data) and packed_rec["s"] == len(packed_data)
-    assert plain_rec["d"] != packed_rec["d"]
+    assert plain_rec.size == len(plain_data) and packed_rec.size == len(packed_data)
+    assert plain_rec.sha256 != packed_rec.sha256
     assert len(packed_data) * 4 < len(plain_data), (len(packed_data), len(plain_data))
     # both are valid custom-format archives; pg_restore sees the compression difference
     assert _compression_line(src, plain_data, tmp_path, "plain.dump") in ("0", "none")

@@ -185,43 +185,59 @@ def test_region_from_rds_host_names() -> None:
         assert region_from_host(host) is None, host
 
 
+def token_region(conn: ConnOptions) -> str:
+    """The region the tokens of ``conn`` are signed for (resolved when the token source is made)."""
+    return IamTokenSource(conn).region
+
+
 def test_region_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     rds_loc = f"postgres+aws://u@{RDS_HOST}/app"
     # 4. the RDS host name, when nothing else says
-    assert parse_source_options(rds_loc).conn.region == "eu-west-3"
+    assert token_region(parse_source_options(rds_loc).conn) == "eu-west-3"
     # 3. the profile's region beats the host name
     config = tmp_path / "config"
     config.write_text("[default]\nregion = us-west-2\n[profile other]\nregion = ca-central-1\n")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
-    assert parse_source_options(rds_loc).conn.region == "us-west-2"
+    assert token_region(parse_source_options(rds_loc).conn) == "us-west-2"
     monkeypatch.setenv("AWS_PROFILE", "other")
-    assert parse_source_options(rds_loc).conn.region == "ca-central-1"
+    assert token_region(parse_source_options(rds_loc).conn) == "ca-central-1"
     # 2. AWS_DEFAULT_REGION beats the profile, AWS_REGION beats both
     monkeypatch.setenv("AWS_DEFAULT_REGION", "sa-east-1")
-    assert parse_source_options(rds_loc).conn.region == "sa-east-1"
+    assert token_region(parse_source_options(rds_loc).conn) == "sa-east-1"
     monkeypatch.setenv("AWS_REGION", "me-south-1")
-    assert parse_restore_options(rds_loc).conn.region == "me-south-1"
+    assert token_region(parse_restore_options(rds_loc).conn) == "me-south-1"
     # 1. the option beats everything; an empty option means unset
-    assert parse_source_options(rds_loc, {"region": "us-east-1"}).conn.region == "us-east-1"
-    assert parse_source_options(rds_loc, {"region": ""}).conn.region == "me-south-1"
+    assert token_region(parse_source_options(rds_loc, {"region": "us-east-1"}).conn) == "us-east-1"
+    assert token_region(parse_source_options(rds_loc, {"region": ""}).conn) == "me-south-1"
     assert resolve_region("af-south-1", "db.example.com") == "af-south-1"
+
+
+def test_parsing_never_reads_the_aws_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken AWS configuration (an unknown profile) fails the token source, never the parsing of options."""
+    monkeypatch.setenv("AWS_PROFILE", "nosuchprofile")
+    monkeypatch.setenv("AWS_REGION", "Not A Region")
+    opts = parse_source_options(f"postgres+aws://u@{RDS_HOST}/app")
+    assert opts.conn.iam and opts.conn.region is None and opts.conn.ssl_mode == "require"
+    assert parse_restore_options("postgres+aws://u@db.example.com/app").conn.region is None
+    with pytest.raises(OptionError, match="region: 'Not A Region' from AWS_REGION is not an AWS region"):
+        IamTokenSource(opts.conn)
 
 
 def test_region_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(OptionError) as info:
-        parse_source_options("postgres+aws://u@db.example.com/app")
+        password_source(parse_source_options("postgres+aws://u@db.example.com/app").conn)
     msg = str(info.value)
     assert info.value.option == "region" and "\n" not in msg
     assert "region=" in msg and "AWS_REGION" in msg and "db.example.com" in msg
     with pytest.raises(OptionError, match="region: 'Virginia' is not an AWS region"):
-        parse_source_options(f"postgres+aws://u@{RDS_HOST}/app", {"region": "Virginia"})
+        parse_source_options(f"postgres+aws://u@{RDS_HOST}/app", {"region": "Virginia"})  # an option: at parsing
     monkeypatch.setenv("AWS_DEFAULT_REGION", "EU_WEST_3")
     with pytest.raises(OptionError, match="region: 'EU_WEST_3' from AWS_DEFAULT_REGION is not an AWS region"):
-        parse_source_options(f"postgres+aws://u@{RDS_HOST}/app")
+        IamTokenSource(parse_source_options(f"postgres+aws://u@{RDS_HOST}/app").conn)
     monkeypatch.delenv("AWS_DEFAULT_REGION")
     monkeypatch.setenv("AWS_PROFILE", "nosuchprofile")
     with pytest.raises(IamAuthError, match="nosuchprofile.*fix AWS_PROFILE"):
-        parse_source_options("postgres+aws://u@db.example.com/app")
+        IamTokenSource(parse_source_options("postgres+aws://u@db.example.com/app").conn)
 
 
 @pytest.mark.parametrize(
@@ -250,7 +266,7 @@ def test_ssl_mode_defaults_to_require_for_iam_only() -> None:
     """An active attacker on ``prefer`` can downgrade the connection and read the IAM token: require by default."""
     assert parse_source_options(f"postgres+aws://u@{RDS_HOST}/app").conn.ssl_mode == "require"
     assert parse_restore_options(f"postgres+aws://u@{RDS_HOST}/app").conn.ssl_mode == "require"
-    assert ConnOptions(username="u", region=REGION).ssl_mode == "require"
+    assert ConnOptions(username="u", iam=True).ssl_mode == "require"
     assert parse_source_options(f"postgres+aws://u@{RDS_HOST}/app", {"ssl_mode": "prefer"}).conn.ssl_mode == "prefer"
     assert parse_source_options("postgres://u@db/app").conn.ssl_mode == "prefer"
     assert ConnOptions().ssl_mode == "prefer"
@@ -279,7 +295,7 @@ def test_exclude_databases_default_and_explicit_empty() -> None:
 
 
 def _conn(host: str = "127.0.0.1", port: int = 5432, ssl_mode: str = "require") -> ConnOptions:
-    return ConnOptions(host=host, port=port, username=IAM_USER, region=REGION, ssl_mode=ssl_mode)
+    return ConnOptions(host=host, port=port, username=IAM_USER, iam=True, region=REGION, ssl_mode=ssl_mode)
 
 
 def test_token_is_deterministic_for_a_frozen_clock(monkeypatch: pytest.MonkeyPatch, clock: Clock) -> None:
@@ -379,7 +395,7 @@ def test_backup_and_restore_use_the_token_boto3_makes(rds: PgServer, store: Stor
     assert res.databases == ["app"]
     assert any("--no-role-passwords" in w for w in res.warnings)  # RDS-like user: pg_authid is unreadable
     assert "ssl_mode=prefer is weaker than require" in caplog.text
-    records = {r["p"]: r for r in store.records(res.snapshot_id)}
+    records = {r.path: r for r in store.records(res.snapshot_id)}
     assert set(records) == {"/manifest.json", "/00000-globals.sql", "/00001-app.dump", "/fingerprints.json"}
     globals_sql = read(store, records["/00000-globals.sql"]).decode()
     assert "CREATE ROLE app_reader;" in globals_sql and f"CREATE ROLE {IAM_USER};" in globals_sql
@@ -450,7 +466,7 @@ def test_a_fresh_token_for_every_connection_and_every_tool(rds: PgServer, store:
     opts = parse_source_options(aws_location(rds), aws_opts(rds, ssl_mode="prefer"))
     res = logical_backup(store, opts, password=IamTokenSource(opts.conn, on_token=rotate))
     assert "rdsadmin" not in res.databases and {"app", "postgres", "template1"} <= set(res.databases)
-    assert not any("rdsadmin" in r["p"] for r in store.records(res.snapshot_id))
+    assert not any("rdsadmin" in r.path for r in store.records(res.snapshot_id))
     consumers = [c for c, _ in used]
     assert consumers.count("pg_dumpall") == 1 and consumers.count("pg_dump") == len(res.databases)
     # database list and pg_authid probe, then the manifest: its main connection and one per non-template database
@@ -458,7 +474,7 @@ def test_a_fresh_token_for_every_connection_and_every_tool(rds: PgServer, store:
     # then per dumped database the fingerprint session that exports the snapshot and the probe that imports it
     snapshots = [f"connect {d}" for d in res.databases for _ in range(2)]
     assert [c for c in consumers if c.startswith("connect ")] == ["connect postgres"] * 2 + details + snapshots
-    manifest = json.loads(read(store, next(r for r in store.records(res.snapshot_id) if r["p"] == "/manifest.json")))
+    manifest = json.loads(read(store, next(r for r in store.records(res.snapshot_id) if r.path == "/manifest.json")))
     assert [e for e in manifest["errors"] if e["section"] == "connect"] == []
     assert [p for _, p in used] == made and len(set(made)) == len(made)  # one new token per consumer, in order
 
@@ -493,7 +509,7 @@ def test_explicit_empty_exclude_databases_keeps_rdsadmin(rds: PgServer, store: S
     set_password(rds, boto3_token(rds))
     res = logical_backup(store, parse_source_options(aws_location(rds), aws_opts(rds, exclude_databases="")))
     assert "rdsadmin" in res.databases
-    assert any(r["p"].endswith("-rdsadmin.dump") for r in store.records(res.snapshot_id))
+    assert any(r.path.endswith("-rdsadmin.dump") for r in store.records(res.snapshot_id))
 
 
 def test_cli_backup_and_restore(rds: PgServer, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch,

@@ -101,7 +101,7 @@ def cluster(src: PgServer) -> Iterator[list[str]]:
 def _records(store: Any, snap: str) -> list[tuple[Any, ...]]:
     """What a restore reads: path, kind, mode and metadata of every record, in manifest order (dump contents
     differ in pg_dump's timestamp only, so they are compared by restoring)."""
-    return [(r["p"], r["k"], r.get("m"), r.get("x")) for r in store.records(snap)]
+    return [(r.path, r.kind, r.mode, r.meta) for r in store.records(snap)]
 
 
 def _restore_counts(store: Any, snap: str, dst: PgServer, names: list[str]) -> dict[str, tuple[int, ...]]:
@@ -230,7 +230,7 @@ def test_cli_backup_with_jobs(src, cluster, tmp_path, monkeypatch, capsys) -> No
     snap = json.loads(capsys.readouterr().out)["snapshot"]
     with Store.open(str(tmp_path / "cli-store"), "cli jobs passphrase") as st:
         header = st.load_snapshot(snap).header
-        dumps = [r["x"]["database"] for r in st.records(snap) if r["p"].endswith(".dump")]
+        dumps = [r.meta["database"] for r in st.records(snap) if r.path.endswith(".dump")]
     assert header["meta"]["options"]["jobs"] == 3 and dumps == sorted(cluster, key=lambda n: n.encode())
     assert cli_main([*at, "backup", location, f"pg_bin_dir={src.bin_dir}", "jobs=0"]) == 1
     assert "jobs: 0 is out of range (must be between 1 and 32)" in capsys.readouterr().err

@@ -14,10 +14,11 @@ import pytest
 from psycopg import sql
 
 from airflow_provider_pgplakar.pg import PgError
-from airflow_provider_pgplakar.pg.logical import dump_path, logical_backup
+from airflow_provider_pgplakar.pg.logical import logical_backup
 from airflow_provider_pgplakar.pg.options import parse_restore_options, parse_source_options
 from airflow_provider_pgplakar.pg.process import ToolFailed
 from airflow_provider_pgplakar.pg.restore import logical_restore
+from airflow_provider_pgplakar.pg.session import dump_path
 from airflow_provider_pgplakar.store.check import check
 from airflow_provider_pgplakar.store.errors import StoreError
 from tests.logical.conftest import module_server, src_opts
@@ -81,8 +82,8 @@ def test_awkward_database_names_round_trip(store, src, dst) -> None:
         location, opts = src_opts(src)
         res = logical_backup(store, parse_source_options(location, opts))
         assert set(NAMES) <= set(res.databases)
-        recs = [r for r in store.records(res.snapshot_id) if (r.get("x") or {}).get("type") == "dump"]
-        by_db = {r["x"]["database"]: r["p"] for r in recs}
+        recs = [r for r in store.records(res.snapshot_id) if r.meta.get("type") == "dump"]
+        by_db = {r.meta["database"]: r.path for r in recs}
         assert set(NAMES) <= set(by_db)
         assert len(set(by_db.values())) == len(by_db)  # no two names collapse onto one path
         for name in NAMES:
@@ -241,7 +242,7 @@ def test_pg_dump_killed_mid_stream_commits_nothing(store, src) -> None:
         assert not os.path.exists(f"/proc/{killer.killed}")  # reaped, nothing left running
         _no_partial_snapshot(store, ids_before)
         # the store is still usable: the earlier snapshot restores its records
-        assert [r["p"] for r in store.records(first.snapshot_id) if r["p"].endswith(".dump")][-1].endswith(
+        assert [r.path for r in store.records(first.snapshot_id) if r.path.endswith(".dump")][-1].endswith(
             "-postgres.dump")
     finally:
         _drop_db(src, "big")
@@ -326,7 +327,7 @@ def test_database_dropped_before_its_dump_is_skipped_and_recorded(store, src, ds
         assert header["meta"]["skipped_databases"] == ["vk_scratch"]
         assert header["meta"]["warnings"] == res.warnings
         assert header["meta"]["databases"] == res.databases
-        dumps = {r["x"]["database"] for r in store.records(res.snapshot_id) if r["p"].endswith(".dump")}
+        dumps = {r.meta["database"] for r in store.records(res.snapshot_id) if r.path.endswith(".dump")}
         assert dumps == set(res.databases)  # no empty record stands in for the skipped database
         # the others are complete: restore them and count
         location, ropts = src_opts(dst, recreate="true", databases="vk_alpha,vk_zulu", no_globals="true")
@@ -386,7 +387,8 @@ def test_exclude_databases_takes_shell_patterns(store, src) -> None:
     import json
 
     from airflow_provider_pgplakar.pg import OptionError
-    from airflow_provider_pgplakar.pg.logical import MANIFEST_PATH, excluded
+    from airflow_provider_pgplakar.pg.logical import excluded
+    from airflow_provider_pgplakar.pg.session import MANIFEST_PATH
 
     names = ("xp_keep", "xp_a_restore_check", "xp_b_restore_check")
     for name in names:

@@ -55,7 +55,7 @@ def test_full_cluster_recreate_into_empty_server(pg_factory, store, target_versi
     location, opts = src_opts(src)
     res = logical_backup(store, parse_source_options(location, opts))
     assert "shop" in res.databases and "postgres" in res.databases and "template1" in res.databases
-    paths = [r["p"] for r in store.records(res.snapshot_id)]
+    paths = [r.path for r in store.records(res.snapshot_id)]
     assert paths[0] == "/manifest.json" and paths[1] == "/00000-globals.sql"
     assert paths[2:-1] == [f"/{i:05d}-{db}.dump" for i, db in enumerate(res.databases, 1)]
     assert paths[-1] == "/fingerprints.json"

@@ -336,7 +336,7 @@ def test_verify_full_scram_backup_and_restore(ssl_setup: SslSetup, store: Any, s
     res = _backup(store, opts)
     assert res.databases == ["shop"]
     assert store.snapshot_ids() == [res.snapshot_id]
-    paths = [r["p"] for r in store.records(res.snapshot_id)]
+    paths = [r.path for r in store.records(res.snapshot_id)]
     assert paths == ["/manifest.json", "/00000-globals.sql", "/00001-shop.dump", "/fingerprints.json"]
 
     target = ssl_setup.new_db()
@@ -405,8 +405,8 @@ def test_client_certificate_login(ssl_setup: SslSetup, store: Any, spy: Spy, for
     assert res.databases == ["shop"]
     # not a superuser: pg_authid is unreadable, so roles are dumped without passwords (a warning says so)
     assert any("pg_authid" in w for w in res.warnings)
-    dumps = [r for r in store.records(res.snapshot_id) if r["p"].endswith(".dump")]
-    assert [r["p"] for r in dumps] == ["/00001-shop.dump"]
+    dumps = [r for r in store.records(res.snapshot_id) if r.path.endswith(".dump")]
+    assert [r.path for r in dumps] == ["/00001-shop.dump"]
 
     target = ssl_setup.new_db(owner=CERT_ROLE)
     ropts = _opts(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,13 +13,36 @@ from psycopg.conninfo import conninfo_to_dict
 
 from airflow_provider_pgplakar.pg import OptionError, commands
 from airflow_provider_pgplakar.pg.options import ConnOptions, parse_restore_options, parse_source_options
-from airflow_provider_pgplakar.pg.secrets import (
-    LIBPQ_ENV_VARS,
-    base_tool_env,
-    libpq_env,
-    ssl_files,
-    tool_environment,
-)
+from airflow_provider_pgplakar.pg.secrets import base_tool_env, libpq_env, ssl_files
+
+# Variables libpq (and so every client tool) reads; none may be inherited (pg/secrets.py's TOOL_ENV_ALLOWED): only
+# what the options say reaches the tool.
+LIBPQ_ENV_VARS = frozenset(
+    {
+        "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGPASSFILE", "PGSERVICE",
+        "PGSERVICEFILE", "PGOPTIONS", "PGAPPNAME", "PGCHANNELBINDING", "PGREQUIREAUTH", "PGSSLMODE", "PGREQUIRESSL",
+        "PGSSLNEGOTIATION", "PGSSLCOMPRESSION", "PGSSLCERT", "PGSSLKEY", "PGSSLCERTMODE", "PGSSLROOTCERT",
+        "PGSSLCRL", "PGSSLCRLDIR", "PGSSLSNI", "PGREQUIREPEER", "PGSSLMINPROTOCOLVERSION", "PGSSLMAXPROTOCOLVERSION",
+        "PGMINPROTOCOLVERSION", "PGMAXPROTOCOLVERSION", "PGGSSENCMODE", "PGKRBSRVNAME", "PGGSSLIB",
+        "PGGSSDELEGATION", "PGCONNECT_TIMEOUT", "PGCLIENTENCODING", "PGTARGETSESSIONATTRS", "PGLOADBALANCEHOSTS",
+        "PGDATESTYLE", "PGTZ", "PGGEQO",
+    }
+)  # fmt: skip
+
+
+@contextmanager
+def tool_environment(
+    conn: ConnOptions,
+    *,
+    password: str | None = None,
+    database: str | None = None,
+    base_env: Mapping[str, str] | None = None,
+    tmp_root: str | None = None,
+) -> Iterator[dict[str, str]]:
+    """:func:`ssl_files` and :func:`libpq_env` in one block: the env is valid until the block exits."""
+    with ssl_files(conn, tmp_root=tmp_root) as files:
+        yield libpq_env(conn, files, password=password, database=database, base_env=base_env)
+
 
 PEM_CERT = "-----BEGIN CERTIFICATE-----\nMIIBclientcert\n-----END CERTIFICATE-----\n"
 PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIIEsupersecretkey\n-----END PRIVATE KEY-----\n"
@@ -296,51 +321,6 @@ def test_psql_script_file_and_stop_on_error() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# pg_basebackup
-
-
-def test_pg_basebackup_defaults() -> None:
-    assert commands.pg_basebackup("pg_basebackup") == [
-        "pg_basebackup",
-        "--no-password",
-        "--pgdata=-",
-        "--format=tar",
-        "--wal-method=fetch",
-        "--checkpoint=spread",
-    ]
-
-
-def test_pg_basebackup_all_options() -> None:
-    assert commands.pg_basebackup(
-        "pg_basebackup", pgdata="/backup/dir", wal_method="stream", checkpoint="fast", max_rate=102400, label="nightly"
-    ) == [
-        "pg_basebackup",
-        "--no-password",
-        "--pgdata=/backup/dir",
-        "--format=tar",
-        "--wal-method=stream",
-        "--checkpoint=fast",
-        "--max-rate=102400",
-        "--label=nightly",
-    ]
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"wal_method": "stream"}, "cannot write to stdout"),
-        ({"wal_method": "archive"}, "wal_method must be"),
-        ({"checkpoint": "immediate"}, "checkpoint must be"),
-        ({"pgdata": ""}, "pgdata"),
-        ({"label": ""}, "label"),
-    ],
-)
-def test_pg_basebackup_refuses(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        commands.pg_basebackup("pg_basebackup", **kwargs)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Secrets never in argv: they all travel in the environment
 
 
@@ -353,7 +333,6 @@ def all_argvs_for(location: str, options: dict[str, str]) -> list[list[str]]:
         commands.pg_dump("pg_dump", src.database, compress=src.compress),
         commands.pg_restore("pg_restore", dst.database, clean=True, no_owner=True),
         commands.psql_script("psql", "postgres", exit_on_error=True),
-        commands.pg_basebackup("pg_basebackup", checkpoint="fast", max_rate=1024),
     ]
 
 
@@ -430,7 +409,7 @@ def test_env_is_an_allowlist_of_os_environ(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_env_iam_token_is_the_password() -> None:
-    iam = ConnOptions(host="rds", username="iam", region="us-east-1", ssl_mode="require")
+    iam = ConnOptions(host="rds", username="iam", iam=True, region="us-east-1", ssl_mode="require")
     with tool_environment(iam, password="token-abc", base_env={}) as env:
         assert env["PGPASSWORD"] == "token-abc" and env["PGUSER"] == "iam"
     with pytest.raises(ValueError, match="IAM token"):

@@ -598,6 +598,6 @@ def test_connect_error_names_target_but_never_the_password(built: Built) -> None
     assert "password authentication failed" in message
     with pytest.raises(PgConnectError, match=r"^cannot connect to 127\.0\.0\.1:1/postgres as x: "):
         connect(ConnOptions(host="127.0.0.1", port=1, username="x", password="pw-secret"), SslFiles(), "postgres")
-    iam = ConnOptions(host="h", username="u", region="us-east-1", ssl_mode="require")
+    iam = ConnOptions(host="h", username="u", iam=True, region="us-east-1", ssl_mode="require")
     with pytest.raises(ValueError, match="IAM token"):
         connect(iam, SslFiles(), "postgres")

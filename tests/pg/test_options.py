@@ -1,4 +1,4 @@
-"""Option parsing: seed names, defaults and precedence; every invalid value refused up front, naming the option."""
+"""Option parsing (pg/options.py): names, defaults and precedence; every invalid value refused up front."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from contextlib import contextmanager
 import pytest
 
 from airflow_provider_pgplakar.pg import OptionError
+from airflow_provider_pgplakar.pg.location import parse_location
 from airflow_provider_pgplakar.pg.options import (
     ConnOptions,
     LogicalSourceOptions,
     PhysicalSourceOptions,
     RestoreOptions,
-    parse_location,
     parse_restore_options,
     parse_server_compression,
     parse_source_options,
@@ -34,94 +34,6 @@ def raises_option(option: str, match: str | None = None) -> Iterator[pytest.Exce
         yield info
     assert info.value.option == option, str(info.value)
     assert str(info.value).startswith(f"{option}: ")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Location URI
-
-
-def test_location_full_uri_with_percent_decoding() -> None:
-    loc = parse_location("postgres://u%40x:p%2Fw%3A%25@db.example.com:6543/sal%20es")
-    assert (loc.scheme, loc.host, loc.port, loc.username, loc.password, loc.database) == (
-        "postgres",
-        "db.example.com",
-        6543,
-        "u@x",
-        "p/w:%",
-        "sal es",
-    )
-
-
-@pytest.mark.parametrize(
-    ("location", "scheme"),
-    [
-        ("postgres://h", "postgres"),
-        ("postgresql://h", "postgres"),
-        ("POSTGRES://h", "postgres"),
-        ("postgres+aws://u@h", "postgres+aws"),
-        ("postgresql+aws://u@h", "postgres+aws"),
-        ("postgres+bin://h", "postgres+bin"),
-        ("postgresql+bin://h", "postgres+bin"),
-    ],
-)
-def test_location_schemes(location: str, scheme: str) -> None:
-    assert parse_location(location).scheme == scheme
-
-
-@pytest.mark.parametrize(
-    ("location", "host", "port", "database"),
-    [
-        ("postgres://", None, None, None),
-        ("postgres:///", None, None, None),
-        ("postgres://h/", "h", None, None),
-        ("postgres://h:5433", "h", 5433, None),
-        ("postgres://[::1]:5433/db", "::1", 5433, "db"),
-        ("postgres://[fe80::1]/db", "fe80::1", None, "db"),
-        ("postgres://%2Fvar%2Frun%2FPostgreSQL/db", "/var/run/PostgreSQL", None, "db"),
-        ("postgres://h/My%2FDb", "h", None, "My/Db"),
-        ("postgres://h/%C3%B1am%C3%A9", "h", None, "ñamé"),
-        ("postgres://h/-dash", "h", None, "-dash"),
-    ],
-)
-def test_location_host_port_database(location: str, host: str | None, port: int | None, database: str | None) -> None:
-    loc = parse_location(location)
-    assert (loc.host, loc.port, loc.database) == (host, port, database)
-
-
-def test_location_empty_password_is_present_but_unset() -> None:
-    loc = parse_location("postgres://u:@h")
-    assert loc.username == "u" and loc.password is None and loc.has_password
-
-
-@pytest.mark.parametrize(
-    ("location", "match"),
-    [
-        ("", "required"),
-        ("db.example.com", "expected postgres://"),
-        ("mysql://h/db", "unsupported scheme 'mysql'"),
-        ("postgres://h/db?sslmode=require", "query strings"),
-        ("postgres://h/db#frag", "query strings"),
-        ("postgres://h:99999/db", "port must be"),
-        ("postgres://h:0/db", "port must be"),
-        ("postgres://h:abc/db", "port must be"),
-        ("postgres://::1/db", "IPv6 hosts must be written in brackets"),
-        ("postgres://[::1/db", "unterminated"),
-        ("postgres://[::1]x/db", "unexpected text"),
-        ("postgres://h/a/b", "single database name"),
-        ("postgres://h/%FF", "percent-encoding"),
-    ],
-)
-def test_location_errors(location: str, match: str) -> None:
-    with raises_option("location", match):
-        parse_location(location)
-
-
-def test_location_errors_never_echo_the_password() -> None:
-    # An unencoded "/" in the password cuts the authority short, so part of it lands where the port goes.
-    with pytest.raises(OptionError) as info:
-        parse_location("postgres://user:s3cr/et@h/db")
-    assert "s3cr" not in str(info.value)
-    assert "percent-encode" in str(info.value)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -468,15 +380,16 @@ def test_restore_errors(location: str, options: dict, option: str, match: str) -
         (lambda: ConnOptions(port=True), "port"),
         (lambda: ConnOptions(host=""), "host"),
         (lambda: ConnOptions(ssl_mode="on"), "ssl_mode"),
-        (lambda: ConnOptions(region="us-east-1"), "username"),
-        (lambda: ConnOptions(region="us-east-1", username="u", password="p"), "password"),
+        (lambda: ConnOptions(iam=True, region="us-east-1"), "username"),
+        (lambda: ConnOptions(region="us-east-1", username="u"), "region"),
+        (lambda: ConnOptions(iam=True, region="us-east-1", username="u", password="p"), "password"),
         (lambda: LogicalSourceOptions(conn=ConnOptions(), compress="yes"), "compress"),
         (lambda: LogicalSourceOptions(conn=ConnOptions(), exclude_databases="a,b"), "exclude_databases"),
         (lambda: LogicalSourceOptions(conn="postgres://h"), "conn"),
         (lambda: LogicalSourceOptions(conn=ConnOptions(), database=""), "database"),
         (lambda: PhysicalSourceOptions(conn=ConnOptions(), max_rate=1), "max_rate"),
         (lambda: PhysicalSourceOptions(conn=ConnOptions(), server_compression="brotli"), "server_compression"),
-        (lambda: PhysicalSourceOptions(conn=ConnOptions(region="us-east-1", username="u")), "location"),
+        (lambda: PhysicalSourceOptions(conn=ConnOptions(iam=True, username="u")), "location"),
         (lambda: RestoreOptions(conn=ConnOptions(), jobs=0), "jobs"),
         (lambda: RestoreOptions(conn=ConnOptions(), tables=("",)), "tables"),
         (lambda: RestoreOptions(conn=ConnOptions(), clean=True, recreate=True), "clean"),
@@ -491,7 +404,7 @@ def test_direct_construction_normalises_sequences_to_tuples() -> None:
     opts = RestoreOptions(conn=ConnOptions(), databases=["a", "b"], tables=["t"])
     assert opts.databases == ("a", "b") and opts.tables == ("t",)
     assert LogicalSourceOptions(conn=ConnOptions(), exclude_databases=["x"]).exclude_databases == ("x",)
-    assert LogicalSourceOptions(conn=ConnOptions(region="us-east-1", username="u")).exclude_databases == ("rdsadmin",)
+    assert LogicalSourceOptions(conn=ConnOptions(iam=True, username="u")).exclude_databases == ("rdsadmin",)
 
 
 def test_options_are_frozen() -> None:

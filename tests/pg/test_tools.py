@@ -13,17 +13,23 @@ from pathlib import Path
 import pytest
 
 from airflow_provider_pgplakar.pg import ToolBroken, ToolNotFound, ToolVersionError, tools
-from airflow_provider_pgplakar.pg.tools import TOOL_NAMES, find_tool, parse_version, probe_version, server_major
+from airflow_provider_pgplakar.pg.tools import find_tool, parse_version, probe_version, server_major
 from tests.helpers import need
 
 DEBIAN_15 = Path("/usr/lib/postgresql/15/bin")
+TOOL_NAMES = ("pg_dump", "pg_dumpall", "pg_restore", "psql", "pg_basebackup", "pg_verifybackup")
+
+
+def clear_version_cache() -> None:
+    with tools._cache_lock:
+        tools._cache.clear()
 
 
 @pytest.fixture(autouse=True)
 def _fresh_cache() -> Iterator[None]:
-    tools.clear_version_cache()
+    clear_version_cache()
     yield
-    tools.clear_version_cache()
+    clear_version_cache()
 
 
 def fake_tool(directory: Path, name: str, output: str, *, status: int = 0, counter: Path | None = None) -> Path:

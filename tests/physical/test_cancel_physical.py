@@ -11,6 +11,7 @@ from airflow_provider_pgplakar.pg import process as process_mod
 from airflow_provider_pgplakar.pg.datadir import physical_restore
 from airflow_provider_pgplakar.pg.physical import physical_backup
 from airflow_provider_pgplakar.pg.process import TaskCancelled, cancel
+from airflow_provider_pgplakar.store.record import Record
 from tests.physical.conftest import phys_opts, scratch_dir
 
 
@@ -25,8 +26,8 @@ def test_cancel_stops_a_physical_restore(when: str, pg_factory, pg_manager, stor
     added: list[str] = []
     real_add, real_finish = datadir._Writer.add, datadir._Writer.finish
 
-    def add(self: Any, rec: dict[str, Any]) -> None:
-        added.append(rec["p"])
+    def add(self: Any, rec: Record) -> None:
+        added.append(rec.path)
         real_add(self, rec)
         if when == "files" and len(added) == 20:
             cancel()  # as on_kill does, from the signal handler or another thread

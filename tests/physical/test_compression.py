@@ -23,8 +23,8 @@ _VOLATILE = ("/data/backup_label", "/data/backup_manifest", "/data/global/pg_con
 
 
 def _contents(store, snapshot_id: str) -> dict[str, list]:
-    return {r["p"]: list(chunk_refs(store, r)) for r in store.records(snapshot_id)
-            if r["k"] == "f" and not r["p"].startswith(_VOLATILE)}
+    return {r.path: list(chunk_refs(store, r)) for r in store.records(snapshot_id)
+            if r.kind == "f" and not r.path.startswith(_VOLATILE)}
 
 
 def test_compressed_streams_store_the_same_blobs(pg_factory, pg_manager, store) -> None:

@@ -91,7 +91,7 @@ def test_live_cluster_with_tablespace_roundtrip(pg_factory, pg_manager, store, v
     header = store.load_snapshot(result.snapshot_id).header
     assert header["source"]["kind"] == "postgres+bin" and header["meta"]["end_lsn"] == result.end_lsn
     assert header["meta"]["server_compression"] == ("lz4" if version == 15 else "none")
-    recs = {r["p"]: r for r in store.records(result.snapshot_id)}
+    recs = {r.path: r for r in store.records(result.snapshot_id)}
     paths = list(recs)
     assert paths[0] == "/manifest.json"
     manifest = json.loads(store.open_record(recs["/manifest.json"]).read())
@@ -101,13 +101,13 @@ def test_live_cluster_with_tablespace_roundtrip(pg_factory, pg_manager, store, v
                  f"/tablespaces/{ts_oid}"):
         assert path in recs, path
     link = recs[f"/data/pg_tblspc/{ts_oid}"]
-    assert link["k"] == "l" and link["lt"] == str(ts_dir)
-    assert any(p.startswith(f"/tablespaces/{ts_oid}/PG_{version}_") and recs[p]["k"] == "f" for p in paths)
-    assert any(p.startswith("/data/pg_wal/") and recs[p]["k"] == "f" for p in paths)
+    assert link.kind == "l" and link.link_target == str(ts_dir)
+    assert any(p.startswith(f"/tablespaces/{ts_oid}/PG_{version}_") and recs[p].kind == "f" for p in paths)
+    assert any(p.startswith("/data/pg_wal/") and recs[p].kind == "f" for p in paths)
     accounts = recs[f"/data/{accounts_file}"]
-    assert accounts["m"] == 0o600 and accounts["s"] > 4 * RELATION_BLOCK_SIZE
+    assert accounts.mode == 0o600 and accounts.size > 4 * RELATION_BLOCK_SIZE
     sizes = [n for _, n in chunk_refs(store, accounts)]
-    assert all(n == RELATION_BLOCK_SIZE for n in sizes[:-1]) and sum(sizes) == accounts["s"]
+    assert all(n == RELATION_BLOCK_SIZE for n in sizes[:-1]) and sum(sizes) == accounts.size
 
     # --- restore, verify, start, check
     root = scratch_dir(pg_manager, "restored")
@@ -122,7 +122,7 @@ def test_live_cluster_with_tablespace_roundtrip(pg_factory, pg_manager, store, v
     if os.geteuid() == 0:  # as root: the snapshot's owner names (PostgreSQL's archives say "postgres")
         import pwd
 
-        owner = pwd.getpwnam(accounts["un"])
+        owner = pwd.getpwnam(accounts.uname)
         assert ((root / "data" / accounts_file).stat().st_uid, (root / "data").stat().st_uid) == (owner.pw_uid,) * 2
     with restored_server(pg_manager, src, root, new_ts) as dst:
         with dst.connect() as c:

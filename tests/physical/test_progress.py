@@ -37,8 +37,8 @@ def test_physical_backup_logs_progress_against_the_server_estimate_and_the_check
     assert ticks and all("/s" in m for m in ticks), lines
     assert any(" ETA " in m for m in ticks)
     (final,) = [m for m in ticks if "done in" in m]
-    archived = sum(r.get("s", 0) for r in store.records(result.snapshot_id)
-                   if r["k"] == "f" and r["p"].startswith(("/data/", "/tablespaces/")))
+    archived = sum(r.size or 0 for r in store.records(result.snapshot_id)
+                   if r.kind == "f" and r.path.startswith(("/data/", "/tablespaces/")))
     done_mib = float(final.removeprefix("base backup: ").split(" MiB", 1)[0])
     assert abs(done_mib - archived / 2**20) < 0.01 * archived / 2**20, (final, archived)
 

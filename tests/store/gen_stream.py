@@ -167,7 +167,7 @@ def _write(args: argparse.Namespace) -> int:
         st2.close()
     report = {
         "snapshot": w.snapshot_id, "record_size": info.size, "record_sha256": info.sha256,
-        "manifest_size": rec["s"], "manifest_sha256": rec["d"].hex(), "chunk_lists": len(rec.get("cl", ())),
+        "manifest_size": rec.size, "manifest_sha256": rec.sha256.hex(), "chunk_lists": len(list(rec.chunk_list_ids())),
         "restored_bytes": total, "restored_sha256": sha.hexdigest(), "stats": header["stats"],
         "write_seconds": round(write_s, 3), "read_seconds": round(read_s, 3),
         "vm_hwm_kib_after_write": hwm_write, "vm_hwm_kib": vm_hwm_kib(),

@@ -29,6 +29,7 @@ from airflow_provider_pgplakar.store.index import read_segment
 from airflow_provider_pgplakar.store.keyfiles import load_checked
 from airflow_provider_pgplakar.store.pack import DATA, PREFIX_LEN, TRAILER_LEN, pack_object_name
 from airflow_provider_pgplakar.store.prune import repair_index
+from airflow_provider_pgplakar.store.reader import chunk_refs
 from airflow_provider_pgplakar.store.repo import Store
 from tests.store.conftest import PASSPHRASE
 
@@ -121,7 +122,7 @@ def all_affects(rep: check_mod.CheckReport) -> list[str]:
 def data_blob_of(store: Store, snap_id: str, path: str) -> tuple[str, int, int]:
     """(pack key, offset, length) of the first content chunk of a record."""
     rec = store.find_record(snap_id, path)
-    blob_id = rec["c"][0][0]
+    blob_id = next(chunk_refs(store, rec))[0]
     loc = store.cache.lookup(blob_id)
     assert loc is not None and loc.blob_type == DATA
     return pack_object_name(loc.pack_id), loc.offset, loc.length
@@ -154,8 +155,9 @@ def test_flipped_data_blob_never_yields_wrong_bytes_in_a_stream(two: TwoSnapshot
     """Reading chunk by chunk: whatever came out before the error is a correct prefix; the bad chunk never comes."""
     st, a = two.store, two.a
     rec = st.find_record(a.id, "/x")
-    assert len(rec["c"]) == 5
-    last_blob = rec["c"][-1][0]
+    refs = list(chunk_refs(st, rec))
+    assert len(refs) == 5
+    last_blob = refs[-1][0]
     loc = st.cache.lookup(last_blob)
     assert loc is not None
     flip(st, pack_object_name(loc.pack_id), loc.offset + loc.length - 1)  # inside the last chunk's tag

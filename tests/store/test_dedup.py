@@ -35,7 +35,7 @@ def _write(st: Store, files: dict[str, bytes], **kwargs: Any) -> dict[str, Any]:
 
 
 def _assert_restores(st: Store, snap_id: str, files: dict[str, bytes]) -> None:
-    recs = {r["p"]: r for r in st.records(snap_id)}
+    recs = {r.path: r for r in st.records(snap_id)}
     assert sorted(recs) == sorted(files)
     for path, data in files.items():
         with st.open_record(recs[path]) as r:
@@ -171,10 +171,10 @@ def test_dedup_across_two_store_instances_on_one_location(store: Store, location
         cli = json.loads(proc.stdout)
         assert cli["stats"]["bytes"] == shared_bytes + extra
         assert cli["stats"]["new_raw_bytes"] < 64 * KiB, cli["stats"]
-        recs = {r["p"]: r for r in b.records(cli["id"])}
+        recs = {r.path: r for r in b.records(cli["id"])}
         for path, data in (shared | only_b).items():
             rec = recs["/" + Path(path).name]
-            assert rec["d"] == hashlib.sha256(data).digest()
+            assert rec.sha256 == hashlib.sha256(data).digest()
             with b.open_record(rec) as r:
                 assert r.read() == data
     finally:

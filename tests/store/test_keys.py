@@ -18,6 +18,7 @@ from airflow_provider_pgplakar.store import check as check_mod
 from airflow_provider_pgplakar.store import errors
 from airflow_provider_pgplakar.store.keyfiles import dump_checked, load_checked
 from airflow_provider_pgplakar.store.pack import pack_object_name
+from airflow_provider_pgplakar.store.reader import chunk_refs
 from airflow_provider_pgplakar.store.repo import Store
 from tests.helpers import need
 from tests.store.conftest import PASSPHRASE
@@ -193,7 +194,7 @@ def test_raw_key(store: Store, location: str, tmp_path: Path) -> None:
 # -- plaintext stores --------------------------------------------------------------------------------------------------
 def test_encrypted_blobs_are_not_stored_in_clear(store: Store) -> None:
     snap = _backup(store)
-    loc = store.cache.lookup(store.find_record(snap, "/f")["c"][0][0])
+    loc = store.cache.lookup(next(chunk_refs(store, store.find_record(snap, "/f")))[0])
     assert loc is not None
     pack = store.backend.get(pack_object_name(loc.pack_id))
     assert DATA[:64] not in pack and DATA[-64:] not in pack
@@ -213,11 +214,12 @@ def test_plaintext_round_trip(location: str, tmp_path: Path) -> None:
 
     # not encrypted: the content sits in the pack as is ...
     rec = reopened.find_record(snap, "/f")
-    loc = reopened.cache.lookup(rec["c"][0][0])
+    first_blob, first_len = next(chunk_refs(reopened, rec))
+    loc = reopened.cache.lookup(first_blob)
     assert loc is not None
     pack_key = pack_object_name(loc.pack_id)
     sealed = reopened.backend.get(pack_key, loc.offset, loc.length)
-    assert DATA[:rec["c"][0][1]] in sealed
+    assert DATA[:first_len] in sealed
 
     # ... but still verified: a flipped byte is an IntegrityError, never wrong bytes
     data = bytearray(reopened.backend.get(pack_key))

@@ -52,3 +52,14 @@ def test_heartbeat_says_what_it_waits_for(events: list[ProgressEvent]) -> None:
     count = len(events)
     time.sleep(0.1)
     assert len(events) == count  # stopped with the block
+
+
+def test_ticker_reports_counts_at_the_same_interval(events: list[ProgressEvent]) -> None:
+    ticker = progress.Ticker("manifest")
+    ticker.tick("1 of 3 database(s) detailed (a)")
+    assert events == []  # within the first interval
+    time.sleep(0.06)
+    ticker.tick("2 of 3 database(s) detailed (b)")
+    ticker.tick("3 of 3 database(s) detailed (c)")  # within the next interval: throttled
+    (event,) = events
+    assert event.text().startswith("manifest: 2 of 3 database(s) detailed (b) (0:00:00 so far)")

@@ -42,9 +42,9 @@ def _snapshot(st: Store, files: dict[str, bytes]) -> str:
 def _content(st: Store, sid: str) -> dict[str, bytes]:
     out = {}
     for rec in st.records(sid):
-        if rec.get("k") == "f":
+        if rec.kind == "f":
             with st.open_record(rec) as f:
-                out[rec["p"]] = f.read()
+                out[rec.path] = f.read()
     return out
 
 

@@ -90,7 +90,7 @@ def test_a_reader_waits_for_a_running_prune(tmp_path: Path) -> None:
     with pytest.raises(StoreLocked, match="prune lease"):
         list(reader.records(w.snapshot_id))
     held.release()
-    assert [r["p"] for r in reader.records(w.snapshot_id)] == ["/a"]
+    assert [r.path for r in reader.records(w.snapshot_id)] == ["/a"]
     reader.close()
     st.close()
 

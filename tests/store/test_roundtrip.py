@@ -99,12 +99,12 @@ def test_edge_sizes_round_trip_byte_exact(location: str, tmp_path: Path, encrypt
         snap = st.load_snapshot(st.resolve("latest"))
         assert snap.header["stats"]["records"] == len(want)
         assert snap.header["stats"]["bytes"] == sum(map(len, want.values()))
-        recs = {r["p"]: r for r in st.records(snap)}
+        recs = {r.path: r for r in st.records(snap)}
         assert sorted(recs) == sorted(want)
         for path, data in want.items():
             rec = recs[path]
-            assert rec["k"] == "f" and rec["s"] == len(data) and rec["d"] == hashlib.sha256(data).digest()
-            assert (rec["m"], rec["t"]) == (0o640, 1_700_000_000_123_456_789)
+            assert rec.kind == "f" and rec.size == len(data) and rec.sha256 == hashlib.sha256(data).digest()
+            assert (rec.mode, rec.mtime_ns) == (0o640, 1_700_000_000_123_456_789)
             lengths = _chunk_lengths(st, rec)
             assert sum(lengths) == len(data)
             if not data:
@@ -137,7 +137,7 @@ def test_multi_chunk_list_records_round_trip(store: Store, location: str, tmp_pa
         snap = st.resolve("latest")
         fixed = st.find_record(snap, "/fixed-4k")
         # lists are cut where a blob ID's last byte is divisible by 64, with at least 16 and at most 4096 refs each
-        assert 5120 // 4096 + 1 <= len(fixed["cl"]) <= 5120 // 16
+        assert 5120 // 4096 + 1 <= len(list(fixed.chunk_list_ids())) <= 5120 // 16
         assert _chunk_lengths(st, fixed) == [4096] * (len(text) // 4096)
         assert _read_all(st, fixed) == text
         cdc, trickle = st.find_record(snap, "/cdc"), st.find_record(snap, "/cdc-trickle")
@@ -173,12 +173,12 @@ def test_fixed_size_chunking_round_trip(store: Store, location: str, tmp_path: P
             assert (info.size, info.sha256) == (len(data), hashlib.sha256(data).hexdigest() if with_sha else None)
     st = _reopen(location, tmp_path)
     try:
-        recs = {r["p"]: r for r in st.records(st.resolve("latest"))}
+        recs = {r.path: r for r in st.records(st.resolve("latest"))}
         for path, (data, _stream) in want.items():
             lengths = _chunk_lengths(st, recs[path])
             full, rest = divmod(len(data), block)
             assert lengths == [block] * full + ([rest] if rest else []), path
-            assert ("d" in recs[path]) is (not path.startswith("/no-sha256/")), path
+            assert (recs[path].sha256 is not None) is (not path.startswith("/no-sha256/")), path
             assert _read_all(st, recs[path]) == data, path
         # the same content with and without SHA-256 is the same blobs
         for size in sizes:
@@ -193,8 +193,8 @@ def test_record_without_sha256_still_checks_its_size(store: Store) -> None:
     with store.writer() as w:
         w.add_bytes("/a", data, chunking=Chunking.fixed(4096), sha256=False)
     rec = store.find_record(store.resolve("latest"), "/a")
-    assert "d" not in rec
-    bad = {**rec, "s": rec["s"] + 1}
+    assert rec.sha256 is None
+    bad = rec.replace(size=rec.size + 1)
     with pytest.raises(IntegrityError, match="bytes read, the manifest says"), store.open_record(bad) as r:
         r.read()
 
@@ -219,12 +219,12 @@ def test_many_tiny_files_in_one_snapshot(store: Store, location: str, tmp_path: 
         assert snap.header["stats"]["bytes"] == sum(len(d) for _, d, _, _ in files)
         assert len(snap.header["manifest"]["leaves"]) > 1  # the manifest is split into several leaves
         recs = list(st.records(snap))
-        assert [r["p"] for r in recs] == ["/tiny"] + [p for p, _, _, _ in files]
+        assert [r.path for r in recs] == ["/tiny"] + [p for p, _, _, _ in files]
         lists: list[str] = []
         real_list = st.backend.list
         st.backend.list = lambda prefix: (lists.append(prefix), real_list(prefix))[1]  # type: ignore[method-assign]
         for rec, (path, data, mode, mtime) in zip(recs[1:], files, strict=True):
-            assert (rec["s"], rec["m"], rec["t"]) == (len(data), mode, mtime), path
+            assert (rec.size, rec.mode, rec.mtime_ns) == (len(data), mode, mtime), path
             assert _read_all(st, rec) == data, path
         # opening a record whose blobs the local index already has costs no LIST of index/ (restore of many
         # small files from S3 must not be one LIST per file)
@@ -416,7 +416,7 @@ def test_big_stream_piped_into_separate_writer_process(location: str, tmp_path: 
     st = _reopen(location, tmp_path, "verify-cache")
     try:
         rec = st.find_record(result["snapshot"], "/big.stream")
-        assert rec["s"] == BIG_STREAM and rec["d"].hex() == produced["sha256"]
+        assert rec.size == BIG_STREAM and rec.sha256.hex() == produced["sha256"]
     finally:
         st.close()
     print(

@@ -275,8 +275,8 @@ def live_blobs(store: Any) -> set[bytes]:
         snap = store.load_snapshot(sid)
         live.update(leaf for leaf, _n in snap.header["manifest"]["leaves"])
         for rec in store.records(snap):
-            live.update(rec.get("cl", ()))
-            if rec.get("k") == "f":
+            live.update(rec.chunk_list_ids())
+            if rec.kind == "f":
                 live.update(b for b, _raw in chunk_refs(store, rec))
     return live
 
