@@ -48,7 +48,8 @@ SESSION_SETTINGS = (
     ("DateStyle", "ISO, MDY"), ("IntervalStyle", "postgres"), ("TimeZone", "UTC"), ("extra_float_digits", "3"),
     ("bytea_output", "hex"), ("lc_monetary", "C"),
 )
-_KINDS = {"r": "table", "p": "partitioned table", "m": "materialized view", "f": "foreign table", "v": "view",
+# pg_class.relkind -> the kind named in a fingerprint (also read by physical_verify.py)
+RELATION_KINDS = {"r": "table", "p": "partitioned table", "m": "materialized view", "f": "foreign table", "v": "view",
           "S": "sequence"}
 _SYSTEM = ("n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%' "
            "AND n.nspname NOT LIKE 'pg\\_temp\\_%'")
@@ -128,7 +129,7 @@ def _relations(conn: Any, not_member: str) -> dict[str, dict[str, Any]]:
         cols.setdefault(oid, []).append(text)
     out: dict[str, dict[str, Any]] = {}
     for oid, name, schema, rel, kind, persistence, estimate, populated, partition in rows:
-        entry: dict[str, Any] = {"kind": _KINDS[kind], "schema": schema, "name": rel}
+        entry: dict[str, Any] = {"kind": RELATION_KINDS[kind], "schema": schema, "name": rel}
         if persistence == "u":
             entry["unlogged"] = True
         if kind == "m" and not populated:

@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from ..store.progress import Progress, heartbeat
+from ..store.record import RecordKind
 from ..store.sizes import human_bytes
 from . import PgError
 from .basebackup import Archive, BaseBackupStream, CompressionUnsupported, ReplicationConnection, Tablespace
@@ -225,10 +226,11 @@ def _check_tablespaces(tablespaces: list[Tablespace]) -> None:
 
 def _archive_prefix(w: SnapshotWriter, archive: Archive) -> str:
     if archive.tablespace is None:
-        w.add_entry(DATA_PREFIX, "d", mode=0o700)
+        w.add_entry(DATA_PREFIX, RecordKind.DIR, mode=0o700)
         return DATA_PREFIX
     prefix = f"{TABLESPACES_PREFIX}/{archive.tablespace.oid}"
-    w.add_entry(prefix, "d", mode=0o700, meta={"type": "tablespace", "location": archive.tablespace.location})
+    w.add_entry(prefix, RecordKind.DIR, mode=0o700,
+                meta={"type": "tablespace", "location": archive.tablespace.location})
     return prefix
 
 
@@ -245,14 +247,14 @@ def _copy_archive(w: SnapshotWriter, archive: Archive, prefix: str, chunking: Ca
             path = f"{prefix}/{name}"
             attrs = _attrs(member)
             if member.isdir():
-                w.add_entry(path, "d", **attrs)
+                w.add_entry(path, RecordKind.DIR, **attrs)
             elif member.issym():
                 links.add(name)
-                w.add_entry(path, "l", link_target=member.linkname, **attrs)
+                w.add_entry(path, RecordKind.SYMLINK, link_target=member.linkname, **attrs)
             elif member.islnk():
                 target = _member_name(archive.name, member.linkname)
                 _check_not_below_link(archive.name, target, links, hard_link=name)
-                w.add_entry(path, "h", link_target=f"{prefix}/{target}", **attrs)
+                w.add_entry(path, RecordKind.HARDLINK, link_target=f"{prefix}/{target}", **attrs)
             elif member.isreg():
                 how = chunking(name)
                 # relation files: no whole-file SHA-256, backup_manifest's CRC32C (pg_verifybackup) covers them

@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_MANIFEST_BYTES = 256 * 2**20
-_KINDS = {"r": "table", "p": "partitioned table", "m": "materialized view", "f": "foreign table", "v": "view",
-          "S": "sequence"}
 # What the source's postgresql.conf must not do on the worker.
 SETTINGS = {"listen_addresses": "", "port": str(PORT), "archive_mode": "off", "synchronous_standby_names": "",
             "shared_preload_libraries": "", "ssl": "off", "logging_collector": "off", "max_wal_senders": "0",
@@ -169,10 +167,10 @@ def _expected(conn: Any, entry: dict[str, Any]) -> dict[str, Any]:
     indexes, constraints = [], []
     for rel in entry.get("relations") or []:
         kind = rel.get("kind")
-        if kind not in _KINDS:
+        if kind not in fingerprint.RELATION_KINDS:
             continue
         schema, name = quoted[rel["schema"]], quoted[rel["name"]]
-        item: dict[str, Any] = {"kind": _KINDS[kind], "schema": rel["schema"], "name": rel["name"]}
+        item: dict[str, Any] = {"kind": fingerprint.RELATION_KINDS[kind], "schema": rel["schema"], "name": rel["name"]}
         if rel.get("persistence") == "u":
             item["unlogged"] = True
         if kind != "S":

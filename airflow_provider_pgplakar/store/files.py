@@ -77,7 +77,7 @@ def _child(spath: str, name: str) -> str:
 def _backup_dir(w: SnapshotWriter, fd: int, spath: str, st: os.stat_result, shown: str,
                 seen: dict[tuple[int, int], str]) -> int:
     """One directory (already open as ``fd``): its record, its files and links, then its subdirectories."""
-    w.add_entry(spath, "d", **_attrs(st))
+    w.add_entry(spath, RecordKind.DIR, **_attrs(st))
     count = 1
     subdirs = []
     for name in sorted(os.listdir(fd)):
@@ -90,7 +90,7 @@ def _backup_dir(w: SnapshotWriter, fd: int, spath: str, st: os.stat_result, show
             subdirs.append((name, child, full))
         elif stat.S_ISLNK(lst.st_mode):
             try:
-                w.add_entry(child, "l", link_target=os.readlink(name, dir_fd=fd), **_attrs(lst))
+                w.add_entry(child, RecordKind.SYMLINK, link_target=os.readlink(name, dir_fd=fd), **_attrs(lst))
             except OSError as e:
                 w.add_error(child, f"unreadable symlink: {e.strerror}")
             count += 1
@@ -128,7 +128,7 @@ def _backup_file(w: SnapshotWriter, dir_fd: int, name: str, spath: str, full: st
             return 1
         ino = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and ino in seen:
-            w.add_entry(spath, "h", link_target=seen[ino], **_attrs(st))
+            w.add_entry(spath, RecordKind.HARDLINK, link_target=seen[ino], **_attrs(st))
             return 1
         seen[ino] = spath
         try:

@@ -46,6 +46,7 @@ from .objects import seal_object
 from .pack import CHUNKLIST, DATA, TREE, pack_object_name
 from .progress import Progress
 from .readahead import Readahead
+from .record import RecordKind
 from .sizes import human_bytes
 
 if TYPE_CHECKING:
@@ -357,12 +358,12 @@ class SnapshotWriter:
 
         return self.add_stream(path, io.BytesIO(data), **attrs)
 
-    def add_entry(self, path: str, kind: str, **attrs: Any) -> None:
-        """Add a record without content: ``d`` directory, ``l`` symlink, ``h`` hard link (``link_target``)."""
-        if kind not in ("d", "l", "h"):
-            raise ValueError(f"entry kind must be d, l or h, not {kind!r}")
+    def add_entry(self, path: str, kind: RecordKind, **attrs: Any) -> None:
+        """Add a record without content: a directory, a symlink or a hard link (``link_target``)."""
+        if kind not in (RecordKind.DIR, RecordKind.SYMLINK, RecordKind.HARDLINK):
+            raise ValueError(f"entry kind must be a directory, symlink or hard link, not {kind!r}")
         assert self._manifest is not None, "use the writer as a context manager"
-        self._manifest.add(self._record(path, kind, attrs))
+        self._manifest.add(self._record(path, RecordKind(kind).value, attrs))
 
     def add_error(self, path: str, message: str, **attrs: Any) -> None:
         """Record that ``path`` could not be read (multi-record sources continue; the snapshot says so)."""
