@@ -122,6 +122,19 @@ class Deployment:
 
         return self.wait(f"{dag_id} run {run_id}", done, timeout)
 
+    def report(self, dag_id: str, run_id: str) -> str:
+        """The run's task states and the logs of its failed tasks: what a CI failure needs to be understood."""
+        tis = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+        parts = [repr({ti["task_id"]: ti["state"] for ti in tis})]
+        for ti in tis:
+            if ti["state"] == "failed":
+                log = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/"
+                                          f"{ti['task_id']}/logs/{max(1, ti['try_number'])}?full_content=true")
+                lines = [e.get("event", "") if isinstance(e, dict) else str(e) for e in log.get("content", [])]
+                parts.append(f"--- {ti['task_id']} (try {ti['try_number']}):\n" + "\n".join(map(str, lines))[-6000:])
+        parts += [f"--- {n}\n{self.output(n, 3000)}" for n in self.procs]
+        return "\n".join(parts)
+
     def xcom(self, dag_id: str, run_id: str, task_id: str) -> Any:
         entry = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/"
                                     "return_value?deserialize=true")
@@ -273,7 +286,7 @@ def test_backup_and_approved_restore_through_the_rest_api(deployment: Deployment
 
     # 1. the nightly backup, triggered like the UI's button (no logical date)
     run = dep.trigger("pgplakar_nightly_backup", {})
-    assert dep.finished("pgplakar_nightly_backup", run) == "success", dep.task_states("pgplakar_nightly_backup", run)
+    assert dep.finished("pgplakar_nightly_backup", run) == "success", dep.report("pgplakar_nightly_backup", run)
     assert dep.task_states("pgplakar_nightly_backup", run) == {"backup": "success", "manifest": "success"}
     snapshot_id = dep.xcom("pgplakar_nightly_backup", run, "backup")
     with Store.open(str(dep.home / "store"), PASSPHRASE) as store:
@@ -309,7 +322,7 @@ def test_backup_and_approved_restore_through_the_rest_api(deployment: Deployment
     assert "DROP DATABASE 'shop'" in detail["body"] and snapshot_id[:8] in detail["subject"]
     dep.request("PATCH", f"{path}/approve/-1/hitlDetails", {"chosen_options": ["Approve"], "params_input": {}})
     assert dep.finished("pgplakar_restore_on_demand", restore) == "success", \
-        dep.task_states("pgplakar_restore_on_demand", restore)
+        dep.report("pgplakar_restore_on_demand", restore)
     assert dep.task_states("pgplakar_restore_on_demand", restore) == {
         "plan": "success", "approve": "success", "route": "success", "restore_logical": "success",
         "restore_physical": "skipped"}
@@ -328,7 +341,7 @@ def test_backup_and_approved_restore_through_the_rest_api(deployment: Deployment
     verify = dep.wait("the Asset-triggered verify run", verify_run, RUN_TIMEOUT)
     verify_id = verify["dag_run_id"]
     assert (verify["run_type"], verify["state"]) == ("asset_triggered", "success"), \
-        dep.task_states("pgplakar_verify_after_backup", verify_id)
+        dep.report("pgplakar_verify_after_backup", verify_id)
     assert dep.xcom("pgplakar_verify_after_backup", verify_id, "snapshots") == [snapshot_id]
     consumed = dep.request("GET", f"/api/v2/dags/pgplakar_verify_after_backup/dagRuns/{quote(verify_id, safe='')}"
                                   "/upstreamAssetEvents")["asset_events"]

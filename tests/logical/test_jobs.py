@@ -238,7 +238,9 @@ def test_cli_backup_with_jobs(src, cluster, tmp_path, monkeypatch, capsys) -> No
     assert (out["new_bytes"], out["new_stored_bytes"]) == (header["stats"]["new_raw_bytes"],
                                                           header["stats"]["new_stored_bytes"])
     assert sum(r["new_bytes"] for r in out["per_database"]) <= out["new_bytes"]
-    assert all(0 < r["new_bytes"] <= r["bytes"] and r["new_stored_bytes"] > 0 for r in out["per_database"]), out
+    # a dump none of whose chunks another stream claimed first adds all its bytes plus its chunk list (tens of bytes
+    # per chunk): new bytes may exceed the dump's size by that list, never by more
+    assert all(0 < r["new_bytes"] <= r["bytes"] + 4096 and r["new_stored_bytes"] > 0 for r in out["per_database"]), out
     assert cli_main([*at, "backup", location, f"pg_bin_dir={src.bin_dir}", "jobs=3",
                      f"exclude_databases={EXCLUDE}"]) == 0
     lines = capsys.readouterr().out.splitlines()
