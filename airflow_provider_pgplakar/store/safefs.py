@@ -12,7 +12,12 @@ directory that changed while it was read. So (issue 9):
   is never followed; files are written to random temporary names created ``O_EXCL|O_NOFOLLOW`` and renamed (or
   created ``O_EXCL`` in place); owner, mode and mtime are set on fds or with ``follow_symlinks=False``.
 - Durability: with ``sync`` every written file is fsynced (16 threads, overlapping the writes) and every touched
-  directory afterwards, before :meth:`SafeTree.close` returns, as ``pg_basebackup`` does by default.
+  directory afterwards, before :meth:`SafeTree.close` returns, as ``pg_basebackup`` does by default. A file's
+  writeback is started as soon as it is complete (:func:`start_writeback`, as PostgreSQL's ``pg_flush_data``
+  before its fsyncs), so the disk works while the restore still decodes: in the physical benchmark the fsyncs
+  left after the last write took 0.01-0.03 s. ``syncfs(2)`` (one call for the whole filesystem) was not used: it
+  covers every process's dirty data on that filesystem, not exactly our files, so a restore would wait for, and
+  could report the write errors of, other writers.
 """
 
 from __future__ import annotations
