@@ -156,6 +156,7 @@ class BatchRestore:
 
     def _submit(self) -> None:
         """Locate the current window's chunks, start its ranged reads, open a new window."""
+        self.store.ensure_read_lease()  # raises LeaseExpired when a prune may have changed the packs meanwhile
         w, self.cur = self.cur, _Window()
         members: dict[bytes, list[Dest]] = {}
         for blob_id, _n, job, offset, index in w.refs:

@@ -189,3 +189,28 @@ def test_chunk_length_disagreeing_with_the_index_is_refused_before_writing_it(
     with pytest.raises(IntegrityError, match="shared_a.*bytes in the manifest but the index has"):
         physical_restore(st, sid, target, verify=False, sync=False)
     assert (target / "base/1/shared_a").read_bytes() == b"", "nothing of a window with a bad reference is written"
+
+
+def test_a_lost_read_lease_stops_the_restore(st: Store, tmp_path: Path, small_windows: None,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch re-checks the read lease before each window (the streaming reader did per file): a prune that
+    took over may have repacked what is still to be read."""
+    from airflow_provider_pgplakar.pg import datadir
+    from airflow_provider_pgplakar.store.locks import LeaseExpired
+
+    sid = _snapshot(st)
+    windows = 0
+    real = batchrestore.BatchRestore._submit
+
+    def submit(self):
+        nonlocal windows
+        windows += 1
+        if windows == 3:
+            assert st.leases.read is not None
+            monkeypatch.setattr(st.leases.read, "lost", "was removed by a prune")
+        return real(self)
+
+    monkeypatch.setattr(batchrestore.BatchRestore, "_submit", submit)
+    with pytest.raises(LeaseExpired, match="was removed by a prune"):
+        datadir.physical_restore(st, sid, tmp_path / "restored", verify=False, sync=False)
+    assert windows == 3
