@@ -10,7 +10,7 @@ a ranged read per chunk, and every byte crossed the caller's thread. Here (issue
   ``MAX_GROUP_RAW``) — small files that sit together in a pack are read in one request;
 - one long-lived pool reads each range, opens (AEAD), decompresses and re-hashes every blob against its keyed
   BLAKE3 ID (:func:`~.pack.decode_blob`: the GIL is released in zstd, BLAKE3 and the ranged read) and only then
-  ``pwrite``\\ s it at its offset in every file that uses it (a blob shared by files, or repeated in one, is
+  writes it (``pwrite``) at its offset in every file that uses it (a blob shared by files, or repeated in one, is
   decoded once per window);
 - windows complete in order on the caller's thread: the whole-record check (size; SHA-256 when the record has
   one, over the chunks in order, kept until their window completes) runs there, then ``done`` hands the fd back
@@ -18,8 +18,8 @@ a ranged read per chunk, and every byte crossed the caller's thread. Here (issue
   :class:`~.errors.IntegrityError` and nothing later is reported done, as with the streaming reader, which also
   writes a record's verified chunks before its end-of-record check.
 
-The caller opens every fd (through :class:`~.safefs.SafeTree`'s no-follow walk); this module only ``pwrite``\\ s to
-them and never closes one it was given unless :meth:`BatchRestore.close` aborts.
+The caller opens every fd (through :class:`~.safefs.SafeTree`'s no-follow walk); this module only writes
+(``pwrite``) to them and never closes one it was given unless :meth:`BatchRestore.close` aborts.
 
 Memory is bounded whatever the snapshot: ``IN_FLIGHT`` windows are read at once; each worker holds one ranged
 read (≤ ``MAX_GROUP_BYTES``) and one decoded blob (≤ 16 MiB); decoded chunks are kept only for records with a
