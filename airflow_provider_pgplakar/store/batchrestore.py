@@ -21,11 +21,13 @@ a ranged read per chunk, and every byte crossed the caller's thread. Here (issue
 The caller opens every fd (through :class:`~.safefs.SafeTree`'s no-follow walk); this module only writes
 (``pwrite``) to them and never closes one it was given unless :meth:`BatchRestore.close` aborts.
 
-Memory is bounded whatever the snapshot: ``IN_FLIGHT`` windows are read at once; each worker holds one ranged
-read (≤ ``MAX_GROUP_BYTES``) and one decoded blob (≤ 16 MiB); decoded chunks are kept only for records with a
-SHA-256 until their window completes (≤ ``(IN_FLIGHT + 1) * WINDOW_RAW``); at most
-``(IN_FLIGHT + 1) * WINDOW_FILES`` fds are open. With the defaults: 4 × (8 + 16) MiB + 3 × 32 MiB ≈ 192 MiB worst
-case, ~40 MiB typical (chunks of 256 KiB, few records with a SHA-256).
+Memory is bounded whatever the snapshot. Windows waiting for a worker hold only their chunk lists (≤ ``IN_FLIGHT``
+windows of ≤ ``WINDOW_REFS`` references: a few MiB), so the caller runs ahead creating files while a large one is
+decoded; each worker holds one ranged read (≤ ``MAX_GROUP_BYTES``, 8 MiB) and one blob being decoded (≤ 16 MiB
+plaintext and content); content is kept only for records with a SHA-256, until their window completes
+(≤ ``IN_FLIGHT_SHA_RAW`` + one window, 96 MiB); at most ``IN_FLIGHT_FILES`` + ``WINDOW_FILES`` fds are open.
+Worst case ≈ 4 × 24 + 96 ≈ 200 MiB; the scale-50 benchmark's restore peaked at ~60 MiB RSS (the streaming
+reader's: 112 MiB).
 """
 
 from __future__ import annotations
@@ -48,10 +50,14 @@ from .record import Record
 __all__ = ["BatchRestore", "FileJob"]
 
 WORKERS = 4
-IN_FLIGHT = 2
 WINDOW_RAW = 32 * 1024 * 1024
 WINDOW_REFS = 4096
 WINDOW_FILES = 256
+# windows read at once: a window waiting for a worker holds only its chunk list, so many may wait (the caller runs
+# ahead, creating the next files while a large one is decoded); what they hold is bounded apart:
+IN_FLIGHT = 16  # windows
+IN_FLIGHT_FILES = 512  # open fds of records not reported done
+IN_FLIGHT_SHA_RAW = 64 * 1024 * 1024  # content of records with a SHA-256, kept until hashed in order
 WRITEBACK_BYTES = 8 * 1024 * 1024  # a large file's pages are handed to the disk every this many bytes written
 
 
@@ -78,6 +84,7 @@ Dest = tuple[FileJob, int, int]  # (job, file offset, chunk index)
 class _Window:
     refs: list[tuple[bytes, int, FileJob, int, int]] = field(default_factory=list)
     raw: int = 0
+    sha_raw: int = 0  # content of this window's chunks of records with a SHA-256
     jobs: list[FileJob] = field(default_factory=list)  # every job with a chunk here or ending here, in order
     ending: list[FileJob] = field(default_factory=list)  # jobs whose last chunk (or no chunk) is in this window
     futures: list[Future[None]] = field(default_factory=list)
@@ -137,6 +144,8 @@ class BatchRestore:
             w = self.cur
             w.refs.append((blob_id, n, job, job.planned, job.chunks))
             w.raw += n
+            if job.sha is not None:
+                w.sha_raw += n
             job.planned += n
             job.chunks += 1
             if w.raw >= WINDOW_RAW or len(w.refs) >= WINDOW_REFS:
@@ -189,7 +198,9 @@ class BatchRestore:
             w.futures.append(self.pool.submit(self._fetch, group))
         w.refs = []  # the destinations live on in the tasks; free the list
         self.inflight.append(w)
-        while len(self.inflight) > IN_FLIGHT:
+        while self.inflight and (len(self.inflight) > IN_FLIGHT
+                                 or sum(len(x.jobs) for x in self.inflight) > IN_FLIGHT_FILES
+                                 or sum(x.sha_raw for x in self.inflight) > IN_FLIGHT_SHA_RAW):
             self._complete(self.inflight.popleft())
 
     # -- reading (workers) --------------------------------------------------------------------------------------

@@ -65,7 +65,9 @@ def small_windows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(batchrestore, "WINDOW_RAW", 5 * BLOCK)
     monkeypatch.setattr(batchrestore, "WINDOW_REFS", 7)
     monkeypatch.setattr(batchrestore, "WINDOW_FILES", 4)
-    monkeypatch.setattr(batchrestore, "IN_FLIGHT", 2)
+    monkeypatch.setattr(batchrestore, "IN_FLIGHT", 3)
+    monkeypatch.setattr(batchrestore, "IN_FLIGHT_FILES", 6)
+    monkeypatch.setattr(batchrestore, "IN_FLIGHT_SHA_RAW", 6 * BLOCK)
 
 
 @pytest.fixture
@@ -214,3 +216,25 @@ def test_a_lost_read_lease_stops_the_restore(st: Store, tmp_path: Path, small_wi
     with pytest.raises(LeaseExpired, match="was removed by a prune"):
         datadir.physical_restore(st, sid, tmp_path / "restored", verify=False, sync=False)
     assert windows == 3
+
+
+def test_in_flight_bounds_hold(st: Store, tmp_path: Path, small_windows: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiting windows, open files and kept SHA-256 content stay within their bounds (the memory bound)."""
+    sid = _snapshot(st)
+    seen = {"windows": 0, "files": 0, "kept": 0}
+    real = batchrestore.BatchRestore._complete
+
+    def complete(self, w):
+        jobs = {id(j): j for x in [w, *self.inflight] for j in x.jobs}
+        seen["windows"] = max(seen["windows"], len(self.inflight) + 1)
+        seen["files"] = max(seen["files"], len(self.open))
+        seen["kept"] = max(seen["kept"], sum(len(p) for j in jobs.values() for p in list(j.pieces.values())))
+        return real(self, w)
+
+    monkeypatch.setattr(batchrestore.BatchRestore, "_complete", complete)
+    physical_restore(st, sid, tmp_path / "restored", verify=False, sync=False)
+    assert seen["windows"] <= batchrestore.IN_FLIGHT + 1
+    assert 0 < seen["files"] <= batchrestore.IN_FLIGHT_FILES + batchrestore.WINDOW_FILES + 1
+    assert 0 < seen["kept"] <= batchrestore.IN_FLIGHT_SHA_RAW + batchrestore.WINDOW_RAW + BLOCK
+    assert _restored(tmp_path / "restored")["/data/pg_wal/000000010000000000000001"] == CONTENT[
+        "/data/pg_wal/000000010000000000000001"]
