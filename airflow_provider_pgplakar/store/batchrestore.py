@@ -43,13 +43,14 @@ from typing import Any
 from .crypto import ObjectKey
 from .errors import IntegrityError, ObjectNotFound
 from .index import Location
+from .localfs import LocalBackend
 from .pack import DATA, decode_blob, pack_key, pack_object_name
 from .reader import MAX_GAP, MAX_GROUP_BYTES, MAX_GROUP_RAW, chunk_refs, locate
 from .record import Record
 
 __all__ = ["BatchRestore", "FileJob"]
 
-WORKERS = 4
+WORKERS = 4  # remote stores: a ranged GET mostly waits; a local store's reads are CPU work (one per core, 2..4)
 WINDOW_RAW = 32 * 1024 * 1024
 WINDOW_REFS = 4096
 WINDOW_FILES = 256
@@ -106,7 +107,9 @@ class BatchRestore:
         self.tick = tick
         self.writeback = writeback
         store.ensure_read_lease()
-        self.pool = ThreadPoolExecutor(workers or WORKERS, thread_name_prefix="pgplakar-restore")
+        if workers is None:
+            workers = max(2, min(WORKERS, os.cpu_count() or 2)) if isinstance(store.backend, LocalBackend) else WORKERS
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="pgplakar-restore")
         self.inflight: deque[_Window] = deque()
         self.cur = _Window()
         self.open: dict[int, FileJob] = {}  # id(job) -> job: fds still ours to close on abort
