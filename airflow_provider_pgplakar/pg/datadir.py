@@ -15,8 +15,8 @@ earlier files of the same directory, symlinks only at ``pg_tblspc/<oid>`` of a t
 - file content is written by :mod:`..store.batchrestore` (chunks of many files located, read and verified
   together on one pool, each chunk written (``pwrite``) only once it matched its ID) into files created here;
 - every file and directory is fsynced before success is reported (``sync=False`` skips it, as
-  ``pg_basebackup --no-sync``); a file's writeback starts as soon as it is written (large files every 8 MiB),
-  so little is left for the fsyncs at the end;
+  ``pg_basebackup --no-sync``); a large file's writeback starts while it is written (every 8 MiB), so
+  little is left for the fsyncs at the end;
 - ``backup_manifest`` lands in the data directory and ``pg_verifybackup`` of the backup's major checks the result
   (with ``--no-parse-wal`` only when that installation has no ``pg_waldump``). A failed verification raises; the
   files are left in place for inspection. No verifier found: ``verified`` is false with a warning, and
