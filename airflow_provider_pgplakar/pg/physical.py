@@ -259,7 +259,7 @@ def _copy_archive(w: SnapshotWriter, archive: Archive, prefix: str, chunking: Ca
                 how = chunking(name)
                 # relation files: no whole-file SHA-256, backup_manifest's CRC32C (pg_verifybackup) covers them
                 # the writer reads members with readinto only, which TarReader has
-                info = w.add_stream(path, cast("BinaryIO", tar), chunking=how, sha256=not how.block_size, **attrs)
+                info = w.add_stream(path, cast("BinaryIO", tar), chunking=how, digest=not how.block_size, **attrs)
                 if info.size != member.size:
                     raise PhysicalBackupError(f"{archive.name}: {name}: got {info.size} bytes, the archive "
                                               f"header says {member.size}")
