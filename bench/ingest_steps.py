@@ -1,10 +1,11 @@
 """Per-step CPU of the store's ingest (not a test): each step alone, on one thread, per GiB of a given file.
 
-    .venv/bin/python bench/ingest_steps.py FILE [--mib 512] [--levels 1,-1,-3,2,3]
+    .venv/bin/python bench/ingest_steps.py FILE [--mib 512] [--levels 1,-1,-3,2,3] [--fixed 262144]
 
 FILE: any stream to profile, e.g. the store benchmark's dump-like source (bench/store_bench.py writes it to
 ``$TMPDIR/pgplakar-bench/dump-1024.bin``) or a real ``pg_dump -Fc -Z0`` file. The first ``--mib`` MiB are read into
-memory and cut with the store's default FastCDC parameters; every step then runs alone over those chunks and
+memory and cut with the store's default FastCDC parameters (``--fixed N``: N-byte blocks, as a physical backup
+cuts relation files, which also go without a record digest); every step then runs alone over those chunks and
 prints its thread CPU seconds per GiB of input, as the pipeline (store/blobsink.py, store/writer.py) does it:
 cutting, chunk IDs (keyed BLAKE3), the record digest (BLAKE3 now; SHA-256 before 2026-12-03), zstd at each level
 (with the share of the input it stores, codec RAW when it saves less than 3 %), the write check (decompress and
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--levels", default="1,-1,-3,2,3")
     ap.add_argument("--repeat", type=int, default=2, help="runs per step; the lowest CPU time is reported")
+    ap.add_argument("--fixed", type=int, default=0, help="cut fixed blocks of this size instead of FastCDC")
     a = ap.parse_args()
     with open(a.file, "rb") as f:
         data = f.read(a.mib << 20)
@@ -57,7 +59,11 @@ def main() -> None:
     p = DEFAULT_CDC
     cdc = FastCDC(p["avg"], min_size=p["min"], max_size=p["max"], normalized_chunking=p["nc"], seed=12345)
     view = memoryview(data)
-    chunks = step("FastCDC cut (cut_buf)", lambda: [c.data for c in cdc.cut_buf(view)])
+    if a.fixed:
+        chunks = step(f"fixed {a.fixed}-byte blocks", lambda: [view[i : i + a.fixed]
+                                                            for i in range(0, len(view), a.fixed)])
+    else:
+        chunks = step("FastCDC cut (cut_buf)", lambda: [c.data for c in cdc.cut_buf(view)])
     key = os.urandom(32)
     step("chunk IDs: keyed BLAKE3 per chunk", lambda: [blake3.blake3(c, key=key).digest() for c in chunks],
          f"{len(chunks)} chunks, {len(data) // len(chunks) // 1024} KiB average")
