@@ -25,7 +25,7 @@ Speed (``bench/physical_bench.py``; issue 5 wants at most 2.5x a raw ``pg_baseba
 the stream with lz4 when it can (``server_compression``), which costs it less CPU than sending raw bytes and
 spares this process nine messages in ten; tar members are parsed by :mod:`.tarstream` with one copy per byte;
 relation blocks are hashed, deduplicated and compressed in the store's pool a batch per task; and relation
-files carry no whole-file SHA-256 — every block keeps its verified BLAKE3 ID, and the server's
+files carry no whole-file digest — every block keeps its verified BLAKE3 ID, and the server's
 ``backup_manifest`` (CRC32C of every file, computed as the server read it) is kept and checked by
 ``pg_verifybackup`` after each restore, an end-to-end check independent of this tool.
 
