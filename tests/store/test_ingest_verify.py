@@ -6,11 +6,11 @@ compressed a batch per pool task) and a one-batch record (chunks claimed on the 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import random
 from pathlib import Path
 
+import blake3
 import pytest
 import zstandard
 
@@ -66,7 +66,7 @@ def test_multi_batch_record_round_trips_and_dedups(tmp_path: Path) -> None:
             with st.writer() as w:
                 info = w.add_stream("/data", io.BytesIO(data))
             ids.append(w.snapshot_id)
-            assert info.size == len(data) and info.sha256 == hashlib.sha256(data).hexdigest()
+            assert info.size == len(data) and info.digest == blake3.blake3(data).hexdigest()
         stats = [st.load_snapshot(i).header["stats"] for i in ids]
         assert stats[0]["new_chunks"] == stats[0]["chunks"] > 40
         assert stats[1]["new_chunks"] == 0 and stats[1]["chunks"] == stats[0]["chunks"]
