@@ -12,11 +12,11 @@ a ranged read per chunk, and every byte crossed the caller's thread. Here (issue
   BLAKE3 ID (:func:`~.pack.decode_blob`: the GIL is released in zstd, BLAKE3 and the ranged read) and only then
   writes it (``pwrite``) at its offset in every file that uses it (a blob shared by files, or repeated in one, is
   decoded once per window);
-- windows complete in order on the caller's thread: the whole-record check (size; SHA-256 when the record has
-  one, over the chunks in order, kept until their window completes) runs there, then ``done`` hands the fd back
-  (the caller sets attributes and syncs or closes it). A record that fails a check raises
-  :class:`~.errors.IntegrityError` and nothing later is reported done, as with the streaming reader, which also
-  writes a record's verified chunks before its end-of-record check.
+- windows complete in order on the caller's thread: the whole-record check (size; the record's BLAKE3, or the
+  SHA-256 of records written before BLAKE3 replaced it, over the chunks in order, kept until their window completes)
+  runs there, then ``done`` hands the fd back (the caller sets attributes and syncs or closes it). A record that
+  fails a check raises :class:`~.errors.IntegrityError` and nothing later is reported done, as with the streaming
+  reader, which also writes a record's verified chunks before its end-of-record check.
 
 The caller opens every fd (through :class:`~.safefs.SafeTree`'s no-follow walk); this module only writes
 (``pwrite``) to them and never closes one it was given unless :meth:`BatchRestore.close` aborts.
@@ -24,15 +24,14 @@ The caller opens every fd (through :class:`~.safefs.SafeTree`'s no-follow walk);
 Memory is bounded whatever the snapshot. Windows waiting for a worker hold only their chunk lists (≤ ``IN_FLIGHT``
 windows of ≤ ``WINDOW_REFS`` references: a few MiB), so the caller runs ahead creating files while a large one is
 decoded; each worker holds one ranged read (≤ ``MAX_GROUP_BYTES``, 8 MiB) and one blob being decoded (≤ 16 MiB
-plaintext and content); content is kept only for records with a SHA-256, until their window completes
-(≤ ``IN_FLIGHT_SHA_RAW`` + one window, 96 MiB); at most ``IN_FLIGHT_FILES`` + ``WINDOW_FILES`` fds are open.
+plaintext and content); content is kept only for records with a whole-content digest, until their window completes
+(≤ ``IN_FLIGHT_DIGEST_RAW`` + one window, 96 MiB); at most ``IN_FLIGHT_FILES`` + ``WINDOW_FILES`` fds are open.
 Worst case ≈ 4 × 24 + 96 ≈ 200 MiB; the scale-50 benchmark's restore peaked at ~60 MiB RSS (the streaming
 reader's: 112 MiB).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -46,6 +45,7 @@ from .index import Location
 from .localfs import LocalBackend
 from .pack import DATA, decode_blob, pack_key, pack_object_name
 from .reader import MAX_GAP, MAX_GROUP_BYTES, MAX_GROUP_RAW, chunk_refs, locate
+from .reader import _digests as record_digests  # the record's whole-content digests, as the streaming reader checks
 from .record import Record
 
 __all__ = ["BatchRestore", "FileJob"]
@@ -58,7 +58,7 @@ WINDOW_FILES = 256
 # ahead, creating the next files while a large one is decoded); what they hold is bounded apart:
 IN_FLIGHT = 16  # windows
 IN_FLIGHT_FILES = 512  # open fds of records not reported done
-IN_FLIGHT_SHA_RAW = 64 * 1024 * 1024  # content of records with a SHA-256, kept until hashed in order
+IN_FLIGHT_DIGEST_RAW = 64 * 1024 * 1024  # content of records with a digest, kept until hashed in order
 WRITEBACK_BYTES = 8 * 1024 * 1024  # a large file's pages are handed to the disk every this many bytes written
 
 
@@ -72,8 +72,8 @@ class FileJob:
     refs: Iterator[tuple[bytes, int]]
     planned: int = 0  # bytes of content placed in windows so far (the next chunk's file offset)
     chunks: int = 0  # chunks placed so far (the next chunk's index)
-    sha: Any = None  # hashlib object for records with a SHA-256
-    pieces: dict[int, bytes] = field(default_factory=dict)  # chunk index -> content, until hashed (sha only)
+    digests: list[tuple[Any, bytes, str]] = field(default_factory=list)  # whole-content digests to check
+    pieces: dict[int, bytes] = field(default_factory=dict)  # chunk index -> content, until hashed (digests only)
     hashed: int = 0  # chunks hashed so far
     unflushed: int = 0  # bytes written since the last writeback hint (approximate: workers race on it)
 
@@ -85,7 +85,7 @@ Dest = tuple[FileJob, int, int]  # (job, file offset, chunk index)
 class _Window:
     refs: list[tuple[bytes, int, FileJob, int, int]] = field(default_factory=list)
     raw: int = 0
-    sha_raw: int = 0  # content of this window's chunks of records with a SHA-256
+    digest_raw: int = 0  # content of this window's chunks of records with a whole-content digest
     jobs: list[FileJob] = field(default_factory=list)  # every job with a chunk here or ending here, in order
     ending: list[FileJob] = field(default_factory=list)  # jobs whose last chunk (or no chunk) is in this window
     futures: list[Future[None]] = field(default_factory=list)
@@ -128,8 +128,7 @@ class BatchRestore:
     def add(self, record: Record, fd: int, context: Any = None) -> None:
         """Queue ``record`` to be written to ``fd``; the fd is ours from here (even when this raises) until
         ``done`` hands it back."""
-        job = FileJob(record, fd, context, chunk_refs(self.store, record),
-                      sha=hashlib.sha256() if record.sha256 is not None else None)
+        job = FileJob(record, fd, context, chunk_refs(self.store, record), digests=record_digests(record))
         self.open[id(job)] = job
         if len(self.cur.jobs) >= WINDOW_FILES:
             self._submit()
@@ -147,8 +146,8 @@ class BatchRestore:
             w = self.cur
             w.refs.append((blob_id, n, job, job.planned, job.chunks))
             w.raw += n
-            if job.sha is not None:
-                w.sha_raw += n
+            if job.digests:
+                w.digest_raw += n
             job.planned += n
             job.chunks += 1
             if w.raw >= WINDOW_RAW or len(w.refs) >= WINDOW_REFS:
@@ -203,7 +202,7 @@ class BatchRestore:
         self.inflight.append(w)
         while self.inflight and (len(self.inflight) > IN_FLIGHT
                                  or sum(len(x.jobs) for x in self.inflight) > IN_FLIGHT_FILES
-                                 or sum(x.sha_raw for x in self.inflight) > IN_FLIGHT_SHA_RAW):
+                                 or sum(x.digest_raw for x in self.inflight) > IN_FLIGHT_DIGEST_RAW):
             self._complete(self.inflight.popleft())
 
     # -- reading (workers) --------------------------------------------------------------------------------------
@@ -224,7 +223,7 @@ class BatchRestore:
                               f"{name} (record {dests[0][0].record.path!r})")
             for job, offset, index in dests:  # written only now: the blob matched its ID
                 _pwrite_all(job.fd, raw, offset)
-                if job.sha is not None:
+                if job.digests:
                     job.pieces[index] = raw
                 if self.writeback is not None:
                     job.unflushed += len(raw)
@@ -237,16 +236,19 @@ class BatchRestore:
         for f in w.futures:
             f.result()  # the first failure raises; close() cancels the rest
         for job in w.jobs:
-            if job.sha is not None:
+            if job.digests:
                 while job.hashed in job.pieces:
-                    job.sha.update(job.pieces.pop(job.hashed))
+                    piece = job.pieces.pop(job.hashed)
+                    for h, _want, _name in job.digests:
+                        h.update(piece)
                     job.hashed += 1
         for job in w.ending:
             rec = job.record
             if job.planned != (rec.size or 0):
                 raise IntegrityError(f"record {rec.path!r}: {job.planned} bytes read, the manifest says {rec.size}")
-            if job.sha is not None and (job.hashed != job.chunks or job.sha.digest() != rec.sha256):
-                raise IntegrityError(f"record {rec.path!r}: the SHA-256 does not match the manifest")
+            for h, want, name in job.digests:
+                if job.hashed != job.chunks or h.digest() != want:
+                    raise IntegrityError(f"record {rec.path!r}: the {name} does not match the manifest")
             del self.open[id(job)]
             self.bytes += job.planned
             self.done(job.context, rec, job.fd)

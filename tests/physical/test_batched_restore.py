@@ -1,8 +1,8 @@
 """The physical restore's batched write path (store/batchrestore.py): chunks of many records located, read and
 written together, completed window by window. Small windows and tiny packs force every edge a real data directory
-only hits at scale: a record split across windows and packs, empty files, a hard link to a file still being
-written, a chunk shared by files or repeated in one, a record with a SHA-256 spanning windows, and corruption found
-mid-restore. No server is needed: snapshots are built with the physical layout through the store API."""
+only hits at scale: a record split across windows and packs, empty files, a hard link to a file still being written,
+a chunk shared by files or repeated in one, a record with a whole-content digest spanning windows, and corruption
+found mid-restore. No server is needed: snapshots are built with the physical layout through the store API."""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ CONTENT = {
     "/data/base/1/shared_b": _blocks(2, 3),  # the same chunks as shared_a
     "/data/base/1/repeated": _blocks(3, 1) * 5,  # one chunk five times in one file
     "/data/base/1/empty2": b"",
-    "/data/pg_wal/000000010000000000000001": _blocks(4, 40),  # with a SHA-256, across windows
+    "/data/pg_wal/000000010000000000000001": _blocks(4, 40),  # with a digest, across windows
 }
-NO_SHA = {"/data/base/1/big", "/data/base/1/shared_a", "/data/base/1/shared_b", "/data/base/1/repeated"}
+NO_DIGEST = {"/data/base/1/big", "/data/base/1/shared_a", "/data/base/1/shared_b", "/data/base/1/repeated"}
 SMALL = {f"/data/base/5/{n}": _blocks(100 + n, 1)[: 100 + n] for n in range(40)}  # many tiny files, one pack
 
 
@@ -51,7 +51,7 @@ def _snapshot(st: Store) -> str:
         for d in ("/data/global", "/data/base", "/data/base/1", "/data/base/5", "/data/pg_wal"):
             w.add_entry(d, "d", mode=0o700)
         for path, data in CONTENT.items():
-            w.add_stream(path, io.BytesIO(data), chunking=Chunking.fixed(BLOCK), sha256=path not in NO_SHA,
+            w.add_stream(path, io.BytesIO(data), chunking=Chunking.fixed(BLOCK), digest=path not in NO_DIGEST,
                          mode=0o600, mtime_ns=1_700_000_000_000_000_000)
             if path == "/data/base/1/big":  # a hard link to a file whose content may still be in flight
                 w.add_entry("/data/base/1/big_link", "h", link_target=path)
@@ -67,7 +67,7 @@ def small_windows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(batchrestore, "WINDOW_FILES", 4)
     monkeypatch.setattr(batchrestore, "IN_FLIGHT", 3)
     monkeypatch.setattr(batchrestore, "IN_FLIGHT_FILES", 6)
-    monkeypatch.setattr(batchrestore, "IN_FLIGHT_SHA_RAW", 6 * BLOCK)
+    monkeypatch.setattr(batchrestore, "IN_FLIGHT_DIGEST_RAW", 6 * BLOCK)
 
 
 @pytest.fixture
@@ -173,11 +173,14 @@ def test_corrupt_chunk_is_never_written(st: Store, tmp_path: Path, small_windows
         assert piece in (want[i * BLOCK : (i + 1) * BLOCK], bytes(BLOCK)), i
 
 
-def test_sha256_mismatch_across_windows_fails(st: Store, tmp_path: Path, small_windows: None,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("field,name", [("blake3", "BLAKE3"), ("sha256", "SHA-256")])
+def test_digest_mismatch_across_windows_fails(st: Store, tmp_path: Path, small_windows: None,
+                                              monkeypatch: pytest.MonkeyPatch, field: str, name: str) -> None:
+    """A record's BLAKE3, or the SHA-256 of records written before it, is checked over chunks from many windows."""
     sid = _snapshot(st)
     rec = st.find_record(sid, "/data/pg_wal/000000010000000000000001")
-    wrong = rec.replace(sha256=bytes(32))
+    assert rec.blake3 is not None
+    wrong = rec.replace(**{field: bytes(32)})
     real = Store.records
 
     def records(self, snap, prefix=None):
@@ -185,7 +188,7 @@ def test_sha256_mismatch_across_windows_fails(st: Store, tmp_path: Path, small_w
             yield wrong if r.path == rec.path else r
 
     monkeypatch.setattr(Store, "records", records)
-    with pytest.raises(IntegrityError, match="000000010000000000000001.*SHA-256 does not match"):
+    with pytest.raises(IntegrityError, match=f"000000010000000000000001.*the {name} does not match"):
         physical_restore(st, sid, tmp_path / "restored", verify=False, sync=False)
 
 
@@ -238,7 +241,7 @@ def test_a_lost_read_lease_stops_the_restore(st: Store, tmp_path: Path, small_wi
 
 
 def test_in_flight_bounds_hold(st: Store, tmp_path: Path, small_windows: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Waiting windows, open files and kept SHA-256 content stay within their bounds (the memory bound)."""
+    """Waiting windows, open files and kept digest content stay within their bounds (the memory bound)."""
     sid = _snapshot(st)
     seen = {"windows": 0, "files": 0, "kept": 0}
     real = batchrestore.BatchRestore._complete
@@ -254,6 +257,6 @@ def test_in_flight_bounds_hold(st: Store, tmp_path: Path, small_windows: None, m
     physical_restore(st, sid, tmp_path / "restored", verify=False, sync=False)
     assert seen["windows"] <= batchrestore.IN_FLIGHT + 1
     assert 0 < seen["files"] <= batchrestore.IN_FLIGHT_FILES + batchrestore.WINDOW_FILES + 1
-    assert 0 < seen["kept"] <= batchrestore.IN_FLIGHT_SHA_RAW + batchrestore.WINDOW_RAW + BLOCK
+    assert 0 < seen["kept"] <= batchrestore.IN_FLIGHT_DIGEST_RAW + batchrestore.WINDOW_RAW + BLOCK
     assert _restored(tmp_path / "restored")["/data/pg_wal/000000010000000000000001"] == CONTENT[
         "/data/pg_wal/000000010000000000000001"]
