@@ -44,7 +44,7 @@ from .errors import IntegrityError, ObjectNotFound
 from .index import Location
 from .localfs import LocalBackend
 from .pack import DATA, decode_blob, pack_key, pack_object_name
-from .reader import MAX_GAP, MAX_GROUP_BYTES, MAX_GROUP_RAW, chunk_refs, locate
+from .reader import MAX_GAP, MAX_GROUP_BYTES, MAX_GROUP_RAW, OKEY_CACHE, chunk_refs, locate
 from .reader import _digests as record_digests  # the record's whole-content digests, as the streaming reader checks
 from .record import Record
 
@@ -215,7 +215,9 @@ class BatchRestore:
         except ObjectNotFound as e:
             raise IntegrityError(f"{e} (needed by record {path!r})") from None
         okey = self._okeys.get(first.salt)
-        if okey is None:
+        if okey is None:  # one HKDF per pack, not per ranged read
+            if len(self._okeys) >= OKEY_CACHE:
+                self._okeys.clear()
             okey = self._okeys[first.salt] = pack_key(self.store.keys, first.salt)
         for blob_id, loc, dests in group:
             rel = loc.offset - first.offset
