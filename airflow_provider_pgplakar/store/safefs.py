@@ -12,14 +12,13 @@ directory that changed while it was read. So (issue 9):
   is never followed; files are written to random temporary names created ``O_EXCL|O_NOFOLLOW`` and renamed (or
   created ``O_EXCL`` in place); owner, mode and mtime are set on fds or with ``follow_symlinks=False``.
 - Durability: with ``sync`` every written file is fsynced (16 threads, overlapping the writes) and every touched
-  directory afterwards, before :meth:`SafeTree.close` returns, as ``pg_basebackup`` does by default. A large
-  file's writeback is started while it is still being written (:func:`start_writeback` every 8 MiB, from
-  :mod:`.batchrestore`; PostgreSQL's ``pg_flush_data`` does the same before its fsyncs), so the disk works while
-  the restore still decodes: without it, restores of the benchmark data directory took 0.12-0.32 s longer (0.64-0.81 s
-  with it, three idle rounds).
-  ``syncfs(2)`` (one call for the whole filesystem) was not used: it covers every process's dirty data on that
-  filesystem, not exactly our files, so a restore would wait for, and could report the write errors of, other
-  writers.
+  directory afterwards, before :meth:`SafeTree.close` returns, as ``pg_basebackup`` does by default. A large file's
+  writeback is started while it is still being written (:func:`start_writeback` every 8 MiB, from
+  :mod:`.batchrestore`; PostgreSQL's ``pg_flush_data`` does the same before its fsyncs), so the disk works while the
+  restore still decodes: without it, restores of the benchmark data directory took 0.12-0.32 s longer (0.64-0.81 s
+  with it, three idle rounds). ``syncfs(2)`` (one call for the whole filesystem) was not used: it covers every
+  process's dirty data on that filesystem, not exactly our files, so a restore would wait for, and could report the
+  write errors of, other writers.
 """
 
 from __future__ import annotations
