@@ -260,3 +260,26 @@ def test_in_flight_bounds_hold(st: Store, tmp_path: Path, small_windows: None, m
     assert 0 < seen["kept"] <= batchrestore.IN_FLIGHT_DIGEST_RAW + batchrestore.WINDOW_RAW + BLOCK
     assert _restored(tmp_path / "restored")["/data/pg_wal/000000010000000000000001"] == CONTENT[
         "/data/pg_wal/000000010000000000000001"]
+
+
+def test_open_files_stay_within_the_fd_limit(st: Store, tmp_path: Path) -> None:
+    """Many small files under a low soft ``RLIMIT_NOFILE`` (systemd's default is 1024, and a task process holds
+    sockets, logs and connections besides): the batch keeps at most a share of what is left open, not 768 fds."""
+    import resource
+
+    many = {f"/data/base/7/{n}": f"file {n}\n".encode() for n in range(700)}
+    meta = {"server_version_num": 150004, "server_major": 15, "tablespaces": []}
+    with st.writer(source={"kind": "postgres+bin", "origin": "postgres+bin://test"}, meta=meta) as w:
+        for d in ("/data", "/data/base", "/data/base/7"):
+            w.add_entry(d, "d", mode=0o700)
+        for path, data in {"/data/PG_VERSION": b"15\n", "/data/backup_label": b"x\n", **many}.items():
+            w.add_stream(path, io.BytesIO(data), chunking=Chunking.fixed(BLOCK), mode=0o600)
+    sid = w.snapshot_id
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 300, hard))
+    try:
+        physical_restore(st, sid, tmp_path / "restored", verify=False, sync=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    got = _restored(tmp_path / "restored")
+    assert {p: got[p] for p in many} == many
