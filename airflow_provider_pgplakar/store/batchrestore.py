@@ -254,7 +254,11 @@ class BatchRestore:
     # -- completion (caller's thread) -----------------------------------------------------------------------------
     def _complete(self, w: _Window) -> None:
         for f in w.futures:
-            f.result()  # the first failure raises; close() cancels the rest
+            try:
+                f.result()  # the first failure raises; close() cancels the rest
+            except IntegrityError:  # a pack gone: a prune that took over a lost lease says so (retry), not "corrupt"
+                self.store.ensure_read_lease()  # (the last windows drain with no _submit, so no check ran since)
+                raise
         for job in w.jobs:
             if job.digests:
                 while job.hashed in job.pieces:

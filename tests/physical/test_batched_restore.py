@@ -283,3 +283,39 @@ def test_open_files_stay_within_the_fd_limit(st: Store, tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     got = _restored(tmp_path / "restored")
     assert {p: got[p] for p in many} == many
+
+
+def test_a_read_lease_lost_while_the_last_windows_drain_is_named(st: Store, tmp_path: Path, small_windows: None,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """No window is submitted after the last one, so no lease check runs while the in-flight windows drain: a prune
+    that took over meanwhile and removed a pack must be reported as the lost lease (retry), not as a corrupt store."""
+    import threading
+
+    from airflow_provider_pgplakar.store.locks import LeaseExpired
+    from airflow_provider_pgplakar.store.reader import chunk_refs
+
+    sid = _snapshot(st)
+    last = "/data/base/5/39"
+    loc = st.cache.lookup(next(chunk_refs(st, st.find_record(sid, last)))[0])
+    assert loc is not None
+    pack = Path(st.backend.root) / f"packs/{loc.pack_id[:2]}/{loc.pack_id}"
+    pruned = threading.Event()
+    real_fetch, real_complete = batchrestore.BatchRestore._fetch, batchrestore.BatchRestore._complete
+
+    def fetch(self, group):
+        if any(job.record.path == last for _b, _l, dests in group for job, _o, _i in dests):
+            assert pruned.wait(30)
+        return real_fetch(self, group)
+
+    def complete(self, w):
+        if any(job.record.path == last for job in w.jobs) and not pruned.is_set():
+            assert st.leases.read is not None
+            monkeypatch.setattr(st.leases.read, "lost", "was removed by a prune")
+            pack.unlink()
+            pruned.set()
+        return real_complete(self, w)
+
+    monkeypatch.setattr(batchrestore.BatchRestore, "_fetch", fetch)
+    monkeypatch.setattr(batchrestore.BatchRestore, "_complete", complete)
+    with pytest.raises(LeaseExpired, match="was removed by a prune"):
+        physical_restore(st, sid, tmp_path / "restored", verify=False, sync=False)
