@@ -172,7 +172,7 @@ class BatchRestore:
                 self._submit()
                 self.cur.jobs.append(job)
 
-    def _locate(self, ids: list[bytes], where: str) -> dict[bytes, Location]:
+    def _locate(self, ids: list[bytes], members: dict[bytes, list[Dest]]) -> dict[bytes, Location]:
         found: dict[bytes, Location] = self.store.cache.lookup_many(ids)
         if len(found) < len(ids) and not self._synced:  # a backup that finished after our listing: list once more
             self._synced = True
@@ -180,6 +180,7 @@ class BatchRestore:
             found = self.store.cache.lookup_many(ids)
         for blob_id in ids:
             if blob_id not in found:
+                where = f" (record {members[blob_id][0][0].record.path!r})"  # the record using it, not the first
                 found[blob_id] = locate(self.store, blob_id, where)  # raises, naming the index problem
         return found
 
@@ -191,7 +192,7 @@ class BatchRestore:
         for blob_id, _n, job, offset, index in w.refs:
             members.setdefault(blob_id, []).append((job, offset, index))
         ids = list(members)
-        locs = self._locate(ids, f" (record {w.refs[0][2].record.path!r})" if w.refs else "")
+        locs = self._locate(ids, members)
         for blob_id, n, job, _offset, _index in w.refs:
             loc = locs[blob_id]
             if loc.raw_len != n or loc.blob_type != DATA:

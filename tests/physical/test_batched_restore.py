@@ -319,3 +319,27 @@ def test_a_read_lease_lost_while_the_last_windows_drain_is_named(st: Store, tmp_
     monkeypatch.setattr(batchrestore.BatchRestore, "_complete", complete)
     with pytest.raises(LeaseExpired, match="was removed by a prune"):
         physical_restore(st, sid, tmp_path / "restored", verify=False, sync=False)
+
+
+def test_a_chunk_missing_from_the_index_names_its_record(st: Store, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """One index query serves a whole window of records: the error names the record that references the unknown
+    blob, not the window's first record."""
+    from airflow_provider_pgplakar.store.reader import chunk_refs
+
+    sid = _snapshot(st)
+    rec = st.find_record(sid, "/data/base/1/shared_b")
+    refs = [[b, n] for b, n in chunk_refs(st, rec)]
+    refs[1][0] = bytes(range(32))  # a blob no pack holds
+    wrong = type(rec)({**rec._raw, "c": refs})
+    real = Store.records
+
+    def records(self, snap, prefix=None):
+        for r in real(self, snap, prefix):
+            yield wrong if r.path == rec.path else r
+
+    monkeypatch.setattr(Store, "records", records)
+    target = tmp_path / "restored"
+    with pytest.raises(IntegrityError, match=r"blob 0001020304050607 \(record '/data/base/1/shared_b'\) is not in the"):
+        physical_restore(st, sid, target, verify=False, sync=False)
+    assert (target / "base/1/shared_b").read_bytes() == b"", "nothing of a window with an unknown chunk is written"
