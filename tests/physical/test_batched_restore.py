@@ -343,3 +343,32 @@ def test_a_chunk_missing_from_the_index_names_its_record(st: Store, tmp_path: Pa
     with pytest.raises(IntegrityError, match=r"blob 0001020304050607 \(record '/data/base/1/shared_b'\) is not in the"):
         physical_restore(st, sid, target, verify=False, sync=False)
     assert (target / "base/1/shared_b").read_bytes() == b"", "nothing of a window with an unknown chunk is written"
+
+
+@pytest.mark.parametrize("size,error", [(0, "hold more than the 0 bytes"), (BLOCK + 1, "hold more than the 8193"),
+                                        (3 * BLOCK + 1, "24576 bytes read, the manifest says 24577"),
+                                        (10**18, "24576 bytes read, the manifest says 1000000000000000000")])
+def test_a_size_disagreeing_with_the_chunks_fails_naming_the_record(st: Store, tmp_path: Path, small_windows: None,
+                                                                    monkeypatch: pytest.MonkeyPatch, size: int,
+                                                                    error: str) -> None:
+    """More chunk bytes than the size: refused before the surplus is written; fewer (or a huge claimed size: nothing
+    is allocated from it): refused when the record's last window completes. Every fd is closed either way."""
+    sid = _snapshot(st)
+    path = "/data/base/1/shared_a"  # 3 chunks of 8 KiB
+    rec = st.find_record(sid, path)
+    real = Store.records
+
+    def records(self, snap, prefix=None):
+        for r in real(self, snap, prefix):
+            yield r.replace(size=size) if r.path == path else r
+
+    monkeypatch.setattr(Store, "records", records)
+    fds = len(os.listdir("/proc/self/fd"))
+    target = tmp_path / "restored"
+    with pytest.raises(IntegrityError, match=f"record '{path}': .*{error}"):
+        physical_restore(st, sid, target, verify=False, sync=True)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    written = (target / "base/1/shared_a").read_bytes()
+    assert len(written) <= min(size, rec.size or 0)
+    assert written == CONTENT[path][: len(written)]
+    assert os.stat(target / "base/1/shared_a").st_mtime_ns != rec.mtime_ns, "a file never reported done got its mtime"
