@@ -372,3 +372,40 @@ def test_a_size_disagreeing_with_the_chunks_fails_naming_the_record(st: Store, t
     assert len(written) <= min(size, rec.size or 0)
     assert written == CONTENT[path][: len(written)]
     assert os.stat(target / "base/1/shared_a").st_mtime_ns != rec.mtime_ns, "a file never reported done got its mtime"
+
+
+@pytest.mark.parametrize("fault", ["enospc", "missing_pack"])
+def test_a_failing_worker_stops_the_pool_and_closes_every_fd(st: Store, tmp_path: Path, small_windows: None,
+                                                            monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+    """A worker's failure mid-window (the disk full on a pwrite, a pack gone) fails the restore with it; no worker
+    or fsync thread outlives the restore and no fd of a file, finished or not, is left open."""
+    import errno
+    import threading
+
+    from airflow_provider_pgplakar.store.reader import chunk_refs
+
+    sid = _snapshot(st)
+    if fault == "enospc":
+        writes = 0
+        real = batchrestore._pwrite_all
+
+        def pwrite(fd: int, data: bytes, offset: int) -> None:
+            nonlocal writes
+            writes += 1
+            if writes == 30:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(fd, data, offset)
+
+        monkeypatch.setattr(batchrestore, "_pwrite_all", pwrite)
+        expected: type[Exception] = OSError
+        match = "No space left"
+    else:
+        loc = st.cache.lookup(list(chunk_refs(st, st.find_record(sid, "/data/base/1/big")))[50][0])
+        assert loc is not None
+        (Path(st.backend.root) / f"packs/{loc.pack_id[:2]}/{loc.pack_id}").unlink()
+        expected, match = IntegrityError, "is missing from .* \\(needed by record '/data/base/1/big'\\)"
+    fds = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(expected, match=match):
+        physical_restore(st, sid, tmp_path / "restored", verify=False, sync=True)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("pgplakar-restore", "pgplakar-fsync"))]
+    assert sorted(os.listdir("/proc/self/fd")) == fds
