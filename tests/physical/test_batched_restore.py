@@ -409,3 +409,31 @@ def test_a_failing_worker_stops_the_pool_and_closes_every_fd(st: Store, tmp_path
         physical_restore(st, sid, tmp_path / "restored", verify=False, sync=True)
     assert not [t.name for t in threading.enumerate() if t.name.startswith(("pgplakar-restore", "pgplakar-fsync"))]
     assert sorted(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_cancel_while_windows_are_in_flight_stops_them(st: Store, tmp_path: Path, small_windows: None,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """on_kill (cancel() from another thread) while workers decode: the restore raises TaskCancelled after at most
+    the window being completed; the queued reads are dropped, the pool stops and no fd is left open."""
+    import threading
+
+    from airflow_provider_pgplakar.pg.process import TaskCancelled, cancel
+
+    sid = _snapshot(st)
+    fetches = 0
+    real = batchrestore.BatchRestore._fetch
+
+    def fetch(self, group):
+        nonlocal fetches
+        fetches += 1
+        if fetches == 4:
+            cancel()  # from a worker thread, as a signal handler or on_kill's thread would
+        return real(self, group)
+
+    monkeypatch.setattr(batchrestore.BatchRestore, "_fetch", fetch)
+    fds = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(TaskCancelled):
+        physical_restore(st, sid, tmp_path / "restored", verify=False, sync=True)
+    assert fetches <= 4 + (batchrestore.IN_FLIGHT + 1) * batchrestore.WINDOW_REFS < 59, "reads went on (59 in all)"
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("pgplakar-restore", "pgplakar-fsync"))]
+    assert sorted(os.listdir("/proc/self/fd")) == fds
