@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import zstandard
 
@@ -35,7 +35,7 @@ from .crypto import Keys
 from .errors import AlreadyExists, IntegrityError, StoreError
 from .failpoints import failpoint
 from .index import IndexCache
-from .pack import CODEC_RAW, CODEC_ZSTD, DATA, PackBuilder, decompress, decompressor, pack_object_name
+from .pack import CODEC_RAW, CODEC_ZSTD, DATA, PackBuilder, decompress, pack_object_name
 
 log = logging.getLogger(__name__)
 
@@ -312,9 +312,12 @@ class BlobSink:
             ids = [self.keys.blob_id(b) for b in blocks]
             with self._dedup:
                 levels = self._claim(ids, [len(b) for b in blocks], account)
-            new = [(piece, blob_id, level) for piece, blob_id, level in zip(blocks, ids, levels, strict=True)
-                   if level is not None]
-            self._place(blob_type, self._compress_batch(new), account)
+            encoded = []
+            for piece, blob_id, level in zip(blocks, ids, levels, strict=True):
+                if level is not None:
+                    self._raise_if_failed()
+                    encoded.append(self._compress(blob_id, piece, level))
+            self._place(blob_type, encoded, account)
             return [[blob_id, len(b)] for blob_id, b in zip(ids, blocks, strict=True)]
         except BaseException as e:
             self._fail(e)
@@ -337,63 +340,6 @@ class BlobSink:
             if len(out) != len(data) or not out.startswith(data):
                 raise IntegrityError(f"blob {blob_id.hex()[:16]} did not survive compression: refusing to store it")
         return blob_id, codec, payload, len(data)
-
-    def _compress_batch(self, items: list[tuple[bytes | bytearray | memoryview, bytes, int]]
-                        ) -> list[tuple[bytes, int, Any, int]]:
-        """:meth:`_compress` for the new blobs of one batch, in order: each level's blobs compressed in one call and
-        checked in one decompression call (python-zstandard's ``multi_*_to_buffer``, same frames as ``compress``).
-
-        Why: the GIL is released and taken back around every zstd call, and on a busy 2-core machine each taking
-        back can wait up to the interpreter's switch interval (5 ms) behind the thread reading the base backup;
-        two calls per batch instead of two per blob (a 4 MiB batch of 256 KiB relation blocks: 2 instead of 32).
-        The check is the same as :meth:`_compress`'s: every compressed payload decompresses to the input."""
-        out: list[tuple[bytes, int, Any, int] | None] = [None] * len(items)
-        by_level: dict[int, list[int]] = {}
-        for k, (_piece, _blob_id, level) in enumerate(items):
-            by_level.setdefault(level, []).append(k)
-        for level, ks in by_level.items():
-            self._raise_if_failed()
-            compressor = self._compressor(level) if level > 0 else None
-            if compressor is None or len(ks) < 2 or not hasattr(compressor, "multi_compress_to_buffer") \
-                    or not all(len(items[k][0]) for k in ks):
-                for k in ks:
-                    piece, blob_id, _ = items[k]
-                    out[k] = self._compress(blob_id, piece, level)
-                continue
-            frames = compressor.multi_compress_to_buffer([items[k][0] for k in ks], threads=0)
-            checked: list[int] = []
-            for j, k in enumerate(ks):
-                piece, blob_id, _ = items[k]
-                z = frames[j]
-                if len(z) < 0.97 * len(piece):
-                    out[k] = (blob_id, CODEC_ZSTD, z, len(piece))
-                    checked.append(k)
-                else:
-                    out[k] = (blob_id, CODEC_RAW, piece, len(piece))
-            if self.verify_uploads and checked:
-                self._check_batch([(items[k][0], items[k][1], cast(Any, out[k])[2]) for k in checked])
-        return [cast("tuple[bytes, int, Any, int]", o) for o in out]
-
-    @staticmethod
-    def _check_batch(items: list[tuple[bytes | bytearray | memoryview, bytes, Any]]) -> None:
-        """Every ``(raw, blob_id, zstd frame)`` must decompress to ``raw`` (one decompression call)."""
-        try:
-            decoded = decompressor().multi_decompress_to_buffer([z for _, _, z in items], threads=0)
-        except zstandard.ZstdError:
-            decoded = None
-        for j, (raw, blob_id, z) in enumerate(items):
-            if decoded is None:  # some frame is undecodable: find it, one at a time
-                try:
-                    got: Any = decompress(z)
-                except zstandard.ZstdError:
-                    got = b""
-            else:
-                got = decoded[j]
-            # startswith compares with memcmp (``==`` with a memoryview goes element by element, ~60x slower)
-            same = len(got) == len(raw) and (raw.startswith(got) if isinstance(raw, bytes | bytearray)
-                                             else bytes(got).startswith(raw))
-            if not same:
-                raise IntegrityError(f"blob {blob_id.hex()[:16]} did not survive compression: refusing to store it")
 
     def _place(self, blob_type: int, encoded: list[tuple[bytes, int, bytes | bytearray | memoryview, int]],
                account: NewBytes | None = None) -> None:
