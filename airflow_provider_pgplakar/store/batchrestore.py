@@ -195,7 +195,10 @@ class BatchRestore:
         locs = self._locate(ids, members)
         for blob_id, n, job, _offset, _index in w.refs:
             loc = locs[blob_id]
-            if loc.raw_len != n or loc.blob_type != DATA:
+            if loc.blob_type != DATA:
+                raise IntegrityError(f"record {job.record.path!r}: chunk {blob_id.hex()[:16]} is not file content "
+                                     f"(a blob of type {loc.blob_type}: the manifest is corrupt or was tampered with)")
+            if loc.raw_len != n:
                 raise IntegrityError(f"record {job.record.path!r}: chunk {blob_id.hex()[:16]} is {n} bytes in the "
                                      f"manifest but the index has {loc.raw_len} (type {loc.blob_type})")
         order = sorted(ids, key=lambda b: (locs[b].pack_id, locs[b].offset))

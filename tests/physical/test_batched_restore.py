@@ -437,3 +437,27 @@ def test_a_cancel_while_windows_are_in_flight_stops_them(st: Store, tmp_path: Pa
     assert fetches <= 4 + (batchrestore.IN_FLIGHT + 1) * batchrestore.WINDOW_REFS < 59, "reads went on (59 in all)"
     assert not [t.name for t in threading.enumerate() if t.name.startswith(("pgplakar-restore", "pgplakar-fsync"))]
     assert sorted(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_chunk_naming_a_manifest_blob_is_refused_before_writing(st: Store, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk reference to a manifest leaf (type confusion, with the right length) is refused by its type, naming
+    the record, before anything of its window is read."""
+    sid = _snapshot(st)
+    leaf = st.load_snapshot(sid).header["manifest"]["leaves"][0][0]
+    loc = st.cache.lookup(leaf)
+    assert loc is not None
+    rec = st.find_record(sid, "/data/base/1/shared_b")
+    wrong = type(rec)({**{k: v for k, v in rec._raw.items() if k not in ("b", "d")}, "c": [[leaf, loc.raw_len]],
+                       "s": loc.raw_len})
+    real = Store.records
+
+    def records(self, snap, prefix=None):
+        for r in real(self, snap, prefix):
+            yield wrong if r.path == rec.path else r
+
+    monkeypatch.setattr(Store, "records", records)
+    target = tmp_path / "restored"
+    with pytest.raises(IntegrityError, match=r"'/data/base/1/shared_b': chunk [0-9a-f]{16} is not file content"):
+        physical_restore(st, sid, target, verify=False, sync=False)
+    assert (target / "base/1/shared_b").read_bytes() == b""
