@@ -277,7 +277,8 @@ def _physical_restore(st: Store, sid: str, args: argparse.Namespace) -> int:
 
     res = physical_restore(st, sid, args.to, tablespace_mapping=args.tablespace_mapping, overwrite=args.overwrite,
                            pg_bin_dir=args.pg_bin_dir, verify=not args.no_verify,
-                           require_verify=args.require_verify, owner=args.owner, sync=not args.no_sync)
+                           require_verify=args.require_verify, owner=args.owner, sync=not args.no_sync,
+                           clean=not args.no_clean)
     for w in res.warnings:
         print(f"pgplakar: warning: {w}", file=sys.stderr)
     if args.json:
@@ -323,9 +324,10 @@ def cmd_restore(location: str, args: argparse.Namespace) -> int:
 
     if path is None and is_physical_snapshot(st, sid):  # a whole physical snapshot: a startable data directory
         return _physical_restore(st, sid, args)
-    if args.tablespace_mapping or args.pg_bin_dir or args.no_verify or args.require_verify or args.owner:
-        raise UsageError("--tablespace-mapping, --pg-bin-dir, --no-verify, --require-verify and --owner apply to a "
-                         "whole physical (postgres+bin) snapshot only")
+    if (args.tablespace_mapping or args.pg_bin_dir or args.no_verify or args.require_verify or args.owner
+            or args.no_clean):
+        raise UsageError("--tablespace-mapping, --pg-bin-dir, --no-verify, --require-verify, --owner and --no-clean "
+                         "apply to a whole physical (postgres+bin) snapshot only")
     n = files.restore_records(st, lambda: st.records(sid, path), args.to, overwrite=args.overwrite,
                               sync=not args.no_sync)
     if args.json:

@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "this owner (default: the snapshot's owner names, e.g. postgres)")
     p.add_argument("--no-sync", action="store_true", help="do not fsync restored files and directories (faster; "
                    "a crash soon after may lose them)")
+    p.add_argument("--no-clean", action="store_true", help="physical snapshots: keep what a failed or cancelled "
+                   "restore wrote, for debugging (default: remove it, as pg_basebackup; a kept directory is "
+                   "incomplete and must not be started)")
 
     p = cmd("check", "verify the store's metadata (and with --read-data every byte)")
     p.add_argument("--read-data", action="store_true")

@@ -118,6 +118,8 @@ class PgPlakarPhysicalRestoreOperator(BaseOperator):
     :param file_owner: ``USER[:GROUP]`` for every restored file when the worker runs as root (default: the snapshot's
         owner names, i.e. ``postgres``); templated.
     :param sync: fsync every restored file and directory before succeeding (default true; false is faster).
+    :param clean: remove what a failed or cancelled restore wrote (default true, as ``pg_basebackup``); false keeps
+        the incomplete directory for debugging (it must not be started).
     Returns the restore summary (a small dict: major version, files, tablespaces, verification, warnings).
     """
 
@@ -128,7 +130,7 @@ class PgPlakarPhysicalRestoreOperator(BaseOperator):
     def __init__(self, *, snapshot_id: str, target_dir: str,
                  tablespace_mapping: Mapping[str, str] | Sequence[str] | None = None, overwrite: bool = False,
                  pg_bin_dir: str | None = None, verify: bool = True, require_verify: bool = False,
-                 file_owner: str | None = None, sync: bool = True,
+                 file_owner: str | None = None, sync: bool = True, clean: bool = True,
                  store_conn_id: str = PgPlakarStoreHook.default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.snapshot_id = snapshot_id
@@ -140,6 +142,7 @@ class PgPlakarPhysicalRestoreOperator(BaseOperator):
         self.require_verify = require_verify
         self.file_owner = file_owner  # not ``owner``: BaseOperator.owner is the task's owner in Airflow
         self.sync = sync
+        self.clean = clean
         self.store_conn_id = store_conn_id
 
     @cancellable_execute
@@ -152,7 +155,8 @@ class PgPlakarPhysicalRestoreOperator(BaseOperator):
                                       tablespace_mapping=_mapping_arg(self.tablespace_mapping),
                                       overwrite=self.overwrite, pg_bin_dir=self.pg_bin_dir or None,
                                       verify=self.verify, require_verify=self.require_verify,
-                                      owner=self.file_owner or None, sync=self.sync)
+                                      owner=self.file_owner or None, sync=self.sync,
+                                      clean=self.clean)
         for w in result.warnings:
             self.log.warning("%s", w)
         return result.as_dict()  # physical_restore logged the summary

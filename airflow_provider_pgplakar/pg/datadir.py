@@ -20,7 +20,11 @@ earlier files of the same directory, symlinks only at ``pg_tblspc/<oid>`` of a t
 - ``backup_manifest`` lands in the data directory and ``pg_verifybackup`` of the backup's major checks the result
   (with ``--no-parse-wal`` only when that installation has no ``pg_waldump``). A failed verification raises; the
   files are left in place for inspection. No verifier found: ``verified`` is false with a warning, and
-  ``require_verify`` refuses the restore before it starts.
+  ``require_verify`` refuses the restore before it starts;
+- a failure or cancellation while writing removes what the restore wrote, as ``pg_basebackup`` does (``clean=False``
+  keeps it, as ``--no-clean``): a target directory it created goes entirely (with the parents it created, when they
+  are empty), one that existed (empty, or emptied by ``overwrite``) is emptied again; nothing is followed through a
+  symlink, and a partial data directory a user might start by mistake is not left behind.
 
 Never deleted: ``overwrite`` empties only the data directory target. A tablespace directory that exists and is not
 empty is refused unless it is mapped explicitly (``OLD=NEW``) *and* ``overwrite`` is given. A directory a running
@@ -37,6 +41,7 @@ import os
 import pwd
 import shutil
 import signal
+import stat
 import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -67,7 +72,7 @@ DATA = "data"  # the root key of the data directory (tablespace roots are keyed 
 
 
 class PhysicalRestoreError(PgError):
-    """A physical restore was refused (before writing) or failed (files written so far stay for inspection)."""
+    """A physical restore was refused (before writing) or failed (what it wrote is removed unless ``clean=False``)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ class RestorePlan:
     root_owner: tuple[int | None, int | None] = (None, None)
     sync: bool = True
     require_verify: bool = False
+    clean: bool = True  # a failure while writing removes what was written (pg_basebackup; --no-clean keeps it)
 
     @property
     def major(self) -> int:
@@ -208,6 +214,7 @@ def plan_restore(
     require_verify: bool = False,
     owner: str | None = None,
     sync: bool = True,
+    clean: bool = True,
 ) -> RestorePlan:
     if require_verify and not verify:
         raise PhysicalRestoreError("require_verify and verify=false (--no-verify) contradict each other: drop one")
@@ -231,7 +238,7 @@ def plan_restore(
         raise PhysicalRestoreError(f"require_verify: {note}; install it or pass pg_bin_dir (--pg-bin-dir) of a "
                                    f"PostgreSQL {major} installation that has it")
     plan = RestorePlan(snap.id, target, version, num, tablespaces, tool, note, overwrite, explicit_owner, sync=sync,
-                       require_verify=require_verify)
+                       require_verify=require_verify, clean=clean)
     _check_records(store, snap, plan)
     return plan
 
@@ -539,24 +546,28 @@ def physical_restore(
     require_verify: bool = False,
     owner: str | None = None,
     sync: bool = True,
+    clean: bool = True,
 ) -> PhysicalRestoreResult:
-    """Restore ``snapshot_id`` into ``target_dir`` (see the module docstring); raise on any refusal or failure."""
+    """Restore ``snapshot_id`` into ``target_dir`` (see the module docstring); raise on any refusal or failure.
+
+    ``clean=False`` keeps what a failed restore wrote, for debugging (``pg_basebackup --no-clean``)."""
     plan = plan_restore(store, snapshot_id, target_dir, tablespace_mapping=tablespace_mapping, overwrite=overwrite,
-                        pg_bin_dir=pg_bin_dir, verify=verify, require_verify=require_verify, owner=owner, sync=sync)
+                        pg_bin_dir=pg_bin_dir, verify=verify, require_verify=require_verify, owner=owner, sync=sync,
+                        clean=clean)
     for root in plan.empties():
         _empty(root)
     writer = _Writer(store, plan)
     try:
+        writer.open()
         for rec in store.records(plan.snapshot_id):
             check_cancelled()
             writer.add(rec)
         writer.finish()
+        writer.close()
     except BaseException:
         writer.close(success=False)
-        log.error("restore into %s failed after %d files: the directory is incomplete; remove it or retry with "
-                  "overwrite", plan.target_dir, writer.files)
+        _after_failure(plan, writer)
         raise
-    writer.close()
     result = PhysicalRestoreResult(
         plan.snapshot_id, str(plan.target_dir), plan.server_version, plan.major, writer.files, writer.bytes,
         [{"oid": t.oid, "location": t.location, "restored_to": t.target} for t in plan.tablespaces],
@@ -574,6 +585,57 @@ def physical_restore(
         log.warning("%s", result.warnings[-1])
     log.info("%s", result.text())
     return result
+
+
+def _after_failure(plan: RestorePlan, writer: _Writer) -> None:
+    """Remove what a failed restore wrote (``plan.clean``), or say what was left; never raises (the restore's own
+    exception is the one to report)."""
+    roots = [t.root for t in writer.trees.values()]
+    if not plan.clean:
+        log.error("restore into %s failed after %d files; kept as asked (clean=False, --no-clean): %s %s "
+                  "incomplete and must not be started; remove %s, or retry with overwrite", plan.target_dir,
+                  writer.files, ", ".join(roots) or "nothing was written", "is" if len(roots) == 1 else "are",
+                  "it" if len(roots) == 1 else "them")
+        return
+    removed, failed = [], []
+    for tree in sorted(writer.trees.values(), key=lambda t: t.root == str(plan.target_dir)):  # data directory last
+        try:
+            _discard(tree, writer.found.get(tree.root, set()))
+        except Exception as exc:  # noqa: BLE001 (logged; the restore's own exception follows)
+            failed.append(f"{tree.root} ({getattr(exc, 'strerror', None) or exc})")
+        else:
+            removed.append(tree.root if tree.root in tree.created else f"the contents of {tree.root}")
+    log.error("restore into %s failed after %d files; removed what it wrote: %s", plan.target_dir, writer.files,
+              ", ".join(removed) or "nothing")
+    if failed:
+        log.error("could not remove %s: incomplete, never start it; remove it by hand", "; ".join(failed))
+
+
+def _discard(tree: SafeTree, keep: set[str]) -> None:
+    """Remove what is below a (closed) tree's root but ``keep`` (entries found there when it was opened: not ours);
+    then the root and the parents it made, if it made them.
+
+    Through a directory fd opened ``O_NOFOLLOW``: entries that are symlinks (``pg_tblspc/<oid>``) are unlinked,
+    never followed (``shutil.rmtree`` with ``dir_fd`` works through fds too)."""
+    fd = os.open(tree.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for name in os.listdir(fd):
+            if name in keep:
+                log.warning("left %s in %s: it was there before this restore wrote anything", name, tree.root)
+            elif stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                shutil.rmtree(name, dir_fd=fd)
+            else:
+                os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+    if tree.root not in tree.created or keep:
+        return
+    os.rmdir(tree.root)
+    for parent in reversed(tree.created[:-1]):  # mkdir -p'd parents, innermost first, while nothing else is there
+        try:
+            os.rmdir(parent)
+        except OSError:
+            break
 
 
 def _empty(root: Path) -> None:
@@ -605,17 +667,18 @@ class _Writer:
         self.files = 0
         self.bytes = 0
         self.batch: BatchRestore | None = None
-        roots = {DATA: plan.target_dir, **{str(t.oid): Path(t.target) for t in plan.tablespaces}}
-        try:
-            for key, path in roots.items():
-                self.trees[key] = SafeTree(path, root_mode=0o700, sync=plan.sync, owner=plan.owner)
-                uid, gid = plan.root_owner
-                self.trees[key].set_attrs((), mode=0o700, uid=uid, gid=gid)
-            self.batch = BatchRestore(store, self._file_done, tick=check_cancelled,
-                                      writeback=start_writeback if plan.sync else None)
-        except BaseException:
-            self.close(success=False)
-            raise
+        self.found: dict[str, set[str]] = {}  # root -> entries in it before the first write (none, unless raced)
+
+    def open(self) -> None:
+        """Create (or open) the roots; ``self.trees`` holds each as soon as it exists, for the cleanup."""
+        roots = {DATA: self.plan.target_dir, **{str(t.oid): Path(t.target) for t in self.plan.tablespaces}}
+        for key, path in roots.items():
+            self.trees[key] = SafeTree(path, root_mode=0o700, sync=self.plan.sync, owner=self.plan.owner)
+            self.found[self.trees[key].root] = set(os.listdir(self.trees[key].root))
+            uid, gid = self.plan.root_owner
+            self.trees[key].set_attrs((), mode=0o700, uid=uid, gid=gid)
+        self.batch = BatchRestore(self.store, self._file_done, tick=check_cancelled,
+                                  writeback=start_writeback if self.plan.sync else None)
 
     def _owner(self, rec: Record) -> dict[str, Any]:
         return record_owner(self.plan, rec)

@@ -191,6 +191,12 @@ class SafeTree:
                 pass
         return created
 
+    @property
+    def created(self) -> tuple[str, ...]:
+        """The directories this tree made for its root (``mkdir -p``), outermost first: the root itself last if it
+        did not exist before."""
+        return tuple(self._created_root)
+
     # -- context ---------------------------------------------------------------------------------------------
     def __enter__(self) -> SafeTree:
         return self

@@ -162,7 +162,7 @@ def test_corrupt_chunk_is_never_written(st: Store, tmp_path: Path, small_windows
     _corrupt_blob_of(st, sid, "/data/base/1/big", 40)
     target = tmp_path / "restored"
     with pytest.raises(IntegrityError, match="authentication failed"):
-        physical_restore(st, sid, target, verify=False, sync=False)
+        physical_restore(st, sid, target, verify=False, sync=False, clean=False)
     big = (target / "base/1/big").read_bytes()
     bad = slice(40 * BLOCK, 41 * BLOCK)
     assert big[bad] in (b"", bytes(BLOCK)) or len(big) <= bad.start, "the corrupt chunk's bytes reached the file"
@@ -211,7 +211,7 @@ def test_chunk_length_disagreeing_with_the_index_is_refused_before_writing_it(
     monkeypatch.setattr(Store, "records", records)
     target = tmp_path / "restored"
     with pytest.raises(IntegrityError, match="shared_a.*bytes in the manifest but the index has"):
-        physical_restore(st, sid, target, verify=False, sync=False)
+        physical_restore(st, sid, target, verify=False, sync=False, clean=False)
     assert (target / "base/1/shared_a").read_bytes() == b"", "nothing of a window with a bad reference is written"
 
 
@@ -341,7 +341,7 @@ def test_a_chunk_missing_from_the_index_names_its_record(st: Store, tmp_path: Pa
     monkeypatch.setattr(Store, "records", records)
     target = tmp_path / "restored"
     with pytest.raises(IntegrityError, match=r"blob 0001020304050607 \(record '/data/base/1/shared_b'\) is not in the"):
-        physical_restore(st, sid, target, verify=False, sync=False)
+        physical_restore(st, sid, target, verify=False, sync=False, clean=False)
     assert (target / "base/1/shared_b").read_bytes() == b"", "nothing of a window with an unknown chunk is written"
 
 
@@ -366,7 +366,7 @@ def test_a_size_disagreeing_with_the_chunks_fails_naming_the_record(st: Store, t
     fds = len(os.listdir("/proc/self/fd"))
     target = tmp_path / "restored"
     with pytest.raises(IntegrityError, match=f"record '{path}': .*{error}"):
-        physical_restore(st, sid, target, verify=False, sync=True)
+        physical_restore(st, sid, target, verify=False, sync=True, clean=False)
     assert len(os.listdir("/proc/self/fd")) == fds
     written = (target / "base/1/shared_a").read_bytes()
     assert len(written) <= min(size, rec.size or 0)
@@ -459,5 +459,5 @@ def test_a_chunk_naming_a_manifest_blob_is_refused_before_writing(st: Store, tmp
     monkeypatch.setattr(Store, "records", records)
     target = tmp_path / "restored"
     with pytest.raises(IntegrityError, match=r"'/data/base/1/shared_b': chunk [0-9a-f]{16} is not file content"):
-        physical_restore(st, sid, target, verify=False, sync=False)
+        physical_restore(st, sid, target, verify=False, sync=False, clean=False)
     assert (target / "base/1/shared_b").read_bytes() == b""
