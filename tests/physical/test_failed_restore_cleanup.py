@@ -283,3 +283,25 @@ def test_operator_clean_parameter(st: Store, sandbox: Path, small_windows: None,
         assert not data.exists() and not ts.exists() and "removed what it wrote" in datadir_log.text
     else:
         assert (data / "PG_VERSION").read_bytes() == b"15\n" and "must not be started" in datadir_log.text
+
+
+def test_what_appeared_before_the_first_write_is_left(st: Store, sandbox: Path, small_windows: None,
+                                                      monkeypatch: pytest.MonkeyPatch, datadir_log: Any) -> None:
+    """An entry that appeared in an empty target between the plan and the first write is not the restore's: the
+    cleanup leaves it (and so the directory) and says so."""
+    data = sandbox / "into" / "data"
+    data.mkdir()
+    sid = _snapshot(st, sandbox / "old-ts")
+    _lose_last_pack(st, sid)
+    real_open = datadir._Writer.open
+
+    def open_(self: Any) -> None:
+        (data / "theirs").write_text("someone else's")
+        real_open(self)
+
+    monkeypatch.setattr(datadir._Writer, "open", open_)
+    with pytest.raises(IntegrityError, match="is missing from"):
+        physical_restore(st, sid, data, tablespace_mapping={str(sandbox / "old-ts"): str(sandbox / "into" / "ts")},
+                         verify=False, sync=False)
+    assert listing(data) == ["theirs"] and (data / "theirs").read_text() == "someone else's"
+    assert f"left theirs in {data}: it was there before this restore wrote anything" in datadir_log.text
