@@ -475,6 +475,8 @@ def test_help_of_backup_and_restore_lists_every_option_with_its_default(cli: Cli
     flat = " ".join(restore_help.split())
     assert all(name in flat for name in RestoreOptions.__dataclass_fields__ if name != "conn")
     assert "recreate [false]" in flat and "jobs [1]" in flat
+    assert "--no-clean physical snapshots: keep what a failed or cancelled restore wrote" in flat
+    assert "(default: remove it, as pg_basebackup;" in flat
 
 
 def test_a_newcomers_mistakes_get_one_line_that_says_what_to_do(created: Cli, src: Path, tmp_path: Path) -> None:
