@@ -74,7 +74,7 @@ def test_cli_backup_and_restore_to_dir(pg_factory, pg_manager, tmp_path) -> None
     assert "apply to a whole physical" in err
     err = one_line_error(cli(store, env, "restore", "-to", str(tmp_path / "x"), "--owner", "nobody",
                              f"{sid}:/data"), 2)
-    assert "--owner apply to a whole physical" in err
+    assert "--owner and --no-clean apply to a whole physical" in err
 
     # the reference's way still works: the /data subtree as plain files
     plain = tmp_path / "plain"
