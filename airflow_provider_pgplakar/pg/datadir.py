@@ -72,7 +72,8 @@ DATA = "data"  # the root key of the data directory (tablespace roots are keyed 
 
 
 class PhysicalRestoreError(PgError):
-    """A physical restore was refused (before writing) or failed (what it wrote is removed unless ``clean=False``)."""
+    """A physical restore was refused (before writing) or failed (while writing: what it wrote is removed unless
+    ``clean=False``; a failed verification leaves the files for inspection)."""
 
 
 @dataclass(frozen=True)
