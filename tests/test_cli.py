@@ -525,6 +525,15 @@ def test_a_scheme_typo_in_a_restore_target_is_not_a_directory(created: Cli, src:
     assert list(work.iterdir()) == []  # no directory "postgress:" was made
 
 
+def test_directory_options_with_a_database_destination_are_refused(created: Cli, src: Path) -> None:
+    """--overwrite, --no-clean, --owner... mean nothing to a database restore: refused before anything is contacted
+    (the host does not exist), instead of being ignored."""
+    sid = backup(created, src)[:8]
+    line = created.fails(2, "restore", "--overwrite", "--no-clean", "-to", "postgres://nosuchhost.invalid/sales", sid)
+    assert line == ("pgplakar: usage: --no-clean, --overwrite: for a directory destination only; a postgres:// "
+                    "destination takes key=value options (e.g. recreate=true, clean=true)")
+
+
 def test_ctrl_d_at_the_passphrase_prompt_is_an_interrupt(created: Cli) -> None:
     """Through a real terminal (a pty): getpass reads /dev/tty, where Ctrl-D ends the input."""
     import pty

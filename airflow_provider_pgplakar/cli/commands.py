@@ -288,11 +288,24 @@ def _physical_restore(st: Store, sid: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def _physical_flags(args: argparse.Namespace) -> list[str]:
+    """The options given that only a whole physical snapshot restored to a directory understands."""
+    given = {"--tablespace-mapping": args.tablespace_mapping, "--pg-bin-dir": args.pg_bin_dir,
+             "--no-verify": args.no_verify, "--require-verify": args.require_verify, "--owner": args.owner,
+             "--no-clean": args.no_clean}
+    return [flag for flag, value in given.items() if value]
+
+
 def _pg_restore(location: str, args: argparse.Namespace) -> int:
     from ..pg.iam import password_source
     from ..pg.options import parse_restore_options
     from ..pg.restore import RestoreFailed, logical_restore
 
+    directory_only = _physical_flags(args) + [f for f, v in (("--overwrite", args.overwrite),
+                                                              ("--no-sync", args.no_sync)) if v]
+    if directory_only:  # silently ignored before: a user who meant a data directory would get a database restore
+        raise UsageError(f"{', '.join(directory_only)}: for a directory destination only; a postgres:// "
+                         "destination takes key=value options (e.g. recreate=true, clean=true)")
     snapshot, options = _snapshot_among_options(args.items, "restore", "recreate=true")
     opts = parse_restore_options(args.to, _pg_options(options, args.to))
     password = password_source(opts.conn)  # postgres+aws: its region is resolved now, before the store opens
@@ -324,8 +337,7 @@ def cmd_restore(location: str, args: argparse.Namespace) -> int:
 
     if path is None and is_physical_snapshot(st, sid):  # a whole physical snapshot: a startable data directory
         return _physical_restore(st, sid, args)
-    if (args.tablespace_mapping or args.pg_bin_dir or args.no_verify or args.require_verify or args.owner
-            or args.no_clean):
+    if _physical_flags(args):
         raise UsageError("--tablespace-mapping, --pg-bin-dir, --no-verify, --require-verify, --owner and --no-clean "
                          "apply to a whole physical (postgres+bin) snapshot only")
     n = files.restore_records(st, lambda: st.records(sid, path), args.to, overwrite=args.overwrite,
