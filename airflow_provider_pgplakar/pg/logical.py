@@ -3,11 +3,13 @@ database, each streamed from its tool's stdout straight into the store.
 
 Differences from the reference, on purpose:
 
-- Tools run one at a time, or ``jobs`` at a time (bounded; :mod:`.jobs`), instead of all at once, so a cluster with
+- Dumps run one at a time, or ``jobs`` at a time (bounded; :mod:`.jobs`), instead of all at once, so a cluster with
   many databases does not open one connection and one MVCC snapshot per database simultaneously. With ``jobs`` > 1
   the largest databases (``pg_database_size``) start first, each dump streams into its own record of the one
   snapshot, and records are appended in listing order: names and order are those of ``jobs=1``. The first failure
-  kills the other dumps' process groups and nothing is committed.
+  kills the other dumps' process groups and nothing is committed. The manifest and the globals
+  (``pg_dumpall --globals-only``) are read on one helper thread beside the dumps (they depend on nothing a dump
+  does), so a run's fixed cost is not spent before its first dump starts; their records still come first.
 - A tool that fails fails the backup and **nothing is committed** (the reference committed a snapshot with error
   entries); its stderr is in the error.
 - Database names reach tools only as ``--dbname=<conninfo>``; in record paths ``%`` and ``/`` are percent-encoded
