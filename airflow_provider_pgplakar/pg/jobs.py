@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from . import PgError
+from .process import also_checking
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,8 @@ class Beside:
 
     def _run(self) -> None:
         try:
-            self._value = self._work()
+            with also_checking(self._stopper.check):  # every phase's check_cancelled() also sees a stop
+                self._value = self._work()
         except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
             self._first = not self._stopper.stopped
             self._error = e
