@@ -214,6 +214,8 @@ def _record_view(r: Record) -> dict[str, Any]:
            "gid": r.gid, "link_target": r.link_target, "meta": dict(r.meta) or None, "error": r.error}
     if r.sha256 is not None:
         out["sha256"] = r.sha256.hex()
+    if r.blake3 is not None:
+        out["blake3"] = r.blake3.hex()
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -12,8 +12,11 @@ earlier files of the same directory, symlinks only at ``pg_tblspc/<oid>`` of a t
   ``pg_basebackup -T``; unmapped tablespaces go back to their original location, which must then be empty);
 - as root, files get the snapshot's owner *names* (PostgreSQL's archives say ``postgres``) resolved on this host,
   or ``owner`` (``USER[:GROUP]``); otherwise they belong to the user running the restore;
+- file content is written by :mod:`..store.batchrestore` (chunks of many files located, read and verified
+  together on one pool, each chunk written (``pwrite``) only once it matched its ID) into files created here;
 - every file and directory is fsynced before success is reported (``sync=False`` skips it, as
-  ``pg_basebackup --no-sync``);
+  ``pg_basebackup --no-sync``); a large file's writeback starts while it is written (every 8 MiB), so
+  little is left for the fsyncs at the end;
 - ``backup_manifest`` lands in the data directory and ``pg_verifybackup`` of the backup's major checks the result
   (with ``--no-parse-wal`` only when that installation has no ``pg_waldump``). A failed verification raises; the
   files are left in place for inspection. No verifier found: ``verified`` is false with a warning, and
@@ -40,8 +43,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..store.batchrestore import BatchRestore
 from ..store.record import Record, RecordKind
-from ..store.safefs import Owner, RecordPlan, SafeTree, UnsafeRecord, split_path
+from ..store.safefs import Owner, RecordPlan, SafeTree, UnsafeRecord, split_path, start_writeback
 from ..store.sizes import human_bytes
 from . import PgError, ToolError
 from .physical import DATA_PREFIX, MANIFEST_PATH, SOURCE_KIND, TABLESPACES_PREFIX
@@ -600,12 +604,15 @@ class _Writer:
         self.dirs: list[tuple[str, tuple[str, ...], Record]] = []
         self.files = 0
         self.bytes = 0
+        self.batch: BatchRestore | None = None
         roots = {DATA: plan.target_dir, **{str(t.oid): Path(t.target) for t in plan.tablespaces}}
         try:
             for key, path in roots.items():
                 self.trees[key] = SafeTree(path, root_mode=0o700, sync=plan.sync, owner=plan.owner)
                 uid, gid = plan.root_owner
                 self.trees[key].set_attrs((), mode=0o700, uid=uid, gid=gid)
+            self.batch = BatchRestore(store, self._file_done, tick=check_cancelled,
+                                      writeback=start_writeback if plan.sync else None)
         except BaseException:
             self.close(success=False)
             raise
@@ -640,16 +647,23 @@ class _Writer:
             tree.mkdir(parts)
             self.dirs.append((root, parts, rec))
         elif kind == RecordKind.FILE:
-            with self.store.open_record(rec) as src:
-                self.bytes += tree.write_file(parts, src.iter_chunks(), mode=_mode(rec, 0o600),
-                                              mtime_ns=rec.mtime_ns, **owner)
-            self.files += 1
+            assert self.batch is not None
+            self.batch.add(rec, tree.create_file(parts), (tree, owner))  # the batch owns the fd from here
         elif kind == RecordKind.SYMLINK:
             tree.symlink(parts, self.ts_links[int(parts[1])], mtime_ns=rec.mtime_ns, **owner)
         elif kind == RecordKind.HARDLINK:
             tree.hardlink(parts, split_path(rec.link_target or "")[1 if root == DATA else 2:])  # checked by locate
 
+    def _file_done(self, context: tuple[SafeTree, dict[str, Any]], rec: Record, fd: int) -> None:
+        """A file's content is written and verified (:mod:`..store.batchrestore`): its attributes, then fsync."""
+        tree, owner = context
+        tree.file_done(fd, mode=_mode(rec, 0o600), mtime_ns=rec.mtime_ns, **owner)
+        self.files += 1
+        self.bytes += rec.size or 0
+
     def finish(self) -> None:
+        assert self.batch is not None
+        self.batch.finish()
         for root, parts, rec in reversed(self.dirs):
             self.trees[root].set_attrs(parts, mode=_mode(rec, 0o700), mtime_ns=rec.mtime_ns, **self._owner(rec))
         data = self.trees[DATA]
@@ -659,6 +673,8 @@ class _Writer:
 
     def close(self, success: bool = True) -> None:
         errors = []
+        if self.batch is not None:
+            self.batch.close(success=success)  # before the trees: no worker writes once their fds may close
         for tree in self.trees.values():
             try:
                 tree.close(success=success)

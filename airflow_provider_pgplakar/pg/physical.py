@@ -22,10 +22,11 @@ unchanged region of a relation dedups exactly whatever changed elsewhere in it. 
 configuration) uses the store's content-defined chunker.
 
 Speed (``bench/physical_bench.py``; issue 5 wants at most 2.5x a raw ``pg_basebackup``): the server compresses
-the stream with lz4 when it can (``server_compression``), which costs it less CPU than sending raw bytes and
-spares this process nine messages in ten; tar members are parsed by :mod:`.tarstream` with one copy per byte;
-relation blocks are hashed, deduplicated and compressed in the store's pool a batch per task; and relation
-files carry no whole-file SHA-256 — every block keeps its verified BLAKE3 ID, and the server's
+the stream with lz4 when it can (``server_compression``), which spares a network nine bytes in ten and this
+process as many messages; on loopback it is a wash (its walsender spent 0.2-0.3 CPU s more per 786 MiB than for
+raw bytes, this process 0.05-0.2 less: README, issue 13 §3); tar members are parsed by :mod:`.tarstream` with
+one copy per byte; relation blocks are hashed, deduplicated and compressed in the store's pool a batch per
+task; and relation files carry no whole-file digest — every block keeps its verified BLAKE3 ID, and the server's
 ``backup_manifest`` (CRC32C of every file, computed as the server read it) is kept and checked by
 ``pg_verifybackup`` after each restore, an end-to-end check independent of this tool.
 
@@ -259,7 +260,7 @@ def _copy_archive(w: SnapshotWriter, archive: Archive, prefix: str, chunking: Ca
                 how = chunking(name)
                 # relation files: no whole-file SHA-256, backup_manifest's CRC32C (pg_verifybackup) covers them
                 # the writer reads members with readinto only, which TarReader has
-                info = w.add_stream(path, cast("BinaryIO", tar), chunking=how, sha256=not how.block_size, **attrs)
+                info = w.add_stream(path, cast("BinaryIO", tar), chunking=how, digest=not how.block_size, **attrs)
                 if info.size != member.size:
                     raise PhysicalBackupError(f"{archive.name}: {name}: got {info.size} bytes, the archive "
                                               f"header says {member.size}")

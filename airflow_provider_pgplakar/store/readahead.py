@@ -1,8 +1,8 @@
-"""Overlap chunking, the record's SHA-256 and the caller's work (handing batches to the encode pool) on threads.
+"""Overlap chunking, the record's digest and the caller's work (handing batches to the encode pool) on threads.
 
 Measured on the 2-core CI machine: with everything on the caller's thread, chunking + SHA-256 + BLAKE3 capped an
 identical (fully deduplicated) re-backup at ~290 MB/s. pyfastcdc's cut, file reads and hashlib all release the
-GIL, so a reader thread (chunking) and a hasher thread (SHA-256) run beside the caller. Items are batches of
+GIL, so a reader thread (chunking) and a hasher thread (the record digest) run beside the caller. Items are batches of
 chunks (:meth:`Chunker.batches`, ~4 MiB each), so the queues are touched a few times per 4 MiB instead of several
 times per chunk; they are bounded (``DEPTH`` batches), so memory stays constant whatever the stream size.
 """
@@ -34,7 +34,7 @@ class Readahead:
         self._hash_q: queue.Queue[Any] = queue.Queue(DEPTH)
         self._stop = threading.Event()
         self._reader = threading.Thread(target=self._read, name="pgplakar-chunker", daemon=True)
-        self._hasher = threading.Thread(target=self._hash, name="pgplakar-sha256", daemon=True)
+        self._hasher = threading.Thread(target=self._hash, name="pgplakar-digest", daemon=True)
         self._reader.start()
         self._hasher.start()
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+import blake3
 import msgpack
 
 from .crypto import ObjectKey
@@ -137,6 +138,18 @@ def _groups(store: Store, record: Record) -> Iterator[tuple[Location, list[tuple
         yield cur[0][1], cur
 
 
+def _digests(record: Record) -> list[tuple[Any, bytes, str]]:
+    """(hasher, expected digest, name) for each whole-content digest the record carries: BLAKE3 (``b``), or the
+    SHA-256 (``d``) of records written before it replaced SHA-256 (docs/format.md §6.3); a record with both gets
+    both checked."""
+    out: list[tuple[Any, bytes, str]] = []
+    if record.blake3 is not None:
+        out.append((blake3.blake3(), record.blake3, "BLAKE3"))
+    if record.sha256 is not None:
+        out.append((hashlib.sha256(), record.sha256, "SHA-256"))
+    return out
+
+
 class RecordReader(io.RawIOBase):
     """A readable binary stream of one file record, verified chunk by chunk and as a whole at EOF."""
 
@@ -158,7 +171,7 @@ class RecordReader(io.RawIOBase):
         self._okeys: dict[bytes, ObjectKey] = {}  # pack salt -> key; a benign race between fetch threads
         self._buf = memoryview(b"")
         self._chunks: deque[bytes] = deque()
-        self._sha = hashlib.sha256() if record.sha256 is not None else None  # records may go without (see add_stream)
+        self._digests = _digests(record)  # records may go without (see add_stream)
         self._size = 0
         self._eof = False
         self._fill()
@@ -210,8 +223,8 @@ class RecordReader(io.RawIOBase):
             if chunk is None:
                 self._finish()
                 return 0
-            if self._sha is not None:
-                self._sha.update(chunk)
+            for h, _want, _name in self._digests:
+                h.update(chunk)
             self._size += len(chunk)
             self._buf = memoryview(chunk)
         n = min(len(b), len(self._buf))
@@ -224,8 +237,9 @@ class RecordReader(io.RawIOBase):
         rec = self.record
         if self._size != rec.size:
             raise IntegrityError(f"record {rec.path!r}: {self._size} bytes read, the manifest says {rec.size}")
-        if self._sha is not None and self._sha.digest() != rec.sha256:
-            raise IntegrityError(f"record {rec.path!r}: the SHA-256 does not match the manifest")
+        for h, want, name in self._digests:
+            if h.digest() != want:
+                raise IntegrityError(f"record {rec.path!r}: the {name} does not match the manifest")
 
     def iter_chunks(self) -> Iterator[bytes]:
         """Chunk-sized pieces without an extra copy (fast path for restore to a file or pipe)."""
@@ -238,8 +252,8 @@ class RecordReader(io.RawIOBase):
             if chunk is None:
                 self._finish()
                 return
-            if self._sha is not None:
-                self._sha.update(chunk)
+            for h, _want, _name in self._digests:
+                h.update(chunk)
             self._size += len(chunk)
             yield chunk
 

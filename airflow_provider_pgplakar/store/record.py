@@ -42,7 +42,8 @@ _EMPTY: Mapping[str, Any] = MappingProxyType({})
 _FIELDS: dict[str, tuple[str, type]] = {
     "s": ("size", int), "m": ("mode", int), "t": ("mtime_ns", int), "u": ("uid", int), "g": ("gid", int),
     "un": ("uname", str), "gn": ("gname", str), "lt": ("link_target", str), "e": ("error", str),
-    "d": ("sha256", bytes), "x": ("meta", dict), "c": ("chunks", list), "cl": ("chunk lists", list),
+    "d": ("sha256", bytes), "b": ("blake3", bytes), "x": ("meta", dict), "c": ("chunks", list),
+    "cl": ("chunk lists", list),
 }
 _KEYS = {name: key for key, (name, _type) in _FIELDS.items()}
 
@@ -53,7 +54,8 @@ class Record:
 
     ``kind`` is a :class:`RecordKind`, or the stored code as a plain string for a kind this version does not know
     (a newer writer's): restores skip and report those. Absent attributes are ``None`` (``meta``: empty).
-    ``sha256`` is absent for records stored without one (``add_stream(sha256=False)``).
+    A file record's whole-content digest is ``blake3`` (BLAKE3, what ``b3sum`` prints); records written before
+    2026-12-03 carry ``sha256`` instead; both are absent for records stored without one (``add_stream(digest=False)``).
     """
 
     _raw: dict[str, Any]  # the stored map, checked by decode_record; never mutated
@@ -134,6 +136,11 @@ class Record:
     @property
     def sha256(self) -> bytes | None:
         value: bytes | None = self._raw.get("d")
+        return value
+
+    @property
+    def blake3(self) -> bytes | None:
+        value: bytes | None = self._raw.get("b")
         return value
 
     @property

@@ -12,14 +12,22 @@ directory that changed while it was read. So (issue 9):
   is never followed; files are written to random temporary names created ``O_EXCL|O_NOFOLLOW`` and renamed (or
   created ``O_EXCL`` in place); owner, mode and mtime are set on fds or with ``follow_symlinks=False``.
 - Durability: with ``sync`` every written file is fsynced (16 threads, overlapping the writes) and every touched
-  directory afterwards, before :meth:`SafeTree.close` returns, as ``pg_basebackup`` does by default.
+  directory afterwards, before :meth:`SafeTree.close` returns, as ``pg_basebackup`` does by default. A large file's
+  writeback is started while it is still being written (:func:`start_writeback` every 8 MiB, from
+  :mod:`.batchrestore`; PostgreSQL's ``pg_flush_data`` does the same before its fsyncs), so the disk works while the
+  restore still decodes: without it, restores of the benchmark data directory took 0.12-0.32 s longer (0.64-0.81 s
+  with it, three idle rounds). ``syncfs(2)`` (one call for the whole filesystem) was not used: it covers every
+  process's dirty data on that filesystem, not exactly our files, so a restore would wait for, and could report the
+  write errors of, other writers.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import stat
+import sys
 import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +36,7 @@ from typing import Any
 
 from .errors import StoreError
 
-__all__ = ["Owner", "RecordPlan", "SafeTree", "UnsafeRecord", "split_path"]
+__all__ = ["Owner", "RecordPlan", "SafeTree", "UnsafeRecord", "split_path", "start_writeback"]
 
 Parts = tuple[str, ...]
 KIND_NAMES = {"d": "directory", "f": "file", "l": "symlink", "h": "hard link", "e": "error"}
@@ -37,6 +45,7 @@ SYNC_THREADS = 16
 SYNC_IN_FLIGHT = 64  # open fds waiting for their fsync
 DIR_FD_CACHE = 128
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class UnsafeRecord(StoreError):
@@ -322,8 +331,7 @@ class SafeTree:
         parent = self._dir(parts[:-1])
         name = parts[-1]
         tmp = _tmp_name() if replace else name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=parent)
+        fd = os.open(tmp, _O_NEW_FILE, 0o600, dir_fd=parent)
         size = 0
         try:
             for piece in chunks:
@@ -345,6 +353,28 @@ class SafeTree:
         else:
             os.close(fd)
         return size
+
+    def create_file(self, parts: Parts) -> int:
+        """Create ``parts`` (``O_EXCL|O_NOFOLLOW``, mode 0600, below no-follow directory fds) and return its fd for
+        the caller to fill (with ``pwrite``, :mod:`.batchrestore`); hand it back with :meth:`file_done`."""
+        self._trim()
+        parent = self._dir(parts[:-1])
+        fd = os.open(parts[-1], _O_NEW_FILE, 0o600, dir_fd=parent)
+        self._sync_dirs.add(parts[:-1])
+        return fd
+
+    def file_done(self, fd: int, *, mode: int | None = None, mtime_ns: int | None = None, uid: int | None = None,
+                  gid: int | None = None) -> None:
+        """Set the attributes of a file made by :meth:`create_file` and queue its fsync (or close it)."""
+        try:
+            self._fd_attrs(fd, mode, mtime_ns, uid, gid)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._syncer is not None:
+            self._syncer.submit(fd)
+        else:
+            os.close(fd)
 
     def symlink(self, parts: Parts, target: str, *, replace: bool = False, mtime_ns: int | None = None,
                 uid: int | None = None, gid: int | None = None) -> None:
@@ -383,6 +413,30 @@ class SafeTree:
                 _unlink_quietly(parent, tmp)
                 raise
         self._sync_dirs.add(parts[:-1])
+
+
+def _libc_sync_file_range() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing ``fd``'s dirty pages now, without waiting (Linux ``sync_file_range``
+    with ``SYNC_FILE_RANGE_WRITE``, as PostgreSQL's ``pg_flush_data``): the disk works while the restore still
+    decodes, and the fsync that follows finds little left to do. Only a hint: durability is the fsync's."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
 
 class TargetBlocked(StoreError):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import getpass
-import hashlib
 import itertools
 import logging
 import os
@@ -76,7 +75,7 @@ DEPENDENCY_STAT_MAX = 64  # up to this many referenced packs are checked one HEA
 class RecordInfo:
     path: str
     size: int
-    sha256: str | None
+    digest: str | None  # hex BLAKE3 of the whole content (record key ``b``), None for ``digest=False``
     new: NewBytes = field(default_factory=NewBytes, compare=False, repr=False)  # what it added to the store
 
     @property
@@ -231,17 +230,18 @@ class SnapshotWriter:
             raise TypeError(f"unknown record attributes: {', '.join(sorted(attrs))}")
         return rec
 
-    def add_stream(self, path: str, stream: BinaryIO, *, chunking: Chunking = Chunking(), sha256: bool = True,
+    def add_stream(self, path: str, stream: BinaryIO, *, chunking: Chunking = Chunking(), digest: bool = True,
                    expected_size: int | None = None, **attrs: Any) -> RecordInfo:
-        """Add a file record from any readable stream of unknown length; size and SHA-256 are filled at EOF.
+        """Add a file record from any readable stream of unknown length; size and digest are filled at EOF.
 
-        ``sha256=False`` leaves out the whole-record SHA-256 (readers then check sizes and, as always, every
-        chunk's keyed BLAKE3 ID): for callers whose data carries its own end-to-end checksum, such as relation
-        files listed with CRC32C in a PostgreSQL backup manifest, where it cost a fifth of a backup's CPU.
+        The record digest is the plain BLAKE3 of the whole content (``b3sum``'s; records of older writers carry a
+        SHA-256 instead, which readers still verify: docs/format.md §6.3). ``digest=False`` leaves it out
+        (readers then check sizes and, as always, every chunk's keyed BLAKE3 ID): for callers whose data carries
+        its own end-to-end checksum, such as relation files listed with CRC32C in a PostgreSQL backup manifest.
         ``expected_size`` (an estimate, e.g. a database's size for its dump) gives the progress lines of a long
         record a share done and an ETA.
         """
-        return self.add_stored(self.store_stream(path, stream, chunking=chunking, sha256=sha256,
+        return self.add_stored(self.store_stream(path, stream, chunking=chunking, digest=digest,
                                                  expected_size=expected_size, **attrs))
 
     def add_stored(self, stored: StoredRecord) -> RecordInfo:
@@ -251,7 +251,7 @@ class SnapshotWriter:
         self._bytes += stored.info.size
         return stored.info
 
-    def store_stream(self, path: str, stream: BinaryIO, *, chunking: Chunking = Chunking(), sha256: bool = True,
+    def store_stream(self, path: str, stream: BinaryIO, *, chunking: Chunking = Chunking(), digest: bool = True,
                      expected_size: int | None = None, **attrs: Any) -> StoredRecord:
         """Store a stream's content like :meth:`add_stream` but leave the record out of the snapshot until
         :meth:`add_stored`: several threads may call this at once (the blob sink is thread-safe), while the
@@ -261,13 +261,13 @@ class SnapshotWriter:
         assert self._sink is not None and self._manifest is not None, "use the writer as a context manager"
         rec = self._record(path, "f", attrs)
         new = NewBytes()
-        digest: Any = hashlib.sha256() if sha256 else _NoDigest()
+        hasher: Any = blake3.blake3() if digest else _NoDigest()
         refs: list[list[Any]] = []
         chunklists: list[bytes] = []
         size = 0
         progress = Progress(path, total=expected_size, estimate=True)
-        source = self._fixed_refs(stream, chunking.block_size, digest, new) if chunking.block_size else \
-            self._cdc_refs(stream, chunking, digest, new)
+        source = self._fixed_refs(stream, chunking.block_size, hasher, new) if chunking.block_size else \
+            self._cdc_refs(stream, chunking, hasher, new)
         try:
             for ref in source:
                 refs.append(ref)
@@ -287,13 +287,13 @@ class SnapshotWriter:
         else:
             rec["c"] = refs
         rec["s"] = size
-        if sha256:
-            rec["d"] = digest.digest()
-        return StoredRecord(RecordInfo(path, size, digest.hexdigest() if sha256 else None, new), rec)
+        if digest:
+            rec["b"] = hasher.digest()
+        return StoredRecord(RecordInfo(path, size, hasher.hexdigest() if digest else None, new), rec)
 
     def _cdc_refs(self, stream: BinaryIO, chunking: Chunking, digest: Any,
                   new: NewBytes) -> Generator[list[Any], None, None]:
-        """Content-defined chunks: cut and SHA-256 on helper threads (see readahead), a batch of ~4 MiB of chunks
+        """Content-defined chunks: cut and record digest on helper threads (see readahead), a batch of ~4 MiB of chunks
         per encode-pool task for BLAKE3, dedup and compression (:meth:`BlobSink.add_blocks`, as for fixed blocks:
         the caller only hands batches on, so the GIL changes hands per batch instead of several times per chunk);
         at most ``FIXED_WINDOW`` batches pending, so memory stays bounded."""

@@ -173,3 +173,31 @@ def test_cli_exit_status_names_skipped_records(store, sandbox, tmp_path: Path) -
                        timeout=120)
     assert r.returncode == 1
     assert "restore incomplete" in r.stderr and "/gone (not backed up: unreadable: Input/output error)" in r.stderr
+
+
+@pytest.mark.parametrize("field", ["blake3", "sha256"])
+def test_tampered_record_digest_fails_and_leaves_no_file(store, sandbox, field: str) -> None:
+    """A record whose whole-content digest does not match its chunks (BLAKE3 now, or the SHA-256 of a snapshot
+    written before 2026-12-03): the restore fails naming the record, and no file is left under its name (nor a
+    temporary one): bytes that do not match the manifest are never presented as the file."""
+    import hashlib
+
+    from airflow_provider_pgplakar.store.errors import IntegrityError
+
+    data = os.urandom(300_000)
+    sid = snapshot(store, lambda w: w.add_bytes("/victim.bin", data, mode=0o644))
+    recs = list(store.records(sid))
+    victim = next(r for r in recs if r.path == "/victim.bin")
+    if field == "sha256":  # what an older writer stored: SHA-256 only
+        victim = victim.replace(blake3=None, sha256=hashlib.sha256(data).digest())
+        with store.open_record(victim) as r:
+            assert r.read() == data  # the untampered legacy digest verifies
+    good = getattr(victim, field)
+    bad = victim.replace(**{field: bytes([good[0] ^ 1]) + good[1:]})
+    recs = [bad if r.path == "/victim.bin" else r for r in recs]
+    before = sandbox.before()
+    name = "BLAKE3" if field == "blake3" else "SHA-256"
+    with pytest.raises(IntegrityError, match=f"record '/victim.bin': the {name} does not match the manifest"):
+        restore_records(store, recs, sandbox.target)
+    sandbox.assert_outside_unchanged(before)
+    assert not [p for p in listing(sandbox.target) if "victim" in str(p)], listing(sandbox.target)

@@ -150,7 +150,7 @@ def test_compress(store, src, target_db, alpha_state, tmp_path) -> None:
     plain_rec, packed_rec = _dumps(store, plain.snapshot_id)["alpha"], _dumps(store, packed.snapshot_id)["alpha"]
     plain_data, packed_data = _read(store, plain_rec), _read(store, packed_rec)
     assert plain_rec.size == len(plain_data) and packed_rec.size == len(packed_data)
-    assert plain_rec.sha256 != packed_rec.sha256
+    assert plain_rec.blake3 != packed_rec.blake3
     assert len(packed_data) * 4 < len(plain_data), (len(packed_data), len(plain_data))
     # both are valid custom-format archives; pg_restore sees the compression difference
     assert _compression_line(src, plain_data, tmp_path, "plain.dump") in ("0", "none")

@@ -8,7 +8,7 @@ work), and no block is ever held twice in memory.
 
 Importable (``from tests.store.gen_stream import make_bytes``) and runnable as a script::
 
-    python tests/store/gen_stream.py produce SIZE [--seed S] [--report FILE]   # stream to stdout, SHA-256 to FILE
+    python tests/store/gen_stream.py produce SIZE [--seed S] [--report FILE]   # stream to stdout, digests to FILE
     python tests/store/gen_stream.py write LOCATION [--path P] [--report FILE]  # stdin -> one record -> read back
 
 ``write`` runs in its own process so that its peak RSS (``VmHWM``, read by itself) measures the store's pipeline
@@ -126,14 +126,17 @@ def vm_hwm_kib() -> int:
 def _produce(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     sha = hashlib.sha256()
+    b3 = blake3.blake3()
     total = 0
     t0 = time.perf_counter()
     for piece in iter_stream(args.seed, parse_size(args.size)):
         sha.update(piece)
+        b3.update(piece)
         out.write(piece)
         total += len(piece)
     out.flush()
-    report = {"sha256": sha.hexdigest(), "bytes": total, "seconds": round(time.perf_counter() - t0, 3)}
+    report = {"sha256": sha.hexdigest(), "blake3": b3.hexdigest(), "bytes": total,
+              "seconds": round(time.perf_counter() - t0, 3)}
     _report(args.report, report)
     return 0
 
@@ -166,8 +169,8 @@ def _write(args: argparse.Namespace) -> int:
         read_s = time.perf_counter() - t1
         st2.close()
     report = {
-        "snapshot": w.snapshot_id, "record_size": info.size, "record_sha256": info.sha256,
-        "manifest_size": rec.size, "manifest_sha256": rec.sha256.hex(), "chunk_lists": len(list(rec.chunk_list_ids())),
+        "snapshot": w.snapshot_id, "record_size": info.size, "record_blake3": info.digest,
+        "manifest_size": rec.size, "manifest_blake3": rec.blake3.hex(), "chunk_lists": len(list(rec.chunk_list_ids())),
         "restored_bytes": total, "restored_sha256": sha.hexdigest(), "stats": header["stats"],
         "write_seconds": round(write_s, 3), "read_seconds": round(read_s, 3),
         "vm_hwm_kib_after_write": hwm_write, "vm_hwm_kib": vm_hwm_kib(),

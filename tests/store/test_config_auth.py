@@ -195,6 +195,12 @@ def legacy(tmp_path: Path) -> Path:
 def _check_legacy_files(st: Store, snap: str) -> None:
     for path, digest in LEGACY_FILES.items():
         assert hashlib.sha256(_read(st, snap, path)).hexdigest() == digest
+        # records of writers before BLAKE3 record digests carry SHA-256, which the read verified; a wrong one fails
+        rec = st.find_record(snap, path)
+        assert rec.sha256 is not None and rec.sha256.hex() == digest and rec.blake3 is None
+        with pytest.raises(errors.IntegrityError, match="the SHA-256 does not match the manifest"), \
+                st.open_record(rec.replace(sha256=bytes(32))) as r:
+            r.read()
 
 
 @pytest.mark.parametrize("how", ["passphrase", "raw-key"])

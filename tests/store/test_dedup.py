@@ -4,7 +4,6 @@ bytes actually listed under ``packs/`` in the backend before and after.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -12,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import blake3
 
 from airflow_provider_pgplakar.store import check as check_mod
 from airflow_provider_pgplakar.store.chunker import DEFAULT_CDC
@@ -174,7 +175,7 @@ def test_dedup_across_two_store_instances_on_one_location(store: Store, location
         recs = {r.path: r for r in b.records(cli["id"])}
         for path, data in (shared | only_b).items():
             rec = recs["/" + Path(path).name]
-            assert rec.sha256 == hashlib.sha256(data).digest()
+            assert rec.blake3 == blake3.blake3(data).digest()
             with b.open_record(rec) as r:
                 assert r.read() == data
     finally:

@@ -4,11 +4,11 @@ wrong-typed field (a tampered or corrupt store) is refused with an error naming 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 
 from airflow_provider_pgplakar.store.errors import IntegrityError
@@ -48,7 +48,7 @@ def test_every_kind_decodes(local: Store) -> None:
     with local.writer() as w:
         w.add_entry("/d", "d", mode=0o750, mtime_ns=MTIME, uid=26, gid=27, uname="postgres", gname="pgroup")
         w.add_bytes("/d/f", data, mode=0o640, mtime_ns=MTIME, uid=26, gid=27, meta={"type": "dump", "database": "a"})
-        w.add_bytes("/d/nosha", b"x", sha256=False)
+        w.add_bytes("/d/nosha", b"x", digest=False)
         w.add_entry("/d/l", "l", link_target="../elsewhere", mode=0o777)
         w.add_entry("/d/h", "h", link_target="/d/f", mode=0o640)
         w.add_error("/d/bad", "unreadable: Permission denied")
@@ -64,13 +64,14 @@ def test_every_kind_decodes(local: Store) -> None:
 
     f = recs["/d/f"]
     assert f.kind is RecordKind.FILE and f.is_file and f.kind == "f"
-    assert (f.size, f.sha256, f.mode, f.mtime_ns) == (len(data), hashlib.sha256(data).digest(), 0o640, MTIME)
+    assert (f.size, f.blake3, f.sha256, f.mode, f.mtime_ns) == (len(data), blake3.blake3(data).digest(), None, 0o640,
+                                                                MTIME)
     assert dict(f.meta) == {"type": "dump", "database": "a"} and f.uname is None
     with local.open_record(f) as src:
         assert b"".join(src.iter_chunks()) == data
     assert sum(n for _b, n in chunk_refs(local, f)) == len(data)
 
-    assert (recs["/d/nosha"].size, recs["/d/nosha"].sha256) == (1, None)
+    assert (recs["/d/nosha"].size, recs["/d/nosha"].sha256, recs["/d/nosha"].blake3) == (1, None, None)
     assert (recs["/d/l"].kind, recs["/d/l"].link_target, recs["/d/l"].mode) == (RecordKind.SYMLINK, "../elsewhere",
                                                                                 0o777)
     assert (recs["/d/h"].kind, recs["/d/h"].link_target) == (RecordKind.HARDLINK, "/d/f")

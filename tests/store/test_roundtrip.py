@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 
 from airflow_provider_pgplakar.store.chunker import DEFAULT_CDC, Chunking
@@ -89,7 +90,7 @@ def test_edge_sizes_round_trip_byte_exact(location: str, tmp_path: Path, encrypt
         with st.writer(source={"kind": "test", "origin": "edges"}) as w:
             for path, data in want.items():
                 info = w.add_bytes(path, data, mode=0o640, mtime_ns=1_700_000_000_123_456_789)
-                assert (info.size, info.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+                assert (info.size, info.digest) == (len(data), blake3.blake3(data).hexdigest())
         assert w.snapshot_id in st.snapshot_ids()
     finally:
         st.close()
@@ -103,7 +104,7 @@ def test_edge_sizes_round_trip_byte_exact(location: str, tmp_path: Path, encrypt
         assert sorted(recs) == sorted(want)
         for path, data in want.items():
             rec = recs[path]
-            assert rec.kind == "f" and rec.size == len(data) and rec.sha256 == hashlib.sha256(data).digest()
+            assert rec.kind == "f" and rec.size == len(data) and rec.blake3 == blake3.blake3(data).digest()
             assert (rec.mode, rec.mtime_ns) == (0o640, 1_700_000_000_123_456_789)
             lengths = _chunk_lengths(st, rec)
             assert sum(lengths) == len(data)
@@ -155,7 +156,7 @@ def test_multi_chunk_list_records_round_trip(store: Store, location: str, tmp_pa
 @pytest.mark.parametrize("block", [4096, 128 * KiB, 1 * MiB + 3])
 def test_fixed_size_chunking_round_trip(store: Store, location: str, tmp_path: Path, block: int) -> None:
     """Fixed blocks go to the pool a batch at a time (FIXED_BATCH): sizes around blocks and batches, with and
-    without the record SHA-256, from streams that return short reads or have no ``readinto``."""
+    without the record digest, from streams that return short reads or have no ``readinto``."""
     batch = max(1, FIXED_BATCH // block) * block
     sizes = sorted({0, 1, block - 1, block, block + 1, 5 * block + 7, batch - 1, batch, batch + 1,
                     2 * batch + block, 2 * batch + block + 1})
@@ -165,12 +166,12 @@ def test_fixed_size_chunking_round_trip(store: Store, location: str, tmp_path: P
         want[f"/bytesio/{size}"] = (data, io.BytesIO(data))
         want[f"/trickle/{size}"] = (data, Trickle(data, 1000))
         want[f"/readonly/{size}"] = (data, _ReadOnly(data))
-        want[f"/no-sha256/{size}"] = (data, io.BytesIO(data))
+        want[f"/no-digest/{size}"] = (data, io.BytesIO(data))
     with store.writer() as w:
         for path, (data, stream) in want.items():
-            with_sha = not path.startswith("/no-sha256/")
-            info = w.add_stream(path, stream, chunking=Chunking.fixed(block), sha256=with_sha)
-            assert (info.size, info.sha256) == (len(data), hashlib.sha256(data).hexdigest() if with_sha else None)
+            with_digest = not path.startswith("/no-digest/")
+            info = w.add_stream(path, stream, chunking=Chunking.fixed(block), digest=with_digest)
+            assert (info.size, info.digest) == (len(data), blake3.blake3(data).hexdigest() if with_digest else None)
     st = _reopen(location, tmp_path)
     try:
         recs = {r.path: r for r in st.records(st.resolve("latest"))}
@@ -178,22 +179,23 @@ def test_fixed_size_chunking_round_trip(store: Store, location: str, tmp_path: P
             lengths = _chunk_lengths(st, recs[path])
             full, rest = divmod(len(data), block)
             assert lengths == [block] * full + ([rest] if rest else []), path
-            assert (recs[path].sha256 is not None) is (not path.startswith("/no-sha256/")), path
+            assert (recs[path].blake3 is not None) is (not path.startswith("/no-digest/")), path
+            assert recs[path].sha256 is None, path
             assert _read_all(st, recs[path]) == data, path
-        # the same content with and without SHA-256 is the same blobs
+        # the same content with and without a digest is the same blobs
         for size in sizes:
-            assert list(chunk_refs(st, recs[f"/no-sha256/{size}"])) == list(chunk_refs(st, recs[f"/bytesio/{size}"]))
+            assert list(chunk_refs(st, recs[f"/no-digest/{size}"])) == list(chunk_refs(st, recs[f"/bytesio/{size}"]))
     finally:
         st.close()
 
 
-def test_record_without_sha256_still_checks_its_size(store: Store) -> None:
-    """A record written with ``sha256=False`` whose chunk list and size disagree (an assembly bug) fails to read."""
+def test_record_without_digest_still_checks_its_size(store: Store) -> None:
+    """A record written with ``digest=False`` whose chunk list and size disagree (an assembly bug) fails to read."""
     data = make_bytes(77, 3 * 4096 + 5)
     with store.writer() as w:
-        w.add_bytes("/a", data, chunking=Chunking.fixed(4096), sha256=False)
+        w.add_bytes("/a", data, chunking=Chunking.fixed(4096), digest=False)
     rec = store.find_record(store.resolve("latest"), "/a")
-    assert rec.sha256 is None
+    assert rec.sha256 is None and rec.blake3 is None
     bad = rec.replace(size=rec.size + 1)
     with pytest.raises(IntegrityError, match="bytes read, the manifest says"), store.open_record(bad) as r:
         r.read()
@@ -400,7 +402,7 @@ def test_big_stream_piped_into_separate_writer_process(location: str, tmp_path: 
     assert produced["bytes"] == BIG_STREAM
     assert result["restored_bytes"] == BIG_STREAM
     assert result["restored_sha256"] == produced["sha256"]
-    assert result["record_sha256"] == result["manifest_sha256"] == produced["sha256"]
+    assert result["record_blake3"] == result["manifest_blake3"] == produced["blake3"]
     assert result["record_size"] == result["manifest_size"] == BIG_STREAM
     assert result["chunk_lists"] >= 2  # > 4096 chunk refs: several chunk-list blobs
     stats = result["stats"]
@@ -412,11 +414,11 @@ def test_big_stream_piped_into_separate_writer_process(location: str, tmp_path: 
     peak = result["vm_hwm_kib"] * KiB
     assert peak < RSS_LIMIT, f"writer peak RSS {peak / MiB:.0f} MiB >= {RSS_LIMIT / MiB:.0f} MiB"
 
-    # The same record, read back in this process by yet another instance: byte count and SHA-256 again.
+    # The same record, read back in this process by yet another instance: byte count and digest again.
     st = _reopen(location, tmp_path, "verify-cache")
     try:
         rec = st.find_record(result["snapshot"], "/big.stream")
-        assert rec.size == BIG_STREAM and rec.sha256.hex() == produced["sha256"]
+        assert rec.size == BIG_STREAM and rec.blake3.hex() == produced["blake3"]
     finally:
         st.close()
     print(
@@ -426,3 +428,30 @@ def test_big_stream_piped_into_separate_writer_process(location: str, tmp_path: 
         f"(after write {result['vm_hwm_kib_after_write'] / KiB:.0f} MiB), stored {stats['new_stored_bytes'] / MiB:.0f}"
         f" MiB in {stats['packs']} packs, total {elapsed:.1f}s"
     )
+
+
+def test_record_digest_is_verified_blake3_and_legacy_sha256(store: Store) -> None:
+    """A record's whole-content digest is BLAKE3 (``b``) now; records of older writers carry SHA-256 (``d``) and
+    still read verified. A wrong digest of either kind (a tampered manifest, or a reader that reassembled the chunks
+    wrongly) fails the read; the right one reads the bytes back."""
+    data = make_bytes(91, 600 * KiB)
+    with store.writer() as w:
+        info = w.add_bytes("/a", data)
+    rec = store.find_record(store.resolve("latest"), "/a")
+    assert rec.blake3 == blake3.blake3(data).digest() and info.digest == rec.blake3.hex() and rec.sha256 is None
+    legacy = rec.replace(blake3=None, sha256=hashlib.sha256(data).digest())  # what a writer before 2026-12-03 stored
+    both = rec.replace(sha256=hashlib.sha256(data).digest())
+    for good in (rec, legacy, both):
+        with store.open_record(good) as r:
+            assert r.read() == data
+        with store.open_record(good) as r:
+            assert b"".join(r.iter_chunks()) == data
+    flipped = bytes([rec.blake3[0] ^ 1]) + rec.blake3[1:]
+    for bad, name in ((rec.replace(blake3=flipped), "BLAKE3"), (legacy.replace(sha256=bytes(32)), "SHA-256"),
+                      (both.replace(sha256=bytes(32)), "SHA-256"), (both.replace(blake3=flipped), "BLAKE3")):
+        with pytest.raises(IntegrityError, match=f"the {name} does not match the manifest"), \
+                store.open_record(bad) as r:
+            r.read()
+        with pytest.raises(IntegrityError, match=f"the {name} does not match"), store.open_record(bad) as r:
+            for _ in r.iter_chunks():
+                pass
