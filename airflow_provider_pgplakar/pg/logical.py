@@ -338,7 +338,7 @@ def _manifest(s: Session, opts: LogicalSourceOptions, selected: list[str], tool_
     from .manifest import collect_manifest
 
     def factory(dbname: str) -> Any:  # a single database's lent connection is its dump's (it waits for it)
-        return s.connect(dbname, reuse=opts.database is None)
+        return s.connect(dbname, reuse=opts.database is None or manifest_only)
 
     return collect_manifest(
         factory, database=opts.database, connector="postgresql", host=opts.conn.host, port=opts.conn.port,
