@@ -25,7 +25,8 @@ Memory is bounded whatever the snapshot. Windows waiting for a worker hold only 
 windows of ≤ ``WINDOW_REFS`` references: a few MiB), so the caller runs ahead creating files while a large one is
 decoded; each worker holds one ranged read (≤ ``MAX_GROUP_BYTES``, 8 MiB) and one blob being decoded (≤ 16 MiB
 plaintext and content); content is kept only for records with a whole-content digest, until their window completes
-(≤ ``IN_FLIGHT_DIGEST_RAW`` + one window, 96 MiB); at most ``IN_FLIGHT_FILES`` + ``WINDOW_FILES`` fds are open.
+(≤ ``IN_FLIGHT_DIGEST_RAW`` + one window, 96 MiB); at most ``IN_FLIGHT_FILES`` + ``WINDOW_FILES`` fds are open
+(fewer when the soft ``RLIMIT_NOFILE`` is low: half of what it leaves free).
 Worst case ≈ 4 × 24 + 96 ≈ 200 MiB; the scale-50 benchmark's restore peaked at ~60 MiB RSS (the streaming
 reader's: 112 MiB).
 """
@@ -33,6 +34,7 @@ reader's: 112 MiB).
 from __future__ import annotations
 
 import os
+import resource
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,6 +62,19 @@ IN_FLIGHT = 16  # windows
 IN_FLIGHT_FILES = 512  # open fds of records not reported done
 IN_FLIGHT_DIGEST_RAW = 64 * 1024 * 1024  # content of records with a digest, kept until hashed in order
 WRITEBACK_BYTES = 8 * 1024 * 1024  # a large file's pages are handed to the disk every this many bytes written
+
+
+def _fd_budget() -> int:
+    """Half the fds the soft ``RLIMIT_NOFILE`` leaves free: the other half is for the trees' directory fds and
+    fsyncs, the store and the task's sockets (systemd's default soft limit is 1024; 768 open files hit it)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return IN_FLIGHT_FILES + WINDOW_FILES
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        used = 64
+    return max(6, min(IN_FLIGHT_FILES + WINDOW_FILES, (soft - used) // 2))
 
 
 @dataclass(eq=False)
@@ -112,6 +127,9 @@ class BatchRestore:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="pgplakar-restore")
         self.inflight: deque[_Window] = deque()
         self.cur = _Window()
+        fds = _fd_budget()  # open fds of records not reported done: one third in the window being planned
+        self.window_files = max(2, min(WINDOW_FILES, fds // 3))
+        self.inflight_files = max(2, min(IN_FLIGHT_FILES, fds - self.window_files))
         self.open: dict[int, FileJob] = {}  # id(job) -> job: fds still ours to close on abort
         self._okeys: dict[bytes, ObjectKey] = {}  # pack salt -> key (a benign race between workers)
         self._closed = False
@@ -130,7 +148,7 @@ class BatchRestore:
         ``done`` hands it back."""
         job = FileJob(record, fd, context, chunk_refs(self.store, record), digests=record_digests(record))
         self.open[id(job)] = job
-        if len(self.cur.jobs) >= WINDOW_FILES:
+        if len(self.cur.jobs) >= self.window_files:
             self._submit()
         self.cur.jobs.append(job)
         size = record.size or 0
@@ -154,7 +172,7 @@ class BatchRestore:
                 self._submit()
                 self.cur.jobs.append(job)
 
-    def _locate(self, ids: list[bytes], where: str) -> dict[bytes, Location]:
+    def _locate(self, ids: list[bytes], members: dict[bytes, list[Dest]]) -> dict[bytes, Location]:
         found: dict[bytes, Location] = self.store.cache.lookup_many(ids)
         if len(found) < len(ids) and not self._synced:  # a backup that finished after our listing: list once more
             self._synced = True
@@ -162,6 +180,7 @@ class BatchRestore:
             found = self.store.cache.lookup_many(ids)
         for blob_id in ids:
             if blob_id not in found:
+                where = f" (record {members[blob_id][0][0].record.path!r})"  # the record using it, not the first
                 found[blob_id] = locate(self.store, blob_id, where)  # raises, naming the index problem
         return found
 
@@ -173,10 +192,13 @@ class BatchRestore:
         for blob_id, _n, job, offset, index in w.refs:
             members.setdefault(blob_id, []).append((job, offset, index))
         ids = list(members)
-        locs = self._locate(ids, f" (record {w.refs[0][2].record.path!r})" if w.refs else "")
+        locs = self._locate(ids, members)
         for blob_id, n, job, _offset, _index in w.refs:
             loc = locs[blob_id]
-            if loc.raw_len != n or loc.blob_type != DATA:
+            if loc.blob_type != DATA:
+                raise IntegrityError(f"record {job.record.path!r}: chunk {blob_id.hex()[:16]} is not file content "
+                                     f"(a blob of type {loc.blob_type}: the manifest is corrupt or was tampered with)")
+            if loc.raw_len != n:
                 raise IntegrityError(f"record {job.record.path!r}: chunk {blob_id.hex()[:16]} is {n} bytes in the "
                                      f"manifest but the index has {loc.raw_len} (type {loc.blob_type})")
         order = sorted(ids, key=lambda b: (locs[b].pack_id, locs[b].offset))
@@ -201,7 +223,7 @@ class BatchRestore:
         w.refs = []  # the destinations live on in the tasks; free the list
         self.inflight.append(w)
         while self.inflight and (len(self.inflight) > IN_FLIGHT
-                                 or sum(len(x.jobs) for x in self.inflight) > IN_FLIGHT_FILES
+                                 or sum(len(x.jobs) for x in self.inflight) > self.inflight_files
                                  or sum(x.digest_raw for x in self.inflight) > IN_FLIGHT_DIGEST_RAW):
             self._complete(self.inflight.popleft())
 
@@ -236,7 +258,11 @@ class BatchRestore:
     # -- completion (caller's thread) -----------------------------------------------------------------------------
     def _complete(self, w: _Window) -> None:
         for f in w.futures:
-            f.result()  # the first failure raises; close() cancels the rest
+            try:
+                f.result()  # the first failure raises; close() cancels the rest
+            except IntegrityError:  # a pack gone: a prune that took over a lost lease says so (retry), not "corrupt"
+                self.store.ensure_read_lease()  # (the last windows drain with no _submit, so no check ran since)
+                raise
         for job in w.jobs:
             if job.digests:
                 while job.hashed in job.pieces:

@@ -260,3 +260,204 @@ def test_in_flight_bounds_hold(st: Store, tmp_path: Path, small_windows: None, m
     assert 0 < seen["kept"] <= batchrestore.IN_FLIGHT_DIGEST_RAW + batchrestore.WINDOW_RAW + BLOCK
     assert _restored(tmp_path / "restored")["/data/pg_wal/000000010000000000000001"] == CONTENT[
         "/data/pg_wal/000000010000000000000001"]
+
+
+def test_open_files_stay_within_the_fd_limit(st: Store, tmp_path: Path) -> None:
+    """Many small files under a low soft ``RLIMIT_NOFILE`` (systemd's default is 1024, and a task process holds
+    sockets, logs and connections besides): the batch keeps at most a share of what is left open, not 768 fds."""
+    import resource
+
+    many = {f"/data/base/7/{n}": f"file {n}\n".encode() for n in range(700)}
+    meta = {"server_version_num": 150004, "server_major": 15, "tablespaces": []}
+    with st.writer(source={"kind": "postgres+bin", "origin": "postgres+bin://test"}, meta=meta) as w:
+        for d in ("/data", "/data/base", "/data/base/7"):
+            w.add_entry(d, "d", mode=0o700)
+        for path, data in {"/data/PG_VERSION": b"15\n", "/data/backup_label": b"x\n", **many}.items():
+            w.add_stream(path, io.BytesIO(data), chunking=Chunking.fixed(BLOCK), mode=0o600)
+    sid = w.snapshot_id
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 300, hard))
+    try:
+        physical_restore(st, sid, tmp_path / "restored", verify=False, sync=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    got = _restored(tmp_path / "restored")
+    assert {p: got[p] for p in many} == many
+
+
+def test_a_read_lease_lost_while_the_last_windows_drain_is_named(st: Store, tmp_path: Path, small_windows: None,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """No window is submitted after the last one, so no lease check runs while the in-flight windows drain: a prune
+    that took over meanwhile and removed a pack must be reported as the lost lease (retry), not as a corrupt store."""
+    import threading
+
+    from airflow_provider_pgplakar.store.locks import LeaseExpired
+    from airflow_provider_pgplakar.store.reader import chunk_refs
+
+    sid = _snapshot(st)
+    last = "/data/base/5/39"
+    loc = st.cache.lookup(next(chunk_refs(st, st.find_record(sid, last)))[0])
+    assert loc is not None
+    pack = Path(st.backend.root) / f"packs/{loc.pack_id[:2]}/{loc.pack_id}"
+    pruned = threading.Event()
+    real_fetch, real_complete = batchrestore.BatchRestore._fetch, batchrestore.BatchRestore._complete
+
+    def fetch(self, group):
+        if any(job.record.path == last for _b, _l, dests in group for job, _o, _i in dests):
+            assert pruned.wait(30)
+        return real_fetch(self, group)
+
+    def complete(self, w):
+        if any(job.record.path == last for job in w.jobs) and not pruned.is_set():
+            assert st.leases.read is not None
+            monkeypatch.setattr(st.leases.read, "lost", "was removed by a prune")
+            pack.unlink()
+            pruned.set()
+        return real_complete(self, w)
+
+    monkeypatch.setattr(batchrestore.BatchRestore, "_fetch", fetch)
+    monkeypatch.setattr(batchrestore.BatchRestore, "_complete", complete)
+    with pytest.raises(LeaseExpired, match="was removed by a prune"):
+        physical_restore(st, sid, tmp_path / "restored", verify=False, sync=False)
+
+
+def test_a_chunk_missing_from_the_index_names_its_record(st: Store, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """One index query serves a whole window of records: the error names the record that references the unknown
+    blob, not the window's first record."""
+    from airflow_provider_pgplakar.store.reader import chunk_refs
+
+    sid = _snapshot(st)
+    rec = st.find_record(sid, "/data/base/1/shared_b")
+    refs = [[b, n] for b, n in chunk_refs(st, rec)]
+    refs[1][0] = bytes(range(32))  # a blob no pack holds
+    wrong = type(rec)({**rec._raw, "c": refs})
+    real = Store.records
+
+    def records(self, snap, prefix=None):
+        for r in real(self, snap, prefix):
+            yield wrong if r.path == rec.path else r
+
+    monkeypatch.setattr(Store, "records", records)
+    target = tmp_path / "restored"
+    with pytest.raises(IntegrityError, match=r"blob 0001020304050607 \(record '/data/base/1/shared_b'\) is not in the"):
+        physical_restore(st, sid, target, verify=False, sync=False)
+    assert (target / "base/1/shared_b").read_bytes() == b"", "nothing of a window with an unknown chunk is written"
+
+
+@pytest.mark.parametrize("size,error", [(0, "hold more than the 0 bytes"), (BLOCK + 1, "hold more than the 8193"),
+                                        (3 * BLOCK + 1, "24576 bytes read, the manifest says 24577"),
+                                        (10**18, "24576 bytes read, the manifest says 1000000000000000000")])
+def test_a_size_disagreeing_with_the_chunks_fails_naming_the_record(st: Store, tmp_path: Path, small_windows: None,
+                                                                    monkeypatch: pytest.MonkeyPatch, size: int,
+                                                                    error: str) -> None:
+    """More chunk bytes than the size: refused before the surplus is written; fewer (or a huge claimed size: nothing
+    is allocated from it): refused when the record's last window completes. Every fd is closed either way."""
+    sid = _snapshot(st)
+    path = "/data/base/1/shared_a"  # 3 chunks of 8 KiB
+    rec = st.find_record(sid, path)
+    real = Store.records
+
+    def records(self, snap, prefix=None):
+        for r in real(self, snap, prefix):
+            yield r.replace(size=size) if r.path == path else r
+
+    monkeypatch.setattr(Store, "records", records)
+    fds = len(os.listdir("/proc/self/fd"))
+    target = tmp_path / "restored"
+    with pytest.raises(IntegrityError, match=f"record '{path}': .*{error}"):
+        physical_restore(st, sid, target, verify=False, sync=True)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    written = (target / "base/1/shared_a").read_bytes()
+    assert len(written) <= min(size, rec.size or 0)
+    assert written == CONTENT[path][: len(written)]
+    assert os.stat(target / "base/1/shared_a").st_mtime_ns != rec.mtime_ns, "a file never reported done got its mtime"
+
+
+@pytest.mark.parametrize("fault", ["enospc", "missing_pack"])
+def test_a_failing_worker_stops_the_pool_and_closes_every_fd(st: Store, tmp_path: Path, small_windows: None,
+                                                            monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+    """A worker's failure mid-window (the disk full on a pwrite, a pack gone) fails the restore with it; no worker
+    or fsync thread outlives the restore and no fd of a file, finished or not, is left open."""
+    import errno
+    import threading
+
+    from airflow_provider_pgplakar.store.reader import chunk_refs
+
+    sid = _snapshot(st)
+    if fault == "enospc":
+        writes = 0
+        real = batchrestore._pwrite_all
+
+        def pwrite(fd: int, data: bytes, offset: int) -> None:
+            nonlocal writes
+            writes += 1
+            if writes == 30:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(fd, data, offset)
+
+        monkeypatch.setattr(batchrestore, "_pwrite_all", pwrite)
+        expected: type[Exception] = OSError
+        match = "No space left"
+    else:
+        loc = st.cache.lookup(list(chunk_refs(st, st.find_record(sid, "/data/base/1/big")))[50][0])
+        assert loc is not None
+        (Path(st.backend.root) / f"packs/{loc.pack_id[:2]}/{loc.pack_id}").unlink()
+        expected, match = IntegrityError, "is missing from .* \\(needed by record '/data/base/1/big'\\)"
+    fds = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(expected, match=match):
+        physical_restore(st, sid, tmp_path / "restored", verify=False, sync=True)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("pgplakar-restore", "pgplakar-fsync"))]
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_cancel_while_windows_are_in_flight_stops_them(st: Store, tmp_path: Path, small_windows: None,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """on_kill (cancel() from another thread) while workers decode: the restore raises TaskCancelled after at most
+    the window being completed; the queued reads are dropped, the pool stops and no fd is left open."""
+    import threading
+
+    from airflow_provider_pgplakar.pg.process import TaskCancelled, cancel
+
+    sid = _snapshot(st)
+    fetches = 0
+    real = batchrestore.BatchRestore._fetch
+
+    def fetch(self, group):
+        nonlocal fetches
+        fetches += 1
+        if fetches == 4:
+            cancel()  # from a worker thread, as a signal handler or on_kill's thread would
+        return real(self, group)
+
+    monkeypatch.setattr(batchrestore.BatchRestore, "_fetch", fetch)
+    fds = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(TaskCancelled):
+        physical_restore(st, sid, tmp_path / "restored", verify=False, sync=True)
+    assert fetches <= 4 + (batchrestore.IN_FLIGHT + 1) * batchrestore.WINDOW_REFS < 59, "reads went on (59 in all)"
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("pgplakar-restore", "pgplakar-fsync"))]
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_chunk_naming_a_manifest_blob_is_refused_before_writing(st: Store, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk reference to a manifest leaf (type confusion, with the right length) is refused by its type, naming
+    the record, before anything of its window is read."""
+    sid = _snapshot(st)
+    leaf = st.load_snapshot(sid).header["manifest"]["leaves"][0][0]
+    loc = st.cache.lookup(leaf)
+    assert loc is not None
+    rec = st.find_record(sid, "/data/base/1/shared_b")
+    wrong = type(rec)({**{k: v for k, v in rec._raw.items() if k not in ("b", "d")}, "c": [[leaf, loc.raw_len]],
+                       "s": loc.raw_len})
+    real = Store.records
+
+    def records(self, snap, prefix=None):
+        for r in real(self, snap, prefix):
+            yield wrong if r.path == rec.path else r
+
+    monkeypatch.setattr(Store, "records", records)
+    target = tmp_path / "restored"
+    with pytest.raises(IntegrityError, match=r"'/data/base/1/shared_b': chunk [0-9a-f]{16} is not file content"):
+        physical_restore(st, sid, target, verify=False, sync=False)
+    assert (target / "base/1/shared_b").read_bytes() == b""
