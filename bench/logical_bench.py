@@ -1,6 +1,7 @@
 """Logical backup benchmark (not a test): our backup and restore of a pgbench database next to raw pg_dump/pg_restore.
 
-    .venv/bin/python bench/logical_bench.py [--case single|multi|both|fingerprint] [--scale 50] [--version 15|17|18]
+    .venv/bin/python bench/logical_bench.py [--case single|multi|both|fingerprint|fixed] [--scale 50]
+                                            [--version 15|17|18]
                                             [--repeat 1] [--workdir DIR] [--pg-conf KEY=VALUE ...]
                                             [--multi-scale 20] [--jobs 2 --jobs 4]
 
@@ -29,6 +30,12 @@ side: raw ``pg_dump`` of the 4 one after the other, raw ``pg_dump`` of the 4 all
 the 4 (``exclude_databases`` = every other database) with ``jobs=1`` and with each ``--jobs`` value, every backup
 into a fresh store; wall time, CPU (ours and tools) and peak RSS. ``--case both`` runs both cases on one server.
 
+``--case fixed`` (issue 13: the fixed cost of a run, ≤ 0.3 s with a raw key) times the ``pgplakar`` CLI itself, a
+fresh interpreter each time as a user or a cron job runs it: ``pgplakar backup`` of an almost empty database
+(``database=...``, one table of 100 rows) with a raw key next to raw ``pg_dump`` of the same database; the difference
+is the fixed cost: start-up and imports, unlock, catalog, manifest, globals, fingerprints, commit, exit. For the
+break-down it also times ``python -c pass`` and the imports alone.
+
 ``--case fingerprint`` (issue 12) times, on the ``--scale`` pgbench database: raw ``pg_dump`` (the baseline), our
 backup with ``fingerprint=catalog`` (the default), ``counts`` and ``full``, each into a fresh store; then a plain
 ``logical_restore`` of the ``full`` snapshot into a new database next to ``verify_snapshot`` of it (a throwaway
@@ -40,6 +47,7 @@ adds the benchmark server's CPU over each step (``/proc`` of its postmaster and 
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import logging
 import os
@@ -576,6 +584,100 @@ def report_multi(r: dict[str, Any], a: argparse.Namespace, server: Any, load0: t
             print(f"- {key} runs: {', '.join(f'{s:.2f}' for s in runs[key]['all_seconds'])} s")
 
 
+FIXED_TARGET = 0.3  # issue 13: fixed cost per run (start-up, unlock, manifest) <= 0.3 s with a raw key
+FIXED_DB = "fixed_tiny"
+# what `pgplakar backup postgres://...` imports (its modules' own imports follow)
+BACKUP_IMPORTS = ("airflow_provider_pgplakar.cli.main", "airflow_provider_pgplakar.cli.commands",
+                  "airflow_provider_pgplakar.pg.logical", "airflow_provider_pgplakar.pg.manifest",
+                  "airflow_provider_pgplakar.store.repo", "airflow_provider_pgplakar.store.writer")
+CLI = "import sys; from airflow_provider_pgplakar.cli import main; sys.exit(main())"
+
+
+class FixedBench(Bench):
+    """Issue 13: the fixed cost of one ``pgplakar backup`` (a fresh interpreter, a raw key) of an almost empty
+    database, next to raw ``pg_dump`` of it; plus the bare interpreter and the imports alone."""
+
+    def process(self, argv: list[str], env: dict[str, str]) -> dict[str, float]:
+        """Wall time as the caller sees it, and the CPU of the process and its children (``wait4``)."""
+        with tempfile.TemporaryFile() as err:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                    start_new_session=True)
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)
+            except BaseException:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
+            wall = time.perf_counter() - t0
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode:
+                err.seek(0)
+                raise SystemExit(f"{Path(argv[0]).name} failed ({proc.returncode}):\n"
+                                 f"{err.read().decode(errors='replace')[-4000:]}")
+        return {"seconds": wall, "cpu_s": usage.ru_utime + usage.ru_stime}
+
+    def run(self) -> dict[str, Any]:
+        from airflow_provider_pgplakar.pg import commands
+        from airflow_provider_pgplakar.store.repo import Store
+
+        progress("fixed: an almost empty database, a raw-key store ...")
+        self.create_db(FIXED_DB)
+        self.sql("CREATE TABLE t (id int PRIMARY KEY, v text)", FIXED_DB)
+        self.sql("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 100) g", FIXED_DB)
+        store, cache = self.work / "fixed-store", self.work / "fixed-cache"
+        with Store.create(str(store), PASS, cache_dir=cache) as st:
+            key = st.export_key()
+        env = {**_child_env(), "PYTHONPATH": str(REPO), "PGPLAKAR_KEY": key, "PGPLAKAR_CACHE_DIR": str(cache),
+               "PGPASSWORD": self.server.password}
+        env.pop("PGPLAKAR_PASSPHRASE", None)
+        location = f"postgres://{self.server.superuser}@{self.server.host}:{self.server.port}/{FIXED_DB}"
+        steps: dict[str, list[str]] = {
+            "raw": commands.pg_dump(self.pg_dump, FIXED_DB),
+            "ours": [sys.executable, "-c", CLI, "at", str(store), "backup", location,
+                     f"pg_bin_dir={self.server.bin_dir}"],
+            "python": [sys.executable, "-c", "pass"],
+            "imports": [sys.executable, "-c", "import " + ", ".join(BACKUP_IMPORTS)],
+        }
+        envs = {"raw": self.tool_env | {"PGDATABASE": FIXED_DB}}
+        self.process(steps["ours"], env)  # once untimed: the index cache exists, as on every run but a store's first
+        runs: dict[str, list[dict[str, float]]] = {k: [] for k in steps}
+        for i in range(self.repeat):  # interleaved, baseline first
+            progress(f"[{i + 1}/{self.repeat}] fixed: raw pg_dump, pgplakar backup, python, imports ...")
+            for name, argv in steps.items():
+                runs[name].append(self.process(argv, envs.get(name, env)))
+        self.drop_db(FIXED_DB)
+        return {"runs": {k: {"seconds": statistics.median(r["seconds"] for r in v),
+                             "cpu_s": statistics.median(r["cpu_s"] for r in v),
+                             "all_seconds": [r["seconds"] for r in v]} for k, v in runs.items()}}
+
+
+def report_fixed(r: dict[str, Any], a: argparse.Namespace, server: Any, load0: tuple[float, ...]) -> None:
+    runs = r["runs"]
+    raw, ours = runs["raw"], runs["ours"]
+    fixed = ours["seconds"] - raw["seconds"]
+    fixed_runs = [o - w for o, w in zip(ours["all_seconds"], raw["all_seconds"], strict=True)]
+    how = f"median of {a.repeat} runs" if a.repeat > 1 else "single runs"
+    print()
+    print(f"Fixed-cost case (issue 13): PostgreSQL {server.version}, a database of one 100-row table; "
+          f"{os.cpu_count()} cores, load average {load0[0]:.2f} at start / {os.getloadavg()[0]:.2f} at end ({how}).")
+    print()
+    print("| operation | seconds | CPU s (process and its children) |")
+    print("|---|---:|---:|")
+    for name, label in (("raw", "raw `pg_dump -Fc -Z0 > /dev/null`"),
+                        ("ours", "`pgplakar backup` (raw key; start-up to exit)"),
+                        ("python", "`python -c pass` (interpreter start-up and exit)"),
+                        ("imports", "`python -c 'import …'` (what a backup imports)")):
+        print(f"| {label} | {runs[name]['seconds']:.3f} | {runs[name]['cpu_s']:.3f} |")
+    verdict = "yes" if fixed <= FIXED_TARGET else "**NO**"
+    print()
+    print(f"Fixed cost (ours − raw, median): {fixed:.3f} s (target ≤ {FIXED_TARGET} s: {verdict}); per run "
+          f"{min(fixed_runs):.3f}–{max(fixed_runs):.3f} s; of which interpreter {runs['python']['seconds']:.3f} s and "
+          f"imports {runs['imports']['seconds'] - runs['python']['seconds']:.3f} s.")
+    if a.repeat > 1:
+        for key in ("raw", "ours", "python", "imports"):
+            print(f"- {key} runs: {', '.join(f'{s:.3f}' for s in runs[key]['all_seconds'])} s")
+
+
 FINGERPRINT_LEVELS = ("catalog", "counts", "full")  # issue 12; catalog is the default
 
 
@@ -796,9 +898,10 @@ def main() -> None:
     ap.add_argument("--workdir", help="parent of the temp dir holding the store and the dump file (default $TMPDIR)")
     ap.add_argument("--pg-conf", action="append", default=[], metavar="KEY=VALUE",
                     help=f"extra postgresql.conf setting (default adds {DEFAULT_CONF})")
-    ap.add_argument("--case", choices=("single", "multi", "both", "fingerprint"), default="single",
+    ap.add_argument("--case", choices=("single", "multi", "both", "fingerprint", "fixed"), default="single",
                     help="single: one pgbench database (default); multi: 4 databases, raw vs ours with jobs; "
-                         "fingerprint: each fingerprint level vs raw pg_dump, verify vs a plain restore")
+                         "fingerprint: each fingerprint level vs raw pg_dump, verify vs a plain restore; "
+                         "fixed: the CLI's fixed cost per run (an almost empty database, a raw key)")
     ap.add_argument("--multi-scale", type=int, default=20,
                     help="multi case: total pgbench scale spread over the 4 databases (default 20)")
     ap.add_argument("--jobs", type=int, action="append", default=None,
@@ -826,6 +929,9 @@ def main() -> None:
 
     from tests.pgservers import PgManager, missing_description
 
+    # an installed package has its bytecode compiled; with PYTHONDONTWRITEBYTECODE set, every child would compile
+    # the modules it imports lazily inside its timed step (tens of milliseconds)
+    compileall.compile_dir(str(REPO / "airflow_provider_pgplakar"), quiet=1)
     load0 = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="pgplakar-logical-bench-", dir=a.workdir))
     manager = None
@@ -844,6 +950,9 @@ def main() -> None:
         if a.case == "fingerprint":
             fp = FingerprintBench(server, work, a.scale, a.repeat).run()
             report_fingerprint(fp, a, server, load0)
+        if a.case == "fixed":
+            fixed = FixedBench(server, work, a.scale, a.repeat).run()
+            report_fixed(fixed, a, server, load0)
     finally:
         progress("cleaning up ...")
         if manager is not None:

@@ -8,6 +8,8 @@ order (as ``cli/main.py`` importing ``cli/commands.py`` lazily once did).
 from __future__ import annotations
 
 import ast
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +118,67 @@ def test_a_store_named_without_at_is_explained_before_every_command() -> None:
         with pytest.raises(UsageError, match=f"write `pgplakar at /srv/store {name} …`"):
             split_at(["/srv/store", name], names)
     assert split_at(["--json", "at", "/srv/store", "stats"], names) == ("/srv/store", ["--json", "stats"])
+
+
+# -- what a command's start-up imports (its fixed cost) ----------------------------------------------------------------
+
+MODULES_AFTER = """
+import json, sys
+from airflow_provider_pgplakar.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+# Never needed by the commands below: each costs tens of milliseconds of every run's start-up (pendulum alone ~20 ms,
+# psycopg ~100 ms on the 2-core CI machine), so importing one of them here is a regression of the fixed cost.
+NEVER = ("pendulum", "boto3", "botocore", "airflow", "argon2")
+STORE = ("psycopg", "cryptography", "zstandard", "sqlite3", "blake3", "airflow_provider_pgplakar.store.repo")
+MAINTENANCE = ("airflow_provider_pgplakar.store.check", "airflow_provider_pgplakar.store.prune",
+               "airflow_provider_pgplakar.store.forget", "airflow_provider_pgplakar.store.files")
+
+
+def _run_counting_imports(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, set[str]]:
+    """Run ``pgplakar argv`` in a fresh interpreter; its exit code and every module it imported."""
+    r = subprocess.run([sys.executable, "-c", MODULES_AFTER, *argv], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.stdout.strip(), r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return out["code"], set(out["modules"])
+
+
+def _imported(modules: set[str], names: tuple[str, ...]) -> list[str]:
+    return [n for n in names if n in modules or any(m.startswith(n + ".") for m in modules)]
+
+
+def test_help_imports_neither_the_store_nor_postgresql() -> None:
+    code, modules = _run_counting_imports(["--help"])
+    assert code == 0
+    assert _imported(modules, NEVER + STORE + MAINTENANCE) == []
+
+
+def test_ls_and_a_files_backup_import_only_what_they_use(tmp_path: Path) -> None:
+    """With a raw key (no KDF): neither PostgreSQL's driver nor the maintenance commands' modules, nor pendulum."""
+    from airflow_provider_pgplakar.store.repo import Store
+
+    env = {**os.environ, "PGPLAKAR_KDF": "1,8192,1", "PGPLAKAR_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("PGPLAKAR_PASSPHRASE", None)
+    with Store.create(str(tmp_path / "store"), "pw", cache_dir=tmp_path / "cache") as st:
+        env["PGPLAKAR_KEY"] = st.export_key()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("hello\n")
+    at = ["at", str(tmp_path / "store")]
+    code, modules = _run_counting_imports([*at, "backup", str(src)], env)
+    assert code == 0
+    assert _imported(modules, NEVER + ("psycopg",) + MAINTENANCE[:3]) == []
+    code, modules = _run_counting_imports([*at, "ls"], env)
+    assert code == 0
+    ls_never = ("psycopg", "airflow_provider_pgplakar.store.writer", *MAINTENANCE[:2], MAINTENANCE[3])
+    assert _imported(modules, NEVER + ls_never) == []
+    with Store.open(str(tmp_path / "store"), "pw", cache_dir=tmp_path / "cache") as st:  # the backup is there
+        (snap,) = st.snapshots()
+        (rec,) = [r for r in st.records(snap) if r.path.endswith("a.txt")]
+        with st.open_record(rec) as f:
+            assert b"".join(f.iter_chunks()) == b"hello\n"

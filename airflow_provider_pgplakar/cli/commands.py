@@ -7,27 +7,26 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..pg.location import SCHEME_RE, SCHEMES
-from ..store import check as check_mod
-from ..store import files
-from ..store import forget as forget_mod
-from ..store import prune as prune_mod
 from ..store.errors import StoreError
-from ..store.forget import source_label
-from ..store.record import Record
-from ..store.repo import Store
-from ..store.retention import Policy, parse_group_by
 from . import output
 from .parser import UsageError, parse_duration, parse_kv, parse_labels
 from .secrets import passphrase as get_passphrase
 from .secrets import raw_key
 
+if TYPE_CHECKING:  # each handler imports what it needs: a command's start-up pays for its own modules only
+    from ..store.prune import PruneReport
+    from ..store.record import Record
+    from ..store.repo import Store
+
 _opened: list[Store] = []  # closed by run(): a store holds a read lease from its first read until closed
 
 
 def _open(location: str, args: argparse.Namespace) -> Store:
+    from ..store.repo import Store
+
     key = raw_key(args.key_file)
     pw = None if key else get_passphrase(args.passphrase_file)
     st = Store.open(location, pw, key=key, cache_dir=args.cache_dir)
@@ -50,6 +49,8 @@ def run(location: str, args: argparse.Namespace) -> int:
 
 
 def cmd_create(location: str, args: argparse.Namespace) -> int:
+    from ..store.repo import Store
+
     pw = None if args.plaintext else get_passphrase(args.passphrase_file, confirm=True)
     if not args.plaintext and not pw:
         raise UsageError("an encrypted store needs a passphrase: set PGPLAKAR_PASSPHRASE, use --passphrase-file, "
@@ -104,6 +105,8 @@ def cmd_backup(location: str, args: argparse.Namespace) -> int:
                                       "postgres+bin:// location")
     if args.pg_options:
         raise UsageError("key=value options are for postgres:// sources only")
+    from ..store import files
+
     st = _open(location, args)
     src = os.path.abspath(args.path)
     with st.writer(source={"kind": "files", "origin": src}, tags=args.tag, labels=parse_labels(args.label),
@@ -135,6 +138,8 @@ def cmd_ls(location: str, args: argparse.Namespace) -> int:
         return 0
     if args.verified:
         return _ls_verified(st, args)
+    from ..store.forget import source_label
+
     errors: list[str] = []
     snaps = [s for s in st.snapshots(errors=errors) if not args.tag or args.tag in s.header["tags"]]
     for e in errors:
@@ -153,6 +158,7 @@ def cmd_ls(location: str, args: argparse.Namespace) -> int:
 
 def _ls_verified(st: Store, args: argparse.Namespace) -> int:
     from ..pg.verify import verifications
+    from ..store.forget import source_label
 
     errors: list[str] = []
     proofs = verifications(st, errors=errors)
@@ -340,6 +346,8 @@ def cmd_restore(location: str, args: argparse.Namespace) -> int:
     if _physical_flags(args):
         raise UsageError("--tablespace-mapping, --pg-bin-dir, --no-verify, --require-verify, --owner and --no-clean "
                          "apply to a whole physical (postgres+bin) snapshot only")
+    from ..store import files
+
     n = files.restore_records(st, lambda: st.records(sid, path), args.to, overwrite=args.overwrite,
                               sync=not args.no_sync)
     if args.json:
@@ -350,6 +358,8 @@ def cmd_restore(location: str, args: argparse.Namespace) -> int:
 
 
 def cmd_check(location: str, args: argparse.Namespace) -> int:
+    from ..store import check as check_mod
+
     subset = None
     if args.read_data_subset is not None:  # refused before the store is opened
         if args.read_data:
@@ -375,6 +385,10 @@ def cmd_check(location: str, args: argparse.Namespace) -> int:
 
 
 def cmd_forget(location: str, args: argparse.Namespace) -> int:
+    from ..store import forget as forget_mod
+    from ..store import prune as prune_mod
+    from ..store.retention import Policy
+
     within = parse_duration(args.keep_within) if args.keep_within is not None else None  # refused before opening
     policy_given = any(getattr(args, f"keep_{r}") for r in ("last", "hourly", "daily", "weekly", "monthly", "yearly"))
     policy_given = policy_given or within is not None or bool(args.keep_tag)
@@ -413,13 +427,15 @@ def cmd_forget(location: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _prune_sentence(rep: prune_mod.PruneReport, *, dry_run: bool) -> str:
+def _prune_sentence(rep: PruneReport, *, dry_run: bool) -> str:
     verb = "would delete" if dry_run else "deleted"
     return (f"prune: {verb} {rep.packs_deleted} pack(s) ({rep.packs_repacked} repacked), "
             f"{output.human_bytes(rep.bytes_freed)} freed; {rep.snapshots} snapshot(s) kept")
 
 
 def cmd_prune(location: str, args: argparse.Namespace) -> int:
+    from ..store import prune as prune_mod
+
     st = _open(location, args)
     rep = prune_mod.prune(st, dry_run=args.dry_run, lock_wait=args.wait)
     if args.json:
@@ -430,6 +446,8 @@ def cmd_prune(location: str, args: argparse.Namespace) -> int:
 
 
 def _group_by(text: str) -> tuple[str, ...]:
+    from ..store.retention import parse_group_by
+
     try:
         return parse_group_by(text)
     except ValueError as e:
@@ -558,6 +576,8 @@ def _unlocking_key(st: Store, args: argparse.Namespace) -> str | None:
 
 
 def cmd_repair(location: str, args: argparse.Namespace) -> int:
+    from ..store import prune as prune_mod
+
     st = _open(location, args)
     n = prune_mod.repair_index(st)
     print(f"index rebuilt from {n} pack(s)")

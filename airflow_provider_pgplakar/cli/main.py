@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -27,7 +28,18 @@ from .parser import UsageError, build_parser, command_names, split_at
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run ``pgplakar argv`` (default: this process's command line) and return its exit status."""
+    if argv is None:  # the process is this command and ends when it returns
+        try:
+            return _main(sys.argv[1:])
+        finally:
+            # exit without a last garbage collection over every imported module's objects (~30 ms of each run's
+            # fixed cost with psycopg loaded); objects are still finalised, files and connections are closed already
+            gc.freeze()
+    return _main(argv)
+
+
+def _main(argv: Sequence[str]) -> int:
     debug = "--debug" in argv
     try:
         parser = build_parser()

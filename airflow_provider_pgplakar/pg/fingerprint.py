@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -185,7 +186,7 @@ def _large_objects(conn: Any) -> dict[str, Any]:
 @dataclass
 class DumpSnapshot:
     """What :func:`dump_snapshot` gives the backup: the snapshot ID for pg_dump (None after a fallback) and the
-    fingerprints (filled on entry)."""
+    fingerprints (filled when the block ends)."""
 
     database: str
     level: str
@@ -201,11 +202,17 @@ def effective_level(level: str, *, schema_only: bool, data_only: bool) -> str:
 
 @contextmanager
 def dump_snapshot(connect: Callable[[str], Any], database: str, level: str) -> Iterator[DumpSnapshot]:
-    """Export a snapshot of ``database`` and fingerprint it; keep the transaction open while the caller dumps.
+    """Export a snapshot of ``database`` and fingerprint it while the caller dumps it; keep the transaction open
+    until both are done.
 
     A second connection imports the snapshot first: behind a transaction-mode pooler it lands on another backend
     and is refused, and then (as on any refusal) the dump runs without ``--snapshot`` and only the catalog is
     fingerprinted, with a warning that says so.
+
+    The fingerprint queries run on a helper thread in the exporting transaction, i.e. in the very snapshot pg_dump
+    imports whenever they run, so they overlap pg_dump's start-up and dump instead of delaying its start (at
+    ``counts``/``full`` they scan every table: as long as a dump). ``fingerprints`` is filled when the block ends;
+    a failure to fingerprint then fails the block. When the block itself fails, the running query is cancelled.
     """
     out = DumpSnapshot(database, level)
     with connect(database) as conn:
@@ -223,13 +230,55 @@ def dump_snapshot(connect: Callable[[str], Any], database: str, level: str) -> I
             log.warning("%s", out.warning)
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         log.info("%s: fingerprint=%s%s", database, out.level, f" in snapshot {out.snapshot}" if out.snapshot else "")
-        out.fingerprints = collect(conn, out.level)
+        collector = _Collector(conn, out.level, name=f"pgplakar-fingerprint-{database}"[:60])
+        try:
+            yield out
+        except BaseException:
+            collector.cancel()
+            raise
+        out.fingerprints = collector.result()
         out.fingerprints["snapshot"] = out.snapshot
-        yield out
         try:
             conn.execute("ROLLBACK")
         except psycopg.OperationalError as e:  # the dump imported the snapshot long ago; a lost session is moot
             log.info("%s: ending the exported snapshot's transaction: %s", database, _one_line(e))
+
+
+class _Collector:
+    """:func:`collect` on ``conn`` on its own thread (the connection is not touched by anyone else meanwhile)."""
+
+    def __init__(self, conn: Any, level: str, name: str) -> None:
+        self._conn = conn
+        self._level = level
+        self._found: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._found = collect(self._conn, self._level)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
+            self._error = e
+
+    def result(self) -> dict[str, Any]:
+        """The fingerprints, once collected; the collection's error if it failed."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._found is not None
+        return self._found
+
+    def cancel(self) -> None:
+        """The caller failed: cancel the running query (again, for each next one, until the thread ends) and wait;
+        the outcome no longer matters."""
+        while self._thread.is_alive():
+            try:
+                self._conn.cancel_safe(timeout=5)
+            except Exception as e:  # noqa: BLE001 - best effort: the connection is closed next anyway
+                log.info("cancelling the fingerprint query: %s", _one_line(e))
+                self._thread.join()
+            self._thread.join(0.1)
 
 
 def _probe_import(connect: Callable[[str], Any], database: str, snap: str) -> None:

@@ -1,5 +1,5 @@
 """Running a backup's per-database dumps ``jobs`` at a time: largest first, results in listing order, and the first
-failure stops every other dump.
+failure stops every other dump; and the backup's other reads (manifest, globals) beside them (:class:`Beside`).
 
 Used by :mod:`.logical` for the ``jobs`` source option. Each dump runs on its own thread (the tools and the store's
 C extensions release the GIL); its result is handed back on the calling thread in the databases' listing order, so
@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from . import PgError
+from .process import also_checking
 
 log = logging.getLogger(__name__)
 
@@ -143,3 +144,51 @@ def run_ordered(items: Sequence[T], work: Callable[[T], R], deliver: Callable[[i
                 other.cancel()
     if first_error is not None:
         raise first_error
+
+
+class Beside:
+    """``work()`` on its own thread while the ``with`` block runs (a backup's manifest and globals beside its dumps).
+
+    A failure on either side stops the other through ``stopper`` (tools killed, queries cancelled), and the error
+    raised when the block ends is the one that came first: the other side's is only its consequence. The thread has
+    ended when the block is left. :meth:`result` waits for ``work`` and returns its value (or raises its error).
+    """
+
+    def __init__(self, work: Callable[[], R], stopper: Stopper, *, name: str) -> None:
+        self._work = work
+        self._stopper = stopper
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._first = False  # work failed before anything stopped the backup
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            with also_checking(self._stopper.check):  # every phase's check_cancelled() also sees a stop
+                self._value = self._work()
+        except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
+            self._first = not self._stopper.stopped
+            self._error = e
+            if self._first:
+                log.error("%s failed, stopping the dumps: %s", self._thread.name, e)
+            self._stopper.stop()
+
+    def __enter__(self) -> Beside:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:
+            self._stopper.stop()  # the block failed: end the work too
+        self._thread.join()
+        if exc is not None:
+            if self._first and self._error is not None and self._error is not exc:
+                raise self._error from exc
+            return
+        self.result()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value

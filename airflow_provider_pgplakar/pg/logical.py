@@ -3,11 +3,13 @@ database, each streamed from its tool's stdout straight into the store.
 
 Differences from the reference, on purpose:
 
-- Tools run one at a time, or ``jobs`` at a time (bounded; :mod:`.jobs`), instead of all at once, so a cluster with
+- Dumps run one at a time, or ``jobs`` at a time (bounded; :mod:`.jobs`), instead of all at once, so a cluster with
   many databases does not open one connection and one MVCC snapshot per database simultaneously. With ``jobs`` > 1
   the largest databases (``pg_database_size``) start first, each dump streams into its own record of the one
   snapshot, and records are appended in listing order: names and order are those of ``jobs=1``. The first failure
-  kills the other dumps' process groups and nothing is committed.
+  kills the other dumps' process groups and nothing is committed. The manifest and the globals
+  (``pg_dumpall --globals-only``) are read on one helper thread beside the dumps (they depend on nothing a dump
+  does), so a run's fixed cost is not spent before its first dump starts; their records still come first.
 - A tool that fails fails the backup and **nothing is committed** (the reference committed a snapshot with error
   entries); its stderr is in the error.
 - Database names reach tools only as ``--dbname=<conninfo>``; in record paths ``%`` and ``/`` are percent-encoded
@@ -24,6 +26,7 @@ Differences from the reference, on purpose:
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import threading
@@ -41,7 +44,7 @@ from . import PgError, commands, fingerprint
 from .backup_stats import database_stats
 from .connect import PgConnectError
 from .iam import password_source
-from .jobs import Stopper, run_ordered
+from .jobs import Beside, Stopper, run_ordered
 from .options import AWS_DEFAULT_EXCLUDES, LogicalSourceOptions
 from .process import ToolFailed, check_cancelled, run_tool
 from .secrets import ssl_files
@@ -49,7 +52,7 @@ from .session import GLOBALS_PATH, LOGICAL_KIND, MANIFEST_KIND, MANIFEST_PATH, P
 
 if TYPE_CHECKING:
     from ..store.repo import Store
-    from ..store.writer import SnapshotWriter, StoredRecord
+    from ..store.writer import RecordInfo, SnapshotWriter, StoredRecord
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +93,24 @@ def logical_backup(
     manifest_only: bool = False,
     extra_dirs: tuple[str, ...] = (),
 ) -> BackupResult:
-    """Back up per ``opts`` into ``store``; return the snapshot ID. Any failure commits nothing."""
+    """Back up per ``opts`` into ``store``; return the snapshot ID. Any failure commits nothing.
+
+    The manifest and the globals do not depend on the dumps: they are read on a helper thread (:class:`.jobs.Beside`)
+    while the dumps run, and their records still come first in the snapshot. A failure on either side stops the
+    other (``Stopper``) and is the error raised.
+    """
     from .connect import can_read_pg_authid, list_databases, server_version_num
 
     # postgres+aws: a fresh IAM token per connection and tool run (made one at a time: dumps run on threads)
     pw = _one_at_a_time(password_source(opts.conn, password))
-    with ssl_files(opts.conn) as ssl:
-        stopper = Stopper()
-        s = Session(opts.conn, ssl, pw, opts.pg_bin_dir, extra_dirs, stopper=stopper)
-        with s.connect(opts.database or "postgres") as c:
+    stopper = Stopper()
+    with ssl_files(opts.conn) as ssl, Session(opts.conn, ssl, pw, opts.pg_bin_dir, extra_dirs,
+                                              stopper=stopper).lending() as s:
+        if not manifest_only:
+            s.prefetch_tools("pg_dump", *(() if opts.data_only else ("pg_dumpall",)))
+        main_db = opts.database or "postgres"
+        c = s.connect(main_db)
+        try:
             server_num = server_version_num(c)
             all_dbs = list_databases(c)
             unknown_excludes = _unknown_databases(c, opts.exclude_databases or ())
@@ -106,6 +118,10 @@ def logical_backup(
             selected = _select(all_dbs, opts)
             # sizes schedule jobs largest first and are each dump's progress estimate
             sizes = _sizes(c, selected, quiet=opts.jobs == 1) if not manifest_only else {}
+        except BaseException:
+            c.close()
+            raise
+        s.lend(c, main_db)  # the manifest's (a single database: its dump's) connection: one connection less
         major = server_num // 10000
         warnings: list[str] = []
         if unknown_excludes:
@@ -120,7 +136,6 @@ def logical_backup(
             warnings.append("cannot read pg_authid (restricted superuser, e.g. RDS): roles are dumped without "
                             "passwords (--no-role-passwords)")
             log.warning("%s", warnings[-1])
-        manifest = _manifest(s, opts, selected, tool_versions, manifest_only, authid_ok, dict(labels or {}))
         source = {"kind": MANIFEST_KIND if manifest_only else LOGICAL_KIND,
                   "origin": opts.conn.redacted_uri(opts.scheme, opts.database)}
         dumped = list(selected)  # minus databases dropped before their dump (the header is written at commit)
@@ -129,41 +144,56 @@ def logical_backup(
                 "options": _option_summary(opts), "warnings": warnings}
         with store.writer(source=source, tags=tags, labels=dict(labels or {}), meta=meta,
                           idempotency_key=idempotency_key) as w:
-            added = [w.add_bytes(MANIFEST_PATH, json.dumps(manifest, indent=2, sort_keys=False).encode(), mode=0o444,
-                                 meta={"type": "manifest"})]
-            if not manifest_only:
-                if not opts.data_only:
+
+            def head() -> list[StoredRecord]:  # on the helper thread, beside the dumps
+                manifest = _manifest(s, opts, selected, tool_versions, manifest_only, authid_ok, dict(labels or {}))
+                records = [w.store_stream(MANIFEST_PATH, io.BytesIO(json.dumps(manifest, indent=2).encode()),
+                                          mode=0o444, meta={"type": "manifest"})]
+                if not (manifest_only or opts.data_only):
                     globals_rec = _stream(w, s, GLOBALS_PATH, commands.pg_dumpall_globals(
                         str(s.tool("pg_dumpall", major).path), no_role_passwords=not authid_ok),
                         {"type": "globals", "tool": tool_versions.get("pg_dumpall")})
                     assert globals_rec is not None  # no skip_if: a failure raises
-                    added.append(w.add_stored(globals_rec))
-                dump_tool = str(s.tool("pg_dump", major).path)
-                level = fingerprint.effective_level(opts.fingerprint, schema_only=opts.schema_only,
-                                                    data_only=opts.data_only)
-                prints: dict[str, Any] = {}
+                    records.append(globals_rec)
+                return records
 
-                def dump(item: tuple[int, str]) -> _Dumped:  # on a dump thread when jobs > 1
-                    n, db = item
-                    check_cancelled()
-                    return _dump_database(w, s, opts, n, db, dump_tool, tool_versions["pg_dump"], level,
-                                          sizes.get(db))
+            added: list[RecordInfo] = []
+            with Beside(head, stopper, name="pgplakar-manifest") as beside:
 
-                def deliver(i: int, d: _Dumped) -> None:  # on this thread, in listing order
-                    db = selected[i]
-                    if d.stored is None:
-                        dumped.remove(db)
-                        skipped.append(db)
-                        meta["skipped_databases"] = skipped
-                        warnings.append(f"database {db!r} was dropped after it was listed: skipped")
-                        log.warning("%s", warnings[-1])
-                        return
-                    added.append(w.add_stored(d.stored))
-                    prints[db] = d.fingerprints
-                    warnings.extend([d.warning] if d.warning else [])
+                def add_head() -> None:  # the manifest and globals records come first, whenever they are ready
+                    if not added:
+                        added.extend(w.add_stored(r) for r in beside.result())
 
-                run_ordered(list(enumerate(selected, 1)), dump, deliver, jobs=opts.jobs, stopper=stopper,
-                            size=lambda item: sizes.get(item[1], 0), name=lambda item: f"database {item[1]!r}")
+                if not manifest_only:
+                    dump_tool = str(s.tool("pg_dump", major).path)
+                    level = fingerprint.effective_level(opts.fingerprint, schema_only=opts.schema_only,
+                                                        data_only=opts.data_only)
+                    prints: dict[str, Any] = {}
+
+                    def dump(item: tuple[int, str]) -> _Dumped:  # on a dump thread when jobs > 1
+                        n, db = item
+                        check_cancelled()
+                        return _dump_database(w, s, opts, n, db, dump_tool, tool_versions["pg_dump"], level,
+                                              sizes.get(db))
+
+                    def deliver(i: int, d: _Dumped) -> None:  # on this thread, in listing order
+                        add_head()
+                        db = selected[i]
+                        if d.stored is None:
+                            dumped.remove(db)
+                            skipped.append(db)
+                            meta["skipped_databases"] = skipped
+                            warnings.append(f"database {db!r} was dropped after it was listed: skipped")
+                            log.warning("%s", warnings[-1])
+                            return
+                        added.append(w.add_stored(d.stored))
+                        prints[db] = d.fingerprints
+                        warnings.extend([d.warning] if d.warning else [])
+
+                    run_ordered(list(enumerate(selected, 1)), dump, deliver, jobs=opts.jobs, stopper=stopper,
+                                size=lambda item: sizes.get(item[1], 0), name=lambda item: f"database {item[1]!r}")
+                add_head()
+            if not manifest_only:
                 added.append(w.add_bytes(fingerprint.FINGERPRINTS_PATH, fingerprint.encode(prints), mode=0o444,
                                          meta={"type": "fingerprints"}))
                 meta["seconds"] = dict(s.seconds)  # per record path: how long its tool ran
@@ -307,8 +337,8 @@ def _manifest(s: Session, opts: LogicalSourceOptions, selected: list[str], tool_
               manifest_only: bool, authid_ok: bool, labels: dict[str, str]) -> dict[str, Any]:
     from .manifest import collect_manifest
 
-    def factory(dbname: str) -> Any:
-        return s.connect(dbname)
+    def factory(dbname: str) -> Any:  # a single database's lent connection is its dump's (it waits for it)
+        return s.connect(dbname, reuse=opts.database is None or manifest_only)
 
     return collect_manifest(
         factory, database=opts.database, connector="postgresql", host=opts.conn.host, port=opts.conn.port,

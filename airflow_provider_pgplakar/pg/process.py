@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -67,9 +67,28 @@ def cancelled() -> bool:
 
 
 def check_cancelled() -> None:
-    """Raise :class:`TaskCancelled` if :func:`cancel` was called: call before each query, tool, database, commit."""
+    """Raise :class:`TaskCancelled` if :func:`cancel` was called: call before each query, tool, database, commit.
+    Also runs this thread's :func:`also_checking` check (a backup's ``Stopper``: another part of it failed)."""
     if _cancelled.is_set():
         raise TaskCancelled()
+    check = getattr(_thread_checks, "check", None)
+    if check is not None:
+        check()
+
+
+_thread_checks = threading.local()
+
+
+@contextmanager
+def also_checking(check: Callable[[], None]) -> Iterator[None]:
+    """While the block runs on this thread, :func:`check_cancelled` also calls ``check``, which raises to stop the
+    work (e.g. the manifest beside a backup's dumps, whose sections go on after a cancelled query otherwise)."""
+    previous = getattr(_thread_checks, "check", None)
+    _thread_checks.check = check
+    try:
+        yield
+    finally:
+        _thread_checks.check = previous
 
 
 def reset_cancellation() -> None:

@@ -6,9 +6,13 @@ Its own module so that restore, verification and the physical backup do not impo
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import PgError
 from .iam import PasswordSource
 from .jobs import Stopper
 from .secrets import SslFiles, libpq_env
@@ -58,16 +62,66 @@ class Session:
         """A fresh environment per tool process (a fresh IAM token each time, when the source makes tokens)."""
         return libpq_env(self.conn_opts, self.ssl, password=self.password(), database=database)
 
-    def connect(self, dbname: str) -> Any:
+    _spare: dict[str, Any] = field(default_factory=dict, repr=False)  # dbname -> an idle connection to reuse
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _prefetch: threading.Thread | None = field(default=None, repr=False)
+
+    def connect(self, dbname: str, *, reuse: bool = True) -> Any:
+        """A connection to ``dbname`` that the caller owns (and closes): a lent one (:meth:`lend`) unless ``reuse``
+        is False, else a new one."""
         from .connect import connect
         from .process import track_connection
 
         if self.stopper is not None:
             self.stopper.check()
+        with self._lock:
+            spare = self._spare.pop(dbname, None) if reuse else None
+        if spare is not None:
+            try:
+                spare.rollback()  # whatever its lender left open
+                return spare
+            except Exception:  # noqa: BLE001 - broken meanwhile (server restart, idle timeout): a new one
+                spare.close()
         conn = track_connection(connect(self.conn_opts, self.ssl, dbname, password=self.password()))
         return conn if self.stopper is None else self.stopper.connection(conn)
 
+    def lend(self, conn: Any, dbname: str) -> None:
+        """Give ``conn`` (ours, to ``dbname``, no longer used by the caller) to the next :meth:`connect` of
+        ``dbname``: a run that reads the same database twice opens one connection, not two."""
+        with self._lock:
+            old = self._spare.pop(dbname, None)
+            self._spare[dbname] = conn
+        if old is not None:
+            old.close()
+
+    @contextmanager
+    def lending(self) -> Iterator[Session]:
+        """Lent connections that nobody took are closed when the block ends."""
+        try:
+            yield self
+        finally:
+            with self._lock:
+                spare, self._spare = list(self._spare.values()), {}
+            for conn in spare:
+                conn.close()
+
+    def prefetch_tools(self, *names: str) -> None:
+        """Run the ``--version`` probes of ``names`` on a thread while the caller connects to the server (whose
+        major :meth:`tool` needs first): they are cached per file, so :meth:`tool` then finds them done."""
+
+        def probe() -> None:
+            for name in names:
+                try:
+                    find_tool(name, pg_bin_dir=self.pg_bin_dir, extra_dirs=self.extra_dirs)
+                except PgError:  # reported by tool(), on the caller's thread
+                    pass
+
+        self._prefetch = threading.Thread(target=probe, name="pgplakar-tools", daemon=True)
+        self._prefetch.start()
+
     def tool(self, name: str, min_major: int) -> Tool:
+        if self._prefetch is not None:
+            self._prefetch.join()
         if name not in self.tools:
             self.tools[name] = find_tool(name, min_major=min_major, pg_bin_dir=self.pg_bin_dir,
                                          extra_dirs=self.extra_dirs)

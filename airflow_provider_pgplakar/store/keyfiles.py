@@ -20,10 +20,10 @@ import re
 import secrets
 import socket
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import blake3
-import pendulum
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -164,7 +164,7 @@ def new_config_bytes(
     body: dict[str, Any] = {
         "format": FORMAT,
         "repo_id": repo_id,
-        "created": pendulum.now("UTC").isoformat(),
+        "created": datetime.now(UTC).isoformat(),
         "encryption": "aes256gcm" if master is not None else "none",
         "chunker": chunker,
         "compression": compression,
@@ -205,7 +205,7 @@ def make_key_file(config: StoreConfig, master: bytes, passphrase: bytes, params:
             "salt": _b64(salt),
             "nonce": _b64(nonce),
             "wrapped": _b64(wrapped),
-            "created": pendulum.now("UTC").isoformat(),
+            "created": datetime.now(UTC).isoformat(),
             "host": socket.gethostname(),
             "comment": comment,
         }

@@ -21,8 +21,10 @@ import re
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
-import pendulum
+if TYPE_CHECKING:  # imported where used: a CLI command that only lists snapshots does not load pendulum
+    import pendulum
 
 __all__ = [
     "DEFAULT_GROUP_BY",
@@ -79,6 +81,8 @@ GroupKey = tuple[tuple[str, object], ...]
 def parse_time(text: str) -> datetime:
     """A snapshot's ISO 8601 timestamp (``time_start``) as a timezone-aware datetime; ValueError for anything else
     (pendulum also parses bare dates, times and durations)."""
+    import pendulum
+
     parsed = pendulum.parse(text)
     if not isinstance(parsed, datetime):
         raise ValueError(f"not a timestamp: {text!r}")
@@ -117,6 +121,8 @@ class Duration:
 
     def before(self, t: datetime, tz: str) -> datetime:
         """``t`` minus this span, calendar parts counted in ``tz``; the earliest instant when that predates year 1."""
+        import pendulum
+
         local = pendulum.instance(t).in_timezone(pendulum.timezone(tz))
         try:
             return local.subtract(years=self.years, months=self.months, days=self.days).subtract(hours=self.hours)
@@ -186,6 +192,8 @@ class Policy:
             raise ValueError("keep_tags must not contain an empty tag")
         if not isinstance(self.tz, str) or not self.tz:
             raise ValueError(f"tz must be a time zone name, got {self.tz!r}")
+        import pendulum
+
         try:
             pendulum.timezone(self.tz)
         except Exception as exc:  # pendulum raises InvalidTimezone (a ValueError) or others
@@ -273,6 +281,8 @@ def _group_key(s: SnapshotInfo, group_by: Sequence[str]) -> GroupKey:
 
 def _bucketers(tz: str) -> dict[str, Callable[[datetime, int], Hashable]]:
     """Bucket functions by rule; calendar ones use local time in ``tz`` so "a day" is the user's day."""
+    import pendulum
+
     zone = pendulum.timezone(tz)
 
     def local(t: datetime) -> pendulum.DateTime:

@@ -28,11 +28,11 @@ import time
 from collections.abc import Generator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import blake3
 import msgpack
-import pendulum
 
 from .blobsink import BlobSink, DepLog, NewBytes
 from .chunker import Chunking, read_full
@@ -181,7 +181,7 @@ class SnapshotWriter:
             raise
         self._manifest = _Manifest(self._sink, st.keys.id_key)
         self._t0 = time.time()
-        self._start = pendulum.now("UTC")
+        self._start = datetime.now(UTC)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -390,7 +390,7 @@ class SnapshotWriter:
             stats = self._sink.stats
             header = {
                 "v": 1, "id": self.snapshot_id, "repo": st.config.repo_id,
-                "time_start": self._start.isoformat(), "time_end": pendulum.now("UTC").isoformat(),
+                "time_start": self._start.isoformat(), "time_end": datetime.now(UTC).isoformat(),
                 "duration_s": round(time.time() - self._t0, 3),
                 "host": socket.gethostname(), "user": _user(), "pid": os.getpid(),
                 "tool": f"pgplakar/{_version()}", "python": sys.version.split()[0], "platform": platform.platform(),

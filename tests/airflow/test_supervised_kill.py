@@ -5,8 +5,10 @@ the supervisor heartbeats it through the execution API, as on a worker. A lock h
 the phase under test (the manifest's catalog query, or pg_dump mid-dump), then:
 
 - the task instance is marked failed (as in the UI): the supervisor terminates the task (SIGTERM → ``on_kill``,
-  SIGKILL after its grace period). The backup stops where it is: in the catalog phase no tool is ever started (it
-  used to go on dumping); mid-dump its pg_dump is gone. The task fails saying it was cancelled;
+  SIGKILL after its grace period). The backup stops where it is: while the manifest's catalog query waits no tool is
+  started any more (it used to go on dumping; the pg_dump started beside the manifest, waiting on the same lock, is
+  killed, and pg_dumpall, which follows the manifest, never starts); mid-dump its pg_dump is gone. The task fails
+  saying it was cancelled;
 - the task process is SIGKILLed (the OOM killer, the supervisor's escalation): its pg_dump dies with it.
 
 Each time: no pg_dump left, the backup's server connections close, no snapshot is committed.
@@ -171,23 +173,28 @@ def test_task_marked_failed_stops_the_backup(phase: str, db: str, pg15: PgServer
         try:
             def waiting() -> bool:
                 dumps_seen.update(_descendants(driver.pid, "pg_dump"))
-                if phase == "catalog":  # the manifest's own query, not any backend of the backup
-                    return bool(_backends(watcher, db, waiting=True, manifest=True))
+                if phase == "catalog":  # the manifest's own query, and the pg_dump beside it on the same lock
+                    return bool(_backends(watcher, db, waiting=True, manifest=True)) and bool(dumps_seen) and len(
+                        _backends(watcher, db, waiting=True)) >= 2
                 return bool(_backends(watcher, db, waiting=True)) and bool(dumps_seen)
 
             _until(f"the backup to wait on the lock ({phase})", waiting, driver)
             backends = _backends(watcher, db)
+            before = set(dumps_seen)  # in the catalog phase: the one pg_dump beside the manifest
             if phase == "catalog":
-                assert not dumps_seen
+                assert len(before) == 1
             (control / "mark-failed").touch()
             deadline = time.monotonic() + 180
+            globals_seen: set[int] = set()
             while driver.poll() is None and time.monotonic() < deadline:  # the lock is still held: the kill ends it
                 dumps_seen.update(_descendants(driver.pid, "pg_dump"))
+                globals_seen.update(_descendants(driver.pid, "pg_dumpall"))
                 time.sleep(0.05)
             result = _finish(driver, control, tmp_path)
             assert result["tasks"] == {"backup": "failed"}, result
             if phase == "catalog":
-                assert not dumps_seen, "pg_dump was started after the task was marked failed"
+                assert dumps_seen == before, "pg_dump was started after the task was marked failed"
+                assert not globals_seen, "pg_dumpall was started after the task was marked failed"
             else:
                 assert dumps_seen
             for pid in dumps_seen:

@@ -159,3 +159,27 @@ def test_compress(store, src, target_db, alpha_state, tmp_path) -> None:
     _restore_into(store, packed.snapshot_id, src, target_db)
     with src.connect(target_db) as c:
         assert c.execute(STATE).fetchone() == alpha_state
+
+
+def test_a_cli_backup_imports_only_what_it_uses(src, alpha_state, target_db, tmp_path) -> None:
+    """Start-up is part of every run's fixed cost: a CLI backup with a raw key loads neither pendulum nor the
+    maintenance commands' modules, nor the KDF, nor Airflow or boto3 (tests/test_cli_structure.py for other
+    commands). The snapshot it makes restores."""
+    import os
+
+    from tests.test_cli_structure import MAINTENANCE, NEVER, _imported, _run_counting_imports
+
+    with Store.create(str(tmp_path / "store"), "pw", cache_dir=tmp_path / "cache") as st:
+        key = st.export_key()
+    env = {**os.environ, "PGPLAKAR_KEY": key, "PGPLAKAR_CACHE_DIR": str(tmp_path / "cache"), "PGPASSWORD": src.password}
+    env.pop("PGPLAKAR_PASSPHRASE", None)
+    location = f"postgres://{src.superuser}@{src.host}:{src.port}/alpha"
+    code, modules = _run_counting_imports(["at", str(tmp_path / "store"), "backup", location,
+                                           f"pg_bin_dir={src.bin_dir}"], env)
+    assert code == 0
+    assert "psycopg" in modules and _imported(modules, NEVER + MAINTENANCE) == []
+    with Store.open(str(tmp_path / "store"), key=key, cache_dir=tmp_path / "cache") as st:
+        (snap,) = st.snapshot_ids()
+        _restore_into(st, snap, src, target_db)
+    with src.connect(target_db) as c:
+        assert c.execute(STATE).fetchone() == alpha_state

@@ -16,6 +16,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -434,28 +436,49 @@ def test_backup_and_restore_use_the_token_boto3_makes(rds: PgServer, store: Stor
 
 def test_a_fresh_token_for_every_connection_and_every_tool(rds: PgServer, store: Store, clock: Clock,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """Clock +1 s per token, and the server accepts only the newest token: every consumer must get its own."""
+    """Clock +1 s per token, and the server accepts only the newest token: every consumer must get its own.
+
+    The manifest and globals are read beside the dumps, so two consumers may make tokens at the same time; the
+    ``login`` lock, held from a token's making until its consumer has logged in (a connection is open, a tool has
+    written its first byte or ended), lets the server see one login at a time, each with the newest token."""
     env_credentials(monkeypatch, session_token=False)
     clock.step = dt.timedelta(seconds=1)
     made: list[str] = []
     used: list[tuple[str, str]] = []  # (consumer, password it was given)
+    login = threading.Lock()
 
     def rotate(token: str) -> None:
+        login.acquire()  # released by the consumer's spy below
         made.append(token)
         set_password(rds, token)
 
     real_connect, real_backup_tool, real_restore_tool = psycopg.connect, logical_mod.run_tool, restore_mod.run_tool
 
     def spy_connect(*args: Any, **kw: Any) -> Any:
-        if kw.get("user") == IAM_USER:
-            used.append((f"connect {kw['dbname']}", kw["password"]))
-        return real_connect(*args, **kw)
+        if kw.get("user") != IAM_USER:
+            return real_connect(*args, **kw)
+        used.append((f"connect {kw['dbname']}", kw["password"]))
+        try:
+            return real_connect(*args, **kw)
+        finally:
+            login.release()
 
     def spy_tool(real: Any) -> Any:
+        @contextmanager
         def run(argv: list[str], env: dict[str, str], *a: Any, **kw: Any) -> Any:
             used.append((Path(argv[0]).name, env["PGPASSWORD"]))
             assert not any(t in " ".join(argv) for t in made)  # never in argv
-            return real(argv, env, *a, **kw)
+            held = True
+            try:
+                with real(argv, env, *a, **kw) as tool:
+                    if tool.proc.stdout is not None:
+                        tool.stdout.peek(1)  # its first byte (or EOF): logged in; the byte stays for the reader
+                        held = False
+                        login.release()
+                    yield tool
+            finally:
+                if held:
+                    login.release()
         return run
 
     monkeypatch.setattr(psycopg, "connect", spy_connect)
@@ -469,11 +492,14 @@ def test_a_fresh_token_for_every_connection_and_every_tool(rds: PgServer, store:
     assert not any("rdsadmin" in r.path for r in store.records(res.snapshot_id))
     consumers = [c for c, _ in used]
     assert consumers.count("pg_dumpall") == 1 and consumers.count("pg_dump") == len(res.databases)
-    # database list and pg_authid probe, then the manifest: its main connection and one per non-template database
+    # database list and pg_authid probe (its connection is then the manifest's, or the fingerprint connection of
+    # database postgres), the manifest's one per other non-template database
     details = [f"connect {d}" for d in res.databases if d not in ("postgres", "template1")]
-    # then per dumped database the fingerprint session that exports the snapshot and the probe that imports it
+    # and per dumped database the fingerprint session that exports the snapshot and the probe that imports it
     snapshots = [f"connect {d}" for d in res.databases for _ in range(2)]
-    assert [c for c in consumers if c.startswith("connect ")] == ["connect postgres"] * 2 + details + snapshots
+    connects = [c for c in consumers if c.startswith("connect ")]
+    assert connects[0] == "connect postgres"
+    assert sorted(connects) == sorted(["connect postgres"] + details + snapshots)
     manifest = json.loads(read(store, next(r for r in store.records(res.snapshot_id) if r.path == "/manifest.json")))
     assert [e for e in manifest["errors"] if e["section"] == "connect"] == []
     assert [p for _, p in used] == made and len(set(made)) == len(made)  # one new token per consumer, in order

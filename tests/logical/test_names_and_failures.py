@@ -410,3 +410,68 @@ def test_exclude_databases_takes_shell_patterns(store, src) -> None:
     finally:
         for name in names:
             _drop_db(src, name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the manifest and globals beside the dumps: a failure on either side stops the other and is the error raised
+
+
+def _bin_dir_failing(tmp_path: Path, real: Path, tool: str, message: str) -> Path:
+    """A pg_bin_dir whose ``tool`` reports its real version but fails every run with ``message`` on stderr."""
+    bin_dir = tmp_path / f"bin-{tool}"
+    bin_dir.mkdir()
+    for other in ("pg_dump", "pg_dumpall", "pg_restore", "psql"):
+        if other != tool:
+            (bin_dir / other).symlink_to(real / other)
+    script = bin_dir / tool
+    script.write_text(f'#!/bin/sh\nif [ "$1" = "--version" ]; then exec "{real}/{tool}" --version; fi\n'
+                      f"echo '{message}' >&2\nexit 1\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return bin_dir
+
+
+def test_globals_failing_beside_a_waiting_dump_kills_it_and_commits_nothing(store, src, tmp_path) -> None:
+    """pg_dumpall fails while pg_dump waits on a lock: the backup fails at once with pg_dumpall's error (not a
+    "stopped" of the dump it ended), the dump is killed, nothing is committed."""
+    from tests.helpers import lock_probe_database
+
+    db = lock_probe_database(src, "beside", notes=10)
+    bogus = _bin_dir_failing(tmp_path, src.bin_dir, "pg_dumpall", "pg_dumpall: error: globals refused")
+    try:
+        with src.connect(db, autocommit=False) as locker:
+            locker.execute("LOCK TABLE notes IN ACCESS EXCLUSIVE MODE")  # only pg_dump locks it: it waits
+            location, opts = src_opts(src, database=db, pg_bin_dir=str(bogus))
+            started = time.monotonic()
+            with pytest.raises(ToolFailed) as err:
+                logical_backup(store, parse_source_options(location, opts))
+            assert time.monotonic() - started < 30  # not ended by the lock: the lock is still held
+        assert err.value.tool == "pg_dumpall" and "globals refused" in str(err.value)
+        assert _proc_children(b"pg_dump") == []
+        _no_partial_snapshot(store, [])
+    finally:
+        _drop_db(src, db)
+
+
+def test_a_dump_failing_stops_the_manifest_waiting_beside_it(store, src, tmp_path) -> None:
+    """pg_dump fails while the manifest's catalog query waits on a lock: the query is cancelled, the backup fails
+    with pg_dump's error and commits nothing, and pg_dumpall (after the manifest) never runs."""
+    from tests.helpers import lock_probe_database
+
+    db = lock_probe_database(src, "beside", notes=10)
+    bogus = _bin_dir_failing(tmp_path, src.bin_dir, "pg_dump", "pg_dump: error: dump refused")
+    try:
+        with src.connect(db, autocommit=False) as locker, src.connect() as watcher:
+            locker.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")  # the manifest's per-relation queries wait
+            location, opts = src_opts(src, database=db, pg_bin_dir=str(bogus))
+            started = time.monotonic()
+            with pytest.raises(ToolFailed) as err:
+                logical_backup(store, parse_source_options(location, opts))
+            assert time.monotonic() - started < 30
+            waiting = watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND "
+                                      "application_name = 'pgplakar'", (db,)).fetchone()[0]
+            assert waiting == 0  # the manifest's query was cancelled and its connection closed
+        assert err.value.tool == "pg_dump" and "dump refused" in str(err.value)
+        assert _proc_children(b"pg_dumpall") == []
+        _no_partial_snapshot(store, [])
+    finally:
+        _drop_db(src, db)
