@@ -12,7 +12,8 @@ Order, so that a crash at any step loses nothing and the next prune finishes the
 5. delete the superseded segments, then the packs, then the intent; stale temp files and leases last.
 
 Unindexed packs are deleted only when older than the grace period and than every live backup lease: they may be
-the uploads of a backup that has not committed yet.
+the uploads of a backup that has not committed yet. ``packs/`` and the leases are listed before the index is read,
+so that a backup committing in between (index segment, snapshot, lease released) is never taken for a crashed one.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .reader import chunk_refs, iter_records
 from .record import RecordKind
 
 if TYPE_CHECKING:
+    from .backend import ObjInfo
     from .repo import Store
 
 log = logging.getLogger(__name__)
@@ -83,8 +85,9 @@ def prune(store: Store, *, dry_run: bool = False, lock_wait: float = 0.0) -> Pru
     lease = _exclusive(store, lock_wait)
     try:
         marked = store.snapshot_ids()  # listed before the index is read: a later commit is re-checked (spare)
+        listed, cutoff = _packs_then_cutoff(store)
         with _private_cache(store):
-            return _prune(store, dry_run, lease, marked)
+            return _prune(store, dry_run, lease, marked, listed, cutoff)
     finally:
         _release(store, lease)
         store.sync_index()  # the shared cache notices the consolidation and rebuilds
@@ -159,7 +162,20 @@ def _orphans_deletable_before(store: Store, grace: float) -> float:
     return cutoff
 
 
-def _prune(store: Store, dry_run: bool, lease: Lease, marked: list[str]) -> PruneReport:
+def _packs_then_cutoff(store: Store) -> tuple[dict[str, ObjInfo], float]:
+    """``packs/`` listed, then the orphan cutoff taken from the leases, both before the index is read. A pack
+    listed here that the index read afterwards does not hold belongs to a writer that crashed, or that had not
+    committed when the index was read and so still held its lease when the leases were listed (a writer releases
+    its lease only after writing its index segment). Listed after the index read, the packs of a backup that
+    committed and released its lease in between looked like orphans: deleted though indexed, while its
+    segment (which the consolidated index does not supersede) still maps blobs to them."""
+    listed = {o.key.rsplit("/", 1)[-1]: o for o in store.backend.list("packs/")}
+    cutoff = _orphans_deletable_before(store, grace_seconds())
+    return listed, cutoff
+
+
+def _prune(store: Store, dry_run: bool, lease: Lease, marked: list[str], listed: dict[str, ObjInfo],
+           cutoff: float) -> PruneReport:
     rep = PruneReport(dry_run=dry_run)
     if store.cache.bad_segments:
         raise StoreError("refusing to prune: corrupt index segment(s) "
@@ -196,8 +212,6 @@ def _prune(store: Store, dry_run: bool, lease: Lease, marked: list[str]) -> Prun
             repack.append((no, pid, size, salt))
         else:
             keep.append(no)
-    cutoff = _orphans_deletable_before(store, grace_seconds())
-    listed = {o.key.rsplit("/", 1)[-1]: o for o in store.backend.list("packs/")}
     indexed = {p[1] for p in packs}
     orphans = [(pid, o.size) for pid, o in listed.items() if pid not in indexed and o.mtime < cutoff]
     young = sum(1 for pid, o in listed.items() if pid not in indexed and o.mtime >= cutoff)

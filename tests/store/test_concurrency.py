@@ -107,6 +107,45 @@ def test_prune_runs_beside_a_writer_in_progress_and_keeps_its_packs(location: st
     st.close()
 
 
+def test_a_backup_committing_while_prune_reads_the_index_keeps_its_packs(location: str, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup commits (index segment, snapshot, lease released) after the prune read the index and before it
+    looks for orphan packs. Its packs were taken for a crashed writer's (unindexed, no live lease) and doomed; its
+    copy of a blob also stored elsewhere was not spared, so it was deleted while the backup's segment, which the
+    prune had not read and so did not supersede, still indexed it: a reader choosing that copy failed (seen once in
+    CI in test_backups_before_during_and_after_prunes_all_restore[s3])."""
+    monkeypatch.setenv("PGPLAKAR_PRUNE_SETTLE", "0")
+    st = Store.create(location, PASSPHRASE, pack_target=256 * KiB)
+    common = rand(300 * KiB, 99)
+    exp_a = make_tree(tmp_path / "a", {"/a.bin": rand(200 * KiB, 1), "/common.bin": common})
+    release = tmp_path / "release"
+    # a cache of its own: it must not learn of the copy of common.bin committed below, and stores one itself
+    a = writer(location, tmp_path / "a", "--hold-after", "1", "--release", str(release), "--lock-wait", "0",
+               PGPLAKAR_CACHE_DIR=str(tmp_path / "cache-a"))
+    a.wait_for("HOLDING", stream="stdout")
+    with st.writer(lock_wait=0) as w:
+        w.add_bytes("/common.bin", common)
+    first = w.snapshot_id
+
+    real_mark = prune_mod._mark
+
+    def mark_once_the_backup_committed(store: Store, ids: list[str], table: str = "live") -> int:
+        if table == "live":  # the prune has read the index
+            release.touch()
+            assert a.finish() == 0, a.text("stderr")
+        return real_mark(store, ids, table)
+
+    monkeypatch.setattr(prune_mod, "_mark", mark_once_the_backup_committed)
+    prune_mod.prune(st)
+    monkeypatch.setattr(prune_mod, "_mark", real_mark)
+    census = pack_census(st)
+    assert census.missing == 0 and census.live_missing == 0, census
+    assert_restores(st, first, {"/common.bin": common}, tmp_path / "restore-first")
+    assert_restores(st, a.json_result()["id"], exp_a, tmp_path / "restore-a")
+    _check_clean(st)
+    st.close()
+
+
 def test_a_backup_never_waits_for_a_running_prune(location: str, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A backup started while a prune holds its lease (here: during the prune's settle time) starts and commits at
