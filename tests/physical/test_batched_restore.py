@@ -10,6 +10,7 @@ import io
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,6 +94,18 @@ def _restored(target: Path) -> dict[str, bytes]:
             p = Path(dirpath) / name
             out["/data/" + str(p.relative_to(target))] = p.read_bytes()
     return out
+
+
+def _serve_instead(monkeypatch: pytest.MonkeyPatch, path: str, swap: Any) -> None:
+    """Make ``Store.records`` yield ``swap(record)`` for the record at ``path``: a tampered record, as a hostile
+    store would hand it to the restore."""
+    real = Store.records
+
+    def records(self, snap, prefix=None):
+        for r in real(self, snap, prefix):
+            yield swap(r) if r.path == path else r
+
+    monkeypatch.setattr(Store, "records", records)
 
 
 @pytest.mark.parametrize("sync", [True, False])
@@ -181,13 +194,7 @@ def test_digest_mismatch_across_windows_fails(st: Store, tmp_path: Path, small_w
     rec = st.find_record(sid, "/data/pg_wal/000000010000000000000001")
     assert rec.blake3 is not None
     wrong = rec.replace(**{field: bytes(32)})
-    real = Store.records
-
-    def records(self, snap, prefix=None):
-        for r in real(self, snap, prefix):
-            yield wrong if r.path == rec.path else r
-
-    monkeypatch.setattr(Store, "records", records)
+    _serve_instead(monkeypatch, rec.path, lambda _r: wrong)
     with pytest.raises(IntegrityError, match=f"000000010000000000000001.*the {name} does not match"):
         physical_restore(st, sid, tmp_path / "restored", verify=False, sync=False)
 
@@ -202,13 +209,7 @@ def test_chunk_length_disagreeing_with_the_index_is_refused_before_writing_it(
     refs[1][1] += 1  # the manifest claims one byte more for the second chunk
     wrong = rec.replace(size=rec.size + 1)
     wrong = type(wrong)({**wrong._raw, "c": refs})
-    real = Store.records
-
-    def records(self, snap, prefix=None):
-        for r in real(self, snap, prefix):
-            yield wrong if r.path == rec.path else r
-
-    monkeypatch.setattr(Store, "records", records)
+    _serve_instead(monkeypatch, rec.path, lambda _r: wrong)
     target = tmp_path / "restored"
     with pytest.raises(IntegrityError, match="shared_a.*bytes in the manifest but the index has"):
         physical_restore(st, sid, target, verify=False, sync=False, clean=False)
@@ -332,13 +333,7 @@ def test_a_chunk_missing_from_the_index_names_its_record(st: Store, tmp_path: Pa
     refs = [[b, n] for b, n in chunk_refs(st, rec)]
     refs[1][0] = bytes(range(32))  # a blob no pack holds
     wrong = type(rec)({**rec._raw, "c": refs})
-    real = Store.records
-
-    def records(self, snap, prefix=None):
-        for r in real(self, snap, prefix):
-            yield wrong if r.path == rec.path else r
-
-    monkeypatch.setattr(Store, "records", records)
+    _serve_instead(monkeypatch, rec.path, lambda _r: wrong)
     target = tmp_path / "restored"
     with pytest.raises(IntegrityError, match=r"blob 0001020304050607 \(record '/data/base/1/shared_b'\) is not in the"):
         physical_restore(st, sid, target, verify=False, sync=False, clean=False)
@@ -356,13 +351,7 @@ def test_a_size_disagreeing_with_the_chunks_fails_naming_the_record(st: Store, t
     sid = _snapshot(st)
     path = "/data/base/1/shared_a"  # 3 chunks of 8 KiB
     rec = st.find_record(sid, path)
-    real = Store.records
-
-    def records(self, snap, prefix=None):
-        for r in real(self, snap, prefix):
-            yield r.replace(size=size) if r.path == path else r
-
-    monkeypatch.setattr(Store, "records", records)
+    _serve_instead(monkeypatch, path, lambda r: r.replace(size=size))
     fds = len(os.listdir("/proc/self/fd"))
     target = tmp_path / "restored"
     with pytest.raises(IntegrityError, match=f"record '{path}': .*{error}"):
@@ -450,13 +439,7 @@ def test_a_chunk_naming_a_manifest_blob_is_refused_before_writing(st: Store, tmp
     rec = st.find_record(sid, "/data/base/1/shared_b")
     wrong = type(rec)({**{k: v for k, v in rec._raw.items() if k not in ("b", "d")}, "c": [[leaf, loc.raw_len]],
                        "s": loc.raw_len})
-    real = Store.records
-
-    def records(self, snap, prefix=None):
-        for r in real(self, snap, prefix):
-            yield wrong if r.path == rec.path else r
-
-    monkeypatch.setattr(Store, "records", records)
+    _serve_instead(monkeypatch, rec.path, lambda _r: wrong)
     target = tmp_path / "restored"
     with pytest.raises(IntegrityError, match=r"'/data/base/1/shared_b': chunk [0-9a-f]{16} is not file content"):
         physical_restore(st, sid, target, verify=False, sync=False, clean=False)
