@@ -29,14 +29,16 @@ WAIT = 30.0  # how long the held open waits for pg_dump to start (only reached o
 
 
 def _wrapped_bin(tmp_path: Path, real_bin: Path) -> tuple[Path, Path]:
-    """A ``pg_bin_dir`` whose pg_dump records its pid (one file per run, not for ``--version``), then execs."""
+    """A ``pg_bin_dir`` whose pg_dump records its pid in ``started`` and pg_dumpall in ``started/globals`` (one file
+    per run, not for ``--version``), then execs the real tool."""
     bin_dir, started = tmp_path / "bin", tmp_path / "started"
     bin_dir.mkdir()
     started.mkdir()
+    (started / "globals").mkdir()
     for name in ("pg_dump", "pg_dumpall"):
-        tmp, done = f"{started}/$$.tmp", f"{started}/$$"
-        record = "" if name == "pg_dumpall" else \
-            f'if [ "$1" != "--version" ]; then echo $$ > "{tmp}" && mv "{tmp}" "{done}"; fi\n'
+        where = started if name == "pg_dump" else started / "globals"
+        tmp, done = f"{where}/$$.tmp", f"{where}/$$"
+        record = f'if [ "$1" != "--version" ]; then echo $$ > "{tmp}" && mv "{tmp}" "{done}"; fi\n'
         script = bin_dir / name
         script.write_text(f'#!/bin/sh\n{record}exec "{real_bin / name}" "$@"\n')
         script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
@@ -50,14 +52,18 @@ def _hold_open(monkeypatch: pytest.MonkeyPatch, started: Path) -> dict[str, Any]
 
     def held(cls: type[Store], *args: Any, **kwargs: Any) -> Store:
         deadline = time.monotonic() + WAIT
-        while not any(started.iterdir()) and time.monotonic() < deadline:
+        while not _pids(started) and time.monotonic() < deadline:
             time.sleep(0.01)
-        seen["dump_started_first"] = any(started.iterdir())
+        seen["dump_started_first"] = bool(_pids(started))
         seen["thread"] = threading.current_thread().name
         return real_open(cls, *args, **kwargs)
 
     monkeypatch.setattr(Store, "open", classmethod(held))
     return seen
+
+
+def _pids(where: Path) -> list[int]:
+    return [int(p.name) for p in where.iterdir() if p.name.isdigit()]
 
 
 def _alive(pid: int) -> bool:
@@ -110,8 +116,8 @@ def test_wrong_passphrase_kills_the_started_dump_and_commits_nothing(pg15: PgSer
     assert code == 1
     assert err.startswith("pgplakar: error: wrong passphrase for ") and err.count("\n") == 1, err
     assert seen["dump_started_first"]
-    pids = [int(p.name) for p in started.iterdir() if p.name.isdigit()]
-    assert pids and not any(_alive(p) for p in pids)  # the started pg_dump's process group was killed
+    pids = _pids(started) + _pids(started / "globals")
+    assert pids and not any(_alive(p) for p in pids)  # every started tool's process group was killed
     assert _pgplakar_threads() == []  # unlock, writer, manifest, chunker threads all ended
     monkeypatch.undo()
     with Store.open(str(tmp_path / "store"), "pw", cache_dir=tmp_path / "cache2") as st:
@@ -130,8 +136,9 @@ def test_operator_path_reuses_an_earlier_try_once_unlocked(pg15: PgServer, tmp_p
     with Store.opening(str(tmp_path / "store"), "pw") as opening:
         first = logical_backup(opening, opts, idempotency_key="dag/task/run/-1", reuse_committed=True)
     assert not first.already_existed and first.databases == ["postgres"]
-    for p in started.iterdir():
-        p.unlink()
+    for p in (*started.iterdir(), *(started / "globals").iterdir()):
+        if p.is_file():
+            p.unlink()
     seen = _hold_open(monkeypatch, started)
     with Store.opening(str(tmp_path / "store"), "pw") as opening:
         again = logical_backup(opening, opts, idempotency_key="dag/task/run/-1", reuse_committed=True)
@@ -139,7 +146,7 @@ def test_operator_path_reuses_an_earlier_try_once_unlocked(pg15: PgServer, tmp_p
         assert again.already_existed and again.snapshot_id == first.snapshot_id
         assert again.databases == ["postgres"] and again.bytes == first.bytes
         assert opening.result().snapshot_ids() == [first.snapshot_id]
-    pids = [int(p.name) for p in started.iterdir() if p.name.isdigit()]
+    pids = _pids(started) + _pids(started / "globals")
     assert pids and not any(_alive(p) for p in pids)
     assert _pgplakar_threads() == []
 
