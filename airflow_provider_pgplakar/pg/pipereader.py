@@ -3,10 +3,10 @@
 pg_dump writes its archive 4 KiB at a time (stdio's buffer size for a pipe), and a reader faster than it (ours,
 most of the time) woke up once per write: ~38,000 ``read`` calls and ~20,000 context switches of our process for
 257 MiB of dumps (``bench/logical_bench.py --case multi``), each a thread wake-up, a GIL release and re-acquisition,
-and a wake-up sent by pg_dump. Here the pipe is enlarged (``F_SETPIPE_SZ``, best effort, up to 1 MiB) and
+and a wake-up sent by pg_dump. Here the pipe is enlarged (``F_SETPIPE_SZ``, best effort, to ``PIPE_SIZE``) and
 :meth:`PipeReader.readinto` naps while less than a good share of the request is queued (``FIONREAD``), so pg_dump
-writes into a pipe nobody waits on and each read takes hundreds of KiB: ~700 reads and ~3,000 context switches for
-the same dumps. Never a busy loop: after ``NAPS`` naps it reads what is queued, or blocks in ``poll`` until the
+writes into a pipe nobody waits on and each read takes ~100 KiB or more: ~2,000 reads and ~3,000 context switches
+for the same dumps. Never a busy loop: after ``NAPS`` naps it reads what is queued, or blocks in ``poll`` until the
 first byte when nothing is; the writer's end closing (``POLLHUP``: EOF, a killed tool) ends every wait at once.
 """
 
@@ -21,7 +21,10 @@ import time
 
 F_SETPIPE_SZ = 1031  # Linux fcntl commands
 F_GETPIPE_SZ = 1032
-PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size: what an unprivileged process may ask for
+# Not the 1 MiB an unprivileged process may ask for (fs.pipe-max-size): a user's pipes beyond
+# fs.pipe-user-pages-soft (64 MiB) get one page each, so big pipes in many parallel dumps would shrink the pipes of
+# every other process of that user. 256 KiB is 256 such dumps at once, and reads of 128 KiB.
+PIPE_SIZE = 256 << 10
 WANT = 256 << 10  # a read waits for this much, the whole request, or half the pipe, whichever is least
 NAP = 0.001  # seconds
 NAPS = 4  # naps per read at most (a slow stream is then read as it comes)

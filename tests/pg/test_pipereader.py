@@ -52,9 +52,9 @@ def test_pipe_is_enlarged() -> None:
 
 
 def test_a_trickle_of_small_writes_is_read_in_large_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
-    """64 writes of 4 KiB, a little apart: one read takes them all (a plain read returns each write alone)."""
+    """32 writes of 4 KiB, a little apart: one read takes them all (a plain read returns each write alone)."""
     monkeypatch.setattr(pipereader, "NAPS", 2000)  # up to 2 s: the writer's pace cannot make the test flaky
-    data = os.urandom(pipereader.WANT)
+    data = os.urandom(min(pipereader.WANT, pipereader.PIPE_SIZE // 2))
     with pipe() as (src, w):
         reader = PipeReader(src)
         writer = threading.Thread(target=_write, args=(w, data), kwargs={"pause": 0.0002, "close": False})
