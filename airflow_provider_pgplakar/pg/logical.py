@@ -35,7 +35,7 @@ from collections.abc import Callable, Collection, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import psycopg
 
@@ -319,7 +319,7 @@ def _stream(w: SnapshotWriter, s: Session, path: str, argv: list[str], meta: dic
                     log.warning("%s: %s", path, e)
                     return None
                 raise
-        stored = w.store_stream(path, PipeReader(tool.stdout), mode=0o444, meta=meta, expected_size=expected_size)
+        stored = w.store_stream(path, cast(BinaryIO, PipeReader(tool.stdout)), mode=0o444, meta=meta, expected_size=expected_size)
         warnings = tool.finish()
     s.seconds[path] = took = round(time.monotonic() - started, 3)
     if warnings.strip():
