@@ -319,7 +319,8 @@ def _stream(w: SnapshotWriter, s: Session, path: str, argv: list[str], meta: dic
                     log.warning("%s: %s", path, e)
                     return None
                 raise
-        stored = w.store_stream(path, cast(BinaryIO, PipeReader(tool.stdout)), mode=0o444, meta=meta, expected_size=expected_size)
+        pipe = cast(BinaryIO, PipeReader(tool.stdout))
+        stored = w.store_stream(path, pipe, mode=0o444, meta=meta, expected_size=expected_size)
         warnings = tool.finish()
     s.seconds[path] = took = round(time.monotonic() - started, 3)
     if warnings.strip():
