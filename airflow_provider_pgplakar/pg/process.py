@@ -40,12 +40,6 @@ from . import PgError
 log = logging.getLogger(__name__)
 
 STDERR_TAIL = 4000
-# The pipe a tool's stdout is read from: 1 MiB (Linux's default pipe-max-size) instead of 64 KiB, so a dump keeps
-# writing while our reader is descheduled for a moment on a busy machine, and each read takes up to 1 MiB (fewer
-# system calls and GIL hand-offs). Measured (pgbench scale 30, first backups, 11 interleaved rounds at load 5-7.7 on
-# 2 cores): 4.34 s instead of 5.27 s median, 1.57 instead of 1.68 CPU s. Not granted (a user over its pipe-page
-# quota): the default stays.
-PIPE_SIZE = 1 << 20
 CANCELLED = "the task was cancelled (Airflow on_kill or SIGTERM): its running tools and queries were stopped"
 _running: set[subprocess.Popen[Any]] = set()
 _connections: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -213,8 +207,6 @@ class Tool:
         except BaseException:
             self._err.close()
             raise
-        if stdout == subprocess.PIPE and self.proc.stdout is not None:
-            widen_pipe(self.proc.stdout.fileno())
 
     @property
     def stdout(self) -> io.BufferedReader:
@@ -263,16 +255,6 @@ class Tool:
         with _lock:
             _running.discard(self.proc)
         self._err.close()
-
-
-def widen_pipe(fd: int, size: int = PIPE_SIZE) -> None:
-    """Grow the pipe ``fd`` belongs to to ``size`` bytes (``F_SETPIPE_SZ``); a refusal keeps its size."""
-    import fcntl
-
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
-    except (OSError, AttributeError):  # EPERM over the user's pipe quota; not Linux
-        pass
 
 
 @contextmanager

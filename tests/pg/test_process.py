@@ -160,17 +160,3 @@ def test_cancel_from_a_signal_handler_while_starting_a_tool(monkeypatch: pytest.
         with run_tool(["sleep", "300"], {"PATH": "/usr/bin:/bin"}):
             pytest.fail("the tool block must not run")
     assert not process_mod._running
-
-
-def test_tool_stdout_pipe_holds_a_mebibyte() -> None:
-    """A tool writes ahead of its reader up to 1 MiB (pg/process.py ``PIPE_SIZE``): a dump does not stall while the
-    backup's reader waits for a core; with Linux's default 64 KiB pipe this tool would block until read."""
-    import fcntl
-
-    size = 768 * 1024
-    argv = [sys.executable, "-c", f"import sys; sys.stdout.buffer.write(b'x' * {size}); sys.stdout.flush()"]
-    with run_tool(argv, dict(os.environ)) as tool:
-        assert fcntl.fcntl(tool.stdout.fileno(), fcntl.F_GETPIPE_SZ) == 1 << 20
-        tool.proc.wait(timeout=30)  # it finished writing with nobody reading
-        assert len(tool.stdout.read()) == size
-        tool.finish()
