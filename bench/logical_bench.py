@@ -28,7 +28,8 @@ The server, the store and all temp files are removed at the end, also on failure
 50 %, 25 %, 15 % and 10 % of ``--multi-scale``, plus an ``events`` table of text rows in each) and times, side by
 side: raw ``pg_dump`` of the 4 one after the other, raw ``pg_dump`` of the 4 all at once (the floor), our backup of
 the 4 (``exclude_databases`` = every other database) with ``jobs=1`` and with each ``--jobs`` value, every backup
-into a fresh store; wall time, CPU (ours and tools) and peak RSS. ``--case both`` runs both cases on one server.
+into a fresh store; wall time, CPU (ours, the tools' and the benchmark server's) and peak RSS. ``--case both``
+runs both cases on one server.
 
 ``--case fixed`` (issue 13: the fixed cost of a run, ≤ 0.3 s with a raw key) times the ``pgplakar`` CLI itself, a
 fresh interpreter each time as a user or a cron job runs it: ``pgplakar backup`` of an almost empty database
@@ -394,6 +395,31 @@ class Bench:
         self.sql(f"UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid BETWEEN {x} AND {x + k - 1}", DB)
         return {"appended": k, "updated": k, "accounts": n}
 
+    def server_cpu(self) -> float:
+        """CPU seconds of the benchmark server so far: the postmaster, the backends it reaped, the live ones."""
+        tick = os.sysconf("SC_CLK_TCK")
+        postmaster = int((self.server.datadir / "postmaster.pid").read_text().split()[0])
+
+        def fields(pid: int) -> list[str]:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+
+        f = fields(postmaster)  # utime stime cutime cstime are fields 14-17, i.e. [11:15] after the name
+        total = sum(int(x) for x in f[11:15])
+        for pid in _descendants(postmaster):
+            try:
+                total += sum(int(x) for x in fields(pid)[11:13])
+            except OSError:
+                pass
+        return total / tick
+
+    def timed(self, step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``step`` with the benchmark server's CPU over it (its pg_dump/restore backends, the fingerprint scans)."""
+        cpu0 = self.server_cpu()
+        res = step()
+        res["server_cpu_s"] = self.server_cpu() - cpu0
+        return res
+
     # -- timed steps -----------------------------------------------------------------------------------------------
     def raw_dump(self, stdout: Path | None = None) -> dict[str, Any]:
         from airflow_provider_pgplakar.pg import commands
@@ -513,8 +539,8 @@ class MultiBench(Bench):
         from airflow_provider_pgplakar.pg import commands
 
         self.checkpoint()
-        return run_child({"op": "tools", "parallel": parallel, "env": self.tool_env,
-                          "argvs": [commands.pg_dump(self.pg_dump, db) for db in MULTI_DBS]})
+        return self.timed(lambda: run_child({"op": "tools", "parallel": parallel, "env": self.tool_env,
+                                             "argvs": [commands.pg_dump(self.pg_dump, db) for db in MULTI_DBS]}))
 
     def ours(self, jobs: int, i: int) -> dict[str, Any]:
         from airflow_provider_pgplakar.store.repo import Store
@@ -524,9 +550,9 @@ class MultiBench(Bench):
         others = [d for (d,) in self.sql("SELECT datname FROM pg_database") if d not in MULTI_DBS]
         self.checkpoint()
         try:
-            return run_child({"op": "backup", "store": str(store), "cache": str(cache),
-                              "options": {**self.conn_opts, "exclude_databases": ",".join(others),
-                                          "jobs": str(jobs)}})
+            return self.timed(lambda: run_child({"op": "backup", "store": str(store), "cache": str(cache),
+                                                 "options": {**self.conn_opts, "exclude_databases": ",".join(others),
+                                                             "jobs": str(jobs)}}))
         finally:
             shutil.rmtree(store, ignore_errors=True)
             shutil.rmtree(cache, ignore_errors=True)
@@ -563,7 +589,7 @@ def report_multi(r: dict[str, Any], a: argparse.Namespace, server: Any, load0: t
           f"{os.getloadavg()[0]:.2f} at end ({how}).")
     print()
     print("| operation | seconds | vs raw all at once | vs raw one by one | target | met | "
-          "CPU s (ours / tools) | peak RSS MiB: ours (after unlock) / largest tool |")
+          "CPU s (ours / tools / server) | peak RSS MiB: ours (after unlock) / largest tool |")
     print("|---|---:|---:|---:|---|---|---:|---:|")
     rows = [("raw `pg_dump -Fc -Z0` × 4, one after the other", runs["seq"], False, None),
             ("raw `pg_dump -Fc -Z0` × 4, all at once (the floor)", runs["par"], False, None)]
@@ -571,14 +597,15 @@ def report_multi(r: dict[str, Any], a: argparse.Namespace, server: Any, load0: t
     for name, d, ours, target in rows:
         x = d["seconds"] / floor
         tgt, ok = (f"≤ {target:.1f}×", "yes" if x <= target else "**NO**") if target else ("", "")
-        cpu = f"{d['cpu_s']:.2f} / {d['tool_cpu_s']:.2f}" if ours else f"– / {d['tool_cpu_s']:.2f}"
+        cpu = (f"{d['cpu_s']:.2f}" if ours else "–") + f" / {d['tool_cpu_s']:.2f} / {d['server_cpu_s']:.2f}"
         rss = (f"{d['rss_mib']:.0f} ({d['rss_after_unlock_mib']:.0f}) / {d['tool_rss_mib']:.0f}" if ours
                else f"– / {d['tool_rss_mib']:.0f}")
         print(f"| {name} | {d['seconds']:.2f} | {x:.2f}× | {d['seconds'] / seq:.2f}× | {tgt} | {ok} | {cpu} | {rss} |")
     print()
     print("- ours: a whole-cluster backup minus every other database (manifest, globals, the 4 dumps, fingerprints "
           "at the default `catalog` level) into a fresh encrypted store, including the Argon2id unlock; raw: the "
-          "same `pg_dump` argv to /dev/null. CPU: user+sys of the step, ours / its tools.")
+          "same `pg_dump` argv to /dev/null. CPU: user+sys of the step, ours / its tools / the benchmark server "
+          "(postmaster and backends, which share the cores: the floor is CPU-bound by them on a small machine).")
     if a.repeat > 1:
         for key in ("seq", "par", *[f"jobs{j}" for j in r["variants"]]):
             print(f"- {key} runs: {', '.join(f'{s:.2f}' for s in runs[key]['all_seconds'])} s")
@@ -703,31 +730,6 @@ class FingerprintBench(Bench):
         return run_child({"op": "verify", "store": str(store), "cache": str(cache), "snapshot": snapshot,
                           "pg_bin_dir": str(self.server.bin_dir)})
 
-    def server_cpu(self) -> float:
-        """CPU seconds of the benchmark server so far: the postmaster, the backends it reaped, the live ones."""
-        tick = os.sysconf("SC_CLK_TCK")
-        postmaster = int((self.server.datadir / "postmaster.pid").read_text().split()[0])
-
-        def fields(pid: int) -> list[str]:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
-
-        f = fields(postmaster)  # utime stime cutime cstime are fields 14-17, i.e. [11:15] after the name
-        total = sum(int(x) for x in f[11:15])
-        for pid in _descendants(postmaster):
-            try:
-                total += sum(int(x) for x in fields(pid)[11:13])
-            except OSError:
-                pass
-        return total / tick
-
-    def timed(self, step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """``step`` with the benchmark server's CPU over it (its pg_dump/restore backends, the fingerprint scans)."""
-        cpu0 = self.server_cpu()
-        res = step()
-        res["server_cpu_s"] = self.server_cpu() - cpu0
-        return res
-
     def run(self) -> dict[str, Any]:
         r: dict[str, Any] = {}
         progress(f"fingerprint: pgbench -i -s {self.scale} ...")
@@ -779,7 +781,7 @@ def report_fingerprint(r: dict[str, Any], a: argparse.Namespace, server: Any, lo
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 
     def row(name: str, d: dict[str, Any], ours: bool, vs_raw: str, vs_cat: str, vs_restore: str) -> None:
-        cpu = f"{d['cpu_s']:.2f} / {d['tool_cpu_s']:.2f}" if ours else f"– / {d['tool_cpu_s']:.2f}"
+        cpu = (f"{d['cpu_s']:.2f}" if ours else "–") + f" / {d['tool_cpu_s']:.2f} / {d['server_cpu_s']:.2f}"
         rss = (f"{d['rss_mib']:.0f} ({d['rss_after_unlock_mib']:.0f}) / {d['tool_rss_mib']:.0f}" if ours
                else f"– / {d['tool_rss_mib']:.0f}")
         print(f"| {name} | {d['seconds']:.2f} | {d['process_s']:.2f} | {vs_raw} | {vs_cat} | {vs_restore} | "

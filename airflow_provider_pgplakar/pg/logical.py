@@ -35,7 +35,7 @@ from collections.abc import Callable, Collection, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import psycopg
 
@@ -46,6 +46,7 @@ from .connect import PgConnectError
 from .iam import password_source
 from .jobs import Beside, Stopper, run_ordered
 from .options import AWS_DEFAULT_EXCLUDES, LogicalSourceOptions
+from .pipereader import PipeReader
 from .process import ToolFailed, check_cancelled, run_tool
 from .secrets import ssl_files
 from .session import GLOBALS_PATH, LOGICAL_KIND, MANIFEST_KIND, MANIFEST_PATH, PasswordSource, Session, dump_path
@@ -318,7 +319,8 @@ def _stream(w: SnapshotWriter, s: Session, path: str, argv: list[str], meta: dic
                     log.warning("%s: %s", path, e)
                     return None
                 raise
-        stored = w.store_stream(path, tool.stdout, mode=0o444, meta=meta, expected_size=expected_size)
+        pipe = cast(BinaryIO, PipeReader(tool.stdout))
+        stored = w.store_stream(path, pipe, mode=0o444, meta=meta, expected_size=expected_size)
         warnings = tool.finish()
     s.seconds[path] = took = round(time.monotonic() - started, 3)
     if warnings.strip():
