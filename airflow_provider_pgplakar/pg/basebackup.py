@@ -21,18 +21,18 @@ Every wait is on the socket with ``select`` (libpq's non-blocking calls), never 
 compiled psycopg calls libpq with the GIL held, which would freeze the store's upload threads for the whole of a
 spread checkpoint. TCP keepalives are on so a vanished server fails the backup instead of hanging it.
 
-Two threads share the stream (issue 13): a reader thread (:class:`_Receiver`) owns the connection from the start
-of the COPY to its end: it waits on the socket, takes the CopyData messages, decompresses (capped steps, see
-``pg/decompress.py``; compressed messages are joined to ~256 KiB first so that each step gives its full ~1 MiB)
-and hands the tar bytes over in batches of ~1 MiB through a queue of :data:`QUEUE_ITEMS` (at most ~6 MiB ahead of
-the consumer). The caller's thread parses tar members and feeds the store, taking relation blocks as views of
-those buffers (:meth:`_Pieces.readview`, no copy). Measured on pgbench scale 50 before the split: the one thread
-doing both was on CPU 85 % of the backup, a third of it in lz4 and copies, while the store's two encode workers
-were busy 37 %; after it, main 0.50 and reader 0.53 CPU s where the one thread spent 1.02 (README, "Reader
-thread"), and the encode pool is the critical path. Any failure of the reader thread is raised unchanged in the caller (same exception, same message);
-a caller that fails or is cancelled stops the thread (:meth:`BaseBackupStream.close`, also run by
-:meth:`ReplicationConnection.close`): it wakes from its socket wait through a pipe and from its full queue, and is
-joined before the connection closes.
+Two threads share the stream (issue 13): a reader thread (:class:`_Receiver`) owns the connection from the start of
+the COPY to its end: it waits on the socket, takes the CopyData messages, decompresses (capped steps, see
+``pg/decompress.py``; compressed messages are joined to ~256 KiB first so that each step gives its full ~1 MiB) and
+hands the tar bytes over in batches of ~1 MiB through a queue of :data:`QUEUE_ITEMS` (at most ~6 MiB ahead of the
+consumer). The caller's thread parses tar members and feeds the store, taking relation blocks as views of those
+buffers (:meth:`_Pieces.readview`, no copy). Measured on pgbench scale 50 before the split: the one thread doing
+both was on CPU 85 % of the backup, a third of it in lz4 and copies, while the store's two encode workers were busy
+37 %; after it, main 0.50 and reader 0.53 CPU s where the one thread spent 1.02 (README, "Reader thread"), and the
+encode pool is the critical path. Any failure of the reader thread is raised unchanged in the caller (same
+exception, same message); a caller that fails or is cancelled stops the thread (:meth:`BaseBackupStream.close`, also
+run by :meth:`ReplicationConnection.close`): it wakes from its socket wait through a pipe and from its full queue,
+and is joined before the connection closes.
 
 CopyData framing on PostgreSQL 15+: each message starts with a type byte: ``n`` new archive (NUL-terminated name and
 tablespace location), ``d`` archive or manifest bytes, ``p`` progress (int64 bytes so far), ``m`` the manifest
