@@ -33,6 +33,11 @@ class Stopped(PgError):
     """A dump did not start, or was cut short, because another dump of the same backup failed."""
 
 
+class Finished(PgError):
+    """Not a failure: the backup has nothing left to do (a retry reuses an earlier try's snapshot). It stops the
+    other work like a failure does, without an error line: the task succeeds."""
+
+
 class Stopper:
     """The tools and connections of one backup's running dumps, so that one failure can stop all the others."""
 
@@ -77,10 +82,11 @@ class Stopper:
             self.check()
         return conn
 
-    def stop(self) -> None:
-        """Kill every tracked tool's process group and cancel every tracked query; later starts are refused."""
+    def stop(self, why: BaseException | None = None) -> None:
+        """Kill every tracked tool's process group and cancel every tracked query; later starts are refused.
+        ``why`` a :class:`Finished`: said at info level, as what it is (not "another dump failed")."""
         with self._lock:
-            self._stopped = True
+            first, self._stopped = not self._stopped, True
             tools, conns = list(self._tools), list(self._conns)
         for c in conns:
             if not c.closed:
@@ -89,7 +95,12 @@ class Stopper:
                 except Exception as e:  # noqa: BLE001 - best effort: the dump's own error ends it anyway
                     log.warning("could not cancel a running query: %s", e)
         for t in tools:
-            log.warning("stopping %s (pid %d): another dump of this backup failed", t.name, t.proc.pid)
+            if not first:  # said when the backup was stopped; a later stop only makes sure
+                pass
+            elif isinstance(why, Finished):
+                log.info("stopping %s (pid %d): %s", t.name, t.proc.pid, why)
+            else:
+                log.warning("stopping %s (pid %d): another dump of this backup failed", t.name, t.proc.pid)
             t.kill()
 
 
@@ -128,8 +139,10 @@ def run_ordered(items: Sequence[T], work: Callable[[T], R], deliver: Callable[[i
                         done[futures[f]] = f.result()
                     elif first_error is None:
                         first_error = err
-                        log.error("%s failed, stopping the other dumps: %s", name(items[futures[f]]), err)
-                        stopper.stop()
+                        # an error after a stop is its consequence: whoever stopped the backup said why
+                        if not (stopper.stopped or isinstance(err, Finished)):
+                            log.error("%s failed, stopping the other dumps: %s", name(items[futures[f]]), err)
+                        stopper.stop(err)
                         for other in pending:
                             other.cancel()
                 if first_error is None:
@@ -139,7 +152,7 @@ def run_ordered(items: Sequence[T], work: Callable[[T], R], deliver: Callable[[i
         except BaseException as e:  # deliver() failed, or we were interrupted: stop the dumps still running
             if first_error is None:
                 first_error = e
-            stopper.stop()
+            stopper.stop(e)
             for other in pending:
                 other.cancel()
     if first_error is not None:
@@ -169,9 +182,9 @@ class Beside:
         except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
             self._first = not self._stopper.stopped
             self._error = e
-            if self._first:
+            if self._first and not isinstance(e, Finished):
                 log.error("%s failed, stopping the dumps: %s", self._thread.name, e)
-            self._stopper.stop()
+            self._stopper.stop(e)
 
     def __enter__(self) -> Beside:
         self._thread.start()
@@ -179,7 +192,7 @@ class Beside:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is not None:
-            self._stopper.stop()  # the block failed: end the work too
+            self._stopper.stop(exc)  # the block failed: end the work too
         self._thread.join()
         if exc is not None:
             if self._first and self._error is not None and self._error is not exc:

@@ -44,10 +44,10 @@ from . import PgError, commands, fingerprint
 from .backup_stats import database_stats
 from .connect import PgConnectError
 from .iam import password_source
-from .jobs import Beside, Stopper, run_ordered
+from .jobs import Beside, Finished, Stopper, run_ordered
 from .options import AWS_DEFAULT_EXCLUDES, LogicalSourceOptions
 from .pipereader import PipeReader
-from .process import ToolFailed, check_cancelled, run_tool
+from .process import TaskCancelled, ToolFailed, check_cancelled, run_tool
 from .secrets import ssl_files
 from .session import GLOBALS_PATH, LOGICAL_KIND, MANIFEST_KIND, MANIFEST_PATH, PasswordSource, Session, dump_path
 
@@ -115,16 +115,23 @@ def logical_backup(
                                    idempotency_key=idempotency_key), reuse_committed=reuse_committed)
     try:
         return _logical_backup(lazy, opts, password, labels, manifest_only, extra_dirs)
-    except _Committed as c:
-        log.info("%s", c)
-        snap = lazy.store.load_snapshot(c.snapshot_id)
+    except Exception as e:
+        # the earlier try's snapshot is the result whatever stopped this one (a source down on the retry, its
+        # tools stopped): the operator used to look for it before touching PostgreSQL. A cancel is not a success.
+        lazy.close()
+        if lazy.committed is None or isinstance(e, TaskCancelled):
+            raise
+        if not isinstance(e, _Committed):
+            log.info("this try failed before it found the earlier snapshot (%s)", e)
+        log.info("%s", _Committed(lazy.committed))
+        snap = lazy.store.load_snapshot(lazy.committed)
         return BackupResult(snap.id, list(snap.header.get("meta", {}).get("databases") or []), [], True,
                             snap.header["stats"]["bytes"], 0, 0, database_stats(lazy.store, snap))
     finally:
         lazy.close()
 
 
-class _Committed(PgError):
+class _Committed(Finished):
     """An earlier try committed a snapshot under this idempotency key (``reuse_committed``): stop, reuse it."""
 
     def __init__(self, snapshot_id: str) -> None:
@@ -138,7 +145,8 @@ class _LazyWriter:
 
     :meth:`get` waits for it and raises what opening the store or the writer raised (a wrong passphrase, a lease
     conflict), the same error to every caller. :meth:`finish` commits (no error) or aborts it; :meth:`close` waits
-    for the thread, so none outlives the backup."""
+    for the thread, so none outlives the backup, and a backup that failed before the store was open takes no lease
+    (it still looks for an earlier try's snapshot: :attr:`committed`)."""
 
     def __init__(self, store: Store | OpeningStore, writer_kwargs: dict[str, Any], *, reuse_committed: bool) -> None:
         self._source = store
@@ -148,6 +156,8 @@ class _LazyWriter:
         self._writer: SnapshotWriter | None = None
         self._ended = False  # the writer committed or aborted
         self._error: BaseException | None = None
+        self._closing = threading.Event()  # the backup ended: no writer (no lease, no index sync) from now on
+        self.committed: str | None = None  # an earlier try's snapshot under the key (``reuse_committed``)
         self._thread = threading.Thread(target=self._run, name="pgplakar-writer", daemon=True)
         self._thread.start()
 
@@ -159,7 +169,10 @@ class _LazyWriter:
             if self._reuse:
                 sid = st.idempotent_id(self._kwargs["idempotency_key"])
                 if sid in st.snapshot_ids():
+                    self.committed = sid
                     raise _Committed(sid)
+            if self._closing.is_set():
+                raise PgError("the backup ended before its store was open")  # seen by nobody: close() waits
             check_cancelled()  # a task cancelled meanwhile takes no lease
             w = st.writer(**self._kwargs)
             w.__enter__()
@@ -192,7 +205,9 @@ class _LazyWriter:
         self.close()
 
     def close(self) -> None:
-        """Wait for the helper thread; abort the writer unless it committed or aborted already (idempotent)."""
+        """Wait for the helper thread (which then takes no lease); abort the writer unless it committed or aborted
+        already (idempotent)."""
+        self._closing.set()
         self._thread.join()
         if self._writer is not None and not self._ended:
             self._ended = True

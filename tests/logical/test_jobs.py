@@ -298,8 +298,8 @@ def test_run_ordered_first_failure_stops_the_rest() -> None:
 
     real_stop = stopper.stop
 
-    def stop() -> None:
-        real_stop()
+    def stop(why: BaseException | None = None) -> None:
+        real_stop(why)
         release.set()
 
     stopper.stop = stop  # type: ignore[method-assign]

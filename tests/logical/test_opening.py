@@ -179,3 +179,120 @@ def test_opening_store_raises_the_same_error_to_every_caller(tmp_path: Path) -> 
         assert ok.result().config.encrypted
     with pytest.raises(RuntimeError, match="closed"):
         ok.result()
+
+
+def _open_after(monkeypatch: pytest.MonkeyPatch, event: threading.Event) -> None:
+    """``Store.open`` waits (up to ``WAIT``) for ``event``: the store is still opening when the backup fails."""
+    real_open: Callable[..., Store] = Store.open.__func__  # type: ignore[attr-defined]
+
+    def held(cls: type[Store], *args: Any, **kwargs: Any) -> Store:
+        event.wait(WAIT)
+        return real_open(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "open", classmethod(held))
+
+
+def test_a_backup_failing_while_the_store_opens_takes_no_lease(pg15: PgServer, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The source fails (no such database) before the store is open: the writer thread must not go on to take a
+    backup lease and sync the index (up to an hour waiting for a prune's lease) only to abort it."""
+    from airflow_provider_pgplakar.pg.session import Session
+    from airflow_provider_pgplakar.store.writer import SnapshotWriter
+
+    Store.create(str(tmp_path / "store"), "pw").close()
+    failed = threading.Event()
+    real_connect = Session.connect
+
+    def connect(self: Session, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return real_connect(self, *args, **kwargs)
+        except BaseException:
+            failed.set()
+            raise
+
+    entered: list[str] = []
+    real_enter = SnapshotWriter.__enter__
+
+    def enter(self: SnapshotWriter) -> SnapshotWriter:
+        entered.append(threading.current_thread().name)
+        return real_enter(self)
+
+    monkeypatch.setattr(Session, "connect", connect)
+    monkeypatch.setattr(SnapshotWriter, "__enter__", enter)
+    _open_after(monkeypatch, failed)
+    loc, raw = src_opts(pg15, database="no_such_db_lease")
+    with Store.opening(str(tmp_path / "store"), "pw") as opening:
+        with pytest.raises(Exception, match="no_such_db_lease"):
+            logical_backup(opening, parse_source_options(loc, raw))
+        assert failed.is_set()
+        assert entered == []  # no lease taken after the backup had already failed
+        assert opening.result().snapshot_ids() == []
+    assert _pgplakar_threads() == []
+
+
+def _unused_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_retry_reuses_the_earlier_snapshot_even_when_the_source_is_down(pg15: PgServer, tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The operator's retry used to find an earlier try's snapshot before touching PostgreSQL: a try that failed
+    after its commit (reading the stats back, the worker lost) is retried successfully even when the server is
+    down by then. Unlocking beside the start-up must keep that: the retry's connection error is not the result."""
+    Store.create(str(tmp_path / "store"), "pw").close()
+    loc, raw = src_opts(pg15, database="postgres")
+    with Store.opening(str(tmp_path / "store"), "pw") as opening:
+        first = logical_backup(opening, parse_source_options(loc, raw), idempotency_key="dag/t/run/-1",
+                               reuse_committed=True)
+    down = parse_source_options(loc, {**raw, "host": "127.0.0.1", "port": str(_unused_port())})
+    for manifest_only, key in ((False, "dag/t/run/-1"), (True, "dag/t/run/-1/manifest")):
+        if manifest_only:
+            with Store.opening(str(tmp_path / "store"), "pw") as opening:
+                logical_backup(opening, parse_source_options(loc, raw), idempotency_key=key,
+                               manifest_only=True, reuse_committed=True)
+        with Store.opening(str(tmp_path / "store"), "pw") as opening:
+            again = logical_backup(opening, down, idempotency_key=key, manifest_only=manifest_only,
+                                   reuse_committed=True)
+            assert again.already_existed
+            assert again.snapshot_id == opening.result().idempotent_id(key)
+            if not manifest_only:
+                assert again.snapshot_id == first.snapshot_id and again.databases == ["postgres"]
+            assert len(opening.result().snapshot_ids()) == 1 + manifest_only
+    assert _pgplakar_threads() == []
+    with Store.open(str(tmp_path / "store"), "pw") as st:
+        assert list(st.backend.list("locks/")) == [] and len(st.snapshot_ids()) == 2
+    with pytest.raises(Exception, match="127.0.0.1"):  # no earlier try: the connection error is the result
+        with Store.opening(str(tmp_path / "store"), "pw") as opening:
+            logical_backup(opening, down, idempotency_key="dag/t/run/-2", reuse_committed=True)
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_reusing_an_earlier_try_logs_no_failure(pg15: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture, jobs: str) -> None:
+    """Stopping the dumps because an earlier try's snapshot is reused is not a failure: no error or warning line
+    ("failed, stopping the dumps", "another dump of this backup failed") in a task that succeeds."""
+    import logging
+
+    Store.create(str(tmp_path / "store"), "pw").close()
+    bin_dir, started = _wrapped_bin(tmp_path, pg15.bin_dir)
+    loc, raw = src_opts(pg15, pg_bin_dir=str(bin_dir), jobs=jobs)
+    opts = parse_source_options(loc, raw)
+    with Store.opening(str(tmp_path / "store"), "pw") as opening:
+        first = logical_backup(opening, opts, idempotency_key="dag/t/run/-1", reuse_committed=True)
+    for p in (*started.iterdir(), *(started / "globals").iterdir()):
+        if p.is_file():
+            p.unlink()
+    _hold_open(monkeypatch, started)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="airflow_provider_pgplakar"):
+        with Store.opening(str(tmp_path / "store"), "pw") as opening:
+            again = logical_backup(opening, opts, idempotency_key="dag/t/run/-1", reuse_committed=True)
+    assert again.already_existed and again.snapshot_id == first.snapshot_id
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert loud == []
+    assert any("already committed by an earlier try" in r.getMessage() for r in caplog.records)
+    assert _pgplakar_threads() == []
