@@ -81,3 +81,28 @@ def test_cli_backup_and_restore_to_dir(pg_factory, pg_manager, tmp_path) -> None
     proc = cli(store, env, "restore", "-to", str(plain), f"{sid}:/data")
     assert proc.returncode == 0, proc.stderr
     assert (plain / "data" / "PG_VERSION").read_text().strip() == "15"
+
+
+def test_cli_physical_backup_with_a_wrong_passphrase(pg_factory, tmp_path) -> None:
+    """The store unlocks on a thread while the replication connection and its temporary slot are set up: a wrong
+    passphrase is still one line, commits nothing, and leaves no slot or walsender on the server."""
+    need(PGPLAKAR.exists(), f"the pgplakar console script next to {sys.executable} (pip install -e .)")
+    src = pg_factory(15)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGPLAKAR_"))}
+    env.update(PGPLAKAR_PASSPHRASE=PASSPHRASE, PGPLAKAR_KDF="1,8192,1", PGPLAKAR_CACHE_DIR=str(tmp_path / "cache"),
+               HOME=str(tmp_path / "home"), PGPASSWORD=src.password)
+    store = tmp_path / "store"
+    assert cli(store, env, "create").returncode == 0
+    location = f"postgres+bin://{src.superuser}@{src.host}:{src.port}"
+    wrong = {**env, "PGPLAKAR_PASSPHRASE": "not the physical passphrase"}
+    err = one_line_error(cli(store, wrong, "backup", location, "checkpoint=fast", f"pg_bin_dir={src.bin_dir}"), 1,
+                         src.password, "not the physical passphrase", PASSPHRASE)
+    assert err.startswith("pgplakar: error: wrong passphrase for "), err
+    with src.connect() as c:
+        assert c.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0] == 0
+        assert c.execute("SELECT count(*) FROM pg_stat_replication").fetchone()[0] == 0
+    from airflow_provider_pgplakar.store.repo import Store
+
+    with Store.open(str(store), PASSPHRASE, cache_dir=tmp_path / "cache2") as st:
+        assert st.snapshot_ids() == [] and list(st.backend.list("packs/")) == []
+        assert list(st.backend.list("locks/")) == []
