@@ -47,7 +47,7 @@ from .iam import password_source
 from .jobs import Beside, Finished, Stopper, run_ordered
 from .options import AWS_DEFAULT_EXCLUDES, LogicalSourceOptions
 from .pipereader import PipeReader
-from .process import TaskCancelled, ToolFailed, check_cancelled, run_tool
+from .process import TaskCancelled, ToolFailed, cancelled, check_cancelled, run_tool
 from .secrets import ssl_files
 from .session import GLOBALS_PATH, LOGICAL_KIND, MANIFEST_KIND, MANIFEST_PATH, PasswordSource, Session, dump_path
 
@@ -119,7 +119,7 @@ def logical_backup(
         # the earlier try's snapshot is the result whatever stopped this one (a source down on the retry, its
         # tools stopped): the operator used to look for it before touching PostgreSQL. A cancel is not a success.
         lazy.close()
-        if lazy.committed is None or isinstance(e, TaskCancelled):
+        if lazy.committed is None or isinstance(e, TaskCancelled) or cancelled():
             raise
         if not isinstance(e, _Committed):
             log.info("this try failed before it found the earlier snapshot (%s)", e)

@@ -296,3 +296,55 @@ def test_reusing_an_earlier_try_logs_no_failure(pg15: PgServer, tmp_path: Path, 
     assert loud == []
     assert any("already committed by an earlier try" in r.getMessage() for r in caplog.records)
     assert _pgplakar_threads() == []
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_cancel_while_the_store_opens(pg15: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      reuse: bool) -> None:
+    """``on_kill`` while the passphrase is stretched: the started tools are killed, the backup fails as cancelled
+    (also on a retry whose earlier try committed: a cancelled task does not succeed), and no lease is taken."""
+    from airflow_provider_pgplakar.pg.process import TaskCancelled, cancel, cancellable, reset_cancellation
+    from airflow_provider_pgplakar.store.writer import SnapshotWriter
+
+    Store.create(str(tmp_path / "store"), "pw").close()
+    bin_dir, started = _wrapped_bin(tmp_path, pg15.bin_dir)
+    loc, raw = src_opts(pg15, pg_bin_dir=str(bin_dir), jobs="2")
+    opts = parse_source_options(loc, raw)
+    if reuse:
+        with Store.opening(str(tmp_path / "store"), "pw") as opening:
+            logical_backup(opening, opts, idempotency_key="dag/t/run/-1", reuse_committed=True)
+        for p in (*started.iterdir(), *(started / "globals").iterdir()):
+            if p.is_file():
+                p.unlink()
+    real_open: Callable[..., Store] = Store.open.__func__  # type: ignore[attr-defined]
+
+    def held(cls: type[Store], *args: Any, **kwargs: Any) -> Store:
+        deadline = time.monotonic() + WAIT
+        while not _pids(started) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cancel()  # the operator's on_kill, from the task runner's signal handler
+        return real_open(cls, *args, **kwargs)
+
+    entered: list[str] = []
+    real_enter = SnapshotWriter.__enter__
+
+    def enter(self: SnapshotWriter) -> SnapshotWriter:
+        entered.append(threading.current_thread().name)
+        return real_enter(self)
+
+    monkeypatch.setattr(Store, "open", classmethod(held))
+    monkeypatch.setattr(SnapshotWriter, "__enter__", enter)
+    try:
+        with pytest.raises(TaskCancelled), cancellable():
+            with Store.opening(str(tmp_path / "store"), "pw") as opening:
+                logical_backup(opening, opts, idempotency_key="dag/t/run/-1", reuse_committed=reuse)
+    finally:
+        reset_cancellation()
+    assert entered == []
+    pids = _pids(started) + _pids(started / "globals")
+    assert pids and not any(_alive(p) for p in pids)
+    assert _pgplakar_threads() == []
+    monkeypatch.undo()
+    with Store.open(str(tmp_path / "store"), "pw", cache_dir=tmp_path / "cache2") as st:
+        assert len(st.snapshot_ids()) == int(reuse)
+        assert list(st.backend.list("locks/")) == []
