@@ -121,8 +121,8 @@ def logical_backup(
         lazy.close()
         if lazy.committed is None or isinstance(e, TaskCancelled) or cancelled():
             raise
-        if not isinstance(e, _Committed):
-            log.info("this try failed before it found the earlier snapshot (%s)", e)
+        if not isinstance(e, _Committed):  # a down source, or a tool stopped because of the reuse
+            log.debug("this try stopped with: %s", e)
         log.info("%s", _Committed(lazy.committed))
         snap = lazy.store.load_snapshot(lazy.committed)
         return BackupResult(snap.id, list(snap.header.get("meta", {}).get("databases") or []), [], True,
@@ -176,6 +176,10 @@ class _LazyWriter:
             check_cancelled()  # a task cancelled meanwhile takes no lease
             w = st.writer(**self._kwargs)
             w.__enter__()
+            if self._closing.is_set() or cancelled():  # while the lease was taken: give it back at once
+                w.abort()
+                check_cancelled()
+                raise PgError("the backup ended before its store was open")
             self._writer = w
         except BaseException as e:  # noqa: BLE001 - raised by get(), on the callers' threads
             self._error = e
