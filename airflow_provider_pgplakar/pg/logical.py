@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
@@ -111,8 +112,10 @@ def logical_backup(
     """
     source = {"kind": MANIFEST_KIND if manifest_only else LOGICAL_KIND,
               "origin": opts.conn.redacted_uri(opts.scheme, opts.database)}
+    # started: the header's time_start is now, before any tool takes its snapshot, not when the writer is entered
     lazy = _LazyWriter(store, dict(source=source, tags=tags, labels=dict(labels or {}),
-                                   idempotency_key=idempotency_key), reuse_committed=reuse_committed)
+                                   idempotency_key=idempotency_key, started=datetime.now(UTC)),
+                       reuse_committed=reuse_committed)
     try:
         return _logical_backup(lazy, opts, password, labels, manifest_only, extra_dirs)
     except Exception as e:

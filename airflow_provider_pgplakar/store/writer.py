@@ -142,8 +142,13 @@ class SnapshotWriter:
         meta: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
         lock_wait: float = 3600.0,
+        started: datetime | None = None,
     ) -> None:
+        """``started``: when the backup began reading its source, if before this writer is entered (a logical backup
+        starts its tools while the store opens: pg/logical.py). It is the header's ``time_start``, which "newer
+        than" compares, so it must not be later than the data."""
         self.store = store
+        self.started = started
         self.source = source or {}
         self.tags = list(tags)
         self.labels = {str(k): str(v) for k, v in (labels or {}).items()}
@@ -180,8 +185,8 @@ class SnapshotWriter:
             self._release_lease()
             raise
         self._manifest = _Manifest(self._sink, st.keys.id_key)
-        self._t0 = time.time()
-        self._start = datetime.now(UTC)
+        self._start = self.started or datetime.now(UTC)
+        self._t0 = self._start.timestamp()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

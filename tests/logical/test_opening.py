@@ -348,3 +348,35 @@ def test_cancel_while_the_store_opens(pg15: PgServer, tmp_path: Path, monkeypatc
     with Store.open(str(tmp_path / "store"), "pw", cache_dir=tmp_path / "cache2") as st:
         assert len(st.snapshot_ids()) == int(reuse)
         assert list(st.backend.list("locks/")) == []
+
+
+def test_the_snapshot_starts_when_the_backup_started_not_when_the_store_opened(pg15: PgServer, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``time_start`` is what ``newer_than`` (the snapshot sensor) and retention compare: "started after T" must
+    mean its data is from after T. pg_dump now takes its MVCC snapshot before the store is open, so a writer that
+    stamped the time it was entered would claim data newer than it holds."""
+    from datetime import UTC, datetime
+
+    Store.create(str(tmp_path / "store"), "pw").close()
+    bin_dir, started = _wrapped_bin(tmp_path, pg15.bin_dir)
+    real_open: Callable[..., Store] = Store.open.__func__  # type: ignore[attr-defined]
+    seen: dict[str, datetime] = {}
+
+    def held(cls: type[Store], *args: Any, **kwargs: Any) -> Store:
+        deadline = time.monotonic() + WAIT
+        while not _pids(started) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["dump_running"] = datetime.now(UTC)
+        time.sleep(0.2)
+        return real_open(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "open", classmethod(held))
+    loc, raw = src_opts(pg15, database="postgres", pg_bin_dir=str(bin_dir))
+    before = datetime.now(UTC)
+    with Store.opening(str(tmp_path / "store"), "pw") as opening:
+        res = logical_backup(opening, parse_source_options(loc, raw))
+        header = opening.result().load_snapshot(res.snapshot_id).header
+    after = datetime.now(UTC)
+    start, end = datetime.fromisoformat(header["time_start"]), datetime.fromisoformat(header["time_end"])
+    assert before <= start < seen["dump_running"] < end <= after
+    assert header["duration_s"] >= 0.2
