@@ -99,6 +99,8 @@ class Stopper:
                 pass
             elif isinstance(why, Finished):
                 log.info("stopping %s (pid %d): %s", t.name, t.proc.pid, why)
+            elif why is not None:  # what failed: a dump, the manifest, the store's unlock (a wrong passphrase)
+                log.warning("stopping %s (pid %d): this backup failed: %s", t.name, t.proc.pid, why)
             else:
                 log.warning("stopping %s (pid %d): another dump of this backup failed", t.name, t.proc.pid)
             t.kill()

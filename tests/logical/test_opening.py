@@ -380,3 +380,23 @@ def test_the_snapshot_starts_when_the_backup_started_not_when_the_store_opened(p
     start, end = datetime.fromisoformat(header["time_start"]), datetime.fromisoformat(header["time_end"])
     assert before <= start < seen["dump_running"] < end <= after
     assert header["duration_s"] >= 0.2
+
+
+def test_a_wrong_passphrase_is_what_the_log_says_stopped_the_dumps(pg15: PgServer, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """No dump failed: the log must not say "another dump of this backup failed" when the store did not open."""
+    import logging
+
+    Store.create(str(tmp_path / "store"), "pw").close()
+    bin_dir, started = _wrapped_bin(tmp_path, pg15.bin_dir)
+    _hold_open(monkeypatch, started)
+    loc, raw = src_opts(pg15, pg_bin_dir=str(bin_dir), jobs="2")
+    with caplog.at_level(logging.INFO, logger="airflow_provider_pgplakar"):
+        with pytest.raises(WrongPassphrase):
+            with Store.opening(str(tmp_path / "store"), "not pw") as opening:
+                logical_backup(opening, parse_source_options(loc, raw))
+    stops = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopping pg_dump")]
+    assert stops and all("wrong passphrase" in m and "another dump" not in m for m in stops), stops
+    assert "not pw" not in caplog.text
+    assert _pgplakar_threads() == []
