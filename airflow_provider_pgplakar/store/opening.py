@@ -26,7 +26,7 @@ class OpeningStore:
     """``open_store()`` running on a helper thread; :meth:`result` is the opened :class:`~.repo.Store`."""
 
     def __init__(self, open_store: Callable[[], Store], *, name: str = "pgplakar-unlock") -> None:
-        self._open = open_store
+        self._open: Callable[[], Store] | None = open_store  # holds the passphrase: dropped once it ran
         self._store: Store | None = None
         self._error: BaseException | None = None
         self._closed = False
@@ -34,10 +34,14 @@ class OpeningStore:
         self._thread.start()
 
     def _run(self) -> None:
+        open_store, self._open = self._open, None
+        assert open_store is not None
         try:
-            self._store = self._open()
+            self._store = open_store()
         except BaseException as e:  # noqa: BLE001 - raised by result(), on the caller's thread
             self._error = e
+        finally:
+            del open_store
 
     def done(self) -> bool:
         """The store is open, or opening it failed (:meth:`result` would not wait)."""

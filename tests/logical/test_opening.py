@@ -400,3 +400,17 @@ def test_a_wrong_passphrase_is_what_the_log_says_stopped_the_dumps(pg15: PgServe
     assert stops and all("wrong passphrase" in m and "another dump" not in m for m in stops), stops
     assert "not pw" not in caplog.text
     assert _pgplakar_threads() == []
+
+
+def test_an_opening_store_keeps_no_passphrase_once_open(tmp_path: Path) -> None:
+    """The helper's open call closes over the passphrase: it is dropped once the store is open, not kept for the
+    whole backup in an object a debugger or a crash reporter dumps."""
+    secret = "a distinctive passphrase"
+    Store.create(str(tmp_path / "store"), secret).close()
+    with Store.opening(str(tmp_path / "store"), secret) as opening:
+        opening.result()
+        reachable = []
+        for value in vars(opening).values():
+            reachable.append(value)
+            reachable.extend(cell.cell_contents for cell in getattr(value, "__closure__", None) or ())
+        assert not any(x == secret for x in reachable)
