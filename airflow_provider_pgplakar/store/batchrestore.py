@@ -46,8 +46,7 @@ from .errors import IntegrityError, ObjectNotFound
 from .index import Location
 from .localfs import LocalBackend
 from .pack import DATA, decode_blob, pack_key, pack_object_name
-from .reader import MAX_GAP, MAX_GROUP_BYTES, MAX_GROUP_RAW, OKEY_CACHE, chunk_refs, locate
-from .reader import _digests as record_digests  # the record's whole-content digests, as the streaming reader checks
+from .reader import MAX_GAP, MAX_GROUP_BYTES, MAX_GROUP_RAW, OKEY_CACHE, chunk_refs, locate, record_digests
 from .record import Record
 
 __all__ = ["BatchRestore", "FileJob"]
