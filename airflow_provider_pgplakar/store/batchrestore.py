@@ -46,7 +46,7 @@ from .crypto import ObjectKey
 from .errors import IntegrityError, ObjectNotFound
 from .index import Location
 from .localfs import LocalBackend
-from .pack import DATA, decode_blob_into, pack_key, pack_object_name
+from .pack import DATA, decode_blob, decode_blob_into, pack_key, pack_object_name
 from .reader import MAX_GAP, MAX_GROUP_BYTES, MAX_GROUP_RAW, OKEY_CACHE, chunk_refs, locate, record_digests
 from .record import Record
 
@@ -256,28 +256,33 @@ class BatchRestore:
                 writes.clear()
                 pos = 0
             rel = loc.offset - first.offset
-            out = self._buffer(pos + loc.raw_len)[pos:]
-            raw = decode_blob_into(okey, DATA, blob_id, data[rel : rel + loc.length], loc.raw_len, keys,
-                                   f"{name} (record {dests[0][0].record.path!r})", out)
-            pos += loc.raw_len
+            sealed, where = data[rel : rel + loc.length], f"{name} (record {dests[0][0].record.path!r})"
+            raw: memoryview
+            own: bytes | None = None
+            if loc.raw_len > RUN_BYTES or any(d[0].digests for d in dests):
+                # a large chunk, or one kept for a whole-record digest (WAL, small files): its own bytes
+                own = decode_blob(okey, DATA, blob_id, sealed, loc.raw_len, keys, where)
+                raw = memoryview(own)
+                pos = RUN_BYTES  # written before the next chunk is decoded
+            else:
+                raw = decode_blob_into(okey, DATA, blob_id, sealed, loc.raw_len, keys, where, self._buffer()[pos:])
+                pos += loc.raw_len
             for job, offset, index in dests:
                 w = writes.get(id(job))
                 if w is None:
                     w = writes[id(job)] = (job, [])
                 w[1].append((offset, raw))
-                if job.digests:  # kept until hashed in order, after this buffer is reused: a copy
-                    job.pieces[index] = bytes(raw)
+                if job.digests:  # kept until hashed in order (decoded into its own bytes, above)
+                    job.pieces[index] = own if own is not None else bytes(raw)
         del data
         for job, pieces in writes.values():  # written only now: every blob of the range matched its ID
             self._write(job, pieces)
 
-    def _buffer(self, size: int) -> memoryview:
-        """This worker's decode buffer, at least ``size`` bytes, reused for every range it reads: ``RUN_BYTES``, or
-        one blob (at most ``BLOB_RAW_MAX``, 16 MiB) when a larger one comes. Views of a buffer it replaces stay
-        valid (they keep the old one alive until written)."""
+    def _buffer(self) -> memoryview:
+        """This worker's decode buffer (``RUN_BYTES``), reused for every run of chunks it writes."""
         buf: bytearray | None = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < size:
-            buf = self._local.buf = bytearray(max(size, RUN_BYTES))
+        if buf is None:
+            buf = self._local.buf = bytearray(RUN_BYTES)
         return memoryview(buf)
 
     def _write(self, job: FileJob, pieces: list[tuple[int, memoryview]]) -> None:
