@@ -35,7 +35,7 @@ from collections.abc import Callable, Collection, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import psycopg
 
@@ -46,11 +46,13 @@ from .connect import PgConnectError
 from .iam import password_source
 from .jobs import Beside, Stopper, run_ordered
 from .options import AWS_DEFAULT_EXCLUDES, LogicalSourceOptions
+from .pipereader import PipeReader
 from .process import ToolFailed, check_cancelled, run_tool
 from .secrets import ssl_files
 from .session import GLOBALS_PATH, LOGICAL_KIND, MANIFEST_KIND, MANIFEST_PATH, PasswordSource, Session, dump_path
 
 if TYPE_CHECKING:
+    from ..store.opening import OpeningStore
     from ..store.repo import Store
     from ..store.writer import RecordInfo, SnapshotWriter, StoredRecord
 
@@ -83,7 +85,7 @@ def excluded(name: str, patterns: Collection[str]) -> bool:
 
 
 def logical_backup(
-    store: Store,
+    store: Store | OpeningStore,
     opts: LogicalSourceOptions,
     *,
     password: PasswordSource | None = None,
@@ -92,13 +94,114 @@ def logical_backup(
     idempotency_key: str | None = None,
     manifest_only: bool = False,
     extra_dirs: tuple[str, ...] = (),
+    reuse_committed: bool = False,
 ) -> BackupResult:
     """Back up per ``opts`` into ``store``; return the snapshot ID. Any failure commits nothing.
+
+    ``store`` may still be opening (:meth:`Store.opening <..store.repo.Store.opening>`): the connection, the catalog
+    queries and the tools' start-up run while its passphrase is stretched, and the snapshot writer is entered on a
+    helper thread as soon as it is open (:class:`_LazyWriter`); a tool that starts first blocks on its pipe until
+    then. An error opening it (a wrong passphrase) is the backup's error: the tools are killed, nothing is
+    committed. ``reuse_committed`` (a retried Airflow task): when a snapshot was already committed under
+    ``idempotency_key``, stop and return it instead of dumping again.
 
     The manifest and the globals do not depend on the dumps: they are read on a helper thread (:class:`.jobs.Beside`)
     while the dumps run, and their records still come first in the snapshot. A failure on either side stops the
     other (``Stopper``) and is the error raised.
     """
+    source = {"kind": MANIFEST_KIND if manifest_only else LOGICAL_KIND,
+              "origin": opts.conn.redacted_uri(opts.scheme, opts.database)}
+    lazy = _LazyWriter(store, dict(source=source, tags=tags, labels=dict(labels or {}),
+                                   idempotency_key=idempotency_key), reuse_committed=reuse_committed)
+    try:
+        return _logical_backup(lazy, opts, password, labels, manifest_only, extra_dirs)
+    except _Committed as c:
+        log.info("%s", c)
+        snap = lazy.store.load_snapshot(c.snapshot_id)
+        return BackupResult(snap.id, list(snap.header.get("meta", {}).get("databases") or []), [], True,
+                            snap.header["stats"]["bytes"], 0, 0, database_stats(lazy.store, snap))
+    finally:
+        lazy.close()
+
+
+class _Committed(PgError):
+    """An earlier try committed a snapshot under this idempotency key (``reuse_committed``): stop, reuse it."""
+
+    def __init__(self, snapshot_id: str) -> None:
+        super().__init__(f"snapshot {snapshot_id} was already committed by an earlier try of this task: reusing it")
+        self.snapshot_id = snapshot_id
+
+
+class _LazyWriter:
+    """The backup's :class:`SnapshotWriter`, entered on a helper thread as soon as the store is open, so that the
+    backup's start-up (connections, catalog, tools) does not wait for the store's unlock, lease and index sync.
+
+    :meth:`get` waits for it and raises what opening the store or the writer raised (a wrong passphrase, a lease
+    conflict), the same error to every caller. :meth:`finish` commits (no error) or aborts it; :meth:`close` waits
+    for the thread, so none outlives the backup."""
+
+    def __init__(self, store: Store | OpeningStore, writer_kwargs: dict[str, Any], *, reuse_committed: bool) -> None:
+        self._source = store
+        self._kwargs = writer_kwargs
+        self._reuse = reuse_committed and bool(writer_kwargs.get("idempotency_key"))
+        self._store: Store | None = None
+        self._writer: SnapshotWriter | None = None
+        self._ended = False  # the writer committed or aborted
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pgplakar-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from ..store.opening import resolve
+
+        try:
+            self._store = st = resolve(self._source)
+            if self._reuse:
+                sid = st.idempotent_id(self._kwargs["idempotency_key"])
+                if sid in st.snapshot_ids():
+                    raise _Committed(sid)
+            check_cancelled()  # a task cancelled meanwhile takes no lease
+            w = st.writer(**self._kwargs)
+            w.__enter__()
+            self._writer = w
+        except BaseException as e:  # noqa: BLE001 - raised by get(), on the callers' threads
+            self._error = e
+
+    @property
+    def store(self) -> Store:
+        self._thread.join()
+        if self._store is None:
+            assert self._error is not None
+            raise self._error
+        return self._store
+
+    def get(self) -> SnapshotWriter:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._writer is not None
+        return self._writer
+
+    def finish(self, exc: BaseException | None) -> None:
+        """Commit (``exc`` None) or abort the writer."""
+        if exc is None:
+            w = self.get()
+            self._ended = True
+            w.commit()
+            return
+        self.close()
+
+    def close(self) -> None:
+        """Wait for the helper thread; abort the writer unless it committed or aborted already (idempotent)."""
+        self._thread.join()
+        if self._writer is not None and not self._ended:
+            self._ended = True
+            self._writer.abort()
+
+
+def _logical_backup(lazy: _LazyWriter, opts: LogicalSourceOptions, password: PasswordSource | None,
+                    labels: Mapping[str, str] | None, manifest_only: bool,
+                    extra_dirs: tuple[str, ...]) -> BackupResult:
     from .connect import can_read_pg_authid, list_databases, server_version_num
 
     # postgres+aws: a fresh IAM token per connection and tool run (made one at a time: dumps run on threads)
@@ -136,33 +239,30 @@ def logical_backup(
             warnings.append("cannot read pg_authid (restricted superuser, e.g. RDS): roles are dumped without "
                             "passwords (--no-role-passwords)")
             log.warning("%s", warnings[-1])
-        source = {"kind": MANIFEST_KIND if manifest_only else LOGICAL_KIND,
-                  "origin": opts.conn.redacted_uri(opts.scheme, opts.database)}
         dumped = list(selected)  # minus databases dropped before their dump (the header is written at commit)
         skipped: list[str] = []
         meta = {"server_version_num": server_num, "databases": dumped, "tool_versions": tool_versions,
                 "options": _option_summary(opts), "warnings": warnings}
-        with store.writer(source=source, tags=tags, labels=dict(labels or {}), meta=meta,
-                          idempotency_key=idempotency_key) as w:
+        try:
 
             def head() -> list[StoredRecord]:  # on the helper thread, beside the dumps
                 manifest = _manifest(s, opts, selected, tool_versions, manifest_only, authid_ok, dict(labels or {}))
-                records = [w.store_stream(MANIFEST_PATH, io.BytesIO(json.dumps(manifest, indent=2).encode()),
-                                          mode=0o444, meta={"type": "manifest"})]
-                if not (manifest_only or opts.data_only):
-                    globals_rec = _stream(w, s, GLOBALS_PATH, commands.pg_dumpall_globals(
+                tail = []
+                if not (manifest_only or opts.data_only):  # started before the writer is waited for
+                    globals_rec = _stream(lazy, s, GLOBALS_PATH, commands.pg_dumpall_globals(
                         str(s.tool("pg_dumpall", major).path), no_role_passwords=not authid_ok),
                         {"type": "globals", "tool": tool_versions.get("pg_dumpall")})
                     assert globals_rec is not None  # no skip_if: a failure raises
-                    records.append(globals_rec)
-                return records
+                    tail.append(globals_rec)
+                return [lazy.get().store_stream(MANIFEST_PATH, io.BytesIO(json.dumps(manifest, indent=2).encode()),
+                                                mode=0o444, meta={"type": "manifest"}), *tail]
 
             added: list[RecordInfo] = []
             with Beside(head, stopper, name="pgplakar-manifest") as beside:
 
                 def add_head() -> None:  # the manifest and globals records come first, whenever they are ready
                     if not added:
-                        added.extend(w.add_stored(r) for r in beside.result())
+                        added.extend(lazy.get().add_stored(r) for r in beside.result())
 
                 if not manifest_only:
                     dump_tool = str(s.tool("pg_dump", major).path)
@@ -173,7 +273,7 @@ def logical_backup(
                     def dump(item: tuple[int, str]) -> _Dumped:  # on a dump thread when jobs > 1
                         n, db = item
                         check_cancelled()
-                        return _dump_database(w, s, opts, n, db, dump_tool, tool_versions["pg_dump"], level,
+                        return _dump_database(lazy, s, opts, n, db, dump_tool, tool_versions["pg_dump"], level,
                                               sizes.get(db))
 
                     def deliver(i: int, d: _Dumped) -> None:  # on this thread, in listing order
@@ -186,13 +286,14 @@ def logical_backup(
                             warnings.append(f"database {db!r} was dropped after it was listed: skipped")
                             log.warning("%s", warnings[-1])
                             return
-                        added.append(w.add_stored(d.stored))
+                        added.append(lazy.get().add_stored(d.stored))
                         prints[db] = d.fingerprints
                         warnings.extend([d.warning] if d.warning else [])
 
                     run_ordered(list(enumerate(selected, 1)), dump, deliver, jobs=opts.jobs, stopper=stopper,
                                 size=lambda item: sizes.get(item[1], 0), name=lambda item: f"database {item[1]!r}")
                 add_head()
+            w = lazy.get()
             if not manifest_only:
                 added.append(w.add_bytes(fingerprint.FINGERPRINTS_PATH, fingerprint.encode(prints), mode=0o444,
                                          meta={"type": "fingerprints"}))
@@ -200,7 +301,13 @@ def logical_backup(
             # per record path: what it added to the store (docs/format.md §6.4; waits for its last chunks' encoding)
             meta["new_raw_bytes"] = {i.path: i.new_raw_bytes for i in added}
             meta["new_stored_bytes"] = {i.path: i.new_stored_bytes for i in added}
+            w.meta = meta
             check_cancelled()  # a cancelled backup never commits
+        except BaseException as e:
+            lazy.finish(e)
+            raise
+        lazy.finish(None)
+        store = lazy.store
         snap = store.load_snapshot(w.snapshot_id)
         totals = snap.header["stats"]
         return BackupResult(snap.id, dumped, warnings, w.already_existed, totals["bytes"], totals["new_raw_bytes"],
@@ -216,7 +323,7 @@ class _Dumped:
     warning: str | None = None
 
 
-def _dump_database(w: SnapshotWriter, s: Session, opts: LogicalSourceOptions, n: int, db: str, dump_tool: str,
+def _dump_database(w: _LazyWriter, s: Session, opts: LogicalSourceOptions, n: int, db: str, dump_tool: str,
                    tool_version: str, level: str, size: int | None = None) -> _Dumped:
     """Fingerprint ``db`` in an exported snapshot and stream ``pg_dump --snapshot`` of it into a stored record."""
     gone = None if opts.database is not None else (lambda e: _vanished(s, db, e))
@@ -298,11 +405,12 @@ def _gone(s: Session, database: str) -> bool:
     return count == 0
 
 
-def _stream(w: SnapshotWriter, s: Session, path: str, argv: list[str], meta: dict[str, Any],
+def _stream(w: _LazyWriter, s: Session, path: str, argv: list[str], meta: dict[str, Any],
             skip_if: Callable[[ToolFailed], bool] | None = None,
             expected_size: int | None = None) -> StoredRecord | None:
     """Store a tool's stdout as the content of ``path``; the caller adds the returned record to the snapshot
-    (``w.add_stored``). None (nothing stored) when the tool failed before writing a byte and ``skip_if`` accepts
+    (``add_stored``). The tool starts before the writer is waited for (it may still be opening: the tool then
+    blocks on its pipe). None (nothing stored) when the tool failed before writing a byte and ``skip_if`` accepts
     its failure. The time the tool ran goes to ``s.seconds[path]`` (the header's ``meta.seconds``; not the record,
     whose metadata must not change from run to run for manifest leaves to dedup)."""
     log.info("%s: running %s", path, argv[0].rsplit("/", 1)[-1])
@@ -318,7 +426,8 @@ def _stream(w: SnapshotWriter, s: Session, path: str, argv: list[str], meta: dic
                     log.warning("%s: %s", path, e)
                     return None
                 raise
-        stored = w.store_stream(path, tool.stdout, mode=0o444, meta=meta, expected_size=expected_size)
+        pipe = cast(BinaryIO, PipeReader(tool.stdout))  # the pipe enlarged before the writer is waited for
+        stored = w.get().store_stream(path, pipe, mode=0o444, meta=meta, expected_size=expected_size)
         warnings = tool.finish()
     s.seconds[path] = took = round(time.monotonic() - started, 3)
     if warnings.strip():

@@ -21,14 +21,15 @@ Dedup: PostgreSQL relation files change page by page in place and never shift, s
 unchanged region of a relation dedups exactly whatever changed elsewhere in it. Everything else (WAL, SLRUs,
 configuration) uses the store's content-defined chunker.
 
-Speed (``bench/physical_bench.py``; issue 5 wants at most 2.5x a raw ``pg_basebackup``): the server compresses
-the stream with lz4 when it can (``server_compression``), which spares a network nine bytes in ten and this
-process as many messages; on loopback it is a wash (its walsender spent 0.2-0.3 CPU s more per 786 MiB than for
-raw bytes, this process 0.05-0.2 less: README, issue 13 §3); tar members are parsed by :mod:`.tarstream` with
-one copy per byte; relation blocks are hashed, deduplicated and compressed in the store's pool a batch per
-task; and relation files carry no whole-file digest — every block keeps its verified BLAKE3 ID, and the server's
-``backup_manifest`` (CRC32C of every file, computed as the server read it) is kept and checked by
-``pg_verifybackup`` after each restore, an end-to-end check independent of this tool.
+Speed (``bench/physical_bench.py``; issue 5 wants at most 2.5x a raw ``pg_basebackup``): the server compresses the
+stream with lz4 when it can (``server_compression``), which spares a network nine bytes in ten and this process as
+many messages; on loopback it is a wash (its walsender spent 0.2-0.3 CPU s more per 786 MiB than for raw bytes, this
+process 0.05-0.2 less: README, issue 13 §3); a reader thread receives and decompresses the stream while this thread
+parses tar members (:mod:`.basebackup`, "Two threads"); relation blocks reach the store as views of the reader's
+buffers (:meth:`.TarReader.read_block`: no copy on this thread) and are hashed, deduplicated and compressed in the
+store's pool a batch per task; and relation files carry no whole-file digest — every block keeps its verified BLAKE3
+ID, and the server's ``backup_manifest`` (CRC32C of every file, computed as the server read it) is kept and checked
+by ``pg_verifybackup`` after each restore, an end-to-end check independent of this tool.
 
 The WAL needed for consistency is protected for the whole run by a temporary slot (see :mod:`.basebackup`), and
 success is judged only after the server sent the end of the backup: any failure raises inside the snapshot writer,
@@ -59,6 +60,7 @@ from .tarstream import Member, TarFormatError, TarReader
 
 if TYPE_CHECKING:
     from ..store.chunker import Chunking
+    from ..store.opening import OpeningStore
     from ..store.repo import Store
     from ..store.writer import SnapshotWriter
 
@@ -115,7 +117,7 @@ class PhysicalBackupResult:
 
 
 def physical_backup(
-    store: Store,
+    store: Store | OpeningStore,
     opts: PhysicalSourceOptions,
     *,
     labels: Mapping[str, str] | None = None,
@@ -123,8 +125,13 @@ def physical_backup(
     idempotency_key: str | None = None,
     relation_block_size: int = RELATION_BLOCK_SIZE,
 ) -> PhysicalBackupResult:
-    """Back up the whole cluster per ``opts`` into ``store``. Any failure raises and commits nothing."""
+    """Back up the whole cluster per ``opts`` into ``store``. Any failure raises and commits nothing.
+
+    ``store`` may still be opening (:meth:`Store.opening <..store.repo.Store.opening>`): the replication connection,
+    its temporary slot and the manifest's catalog queries run while its passphrase is stretched; the base backup
+    starts once it is open (its label names the snapshot, whose ID the store's keys make)."""
     from ..store.chunker import Chunking
+    from ..store.opening import resolve
 
     fixed = Chunking.fixed(relation_block_size)
     with ssl_files(opts.conn) as ssl:
@@ -142,8 +149,9 @@ def physical_backup(
                 "system_identifier": system["system_identifier"], "layout": LAYOUT_VERSION,
                 "relation_block_size": relation_block_size, "options": _option_summary(opts), "warnings": warnings,
             }
-            with store.writer(source=source, tags=tags, labels=dict(labels or {}), meta=meta,
-                              idempotency_key=idempotency_key) as w:
+            opened = resolve(store)
+            with opened.writer(source=source, tags=tags, labels=dict(labels or {}), meta=meta,
+                               idempotency_key=idempotency_key) as w:
                 w.add_bytes(MANIFEST_PATH, json.dumps(manifest, indent=2).encode(), mode=0o444,
                             meta={"type": "manifest"})
                 bb = _start(repl, opts, f"pgplakar {w.snapshot_id}")
@@ -162,7 +170,7 @@ def physical_backup(
                             tablespaces=tablespaces, files=files)
                 w.meta = meta
                 check_cancelled()  # a cancelled backup never commits
-    stats = store.load_snapshot(w.snapshot_id).header["stats"]
+    stats = opened.load_snapshot(w.snapshot_id).header["stats"]
     result = PhysicalBackupResult(
         w.snapshot_id, server_num, bb.start_lsn, bb.end_lsn, int(bb.timeline or 0), tablespaces, files,
         stats["bytes"], stats["new_stored_bytes"], warnings, w.already_existed,

@@ -227,3 +227,28 @@ def test_encrypted_store_chunks_with_its_own_seed(
         assert _record_lengths(st2, "/text") == _lengths(expected.chunks(io.BytesIO(inputs["text"])))
     finally:
         st2.close()
+
+
+def test_batch_buffers_are_reused_across_records_but_never_while_viewed() -> None:
+    """A finished record's batch buffers serve the next records (no fresh 4 MiB allocation each), but a buffer is
+    never written again while any view of it is alive, whichever record it came from; at most SPARE_BUFFERS are
+    kept."""
+    from airflow_provider_pgplakar.store.chunker import SPARE_BUFFERS
+
+    chunker = Chunker(DEFAULT_CDC, FIXED_SEED)
+    a, b, c = (hashlib.shake_256(seed).digest(3 * SIZE) for seed in (b"a", b"b", b"c"))
+    views_a = [v for batch in chunker.batches(io.BytesIO(a)) for v in batch]
+    bufs_a = {id(v.obj) for v in views_a}
+    views_b = [v for batch in chunker.batches(io.BytesIO(b)) for v in batch]  # a's views are alive: fresh buffers
+    assert not bufs_a & {id(v.obj) for v in views_b}
+    assert b"".join(views_a) == a
+    del views_b
+    views_c = [v for batch in chunker.batches(io.BytesIO(c)) for v in batch]
+    assert b"".join(views_a) == a and b"".join(views_c) == c
+    assert not bufs_a & {id(v.obj) for v in views_c}  # still viewed: never taken
+    del views_a, views_c
+    spare_ids = {id(s) for s in chunker._spare}
+    assert len(spare_ids) == SPARE_BUFFERS
+    views_d = [v for batch in chunker.batches(io.BytesIO(a)) for v in batch]
+    assert {id(v.obj) for v in views_d} <= spare_ids  # every buffer of the new record is a spare
+    assert b"".join(views_d) == a
