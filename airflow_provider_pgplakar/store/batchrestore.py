@@ -243,9 +243,10 @@ class BatchRestore:
 
     # -- reading (workers) --------------------------------------------------------------------------------------
     def _fetch(self, group: list[tuple[bytes, Location, list[Dest]]]) -> None:
-        """Read one coalesced range, decode and verify every blob in it into this worker's buffer, then write them:
-        each file's pieces that follow one another go out in one ``pwritev`` (a 256 KiB-chunked relation file: one
-        call per 8 MiB range instead of 32), so a worker takes the GIL back once per range and file, not per chunk."""
+        """Read one coalesced range; decode and verify its blobs into this worker's buffer, a run of ``RUN_BYTES``
+        at a time, and write each run: a file's pieces that follow one another go out in one ``pwritev`` (a
+        relation file in 256 KiB chunks: one call per 1 MiB instead of four). Nothing is written from a run before
+        every blob in it matched its ID."""
         first, last = group[0][1], group[-1][1]
         name = pack_object_name(first.pack_id)
         try:
