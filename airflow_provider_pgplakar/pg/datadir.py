@@ -745,7 +745,7 @@ class _Writer:
             except OSError as exc:
                 errors.append(exc)
         if errors and success:
-            raise PhysicalRestoreError(f"finishing the restored files (owner, mode, mtime, fsync) failed: {errors[0]}")
+            raise PhysicalRestoreError(f"syncing the restored files failed: {errors[0]}")
 
 
 def _name(uid: int) -> str:

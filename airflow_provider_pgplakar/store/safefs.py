@@ -31,7 +31,7 @@ import secrets
 import stat
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -128,19 +128,16 @@ class _Syncer:
         self.slots = threading.BoundedSemaphore(SYNC_IN_FLIGHT)
         self.futures: list[Future[None]] = []
 
-    def _run(self, fd: int, attrs: Callable[[int], None] | None) -> None:
+    def _run(self, fd: int) -> None:
         try:
-            if attrs is not None:
-                attrs(fd)
             os.fsync(fd)
         finally:
             os.close(fd)
             self.slots.release()
 
-    def submit(self, fd: int, attrs: Callable[[int], None] | None = None) -> None:
-        """fsync and close ``fd`` on the pool; ``attrs(fd)`` (owner, mode, mtime) runs there first."""
+    def submit(self, fd: int) -> None:
         self.slots.acquire()
-        self.futures.append(self.pool.submit(self._run, fd, attrs))
+        self.futures.append(self.pool.submit(self._run, fd))
         if len(self.futures) > 4 * SYNC_IN_FLIGHT:
             self._collect(done_only=True)
 
@@ -376,20 +373,16 @@ class SafeTree:
 
     def file_done(self, fd: int, *, mode: int | None = None, mtime_ns: int | None = None, uid: int | None = None,
                   gid: int | None = None) -> None:
-        """Set the attributes of a file made by :meth:`create_file` and queue its fsync (or close it).
-
-        With ``sync`` the attributes are set on the fsync pool too (through the fd, as here): ``fchown``,
-        ``fchmod`` and ``utime`` of ~1,000 files took 0.2-0.3 s of the caller's thread, which plans and creates
-        the next files; a failure is raised by :meth:`close`, which fails the restore as a failed fsync does."""
-        if self._syncer is not None:
-            self._syncer.submit(fd, lambda f: self._fd_attrs(f, mode, mtime_ns, uid, gid))
-            return
+        """Set the attributes of a file made by :meth:`create_file` and queue its fsync (or close it)."""
         try:
             self._fd_attrs(fd, mode, mtime_ns, uid, gid)
         except BaseException:
             os.close(fd)
             raise
-        os.close(fd)
+        if self._syncer is not None:
+            self._syncer.submit(fd)
+        else:
+            os.close(fd)
 
     def symlink(self, parts: Parts, target: str, *, replace: bool = False, mtime_ns: int | None = None,
                 uid: int | None = None, gid: int | None = None) -> None:

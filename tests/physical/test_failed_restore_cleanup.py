@@ -305,36 +305,3 @@ def test_what_appeared_before_the_first_write_is_left(st: Store, sandbox: Path, 
                          verify=False, sync=False)
     assert listing(data) == ["theirs"] and (data / "theirs").read_text() == "someone else's"
     assert f"left theirs in {data}: it was there before this restore wrote anything" in datadir_log.text
-
-
-def test_attributes_failing_on_the_fsync_pool_fail_the_restore_and_remove_it(
-        st: Store, sandbox: Path, small_windows: None, monkeypatch: pytest.MonkeyPatch, datadir_log: Any) -> None:
-    """With fsync, a file's owner, mode and mtime are set on the fsync pool: one failing there (a chown refused, an
-    fchmod on a full or read-only filesystem) fails the restore, naming the error, and removes what it wrote."""
-    import errno
-    import threading
-
-    from airflow_provider_pgplakar.store.safefs import SafeTree
-
-    data = sandbox / "into" / "data"
-    sid = _snapshot(st, sandbox / "old-ts")
-    real = SafeTree._fd_attrs
-    pool_threads: list[str] = []
-
-    def fd_attrs(self: SafeTree, fd: int, mode: Any, mtime_ns: Any, uid: Any, gid: Any) -> None:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            pool_threads.append(threading.current_thread().name)
-            if len(pool_threads) == 3:
-                raise OSError(errno.EROFS, "Read-only file system")
-        real(self, fd, mode, mtime_ns, uid, gid)
-
-    monkeypatch.setattr(SafeTree, "_fd_attrs", fd_attrs)
-    before = _shape(tree(sandbox))
-    fds = sorted(os.listdir("/proc/self/fd"))
-    with pytest.raises(PhysicalRestoreError, match=r"finishing the restored files \(owner, mode, mtime, fsync\) "
-                                                   r"failed: .*Read-only file system"):
-        physical_restore(st, sid, data, tablespace_mapping={str(sandbox / "old-ts"): str(sandbox / "ts")},
-                         verify=False, sync=True)
-    assert pool_threads and all(n.startswith("pgplakar-fsync") for n in pool_threads)
-    assert _shape(tree(sandbox)) == before, "what the restore wrote is gone"
-    assert sorted(os.listdir("/proc/self/fd")) == fds
