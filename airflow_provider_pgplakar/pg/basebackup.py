@@ -21,6 +21,19 @@ Every wait is on the socket with ``select`` (libpq's non-blocking calls), never 
 compiled psycopg calls libpq with the GIL held, which would freeze the store's upload threads for the whole of a
 spread checkpoint. TCP keepalives are on so a vanished server fails the backup instead of hanging it.
 
+Two threads share the stream (issue 13): a reader thread (:class:`_Receiver`) owns the connection from the start of
+the COPY to its end: it waits on the socket, takes the CopyData messages, decompresses (capped steps, see
+``pg/decompress.py``; compressed messages are joined to ~256 KiB first so that each step gives its full ~1 MiB) and
+hands the tar bytes over in batches of ~1 MiB through a queue of :data:`QUEUE_ITEMS` (at most ~6 MiB ahead of the
+consumer). The caller's thread parses tar members and feeds the store, taking relation blocks as views of those
+buffers (:meth:`_Pieces.readview`, no copy). Measured on pgbench scale 50 before the split: the one thread doing
+both was on CPU 85 % of the backup, a third of it in lz4 and copies, while the store's two encode workers were busy
+37 %; after it, main 0.50 and reader 0.53 CPU s where the one thread spent 1.02 (README, "Reader thread"), and the
+encode pool is the critical path. Any failure of the reader thread is raised unchanged in the caller (same
+exception, same message); a caller that fails or is cancelled stops the thread (:meth:`BaseBackupStream.close`, also
+run by :meth:`ReplicationConnection.close`): it wakes from its socket wait through a pipe and from its full queue,
+and is joined before the connection closes.
+
 CopyData framing on PostgreSQL 15+: each message starts with a type byte: ``n`` new archive (NUL-terminated name and
 tablespace location), ``d`` archive or manifest bytes, ``p`` progress (int64 bytes so far), ``m`` the manifest
 follows. Older servers frame the stream differently (one COPY OUT per tablespace, no type bytes); they are refused
@@ -29,12 +42,18 @@ with a clear message rather than supported by untested code.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import io
 import logging
+import os
+import queue
 import re
 import secrets
 import select
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +65,7 @@ from .connect import PgConnectError, connect
 from .decompress import DecompressError
 from .decompress import steps as decompress_steps
 from .options import ConnOptions
-from .process import track_connection
+from .process import check_cancelled, track_connection
 from .secrets import SslFiles
 
 log = logging.getLogger(__name__)
@@ -146,6 +165,7 @@ class ReplicationConnection:
         self.conn = conn
         self.pgconn = conn.pgconn
         self.slot: str | None = None
+        self._stream: BaseBackupStream | None = None
 
     @classmethod
     def open(cls, opts: ConnOptions, ssl: SslFiles, *, password: str | None = None) -> ReplicationConnection:
@@ -170,6 +190,9 @@ class ReplicationConnection:
         self.close()
 
     def close(self) -> None:
+        """Stop a running base backup's reader thread, then close the connection (dropping the slot)."""
+        if self._stream is not None:
+            self._stream.close()
         if not self.conn.closed:
             self.conn.close()
 
@@ -257,6 +280,7 @@ class ReplicationConnection:
                 self.create_temporary_slot()
             stream = BaseBackupStream(self.pgconn, None)
             stream.start(f"BASE_BACKUP ({', '.join(options)})")
+        self._stream = stream
         return stream
 
 
@@ -272,11 +296,12 @@ def _wait_readable(pgconn: pq.abc.PGconn) -> None:
     select.select([pgconn.socket], [], [])
 
 
-def _next_result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:
+def _next_result(pgconn: pq.abc.PGconn,
+                 wait: Callable[[pq.abc.PGconn], None] = _wait_readable) -> pq.abc.PGresult | None:
     """``PQgetResult`` without blocking in libpq: wait on the socket until the result is complete."""
     pgconn.flush()
     while pgconn.is_busy():
-        _wait_readable(pgconn)
+        wait(pgconn)
         pgconn.consume_input()
     return pgconn.get_result()
 
@@ -292,10 +317,13 @@ class _Message:
 
 
 class _CopyReader:
-    """CopyData messages with one message of push-back (an archive reader stops *at* the next header)."""
+    """CopyData messages with one message of push-back (an archive reader stops *at* the next header).
 
-    def __init__(self, pgconn: pq.abc.PGconn) -> None:
+    ``wait`` blocks until the socket is readable (the reader thread's also wakes up when asked to stop)."""
+
+    def __init__(self, pgconn: pq.abc.PGconn, wait: Callable[[pq.abc.PGconn], None] = _wait_readable) -> None:
         self.pgconn = pgconn
+        self.wait = wait
         self._pushed: _Message | None = None
         self.done = False
         self.results: list[pq.abc.PGresult] = []  # read right after the COPY ended, for finish()
@@ -312,12 +340,12 @@ class _CopyReader:
                 view = memoryview(data)
                 return _Message(bytes(view[:1]), view[1:])
             if n == 0:
-                _wait_readable(self.pgconn)
+                self.wait(self.pgconn)
                 self.pgconn.consume_input()
                 continue
             if n == -1:  # COPY finished: the next result says whether the server ended it or failed
                 self.done = True
-                res = _next_result(self.pgconn)
+                res = _next_result(self.pgconn, self.wait)
                 if res is not None and res.status in (pq.ExecStatus.FATAL_ERROR, pq.ExecStatus.BAD_RESPONSE):
                     raise _server_error("the server failed the base backup",
                                         (res.error_message or b"").decode(errors="replace"))
@@ -331,10 +359,14 @@ class _CopyReader:
         self._pushed = msg
 
 
+Buffer = bytes | bytearray | memoryview
+
+
 class _Pieces(io.RawIOBase):
     """A readable stream over a sequence of buffers: ``_fill`` makes ``_buf`` non-empty or says the stream ended.
 
-    ``readinto`` fills the caller's whole buffer in one call (one copy per byte, few Python calls per MiB)."""
+    ``readinto`` fills the caller's whole buffer in one call (one copy per byte, few Python calls per MiB);
+    ``readview`` hands out a slice of the current buffer without copying when it holds enough."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -357,6 +389,20 @@ class _Pieces(io.RawIOBase):
             got += n
         return got
 
+    def readview(self, n: int) -> Buffer:
+        """The next ``n`` bytes (fewer only at the end): a view of the current buffer when it holds them all,
+        else copied into a new ``bytearray``. The buffers are never reused, so a view stays valid."""
+        if not self._fill():
+            return b""
+        if len(self._buf) >= n:
+            view, self._buf = self._buf[:n], self._buf[n:]
+            return view
+        out = bytearray(n)
+        got = self.readinto(out)
+        if got < n:
+            del out[got:]
+        return out
+
     def next_piece(self) -> memoryview | None:
         """The rest of the current buffer, without copying (None at the end)."""
         if not self._fill():
@@ -375,13 +421,17 @@ class _Pieces(io.RawIOBase):
 class ArchiveStream(_Pieces):
     """The bytes of one archive as the server sent them (its ``d`` messages; compressed when asked for).
 
+    With ``join`` each :meth:`next_piece` joins consecutive messages (~30 KiB each) into one buffer of at least
+    that many bytes (fewer at the archive's end): fewer, bigger steps for the decompressor and the reader thread.
+
     Server-side tar archives end without the two zero blocks of a tar terminator (pg_basebackup adds them itself):
     :class:`.tarstream.TarReader` takes a clean end at a header boundary as the end of the archive."""
 
-    def __init__(self, reader: _CopyReader) -> None:
+    def __init__(self, reader: _CopyReader, join: int = 0) -> None:
         super().__init__()
         self._reader = reader
         self._ended = False
+        self.join = join
 
     def _fill(self) -> bool:
         while not self._buf:
@@ -399,6 +449,17 @@ class ArchiveStream(_Pieces):
             self._ended = True
             return False
         return True
+
+    def next_piece(self) -> memoryview | None:
+        piece = super().next_piece()
+        if piece is None or len(piece) >= self.join:
+            return piece
+        parts, size = [piece], len(piece)
+        while size < self.join and self._fill():
+            parts.append(self._buf)
+            size += len(self._buf)
+            self._buf = memoryview(b"")
+        return memoryview(b"".join(parts)) if len(parts) > 1 else piece
 
 
 class Decompressing(_Pieces):
@@ -437,6 +498,182 @@ class Decompressing(_Pieces):
         return True
 
 
+# The reader thread hands archive bytes over in batches of at least PIECE_BYTES (the last of an archive may be
+# shorter); at most QUEUE_ITEMS batches wait for the consumer. A batch is under PIECE_BYTES plus one piece (a
+# decompression step of at most ~1 MiB, or the joined raw messages), so at most ~2 MiB each, ~6 MiB queued.
+PIECE_BYTES = 1 << 20
+QUEUE_ITEMS = 3
+# Compressed messages (~30 KiB; lz4 expands pgbench data ~9x) are joined up to this many bytes before a
+# decompression step, so steps give their whole ~1 MiB instead of ~270 KiB each.
+JOIN_COMPRESSED = 256 << 10
+STOP_TIMEOUT = 30.0  # seconds close() waits for the reader thread
+
+
+class _Stopped(Exception):
+    """The consumer asked the reader thread to stop."""
+
+
+class _Receiver:
+    """The reader thread of one ``BASE_BACKUP``: it alone uses the connection from the start of the COPY until the
+    event ``("end",)``, receiving, decompressing and batching; the consumer takes its events from a bounded queue.
+
+    Events: ``("archive", name, location)``, ``("data", [buffers], nbytes)`` (the current archive's tar bytes),
+    ``("manifest", bytes)``, ``("end",)`` (the COPY ended; :attr:`results` holds the result read after it), or
+    ``("error", exception)``: any failure of the thread, raised again, unchanged, in the consumer, by
+    :meth:`next_event` (and by every later call). :meth:`close` stops the thread and waits for it."""
+
+    def __init__(self, pgconn: pq.abc.PGconn, compression: str | None) -> None:
+        self.pgconn, self.compression = pgconn, compression
+        self.results: list[pq.abc.PGresult] = []
+        self.ended = False
+        self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(QUEUE_ITEMS)
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        self._pushed: tuple[Any, ...] | None = None
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="pgplakar-basebackup", daemon=True)
+        self.thread.start()
+
+    # -- reader thread -------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._pump()
+        except _Stopped:
+            pass
+        except BaseException as exc:
+            with contextlib.suppress(_Stopped):
+                self._post(("error", exc))
+
+    def _post(self, event: tuple[Any, ...]) -> None:
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            try:
+                self._queue.put(event, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _wait(self, pgconn: pq.abc.PGconn) -> None:
+        readable, _, _ = select.select([pgconn.socket, self._wake_r], [], [])
+        if self._wake_r in readable:
+            raise _Stopped
+
+    def _pump(self) -> None:
+        reader = _CopyReader(self.pgconn, self._wait)
+        while (msg := reader.next()) is not None:
+            if msg.kind == b"n":
+                self._post(("archive", *_archive_header(msg.data)))
+                if self.compression:
+                    stream: _Pieces = Decompressing(ArchiveStream(reader, JOIN_COMPRESSED), self.compression)
+                else:
+                    stream = ArchiveStream(reader, PIECE_BYTES)
+                batch: list[Buffer] = []
+                size = 0
+                while (piece := stream.next_piece()) is not None:
+                    batch.append(piece)
+                    size += len(piece)
+                    if size >= PIECE_BYTES:
+                        self._post(("data", batch, size))
+                        batch, size = [], 0
+                if batch:
+                    self._post(("data", batch, size))
+            elif msg.kind == b"m":
+                parts: list[bytes] = []
+                while (part := reader.next()) is not None:
+                    if part.kind != b"d":
+                        reader.push_back(part)
+                        break
+                    parts.append(bytes(part.data))
+                self._post(("manifest", b"".join(parts)))
+            elif msg.kind != b"p":
+                raise BaseBackupError(f"unexpected CopyData message type {msg.kind!r} in the base backup stream")
+        self.results = reader.results
+        self._post(("end",))
+
+    # -- consumer ------------------------------------------------------------------------------------------------
+    def next_event(self) -> tuple[Any, ...]:
+        if self._pushed is not None:
+            event, self._pushed = self._pushed, None
+            return event
+        if self._error is not None:
+            raise self._error
+        while True:
+            try:
+                event = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                check_cancelled()
+                if not self.thread.is_alive():
+                    try:
+                        event = self._queue.get_nowait()
+                        break
+                    except queue.Empty:
+                        raise BaseBackupError("the base backup reader thread ended unexpectedly") from None
+        if event[0] == "error":
+            self._error = event[1]
+            self.thread.join()
+            raise event[1]
+        if event[0] == "end":
+            self.ended = True
+            self.thread.join()
+        return event
+
+    def push_back(self, event: tuple[Any, ...]) -> None:
+        assert self._pushed is None
+        self._pushed = event
+
+    def close(self) -> None:
+        """Stop the thread (it wakes from its socket wait or its full queue) and wait for it to end."""
+        if not self._stop.is_set():
+            self._stop.set()
+            os.write(self._wake_w, b"x")
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self.thread.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                while True:  # unblock a put, and drop the buffers
+                    self._queue.get_nowait()
+            self.thread.join(0.05)
+        if self.thread.is_alive():
+            log.warning("the base backup reader thread did not stop within %.0f s", STOP_TIMEOUT)
+            return
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+
+class ReceivedArchive(_Pieces):
+    """The tar bytes of one archive as the reader thread delivers them (already decompressed)."""
+
+    def __init__(self, receiver: _Receiver) -> None:
+        super().__init__()
+        self._receiver = receiver
+        self._pieces: collections.deque[Buffer] = collections.deque()
+        self._ended = False
+
+    def _fill(self) -> bool:
+        while not self._buf:
+            if self._pieces:
+                piece = self._pieces.popleft()
+                self._buf = piece if isinstance(piece, memoryview) else memoryview(piece)
+                self.size += len(self._buf)
+                continue
+            if self._ended:
+                return False
+            event = self._receiver.next_event()
+            if event[0] == "data":
+                self._pieces.extend(event[1])
+                continue
+            self._receiver.push_back(event)
+            self._ended = True
+            return False
+        return True
+
+
 @dataclass
 class Archive:
     """One archive of the backup: ``base.tar`` (``tablespace`` None) or ``<oid>.tar`` of a user tablespace.
@@ -446,15 +683,17 @@ class Archive:
 
     name: str
     tablespace: Tablespace | None
-    stream: ArchiveStream | Decompressing
+    stream: _Pieces
     compression: str | None = None
 
 
 class BaseBackupStream:
     """A running ``BASE_BACKUP``: :meth:`archives` yields each archive as a stream, :meth:`finish` ends it.
 
-    Consume each archive before asking for the next one; whatever is left unread is drained. The backup manifest
-    is collected into :attr:`manifest` on the way. Only :meth:`finish` says whether the server completed the backup.
+    A reader thread (:class:`_Receiver`, started by :meth:`archives`) receives and decompresses ahead of the
+    caller, at most a few MiB. Consume each archive before asking for the next one; whatever is left unread is
+    skipped. The backup manifest is collected into :attr:`manifest` on the way. Only :meth:`finish` says whether
+    the server completed the backup; :meth:`close` (also by :meth:`ReplicationConnection.close`) stops the thread.
     """
 
     def __init__(self, pgconn: pq.abc.PGconn, compression: str | None = None) -> None:
@@ -466,7 +705,7 @@ class BaseBackupStream:
         self.tablespaces: list[Tablespace] = []
         self.manifest: bytes | None = None
         self.archive_names: list[str] = []
-        self._reader = _CopyReader(pgconn)
+        self._receiver: _Receiver | None = None
         self._error: str | None = None
 
     def start(self, command: str) -> None:
@@ -490,10 +729,13 @@ class BaseBackupStream:
                  self.start_lsn, self.timeline, sum(t.oid is not None for t in self.tablespaces))
 
     def archives(self) -> Iterator[Archive]:
+        if self._receiver is None:
+            self._receiver = _Receiver(self.pgconn, self.compression)
+        receiver = self._receiver
         by_oid = {t.oid: t for t in self.tablespaces if t.oid is not None}
-        while (msg := self._reader.next()) is not None:
-            if msg.kind == b"n":
-                sent, location = _archive_header(msg.data)
+        while (event := receiver.next_event())[0] != "end":
+            if event[0] == "archive":
+                sent, location = event[1], event[2]
                 suffix = COMPRESSION_SUFFIX[self.compression] if self.compression else ""
                 if not sent.endswith(suffix):
                     raise BaseBackupError(f"unexpected archive {sent!r} in the base backup stream (asked for "
@@ -508,32 +750,20 @@ class BaseBackupStream:
                 if name in self.archive_names:
                     raise BaseBackupError(f"archive {name!r} sent twice")
                 self.archive_names.append(name)
-                stream = ArchiveStream(self._reader)
                 log.info("archive %s%s", sent, f" ({location})" if location else "")
-                if self.compression:
-                    yield Archive(name, tablespace, Decompressing(stream, self.compression), self.compression)
-                else:
-                    yield Archive(name, tablespace, stream)
-                stream.drain()
-            elif msg.kind == b"m":
-                self.manifest = self._read_manifest()
-            elif msg.kind == b"p":
-                continue
-            else:
-                raise BaseBackupError(f"unexpected CopyData message type {msg.kind!r} in the base backup stream")
+                yield Archive(name, tablespace, ReceivedArchive(receiver), self.compression)
+            elif event[0] == "manifest":
+                self.manifest = event[1]
+            # "data": what the caller left unread of the archive before, skipped
 
-    def _read_manifest(self) -> bytes:
-        parts: list[bytes] = []
-        while (msg := self._reader.next()) is not None:
-            if msg.kind != b"d":
-                self._reader.push_back(msg)
-                break
-            parts.append(bytes(msg.data))
-        return b"".join(parts)
+    def close(self) -> None:
+        """Stop the reader thread (a consumer that failed or gave up); idempotent."""
+        if self._receiver is not None:
+            self._receiver.close()
 
     def finish(self) -> None:
         """Read the server's final results; raise unless the backup completed with every archive and a manifest."""
-        if not self._reader.done:
+        if self._receiver is None or not self._receiver.ended:
             raise BaseBackupError("finish() called before the base backup stream was fully read")
         end_seen = ok_seen = False
         for res in self._results():
@@ -557,7 +787,8 @@ class BaseBackupStream:
         log.info("base backup ended at %s", self.end_lsn)
 
     def _results(self) -> Iterator[pq.abc.PGresult]:
-        yield from self._reader.results
+        assert self._receiver is not None
+        yield from self._receiver.results
         while (res := _next_result(self.pgconn)) is not None:
             yield res
 

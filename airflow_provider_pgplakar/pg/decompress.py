@@ -24,32 +24,44 @@ class DecompressError(ValueError):
 
 
 class Lz4Steps:
+    """lz4 frames through python-lz4's low-level ``decompress_chunk`` on a view of the fed piece: its
+    ``LZ4FrameDecompressor`` copies the input of every call (``memoryview(data).tobytes()``, and the unread rest
+    again), which the reader thread does not need to pay for."""
+
     def __init__(self) -> None:
         import lz4.frame
 
-        self._dec: Any = lz4.frame.LZ4FrameDecompressor()
-        self._pending = b""
+        self._decompress: Any = lz4.frame.decompress_chunk
+        self._ctx = lz4.frame.create_decompression_context()
+        self._pending = memoryview(b"")
+        self._full = False  # the last step filled STEP_MAX: lz4 may hold more output without new input
         self.done = False
 
-    def feed(self, piece: bytes | memoryview) -> None:
+    def feed(self, piece: bytes | bytearray | memoryview) -> None:
         if self.done:
             raise DecompressError("data after the end of the compressed archive")
-        self._pending = bytes(piece)
+        piece = memoryview(piece).cast("B")
+        # lz4 takes what it can of each input (headers go to its own buffer), so nothing should be left over
+        self._pending = memoryview(self._pending.tobytes() + piece.tobytes()) if self._pending else piece
 
     def step(self) -> bytes | None:
         """Up to STEP_MAX bytes of output; None when more input is needed (or the frame ended)."""
-        while not self.done and (self._pending or not self._dec.needs_input):
+        while not self.done and (self._pending or self._full):
             try:
-                out: bytes = self._dec.decompress(self._pending, max_length=STEP_MAX)
+                out: bytes
+                out, used, eof = self._decompress(self._ctx, self._pending, max_length=STEP_MAX)
             except RuntimeError as e:
                 raise DecompressError(str(e)) from None
-            self._pending = b""
-            if self._dec.eof:
+            self._pending = self._pending[used:]
+            self._full = len(out) >= STEP_MAX
+            if eof:
                 self.done = True
-                if self._dec.unused_data:
+                if self._pending:
                     raise DecompressError("data after the end of the compressed archive")
             if out:
                 return out
+            if not used:
+                break
         return None
 
 

@@ -21,14 +21,15 @@ Dedup: PostgreSQL relation files change page by page in place and never shift, s
 unchanged region of a relation dedups exactly whatever changed elsewhere in it. Everything else (WAL, SLRUs,
 configuration) uses the store's content-defined chunker.
 
-Speed (``bench/physical_bench.py``; issue 5 wants at most 2.5x a raw ``pg_basebackup``): the server compresses
-the stream with lz4 when it can (``server_compression``), which spares a network nine bytes in ten and this
-process as many messages; on loopback it is a wash (its walsender spent 0.2-0.3 CPU s more per 786 MiB than for
-raw bytes, this process 0.05-0.2 less: README, issue 13 §3); tar members are parsed by :mod:`.tarstream` with
-one copy per byte; relation blocks are hashed, deduplicated and compressed in the store's pool a batch per
-task; and relation files carry no whole-file digest — every block keeps its verified BLAKE3 ID, and the server's
-``backup_manifest`` (CRC32C of every file, computed as the server read it) is kept and checked by
-``pg_verifybackup`` after each restore, an end-to-end check independent of this tool.
+Speed (``bench/physical_bench.py``; issue 5 wants at most 2.5x a raw ``pg_basebackup``): the server compresses the
+stream with lz4 when it can (``server_compression``), which spares a network nine bytes in ten and this process as
+many messages; on loopback it is a wash (its walsender spent 0.2-0.3 CPU s more per 786 MiB than for raw bytes, this
+process 0.05-0.2 less: README, issue 13 §3); a reader thread receives and decompresses the stream while this thread
+parses tar members (:mod:`.basebackup`, "Two threads"); relation blocks reach the store as views of the reader's
+buffers (:meth:`.TarReader.read_block`: no copy on this thread) and are hashed, deduplicated and compressed in the
+store's pool a batch per task; and relation files carry no whole-file digest — every block keeps its verified BLAKE3
+ID, and the server's ``backup_manifest`` (CRC32C of every file, computed as the server read it) is kept and checked
+by ``pg_verifybackup`` after each restore, an end-to-end check independent of this tool.
 
 The WAL needed for consistency is protected for the whole run by a temporary slot (see :mod:`.basebackup`), and
 success is judged only after the server sent the end of the backup: any failure raises inside the snapshot writer,

@@ -239,7 +239,7 @@ class BlobSink:
             fut.add_done_callback(account._end)
         return blob_id
 
-    def add_blocks(self, blob_type: int, blocks: Sequence[bytearray | memoryview],
+    def add_blocks(self, blob_type: int, blocks: Sequence[bytes | bytearray | memoryview],
                    account: NewBytes | None = None) -> Future[list[list[Any]]]:
         """Store each of ``blocks`` unless present; the future gives their ``[blob_id, length]`` references in
         order. Blocks when the pipeline is full. New blobs are charged to ``account``.
@@ -305,7 +305,7 @@ class BlobSink:
         finally:
             self._slots.release()
 
-    def _blocks_task(self, blob_type: int, blocks: Sequence[bytearray | memoryview],
+    def _blocks_task(self, blob_type: int, blocks: Sequence[bytes | bytearray | memoryview],
                      account: NewBytes | None) -> list[list[Any]]:
         try:
             self._raise_if_failed()

@@ -323,20 +323,33 @@ class SnapshotWriter:
                     new: NewBytes) -> Generator[list[Any], None, None]:
         """Fixed-size blocks: this thread reads each block straight into its own buffer and hashes the record, the
         sink's pool does the rest, a batch of blocks per task (:meth:`BlobSink.add_blocks`); at most
-        ``FIXED_WINDOW`` batches are pending, so memory stays bounded."""
+        ``FIXED_WINDOW`` batches are pending, so memory stays bounded.
+
+        A stream with ``read_block(n)`` (``pg/tarstream.py``) gives each block itself: ``n`` bytes (fewer only at
+        its end) in a buffer that never changes afterwards, often a view of a bigger one, so no copy is made here.
+        A small record's blocks are copied (``bytes``) so that they do not keep that bigger buffer alive; a batch of
+        views keeps at most the two partly used buffers at its edges alive beyond its own bytes (~2 MiB with
+        ``pg/basebackup.py``'s ~1 MiB buffers), so the sink's bound on batches in flight still bounds memory."""
         assert self._sink is not None
         per_batch = max(1, FIXED_BATCH // block)
+        read_block = getattr(stream, "read_block", None)
         pending: collections.deque[Future[list[list[Any]]]] = collections.deque()
         try:
             eof = False
             while not eof:
-                blocks: list[bytearray] = []
+                blocks: list[bytes | bytearray | memoryview] = []
                 while len(blocks) < per_batch and not eof:
-                    buf = bytearray(block)
-                    n = read_full(stream, buf)
-                    if n < block:
-                        eof = True
-                        del buf[n:]
+                    buf: bytes | bytearray | memoryview
+                    if read_block is not None:
+                        buf = read_block(block)
+                        n = len(buf)
+                        eof = n < block
+                    else:
+                        buf = bytearray(block)
+                        n = read_full(stream, buf)
+                        if n < block:
+                            eof = True
+                            del buf[n:]
                     if n:
                         digest.update(buf)
                         blocks.append(buf)
