@@ -153,10 +153,12 @@ def logical_backup(
             # pg_dump imports (a single database: the whole manifest): no connection of its own per database.
             manifest_args = (opts, selected, tool_versions, manifest_only, authid_ok, dict(labels or {}))
             deferred = [] if manifest_only or opts.database is not None else [d for d in selected if d != main_db]
+            # when ``postgres`` is dumped too, the cluster part is read on its fingerprint session (which takes the
+            # lent catalog connection): one connection less again
+            in_dump = not manifest_only and (opts.database is not None or main_db in selected)
 
             def head() -> tuple[dict[str, Any] | None, list[StoredRecord]]:  # on the helper thread, beside the dumps
-                manifest = None if opts.database is not None and not manifest_only else _manifest(
-                    s, *manifest_args, defer=deferred)
+                manifest = None if in_dump else _manifest(s, *manifest_args, defer=deferred)
                 records = []
                 if not (manifest_only or opts.data_only):
                     globals_rec = _stream(w, s, GLOBALS_PATH, commands.pg_dumpall_globals(
@@ -176,8 +178,8 @@ def logical_backup(
                     prints: dict[str, Any] = {}
 
                     def also(db: str) -> Callable[[Any], Any] | None:  # run on the fingerprint connection
-                        if opts.database is not None:
-                            return lambda conn: _manifest(s, *manifest_args, conn=conn)
+                        if db == main_db and in_dump:
+                            return lambda conn: _manifest(s, *manifest_args, defer=deferred, conn=conn)
                         return (lambda conn: _detail(conn, db)) if db in deferred else None
 
                     def dump(item: tuple[int, str]) -> _Dumped:  # on a dump thread when jobs > 1
@@ -203,12 +205,12 @@ def logical_backup(
                     run_ordered(list(enumerate(selected, 1)), dump, deliver, jobs=opts.jobs, stopper=stopper,
                                 size=lambda item: sizes.get(item[1], 0), name=lambda item: f"database {item[1]!r}")
             manifest, head_records = beside.result()
-            if opts.database is not None and not manifest_only:
-                manifest = details[opts.database]
-            elif deferred:
+            if in_dump:  # None: main_db was dropped before its dump (then read here, as head() would have)
+                manifest = details.get(main_db) or _manifest(s, *manifest_args, defer=deferred)
+            if deferred:
                 from .manifest import add_details
 
-                assert manifest is not None  # head() collected it: the database is not single
+                assert manifest is not None  # head() or main_db's dump collected it
                 add_details(manifest, {db: details.get(db) for db in deferred}, _factory(s, opts, manifest_only),
                             tuple(opts.exclude_databases or ()))
             manifest_rec = w.store_stream(MANIFEST_PATH, io.BytesIO(json.dumps(manifest, indent=2).encode()),

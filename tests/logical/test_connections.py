@@ -3,7 +3,8 @@ start-up), counted from the server's own ``log_connections`` lines, so that a re
 
 Per dumped database: the fingerprint session that exports the snapshot (the manifest reads its per-database part
 there too), the probe that imports it, pg_dump. Per run: the catalog connection (then the manifest's cluster part,
-or a single database's fingerprint session) and pg_dumpall for the globals.
+or the fingerprint session of ``postgres`` or of the single database, where the cluster part is then read) and
+pg_dumpall for the globals.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def logged(pg_manager: PgManager) -> Iterator[PgServer]:
             with server.connect(db) as d:
                 d.execute(f"CREATE TABLE t{i} (id int PRIMARY KEY, note text DEFAULT 'x')")
                 d.execute(f"INSERT INTO t{i} SELECT g, g::text FROM generate_series(1, {100 * (i + 1)}) g")
+                d.execute("VACUUM ANALYZE")  # autovacuum has nothing left to do: the manifests compared stay equal
     yield server
     pg_manager.discard(server)
 
@@ -87,3 +89,18 @@ def test_a_single_database_backup_opens_four_connections(logged: PgServer, store
     alone = logical_backup(store, parse_source_options(*src_opts(logged, database="conn b")), manifest_only=True)
     assert _details(manifest) == _details(_manifest(store, alone.snapshot_id))
     assert _details(manifest)["conn b"]["relations"][0]["name"] == "t1"
+
+
+def test_with_postgres_dumped_the_catalog_connection_is_its_fingerprint_session(
+        logged: PgServer, store: Store) -> None:
+    seen, res = _backup(logged, store, exclude_databases="template1", jobs="2")
+    assert res.databases == sorted([*DBS, "postgres"])
+    # postgres: the catalog connection (then its fingerprint session and the manifest's), probe, pg_dump, pg_dumpall
+    assert seen == Counter({**{db: 3 for db in DBS}, "postgres": 4}), seen
+    manifest = _manifest(store, res.snapshot_id)
+    assert manifest["errors"] == [] and manifest["roles"] and manifest["cluster_config"]
+    alone = logical_backup(store, parse_source_options(*src_opts(logged, exclude_databases="template1")),
+                           manifest_only=True)
+    expected = _manifest(store, alone.snapshot_id)
+    assert manifest["databases"] == expected["databases"]  # postgres detailed in the cluster part's snapshot
+    assert all(d.get("relations") for d in manifest["databases"] if d["name"] in DBS)
