@@ -17,11 +17,12 @@ from .secrets import passphrase as get_passphrase
 from .secrets import raw_key
 
 if TYPE_CHECKING:  # each handler imports what it needs: a command's start-up pays for its own modules only
+    from ..store.opening import OpeningStore
     from ..store.prune import PruneReport
     from ..store.record import Record
     from ..store.repo import Store
 
-_opened: list[Store] = []  # closed by run(): a store holds a read lease from its first read until closed
+_opened: list[Store | OpeningStore] = []  # closed by run(): a store holds a read lease from its first read until closed
 
 
 def _open(location: str, args: argparse.Namespace) -> Store:
@@ -30,6 +31,18 @@ def _open(location: str, args: argparse.Namespace) -> Store:
     key = raw_key(args.key_file)
     pw = None if key else get_passphrase(args.passphrase_file)
     st = Store.open(location, pw, key=key, cache_dir=args.cache_dir)
+    _opened.append(st)
+    return st
+
+
+def _opening(location: str, args: argparse.Namespace) -> OpeningStore:
+    """:func:`_open` on a helper thread (store/opening.py): a backup connects and starts its tools meanwhile. The
+    passphrase is read here, on this thread (it may prompt)."""
+    from ..store.repo import Store
+
+    key = raw_key(args.key_file)
+    pw = None if key else get_passphrase(args.passphrase_file)
+    st = Store.opening(location, pw, key=key, cache_dir=args.cache_dir)
     _opened.append(st)
     return st
 
@@ -240,7 +253,7 @@ def _pg_backup(location: str, args: argparse.Namespace) -> int:
 
     opts = parse_source_options(args.path, _pg_options(args.pg_options, args.path))
     password = password_source(opts.conn)  # postgres+aws: its region is resolved now, before the store opens
-    st = _open(location, args)
+    st = _opening(location, args)  # unlocked while the backup connects and starts its tools
     if not isinstance(opts, LogicalSourceOptions):
         return _pg_physical_backup(st, opts, args)
     res = logical_backup(st, opts, tags=args.tag, labels=parse_labels(args.label),
@@ -262,7 +275,7 @@ def _pg_backup(location: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _pg_physical_backup(st: Store, opts: Any, args: argparse.Namespace) -> int:
+def _pg_physical_backup(st: OpeningStore, opts: Any, args: argparse.Namespace) -> int:
     from ..pg.physical import physical_backup
 
     res = physical_backup(st, opts, tags=args.tag, labels=parse_labels(args.label),

@@ -14,6 +14,7 @@ from typing import Any
 from airflow.sdk import BaseHook
 
 from ..conn_forms import LEGACY_STORE_CONN_TYPE, STORE_CONN_TYPE
+from ..store.opening import OpeningStore
 from ..store.repo import Store
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,13 @@ class PgPlakarStoreHook(BaseHook):
         s = self.store_settings()
         loc = s.pop("location")
         return Store.open(loc, s.pop("passphrase"), **s)
+
+    def opening(self) -> OpeningStore:
+        """:meth:`get_store` on a helper thread (store/opening.py): a backup connects to its source and starts its
+        tools while the passphrase is stretched. The connection is read here; close the result (``with``)."""
+        s = self.store_settings()
+        loc = s.pop("location")
+        return Store.opening(loc, s.pop("passphrase"), **s)
 
     def test_connection(self) -> tuple[bool, str]:
         try:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..hooks.postgres import password_source
 from ..hooks.store import PgPlakarStoreHook
-from .base import PgPlakarOperator, cancellable_execute, committed_by_earlier_try, idempotency_key, run_labels
+from .base import PgPlakarOperator, cancellable_execute, idempotency_key, run_labels
 from .outcome import LOGICAL_SCHEME, backup_stats, report, source_uri
 
 if TYPE_CHECKING:
@@ -60,15 +60,15 @@ class PgPlakarBackupOperator(PgPlakarOperator):
         password = password_source(opts, source.aws_conn_id)  # postgres+aws: its region is resolved here
         labels = {**self.labels, **run_labels(context)}
         key = idempotency_key(labels) + ("/manifest" if self.manifest_only else "")
-        with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
-            sid = committed_by_earlier_try(store, key, self.log)
-            if sid is None:
-                result = logical_backup(store, opts, labels=labels, tags=self.tags, idempotency_key=key,
-                                        manifest_only=self.manifest_only, password=password)
-                for w in result.warnings:
-                    self.log.warning("%s", w)
-                sid = result.snapshot_id
-            stats = backup_stats(store, sid)
+        # the store is unlocked while the backup connects and starts its tools; a retry finds what an earlier try
+        # committed under ``key`` once it is open, and reuses it (reuse_committed)
+        with PgPlakarStoreHook(self.store_conn_id).opening() as opening:
+            result = logical_backup(opening, opts, labels=labels, tags=self.tags, idempotency_key=key,
+                                    manifest_only=self.manifest_only, password=password, reuse_committed=True)
+            for w in result.warnings:
+                self.log.warning("%s", w)
+            sid = result.snapshot_id
+            stats = backup_stats(opening.result(), sid)
         uris = [source_uri(LOGICAL_SCHEME, opts.conn.host, opts.conn.port, row["database"])
                 for row in stats["databases"]] if self.emit_assets else []
         report(context, self.log, stats, uris)

@@ -10,8 +10,9 @@ Differences from the reference, on purpose:
   kills the other dumps' process groups and nothing is committed. The globals (``pg_dumpall --globals-only``) and
   the manifest's cluster part are read on one helper thread beside the dumps, so a run's fixed cost is not spent
   before its first dump starts; each database's part of the manifest is read on its dump's fingerprint connection,
-  in the snapshot pg_dump imports (a single database: the whole manifest), so the manifest opens no connection per
-  database (a connection costs both sides ~15 ms of CPU). Their records still come first.
+  in the snapshot pg_dump imports (a single database, or ``postgres`` when it is dumped: the whole manifest), so the
+  manifest opens no connection of its own (a connection costs both sides ~5-8 ms of CPU). Their records still come
+  first.
 - A tool that fails fails the backup and **nothing is committed** (the reference committed a snapshot with error
   entries); its stderr is in the error.
 - Database names reach tools only as ``--dbname=<conninfo>``; in record paths ``%`` and ``/`` are percent-encoded
@@ -54,6 +55,7 @@ from .secrets import ssl_files
 from .session import GLOBALS_PATH, LOGICAL_KIND, MANIFEST_KIND, MANIFEST_PATH, PasswordSource, Session, dump_path
 
 if TYPE_CHECKING:
+    from ..store.opening import OpeningStore
     from ..store.repo import Store
     from ..store.writer import SnapshotWriter, StoredRecord
 
@@ -86,7 +88,7 @@ def excluded(name: str, patterns: Collection[str]) -> bool:
 
 
 def logical_backup(
-    store: Store,
+    store: Store | OpeningStore,
     opts: LogicalSourceOptions,
     *,
     password: PasswordSource | None = None,
@@ -95,14 +97,115 @@ def logical_backup(
     idempotency_key: str | None = None,
     manifest_only: bool = False,
     extra_dirs: tuple[str, ...] = (),
+    reuse_committed: bool = False,
 ) -> BackupResult:
     """Back up per ``opts`` into ``store``; return the snapshot ID. Any failure commits nothing.
+
+    ``store`` may still be opening (:meth:`Store.opening <..store.repo.Store.opening>`): the connection, the catalog
+    queries and the tools' start-up run while its passphrase is stretched, and the snapshot writer is entered on a
+    helper thread as soon as it is open (:class:`_LazyWriter`); a tool that starts first blocks on its pipe until
+    then. An error opening it (a wrong passphrase) is the backup's error: the tools are killed, nothing is
+    committed. ``reuse_committed`` (a retried Airflow task): when a snapshot was already committed under
+    ``idempotency_key``, stop and return it instead of dumping again.
 
     The globals and the manifest's cluster part do not depend on the dumps: they are read on a helper thread
     (:class:`.jobs.Beside`) while the dumps run; the manifest's per-database parts come from the dumps' fingerprint
     connections, and the records are added when the dumps are done (manifest and globals first). A failure on either
     side stops the other (``Stopper``) and is the error raised.
     """
+    source = {"kind": MANIFEST_KIND if manifest_only else LOGICAL_KIND,
+              "origin": opts.conn.redacted_uri(opts.scheme, opts.database)}
+    lazy = _LazyWriter(store, dict(source=source, tags=tags, labels=dict(labels or {}),
+                                   idempotency_key=idempotency_key), reuse_committed=reuse_committed)
+    try:
+        return _logical_backup(lazy, opts, password, labels, manifest_only, extra_dirs)
+    except _Committed as c:
+        log.info("%s", c)
+        snap = lazy.store.load_snapshot(c.snapshot_id)
+        return BackupResult(snap.id, list(snap.header.get("meta", {}).get("databases") or []), [], True,
+                            snap.header["stats"]["bytes"], 0, 0, database_stats(lazy.store, snap))
+    finally:
+        lazy.close()
+
+
+class _Committed(PgError):
+    """An earlier try committed a snapshot under this idempotency key (``reuse_committed``): stop, reuse it."""
+
+    def __init__(self, snapshot_id: str) -> None:
+        super().__init__(f"snapshot {snapshot_id} was already committed by an earlier try of this task: reusing it")
+        self.snapshot_id = snapshot_id
+
+
+class _LazyWriter:
+    """The backup's :class:`SnapshotWriter`, entered on a helper thread as soon as the store is open, so that the
+    backup's start-up (connections, catalog, tools) does not wait for the store's unlock, lease and index sync.
+
+    :meth:`get` waits for it and raises what opening the store or the writer raised (a wrong passphrase, a lease
+    conflict), the same error to every caller. :meth:`finish` commits (no error) or aborts it; :meth:`close` waits
+    for the thread, so none outlives the backup."""
+
+    def __init__(self, store: Store | OpeningStore, writer_kwargs: dict[str, Any], *, reuse_committed: bool) -> None:
+        self._source = store
+        self._kwargs = writer_kwargs
+        self._reuse = reuse_committed and bool(writer_kwargs.get("idempotency_key"))
+        self._store: Store | None = None
+        self._writer: SnapshotWriter | None = None
+        self._ended = False  # the writer committed or aborted
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pgplakar-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from ..store.opening import resolve
+
+        try:
+            self._store = st = resolve(self._source)
+            if self._reuse:
+                sid = st.idempotent_id(self._kwargs["idempotency_key"])
+                if sid in st.snapshot_ids():
+                    raise _Committed(sid)
+            check_cancelled()  # a task cancelled meanwhile takes no lease
+            w = st.writer(**self._kwargs)
+            w.__enter__()
+            self._writer = w
+        except BaseException as e:  # noqa: BLE001 - raised by get(), on the callers' threads
+            self._error = e
+
+    @property
+    def store(self) -> Store:
+        self._thread.join()
+        if self._store is None:
+            assert self._error is not None
+            raise self._error
+        return self._store
+
+    def get(self) -> SnapshotWriter:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._writer is not None
+        return self._writer
+
+    def finish(self, exc: BaseException | None) -> None:
+        """Commit (``exc`` None) or abort the writer."""
+        if exc is None:
+            w = self.get()
+            self._ended = True
+            w.commit()
+            return
+        self.close()
+
+    def close(self) -> None:
+        """Wait for the helper thread; abort the writer unless it committed or aborted already (idempotent)."""
+        self._thread.join()
+        if self._writer is not None and not self._ended:
+            self._ended = True
+            self._writer.abort()
+
+
+def _logical_backup(lazy: _LazyWriter, opts: LogicalSourceOptions, password: PasswordSource | None,
+                    labels: Mapping[str, str] | None, manifest_only: bool,
+                    extra_dirs: tuple[str, ...]) -> BackupResult:
     from .connect import can_read_pg_authid, list_databases, server_version_num
 
     # postgres+aws: a fresh IAM token per connection and tool run (made one at a time: dumps run on threads)
@@ -140,37 +243,35 @@ def logical_backup(
             warnings.append("cannot read pg_authid (restricted superuser, e.g. RDS): roles are dumped without "
                             "passwords (--no-role-passwords)")
             log.warning("%s", warnings[-1])
-        source = {"kind": MANIFEST_KIND if manifest_only else LOGICAL_KIND,
-                  "origin": opts.conn.redacted_uri(opts.scheme, opts.database)}
         dumped = list(selected)  # minus databases dropped before their dump (the header is written at commit)
         skipped: list[str] = []
         meta = {"server_version_num": server_num, "databases": dumped, "tool_versions": tool_versions,
                 "options": _option_summary(opts), "warnings": warnings}
-        with store.writer(source=source, tags=tags, labels=dict(labels or {}), meta=meta,
-                          idempotency_key=idempotency_key) as w:
+        try:
 
             # The manifest's per-database part is read on each dump's fingerprint connection, in the snapshot its
-            # pg_dump imports (a single database: the whole manifest): no connection of its own per database.
+            # pg_dump imports: no connection of its own per database. With a single database, or when postgres is
+            # dumped too, the cluster part is read on that database's fingerprint session (the lent catalog
+            # connection): one connection less again.
             manifest_args = (opts, selected, tool_versions, manifest_only, authid_ok, dict(labels or {}))
             deferred = [] if manifest_only or opts.database is not None else [d for d in selected if d != main_db]
-            # when ``postgres`` is dumped too, the cluster part is read on its fingerprint session (which takes the
-            # lent catalog connection): one connection less again
             in_dump = not manifest_only and (opts.database is not None or main_db in selected)
 
             def head() -> tuple[dict[str, Any] | None, list[StoredRecord]]:  # on the helper thread, beside the dumps
                 manifest = None if in_dump else _manifest(s, *manifest_args, defer=deferred)
-                records = []
-                if not (manifest_only or opts.data_only):
-                    globals_rec = _stream(w, s, GLOBALS_PATH, commands.pg_dumpall_globals(
+                tail = []
+                if not (manifest_only or opts.data_only):  # started before the writer is waited for
+                    globals_rec = _stream(lazy, s, GLOBALS_PATH, commands.pg_dumpall_globals(
                         str(s.tool("pg_dumpall", major).path), no_role_passwords=not authid_ok),
                         {"type": "globals", "tool": tool_versions.get("pg_dumpall")})
                     assert globals_rec is not None  # no skip_if: a failure raises
-                    records.append(globals_rec)
-                return manifest, records
+                    tail.append(globals_rec)
+                return manifest, tail
 
             dumps: list[StoredRecord] = []  # in listing order; added after the manifest, which needs their details
-            details: dict[str, Any] = {}  # database -> its manifest detail (a single database: the manifest)
+            details: dict[str, Any] = {}  # database -> its manifest detail (main_db when in_dump: the manifest)
             with Beside(head, stopper, name="pgplakar-manifest") as beside:
+
                 if not manifest_only:
                     dump_tool = str(s.tool("pg_dump", major).path)
                     level = fingerprint.effective_level(opts.fingerprint, schema_only=opts.schema_only,
@@ -185,7 +286,7 @@ def logical_backup(
                     def dump(item: tuple[int, str]) -> _Dumped:  # on a dump thread when jobs > 1
                         n, db = item
                         check_cancelled()
-                        return _dump_database(w, s, opts, n, db, dump_tool, tool_versions["pg_dump"], level,
+                        return _dump_database(lazy, s, opts, n, db, dump_tool, tool_versions["pg_dump"], level,
                                               sizes.get(db), also(db))
 
                     def deliver(i: int, d: _Dumped) -> None:  # on this thread, in listing order
@@ -213,6 +314,7 @@ def logical_backup(
                 assert manifest is not None  # head() or main_db's dump collected it
                 add_details(manifest, {db: details.get(db) for db in deferred}, _factory(s, opts, manifest_only),
                             tuple(opts.exclude_databases or ()))
+            w = lazy.get()
             manifest_rec = w.store_stream(MANIFEST_PATH, io.BytesIO(json.dumps(manifest, indent=2).encode()),
                                           mode=0o444, meta={"type": "manifest"})
             added = [w.add_stored(r) for r in [manifest_rec, *head_records, *dumps]]
@@ -223,7 +325,13 @@ def logical_backup(
             # per record path: what it added to the store (docs/format.md §6.4; waits for its last chunks' encoding)
             meta["new_raw_bytes"] = {i.path: i.new_raw_bytes for i in added}
             meta["new_stored_bytes"] = {i.path: i.new_stored_bytes for i in added}
+            w.meta = meta
             check_cancelled()  # a cancelled backup never commits
+        except BaseException as e:
+            lazy.finish(e)
+            raise
+        lazy.finish(None)
+        store = lazy.store
         snap = store.load_snapshot(w.snapshot_id)
         totals = snap.header["stats"]
         return BackupResult(snap.id, dumped, warnings, w.already_existed, totals["bytes"], totals["new_raw_bytes"],
@@ -237,10 +345,10 @@ class _Dumped:
     stored: StoredRecord | None
     fingerprints: dict[str, Any] | None = None
     warning: str | None = None
-    also: Any = None  # its manifest detail (:func:`_detail`; a single database: the whole manifest)
+    also: Any = None  # its manifest detail (:func:`_detail`; main_db's may be the whole manifest)
 
 
-def _dump_database(w: SnapshotWriter, s: Session, opts: LogicalSourceOptions, n: int, db: str, dump_tool: str,
+def _dump_database(w: _LazyWriter, s: Session, opts: LogicalSourceOptions, n: int, db: str, dump_tool: str,
                    tool_version: str, level: str, size: int | None = None,
                    also: Callable[[Any], Any] | None = None) -> _Dumped:
     """Fingerprint ``db`` in an exported snapshot and stream ``pg_dump --snapshot`` of it into a stored record;
@@ -324,11 +432,12 @@ def _gone(s: Session, database: str) -> bool:
     return count == 0
 
 
-def _stream(w: SnapshotWriter, s: Session, path: str, argv: list[str], meta: dict[str, Any],
+def _stream(w: _LazyWriter, s: Session, path: str, argv: list[str], meta: dict[str, Any],
             skip_if: Callable[[ToolFailed], bool] | None = None,
             expected_size: int | None = None) -> StoredRecord | None:
     """Store a tool's stdout as the content of ``path``; the caller adds the returned record to the snapshot
-    (``w.add_stored``). None (nothing stored) when the tool failed before writing a byte and ``skip_if`` accepts
+    (``add_stored``). The tool starts before the writer is waited for (it may still be opening: the tool then
+    blocks on its pipe). None (nothing stored) when the tool failed before writing a byte and ``skip_if`` accepts
     its failure. The time the tool ran goes to ``s.seconds[path]`` (the header's ``meta.seconds``; not the record,
     whose metadata must not change from run to run for manifest leaves to dedup)."""
     log.info("%s: running %s", path, argv[0].rsplit("/", 1)[-1])
@@ -344,8 +453,8 @@ def _stream(w: SnapshotWriter, s: Session, path: str, argv: list[str], meta: dic
                     log.warning("%s: %s", path, e)
                     return None
                 raise
-        pipe = cast(BinaryIO, PipeReader(tool.stdout))
-        stored = w.store_stream(path, pipe, mode=0o444, meta=meta, expected_size=expected_size)
+        pipe = cast(BinaryIO, PipeReader(tool.stdout))  # the pipe enlarged before the writer is waited for
+        stored = w.get().store_stream(path, pipe, mode=0o444, meta=meta, expected_size=expected_size)
         warnings = tool.finish()
     s.seconds[path] = took = round(time.monotonic() - started, 3)
     if warnings.strip():

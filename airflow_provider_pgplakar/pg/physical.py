@@ -60,6 +60,7 @@ from .tarstream import Member, TarFormatError, TarReader
 
 if TYPE_CHECKING:
     from ..store.chunker import Chunking
+    from ..store.opening import OpeningStore
     from ..store.repo import Store
     from ..store.writer import SnapshotWriter
 
@@ -116,7 +117,7 @@ class PhysicalBackupResult:
 
 
 def physical_backup(
-    store: Store,
+    store: Store | OpeningStore,
     opts: PhysicalSourceOptions,
     *,
     labels: Mapping[str, str] | None = None,
@@ -124,8 +125,13 @@ def physical_backup(
     idempotency_key: str | None = None,
     relation_block_size: int = RELATION_BLOCK_SIZE,
 ) -> PhysicalBackupResult:
-    """Back up the whole cluster per ``opts`` into ``store``. Any failure raises and commits nothing."""
+    """Back up the whole cluster per ``opts`` into ``store``. Any failure raises and commits nothing.
+
+    ``store`` may still be opening (:meth:`Store.opening <..store.repo.Store.opening>`): the replication connection,
+    its temporary slot and the manifest's catalog queries run while its passphrase is stretched; the base backup
+    starts once it is open (its label names the snapshot, whose ID the store's keys make)."""
     from ..store.chunker import Chunking
+    from ..store.opening import resolve
 
     fixed = Chunking.fixed(relation_block_size)
     with ssl_files(opts.conn) as ssl:
@@ -143,8 +149,9 @@ def physical_backup(
                 "system_identifier": system["system_identifier"], "layout": LAYOUT_VERSION,
                 "relation_block_size": relation_block_size, "options": _option_summary(opts), "warnings": warnings,
             }
-            with store.writer(source=source, tags=tags, labels=dict(labels or {}), meta=meta,
-                              idempotency_key=idempotency_key) as w:
+            opened = resolve(store)
+            with opened.writer(source=source, tags=tags, labels=dict(labels or {}), meta=meta,
+                               idempotency_key=idempotency_key) as w:
                 w.add_bytes(MANIFEST_PATH, json.dumps(manifest, indent=2).encode(), mode=0o444,
                             meta={"type": "manifest"})
                 bb = _start(repl, opts, f"pgplakar {w.snapshot_id}")
@@ -163,7 +170,7 @@ def physical_backup(
                             tablespaces=tablespaces, files=files)
                 w.meta = meta
                 check_cancelled()  # a cancelled backup never commits
-    stats = store.load_snapshot(w.snapshot_id).header["stats"]
+    stats = opened.load_snapshot(w.snapshot_id).header["stats"]
     result = PhysicalBackupResult(
         w.snapshot_id, server_num, bb.start_lsn, bb.end_lsn, int(bb.timeline or 0), tablespaces, files,
         stats["bytes"], stats["new_stored_bytes"], warnings, w.already_existed,

@@ -96,7 +96,8 @@ class Session:
 
     @contextmanager
     def lending(self) -> Iterator[Session]:
-        """Lent connections that nobody took are closed when the block ends."""
+        """Lent connections that nobody took are closed when the block ends, and the tool probes have ended (a run
+        that failed before it needed them leaves no thread behind)."""
         try:
             yield self
         finally:
@@ -104,6 +105,8 @@ class Session:
                 spare, self._spare = list(self._spare.values()), {}
             for conn in spare:
                 conn.close()
+            if self._prefetch is not None:
+                self._prefetch.join()
 
     def prefetch_tools(self, *names: str) -> None:
         """Run the ``--version`` probes of ``names`` on a thread while the caller connects to the server (whose

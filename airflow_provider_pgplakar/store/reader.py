@@ -138,10 +138,10 @@ def _groups(store: Store, record: Record) -> Iterator[tuple[Location, list[tuple
         yield cur[0][1], cur
 
 
-def _digests(record: Record) -> list[tuple[Any, bytes, str]]:
+def record_digests(record: Record) -> list[tuple[Any, bytes, str]]:
     """(hasher, expected digest, name) for each whole-content digest the record carries: BLAKE3 (``b``), or the
     SHA-256 (``d``) of records written before it replaced SHA-256 (docs/format.md §6.3); a record with both gets
-    both checked."""
+    both checked. Both restore paths check these: :class:`RecordReader` and :mod:`.batchrestore`."""
     out: list[tuple[Any, bytes, str]] = []
     if record.blake3 is not None:
         out.append((blake3.blake3(), record.blake3, "BLAKE3"))
@@ -171,7 +171,7 @@ class RecordReader(io.RawIOBase):
         self._okeys: dict[bytes, ObjectKey] = {}  # pack salt -> key; a benign race between fetch threads
         self._buf = memoryview(b"")
         self._chunks: deque[bytes] = deque()
-        self._digests = _digests(record)  # records may go without (see add_stream)
+        self._digests = record_digests(record)  # records may go without (see add_stream)
         self._size = 0
         self._eof = False
         self._fill()

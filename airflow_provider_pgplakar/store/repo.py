@@ -42,6 +42,7 @@ from .location import open_backend
 from .objects import open_object
 
 if TYPE_CHECKING:
+    from .opening import OpeningStore
     from .reader import RecordReader
     from .record import Record
     from .writer import SnapshotWriter
@@ -212,6 +213,14 @@ class Store:
         store = cls(backend, config, keys, cache_dir)
         store._master = master
         return store
+
+    @classmethod
+    def opening(cls, location: str, passphrase: str | bytes | None = None, **kwargs: Any) -> OpeningStore:
+        """:meth:`open` (same arguments) on a helper thread: a backup connects to its source and starts its tools
+        while the passphrase is stretched (see :mod:`.opening`). Close the result (``with``) when done."""
+        from .opening import OpeningStore
+
+        return OpeningStore(lambda: cls.open(location, passphrase, **kwargs))
 
     # -- keys ------------------------------------------------------------------------------------------------------
     def _require_master(self) -> bytes:

@@ -12,7 +12,10 @@ directory that changed while it was read. So (issue 9):
   is never followed; files are written to random temporary names created ``O_EXCL|O_NOFOLLOW`` and renamed (or
   created ``O_EXCL`` in place); owner, mode and mtime are set on fds or with ``follow_symlinks=False``.
 - Durability: with ``sync`` every written file is fsynced (16 threads, overlapping the writes) and every touched
-  directory afterwards, before :meth:`SafeTree.close` returns, as ``pg_basebackup`` does by default. A large file's
+  directory afterwards, before :meth:`SafeTree.close` returns, as ``pg_basebackup`` does by default. Setting the
+  files' owner, mode and mtime on those threads too (not on the thread that creates the files) was tried and
+  dropped: the fsync threads then waited for the GIL 80 % of their time instead of 57 %, and restores with fsync
+  took 0.18 CPU s more in two alternating A/Bs (README "Restore CPU"), with no wall-time gain. A large file's
   writeback is started while it is still being written (:func:`start_writeback` every 8 MiB, from
   :mod:`.batchrestore`; PostgreSQL's ``pg_flush_data`` does the same before its fsyncs), so the disk works while the
   restore still decodes: without it, restores of the benchmark data directory took 0.12-0.32 s longer (0.64-0.81 s
