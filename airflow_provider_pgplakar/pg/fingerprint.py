@@ -193,6 +193,7 @@ class DumpSnapshot:
     snapshot: str | None = None
     fingerprints: dict[str, Any] = field(default_factory=dict)
     warning: str | None = None
+    also: Any = None  # what ``dump_snapshot(also=...)`` returned
 
 
 def effective_level(level: str, *, schema_only: bool, data_only: bool) -> str:
@@ -201,7 +202,8 @@ def effective_level(level: str, *, schema_only: bool, data_only: bool) -> str:
 
 
 @contextmanager
-def dump_snapshot(connect: Callable[[str], Any], database: str, level: str) -> Iterator[DumpSnapshot]:
+def dump_snapshot(connect: Callable[[str], Any], database: str, level: str,
+                  also: Callable[[Any], Any] | None = None) -> Iterator[DumpSnapshot]:
     """Export a snapshot of ``database`` and fingerprint it while the caller dumps it; keep the transaction open
     until both are done.
 
@@ -213,6 +215,10 @@ def dump_snapshot(connect: Callable[[str], Any], database: str, level: str) -> I
     imports whenever they run, so they overlap pg_dump's start-up and dump instead of delaying its start (at
     ``counts``/``full`` they scan every table: as long as a dump). ``fingerprints`` is filled when the block ends;
     a failure to fingerprint then fails the block. When the block itself fails, the running query is cancelled.
+
+    ``also(conn)`` runs first on that thread, in the same transaction (the backup's manifest reads its per-database
+    part there instead of on a connection of its own); what it returns is ``also`` when the block ends. It must
+    leave the transaction's settings as it found them (a rolled-back savepoint).
     """
     out = DumpSnapshot(database, level)
     with connect(database) as conn:
@@ -230,13 +236,14 @@ def dump_snapshot(connect: Callable[[str], Any], database: str, level: str) -> I
             log.warning("%s", out.warning)
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         log.info("%s: fingerprint=%s%s", database, out.level, f" in snapshot {out.snapshot}" if out.snapshot else "")
-        collector = _Collector(conn, out.level, name=f"pgplakar-fingerprint-{database}"[:60])
+        collector = _Collector(conn, out.level, name=f"pgplakar-fingerprint-{database}"[:60], also=also)
         try:
             yield out
         except BaseException:
             collector.cancel()
             raise
         out.fingerprints = collector.result()
+        out.also = collector.also
         out.fingerprints["snapshot"] = out.snapshot
         try:
             conn.execute("ROLLBACK")
@@ -247,9 +254,11 @@ def dump_snapshot(connect: Callable[[str], Any], database: str, level: str) -> I
 class _Collector:
     """:func:`collect` on ``conn`` on its own thread (the connection is not touched by anyone else meanwhile)."""
 
-    def __init__(self, conn: Any, level: str, name: str) -> None:
+    def __init__(self, conn: Any, level: str, name: str, also: Callable[[Any], Any] | None = None) -> None:
         self._conn = conn
         self._level = level
+        self._also = also
+        self.also: Any = None
         self._found: dict[str, Any] | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -257,6 +266,8 @@ class _Collector:
 
     def _run(self) -> None:
         try:
+            if self._also is not None:
+                self.also = self._also(self._conn)
             self._found = collect(self._conn, self._level)
         except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
             self._error = e

@@ -7,9 +7,12 @@ Differences from the reference, on purpose:
   many databases does not open one connection and one MVCC snapshot per database simultaneously. With ``jobs`` > 1
   the largest databases (``pg_database_size``) start first, each dump streams into its own record of the one
   snapshot, and records are appended in listing order: names and order are those of ``jobs=1``. The first failure
-  kills the other dumps' process groups and nothing is committed. The manifest and the globals
-  (``pg_dumpall --globals-only``) are read on one helper thread beside the dumps (they depend on nothing a dump
-  does), so a run's fixed cost is not spent before its first dump starts; their records still come first.
+  kills the other dumps' process groups and nothing is committed. The globals (``pg_dumpall --globals-only``) and
+  the manifest's cluster part are read on one helper thread beside the dumps, so a run's fixed cost is not spent
+  before its first dump starts; each database's part of the manifest is read on its dump's fingerprint connection,
+  in the snapshot pg_dump imports (a single database, or ``postgres`` when it is dumped: the whole manifest), so the
+  manifest opens no connection of its own (a connection costs both sides ~5-8 ms of CPU). Their records still come
+  first.
 - A tool that fails fails the backup and **nothing is committed** (the reference committed a snapshot with error
   entries); its stderr is in the error.
 - Database names reach tools only as ``--dbname=<conninfo>``; in record paths ``%`` and ``/`` are percent-encoded
@@ -55,7 +58,7 @@ from .session import GLOBALS_PATH, LOGICAL_KIND, MANIFEST_KIND, MANIFEST_PATH, P
 if TYPE_CHECKING:
     from ..store.opening import OpeningStore
     from ..store.repo import Store
-    from ..store.writer import RecordInfo, SnapshotWriter, StoredRecord
+    from ..store.writer import SnapshotWriter, StoredRecord
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +109,10 @@ def logical_backup(
     committed. ``reuse_committed`` (a retried Airflow task): when a snapshot was already committed under
     ``idempotency_key``, stop and return it instead of dumping again.
 
-    The manifest and the globals do not depend on the dumps: they are read on a helper thread (:class:`.jobs.Beside`)
-    while the dumps run, and their records still come first in the snapshot. A failure on either side stops the
-    other (``Stopper``) and is the error raised.
+    The globals and the manifest's cluster part do not depend on the dumps: they are read on a helper thread
+    (:class:`.jobs.Beside`) while the dumps run; the manifest's per-database parts come from the dumps' fingerprint
+    connections, and the records are added when the dumps are done (manifest and globals first). A failure on either
+    side stops the other (``Stopper``) and is the error raised.
     """
     source = {"kind": MANIFEST_KIND if manifest_only else LOGICAL_KIND,
               "origin": opts.conn.redacted_uri(opts.scheme, opts.database)}
@@ -267,8 +271,16 @@ def _logical_backup(lazy: _LazyWriter, opts: LogicalSourceOptions, password: Pas
                 "options": _option_summary(opts), "warnings": warnings}
         try:
 
-            def head() -> list[StoredRecord]:  # on the helper thread, beside the dumps
-                manifest = _manifest(s, opts, selected, tool_versions, manifest_only, authid_ok, dict(labels or {}))
+            # The manifest's per-database part is read on each dump's fingerprint connection, in the snapshot its
+            # pg_dump imports: no connection of its own per database. With a single database, or when postgres is
+            # dumped too, the cluster part is read on that database's fingerprint session (the lent catalog
+            # connection): one connection less again.
+            manifest_args = (opts, selected, tool_versions, manifest_only, authid_ok, dict(labels or {}))
+            deferred = [] if manifest_only or opts.database is not None else [d for d in selected if d != main_db]
+            in_dump = not manifest_only and (opts.database is not None or main_db in selected)
+
+            def head() -> tuple[dict[str, Any] | None, list[StoredRecord]]:  # on the helper thread, beside the dumps
+                manifest = None if in_dump else _manifest(s, *manifest_args, defer=deferred)
                 tail = []
                 if not (manifest_only or opts.data_only):  # started before the writer is waited for
                     globals_rec = _stream(lazy, s, GLOBALS_PATH, commands.pg_dumpall_globals(
@@ -276,15 +288,11 @@ def _logical_backup(lazy: _LazyWriter, opts: LogicalSourceOptions, password: Pas
                         {"type": "globals", "tool": tool_versions.get("pg_dumpall")})
                     assert globals_rec is not None  # no skip_if: a failure raises
                     tail.append(globals_rec)
-                return [lazy.get().store_stream(MANIFEST_PATH, io.BytesIO(json.dumps(manifest, indent=2).encode()),
-                                                mode=0o444, meta={"type": "manifest"}), *tail]
+                return manifest, tail
 
-            added: list[RecordInfo] = []
+            dumps: list[StoredRecord] = []  # in listing order; added after the manifest, which needs their details
+            details: dict[str, Any] = {}  # database -> its manifest detail (main_db when in_dump: the manifest)
             with Beside(head, stopper, name="pgplakar-manifest") as beside:
-
-                def add_head() -> None:  # the manifest and globals records come first, whenever they are ready
-                    if not added:
-                        added.extend(lazy.get().add_stored(r) for r in beside.result())
 
                 if not manifest_only:
                     dump_tool = str(s.tool("pg_dump", major).path)
@@ -292,14 +300,18 @@ def _logical_backup(lazy: _LazyWriter, opts: LogicalSourceOptions, password: Pas
                                                         data_only=opts.data_only)
                     prints: dict[str, Any] = {}
 
+                    def also(db: str) -> Callable[[Any], Any] | None:  # run on the fingerprint connection
+                        if db == main_db and in_dump:
+                            return lambda conn: _manifest(s, *manifest_args, defer=deferred, conn=conn)
+                        return (lambda conn: _detail(conn, db)) if db in deferred else None
+
                     def dump(item: tuple[int, str]) -> _Dumped:  # on a dump thread when jobs > 1
                         n, db = item
                         check_cancelled()
                         return _dump_database(lazy, s, opts, n, db, dump_tool, tool_versions["pg_dump"], level,
-                                              sizes.get(db))
+                                              sizes.get(db), also(db))
 
                     def deliver(i: int, d: _Dumped) -> None:  # on this thread, in listing order
-                        add_head()
                         db = selected[i]
                         if d.stored is None:
                             dumped.remove(db)
@@ -308,14 +320,26 @@ def _logical_backup(lazy: _LazyWriter, opts: LogicalSourceOptions, password: Pas
                             warnings.append(f"database {db!r} was dropped after it was listed: skipped")
                             log.warning("%s", warnings[-1])
                             return
-                        added.append(lazy.get().add_stored(d.stored))
+                        dumps.append(d.stored)
+                        details[db] = d.also
                         prints[db] = d.fingerprints
                         warnings.extend([d.warning] if d.warning else [])
 
                     run_ordered(list(enumerate(selected, 1)), dump, deliver, jobs=opts.jobs, stopper=stopper,
                                 size=lambda item: sizes.get(item[1], 0), name=lambda item: f"database {item[1]!r}")
-                add_head()
+            manifest, head_records = beside.result()
+            if in_dump:  # None: main_db was dropped before its dump (then read here, as head() would have)
+                manifest = details.get(main_db) or _manifest(s, *manifest_args, defer=deferred)
+            if deferred:
+                from .manifest import add_details
+
+                assert manifest is not None  # head() or main_db's dump collected it
+                add_details(manifest, {db: details.get(db) for db in deferred}, _factory(s, opts, manifest_only),
+                            tuple(opts.exclude_databases or ()))
             w = lazy.get()
+            manifest_rec = w.store_stream(MANIFEST_PATH, io.BytesIO(json.dumps(manifest, indent=2).encode()),
+                                          mode=0o444, meta={"type": "manifest"})
+            added = [w.add_stored(r) for r in [manifest_rec, *head_records, *dumps]]
             if not manifest_only:
                 added.append(w.add_bytes(fingerprint.FINGERPRINTS_PATH, fingerprint.encode(prints), mode=0o444,
                                          meta={"type": "fingerprints"}))
@@ -343,14 +367,17 @@ class _Dumped:
     stored: StoredRecord | None
     fingerprints: dict[str, Any] | None = None
     warning: str | None = None
+    also: Any = None  # its manifest detail (:func:`_detail`; main_db's may be the whole manifest)
 
 
 def _dump_database(w: _LazyWriter, s: Session, opts: LogicalSourceOptions, n: int, db: str, dump_tool: str,
-                   tool_version: str, level: str, size: int | None = None) -> _Dumped:
-    """Fingerprint ``db`` in an exported snapshot and stream ``pg_dump --snapshot`` of it into a stored record."""
+                   tool_version: str, level: str, size: int | None = None,
+                   also: Callable[[Any], Any] | None = None) -> _Dumped:
+    """Fingerprint ``db`` in an exported snapshot and stream ``pg_dump --snapshot`` of it into a stored record;
+    ``also(conn)`` runs in that snapshot first (:func:`.fingerprint.dump_snapshot`)."""
     gone = None if opts.database is not None else (lambda e: _vanished(s, db, e))
     try:
-        with fingerprint.dump_snapshot(s.connect, db, level) as fp:
+        with fingerprint.dump_snapshot(s.connect, db, level, also) as fp:
             argv = commands.pg_dump(dump_tool, db, compress=opts.compress, schema_only=opts.schema_only,
                                     data_only=opts.data_only, snapshot=fp.snapshot)
             stored = _stream(w, s, dump_path(n, db), argv, {
@@ -366,7 +393,7 @@ def _dump_database(w: _LazyWriter, s: Session, opts: LogicalSourceOptions, n: in
         return _Dumped(None)
     if stored is None:
         return _Dumped(None)
-    return _Dumped(stored, fp.fingerprints, fp.warning)
+    return _Dumped(stored, fp.fingerprints, fp.warning, fp.also)
 
 
 def _one_at_a_time(source: PasswordSource) -> PasswordSource:
@@ -464,18 +491,35 @@ def _option_summary(opts: LogicalSourceOptions) -> dict[str, Any]:
             "fingerprint": opts.fingerprint, "jobs": opts.jobs}
 
 
-def _manifest(s: Session, opts: LogicalSourceOptions, selected: list[str], tool_versions: dict[str, str],
-              manifest_only: bool, authid_ok: bool, labels: dict[str, str]) -> dict[str, Any]:
-    from .manifest import collect_manifest
-
+def _factory(s: Session, opts: LogicalSourceOptions, manifest_only: bool) -> Callable[[str], Any]:
     def factory(dbname: str) -> Any:  # a single database's lent connection is its dump's (it waits for it)
         return s.connect(dbname, reuse=opts.database is None or manifest_only)
 
+    return factory
+
+
+def _detail(conn: Any, db: str) -> Any:
+    """The manifest's part for ``db`` (:func:`.manifest.database_detail`), in the caller's transaction on ``conn``;
+    a failure to start it is the manifest's error entry, not the backup's failure (as on a connection of its own)."""
+    from .manifest import database_detail
+
+    try:
+        return database_detail(conn, db)
+    except psycopg.Error as e:
+        return {}, [{"database": db, "section": "transaction", "sqlstate": e.sqlstate,
+                     "message": " ".join(str(e).split()) or type(e).__name__}]
+
+
+def _manifest(s: Session, opts: LogicalSourceOptions, selected: list[str], tool_versions: dict[str, str],
+              manifest_only: bool, authid_ok: bool, labels: dict[str, str], *, defer: Collection[str] = (),
+              conn: Any = None) -> dict[str, Any]:
+    from .manifest import collect_manifest
+
     return collect_manifest(
-        factory, database=opts.database, connector="postgresql", host=opts.conn.host, port=opts.conn.port,
-        dump_format="custom", options={"schema_only": opts.schema_only, "data_only": opts.data_only,
-                                       "compress": opts.compress},
+        _factory(s, opts, manifest_only), database=opts.database, connector="postgresql", host=opts.conn.host,
+        port=opts.conn.port, dump_format="custom", options={"schema_only": opts.schema_only,
+                                                            "data_only": opts.data_only, "compress": opts.compress},
         tool_versions=tool_versions, exclude_databases=tuple(opts.exclude_databases or ()),
         extra={"databases_dumped": [] if manifest_only else selected, "role_passwords": authid_ok,
-               "scheme": opts.scheme, "labels": labels},
+               "scheme": opts.scheme, "labels": labels}, defer=defer, conn=conn,
     )

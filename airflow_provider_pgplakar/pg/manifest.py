@@ -54,10 +54,13 @@ from airflow_provider_pgplakar.store.progress import Ticker
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MANIFEST_VERSION", "ConnFactory", "ManifestError", "collect_manifest"]
+__all__ = ["MANIFEST_VERSION", "ConnFactory", "DatabaseDetail", "ManifestError", "add_details", "collect_manifest",
+           "database_detail"]
 
 MANIFEST_VERSION = 2
 ConnFactory = Callable[[str], psycopg.Connection]
+# A database's extensions, schemas and relations, and the errors of their sections (:func:`database_detail`).
+DatabaseDetail = tuple[dict[str, Any], list[dict[str, Any]]]
 T = TypeVar("T")
 
 # PostgreSQL timestamps are infinite or beyond year 9999 at times, which Python's datetime cannot load; formatting
@@ -134,6 +137,15 @@ def _snapshot(conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
         except psycopg.Error:
             pass
         conn.close()
+
+
+@contextmanager
+def _borrowed(conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
+    """The caller's open transaction on ``conn`` (e.g. a dump's exported snapshot), in a savepoint rolled back at the
+    end: our ``search_path`` stays ours and the caller's settings come back; ``conn`` stays open."""
+    with conn.transaction(force_rollback=True):
+        conn.execute("SELECT pg_catalog.set_config('search_path', '', true)")
+        yield conn
 
 
 def _omit_empty(item: dict[str, Any], keys: Collection[str]) -> dict[str, Any]:
@@ -483,6 +495,38 @@ def _detail_targets(
     return selected
 
 
+def database_detail(conn: psycopg.Connection, name: str) -> DatabaseDetail:
+    """The per-database part of the manifest for the connected database ``name``, read in the caller's open
+    transaction (a logical backup reads it in the snapshot its pg_dump imports, on the fingerprint connection: one
+    connection per database less); :func:`add_details` puts it into the manifest."""
+    errors = _Errors()
+    entry: dict[str, Any] = {"name": name}
+    with _borrowed(conn):
+        _collect_database(conn, entry, errors)
+    del entry["name"]
+    return entry, errors.items
+
+
+def add_details(manifest: dict[str, Any], details: Mapping[str, DatabaseDetail | None],
+                conn_factory: ConnFactory, exclude_databases: Collection[str] = ()) -> None:
+    """Put the ``details`` of databases left out by ``collect_manifest(defer=...)`` into ``manifest`` (in place,
+    their errors appended to ``errors``); a database without one (its dump was skipped) is read through
+    ``conn_factory`` as :func:`collect_manifest` would have. Only databases :func:`collect_manifest` details are
+    (templates are not, even when dumped)."""
+    errors = _Errors()
+    errors.items = manifest["errors"]
+    entries = {d["name"]: d for d in _detail_targets(manifest, None, exclude_databases, errors)}
+    for name, detail in details.items():
+        entry = entries.get(name)
+        if entry is None:
+            continue
+        if detail is None:
+            _collect_other(conn_factory, entry, errors)
+        else:
+            entry.update(detail[0])
+            errors.items.extend(detail[1])
+
+
 def _collect_other(conn_factory: ConnFactory, entry: dict[str, Any], errors: _Errors) -> None:
     name = entry["name"]
     check_cancelled()
@@ -514,6 +558,8 @@ def collect_manifest(
     tool_versions: Mapping[str, str],
     extra: Mapping[str, Any] | None = None,
     exclude_databases: Collection[str] = (),
+    defer: Collection[str] = (),
+    conn: psycopg.Connection | None = None,
 ) -> dict[str, Any]:
     """Collect the manifest as a JSON-ready dict (serialise with ``json.dumps(m, indent=2)``).
 
@@ -523,6 +569,9 @@ def collect_manifest(
     the cluster's ``databases`` list but are not detailed (``rdsadmin`` cannot be connected to at all).
     ``tool_versions`` maps a tool name to its ``--version`` line; ``pg_dump``/``pg_basebackup`` also fill the
     reference's ``pg_dump_version``/``pg_basebackup_version``. ``extra`` goes under the top-level ``pgplakar`` key.
+    Databases in ``defer`` are not detailed here (the caller reads them with :func:`database_detail` and adds them
+    with :func:`add_details`). ``conn`` (to ``database`` or ``postgres``, in an open transaction of the caller's) is
+    read instead of a connection of our own, and left open.
     """
     versions = {k: tool_versions[k] for k in sorted(tool_versions)}
     header: dict[str, Any] = {
@@ -542,9 +591,13 @@ def collect_manifest(
     main_db = database if database is not None else "postgres"
     t0 = time.monotonic()
     log.info("manifest: reading the cluster inventory from %s", main_db)
-    conn = conn_factory(main_db)
+    if conn is None:
+        conn = conn_factory(main_db)
+        reading = _snapshot(conn)
+    else:
+        reading = _borrowed(conn)
     try:
-        with _snapshot(conn):
+        with reading:
             manifest = {**header, **_server_version(conn)}
             manifest["pg_dump_version"] = versions.get("pg_dump")
             manifest["pg_basebackup_version"] = versions.get("pg_basebackup")
@@ -561,7 +614,7 @@ def collect_manifest(
     log.info("manifest: detailing %d database(s) (schemas, relations, extensions)", len(targets))
     ticker = Ticker("manifest")  # a line per interval: a cluster may hold thousands of databases
     for n, entry in enumerate(targets, 1):
-        if entry["name"] != main_db:
+        if entry["name"] != main_db and entry["name"] not in defer:
             _collect_other(conn_factory, entry, errors)
         ticker.tick(f"{n} of {len(targets)} database(s) detailed ({entry['name']})")
     log.info("manifest: done in %.1fs (%d database(s) detailed, %d error(s))", time.monotonic() - t0, len(targets),
