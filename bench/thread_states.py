@@ -11,7 +11,7 @@ figures are not bent by instrumentation; the cost is this process's own CPU.
 
 Prints the share of samples by number of runnable threads (ours + walsender; fewer than 2 runnable on 2 cores is
 a core left idle on a quiet machine), the most common combinations, and a 0.2 s timeline of the main thread's and
-the other threads' runnable shares. README "Physical base backups" cites a run (issue 13 §3).
+the other threads' runnable shares. docs/benchmarks.md cites a run (issue 13 §3).
 """
 
 from __future__ import annotations
