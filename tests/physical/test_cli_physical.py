@@ -32,6 +32,17 @@ def one_line_error(proc: subprocess.CompletedProcess[str], code: int, *secrets: 
     return lines[0]
 
 
+def new_store(src, tmp_path: Path) -> tuple[dict[str, str], Path, str]:
+    """A CLI environment without the caller's PG*/PGPLAKAR_* variables, a new store in it, and ``src``'s
+    replication location."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGPLAKAR_"))}
+    env.update(PGPLAKAR_PASSPHRASE=PASSPHRASE, PGPLAKAR_KDF="1,8192,1", PGPLAKAR_CACHE_DIR=str(tmp_path / "cache"),
+               HOME=str(tmp_path / "home"), PGPASSWORD=src.password)
+    store = tmp_path / "store"
+    assert cli(store, env, "create").returncode == 0
+    return env, store, f"postgres+bin://{src.superuser}@{src.host}:{src.port}"
+
+
 def test_cli_backup_and_restore_to_dir(pg_factory, pg_manager, tmp_path) -> None:
     need(PGPLAKAR.exists(), f"the pgplakar console script next to {sys.executable} (pip install -e .)")
     src = pg_factory(15)
@@ -39,12 +50,7 @@ def test_cli_backup_and_restore_to_dir(pg_factory, pg_manager, tmp_path) -> None
     with src.connect() as c:
         c.execute(f"CREATE TABLESPACE extra LOCATION '{ts_dir}'")
         c.execute("CREATE TABLE t TABLESPACE extra AS SELECT generate_series(1, 1000) g")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGPLAKAR_"))}
-    env.update(PGPLAKAR_PASSPHRASE=PASSPHRASE, PGPLAKAR_KDF="1,8192,1", PGPLAKAR_CACHE_DIR=str(tmp_path / "cache"),
-               HOME=str(tmp_path / "home"), PGPASSWORD=src.password)
-    store = tmp_path / "store"
-    assert cli(store, env, "create").returncode == 0
-    location = f"postgres+bin://{src.superuser}@{src.host}:{src.port}"
+    env, store, location = new_store(src, tmp_path)
 
     proc = cli(store, env, "--json", "backup", location, "checkpoint=fast", f"pg_bin_dir={src.bin_dir}",
                "--tag", "weekly")
@@ -88,12 +94,7 @@ def test_cli_physical_backup_with_a_wrong_passphrase(pg_factory, tmp_path) -> No
     passphrase is still one line, commits nothing, and leaves no slot or walsender on the server."""
     need(PGPLAKAR.exists(), f"the pgplakar console script next to {sys.executable} (pip install -e .)")
     src = pg_factory(15)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGPLAKAR_"))}
-    env.update(PGPLAKAR_PASSPHRASE=PASSPHRASE, PGPLAKAR_KDF="1,8192,1", PGPLAKAR_CACHE_DIR=str(tmp_path / "cache"),
-               HOME=str(tmp_path / "home"), PGPASSWORD=src.password)
-    store = tmp_path / "store"
-    assert cli(store, env, "create").returncode == 0
-    location = f"postgres+bin://{src.superuser}@{src.host}:{src.port}"
+    env, store, location = new_store(src, tmp_path)
     wrong = {**env, "PGPLAKAR_PASSPHRASE": "not the physical passphrase"}
     err = one_line_error(cli(store, wrong, "backup", location, "checkpoint=fast", f"pg_bin_dir={src.bin_dir}"), 1,
                          src.password, "not the physical passphrase", PASSPHRASE)
