@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -316,11 +317,15 @@ def test_backup_and_approved_restore_through_the_rest_api(deployment: Deployment
         return states.get("approve") == "awaiting_input"
 
     dep.wait("the approval request", awaiting, RUN_TIMEOUT)
-    # A person answers seconds after the request. An answer within the same moment races Airflow's own bookkeeping:
-    # the resumed try has the old try's key, and when the executor's "finished" event of the parked process is read
-    # after the resumed try was queued, the scheduler drops the new try from its running set and fails it as
-    # "killed externally" (airflow/jobs/scheduler_job_runner.py, _process_executor_events). Seen once under CI load.
-    time.sleep(5)
+    # Answer only once the scheduler has read the executor's event for the process that parked the task. An answer
+    # before that races Airflow's own bookkeeping: the resumed try has the parked try's key, and when that event is
+    # read after the resumed try was queued, the scheduler drops the new try from its running set and fails it as
+    # "killed externally" (airflow/jobs/scheduler_job_runner.py, _process_executor_events). Seen twice under CI
+    # load, once after a fixed 5 s wait.
+    parked = re.compile(r"Received executor event with state \S+ for task instance TaskInstanceKey\(dag_id="
+                        rf"'pgplakar_restore_on_demand', task_id='approve', run_id='{re.escape(restore)}'")
+    dep.wait("the scheduler to read the parked approval's executor event",
+             lambda: parked.search(dep.output("scheduler", tail=1 << 30)), RUN_TIMEOUT)
     assert _rows(source, "shop") == 10  # nothing restored before the approval
     detail = dep.request("GET", f"{path}/approve/-1/hitlDetails")
     assert detail["options"] == ["Approve", "Reject"]

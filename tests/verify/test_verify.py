@@ -106,7 +106,8 @@ def test_verify_passes_for_a_backup_taken_while_pgbench_writes(pg_factory, pg_ma
         with src.connect("bench") as c:
             after = c.execute("SELECT count(*) FROM pgbench_history").fetchone()[0]
     finally:
-        os.killpg(bench.pid, signal.SIGINT)
+        # SIGTERM, not SIGINT: pgbench takes SIGINT as "cancel the running query" and may go on for its --time
+        os.killpg(bench.pid, signal.SIGTERM)
         bench.wait(timeout=60)
     recorded = read_fingerprints(store, res.snapshot_id)["bench"]["relations"]["public.pgbench_history"]["rows"]
     assert 200 <= recorded < after  # the source moved on: a live comparison would fail, the fingerprints do not
