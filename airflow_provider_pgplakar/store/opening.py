@@ -43,10 +43,6 @@ class OpeningStore:
         finally:
             del open_store
 
-    def done(self) -> bool:
-        """The store is open, or opening it failed (:meth:`result` would not wait)."""
-        return not self._thread.is_alive()
-
     def result(self) -> Store:
         """Wait for the store; raise the error that opening it raised (every caller gets that same error)."""
         self._thread.join()

@@ -131,24 +131,31 @@ def decompress(payload: bytes | bytearray | memoryview, max_output_size: int = 0
     return decompressor().decompress(payload)
 
 
-def decode_blob(
-    okey: ObjectKey, blob_type: int, blob_id: bytes, sealed: bytes | memoryview, raw_len: int, keys: Keys, where: str
-) -> bytes:
-    """Open, decompress and verify one blob; any mismatch raises IntegrityError naming ``where``."""
+def _open_blob(okey: ObjectKey, blob_type: int, blob_id: bytes, sealed: bytes | memoryview,
+               where: str) -> tuple[int, memoryview]:
+    """Authenticate one sealed blob; its codec (raw or zstd, anything else refused) and payload."""
     try:
         plain = okey.open(sealed, blob_aad(blob_type, blob_id))
     except AuthError:
         raise IntegrityError(f"blob {blob_id.hex()[:16]} in {where}: authentication failed") from None
-    codec, payload = plain[0], memoryview(plain)[1:]
+    codec = plain[0]
+    if codec not in (CODEC_ZSTD, CODEC_RAW):
+        raise IntegrityError(f"blob {blob_id.hex()[:16]} in {where}: unknown codec {codec}")
+    return codec, memoryview(plain)[1:]
+
+
+def decode_blob(
+    okey: ObjectKey, blob_type: int, blob_id: bytes, sealed: bytes | memoryview, raw_len: int, keys: Keys, where: str
+) -> bytes:
+    """Open, decompress and verify one blob; any mismatch raises IntegrityError naming ``where``."""
+    codec, payload = _open_blob(okey, blob_type, blob_id, sealed, where)
     if codec == CODEC_ZSTD:
         try:
             raw = decompress(payload, raw_len)
         except zstandard.ZstdError as e:
             raise IntegrityError(f"blob {blob_id.hex()[:16]} in {where}: bad compressed data ({e})") from None
-    elif codec == CODEC_RAW:
-        raw = bytes(payload)
     else:
-        raise IntegrityError(f"blob {blob_id.hex()[:16]} in {where}: unknown codec {codec}")
+        raw = bytes(payload)
     if len(raw) != raw_len or keys.blob_id(raw) != blob_id:
         raise IntegrityError(f"blob {blob_id.hex()[:16]} in {where}: content does not match its ID")
     return raw
@@ -166,11 +173,7 @@ def decode_blob_into(
     no internal window copy); the content is then checked against the blob's keyed BLAKE3 ID like
     :func:`decode_blob`'s. Until this returns, ``out`` holds unverified bytes: the caller writes nothing from it
     before."""
-    try:
-        plain = okey.open(sealed, blob_aad(blob_type, blob_id))
-    except AuthError:
-        raise IntegrityError(f"blob {blob_id.hex()[:16]} in {where}: authentication failed") from None
-    codec, payload = plain[0], memoryview(plain)[1:]
+    codec, payload = _open_blob(okey, blob_type, blob_id, sealed, where)
     dest = out[:raw_len]
     if len(dest) != raw_len:
         raise ValueError(f"output buffer of {len(out)} bytes for a {raw_len}-byte blob")
@@ -188,12 +191,10 @@ def decode_blob_into(
                 got += n
         except zstandard.ZstdError as e:
             raise IntegrityError(f"blob {blob_id.hex()[:16]} in {where}: bad compressed data ({e})") from None
-    elif codec == CODEC_RAW:
+    else:
         if len(payload) != raw_len:
             raise IntegrityError(f"blob {blob_id.hex()[:16]} in {where}: content does not match its ID")
         dest[:] = payload
-    else:
-        raise IntegrityError(f"blob {blob_id.hex()[:16]} in {where}: unknown codec {codec}")
     if keys.blob_id(dest) != blob_id:
         raise IntegrityError(f"blob {blob_id.hex()[:16]} in {where}: content does not match its ID")
     return dest
