@@ -132,7 +132,6 @@ class Chunker:
             self._spare.extend(held[: max(0, SPARE_BUFFERS - len(self._spare))])
 
     def _cut(self, stream: BinaryIO, size: int, held: list[bytearray]) -> Iterator[list[memoryview]]:
-        max_size = self._max
         tail = memoryview(b"")
         eof = False
         while not eof:
@@ -148,14 +147,20 @@ class Chunker:
             if not filled:
                 return
             view = memoryview(buf).toreadonly()[:filled]
-            out: list[memoryview] = []
-            carry_from = filled
-            for c in self._cdc.cut_buf(view):
-                if not eof and filled - c.offset < max_size:
-                    carry_from = c.offset  # cut without the whole window ahead: recut in the next buffer
-                    break
-                out.append(c.data)
+            out, carry_from = self._split(view, eof)
             tail = view[carry_from:]
             del view
             if out:
                 yield out
+            del out  # this frame keeps no view of a batch it handed on while it reads the next (see batches)
+
+    def _split(self, view: memoryview, eof: bool) -> tuple[list[memoryview], int]:
+        """The chunks cut from ``view`` and where its carried-over tail starts (a function of its own, so that
+        no loop variable outlives the cut holding a view of the buffer)."""
+        out: list[memoryview] = []
+        filled = len(view)
+        for c in self._cdc.cut_buf(view):
+            if not eof and filled - c.offset < self._max:
+                return out, c.offset  # cut without the whole window ahead: recut in the next buffer
+            out.append(c.data)
+        return out, filled

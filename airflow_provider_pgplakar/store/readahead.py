@@ -49,9 +49,10 @@ class Readahead:
 
     def _read(self) -> None:
         try:
-            for chunk in self._chunks:
-                if not (self._put(self._hash_q, chunk) and self._put(self._out, chunk)):
+            for batch in self._chunks:
+                if not (self._put(self._hash_q, batch) and self._put(self._out, batch)):
                     return
+                del batch  # not kept alive while the next one is cut
             self._put(self._hash_q, _END)
             self._put(self._out, _END)
         except BaseException as e:  # a failing source (pipe, file): re-raised on the caller's thread
@@ -70,6 +71,7 @@ class Readahead:
                 return
             for chunk in item:
                 self._digest.update(chunk)
+            del item, chunk  # not kept alive while waiting for the next batch
 
     def __iter__(self) -> Iterator[list[memoryview]]:
         try:
@@ -80,6 +82,7 @@ class Readahead:
                 if isinstance(item, _Failed):
                     raise item.exc
                 yield item
+                del item  # not kept alive while waiting for the next batch
             self._hasher.join()
             self._reader.join()
         finally:

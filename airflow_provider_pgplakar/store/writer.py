@@ -63,6 +63,7 @@ CHUNKLIST_CUT_MOD = 64
 CHUNKLIST_REFS = 4096
 FIXED_BATCH = 4 << 20  # bytes of fixed-size blocks per pool task (fewer hand-offs: 4 % faster than 1 MiB in an A/B)
 FIXED_WINDOW = 8  # pending batches per record (the sink's semaphore bounds the total)
+CDC_WINDOW = 3  # content-defined batches per record in the encode pool at once (see _cdc_refs)
 # Manifest leaves are cut after a record whose keyed hash is divisible by LEAF_CUT_MOD (~24 records per leaf): a
 # snapshot that changes a few records re-stores a few small leaves (a base backup after a 1 % change touched 3 of
 # 4 leaves of ~320 records, 27 KiB stored; ~8 leaves of ~48, 24 KiB; ~12 of ~24, ~14 KiB).
@@ -311,11 +312,13 @@ class SnapshotWriter:
                 yield [self._sink.add(DATA, chunk, new), len(chunk)]
             return
         source = Readahead(itertools.chain(head, batches), digest)
+        del head  # else the first two batch buffers stay pinned for the whole record
         pending: collections.deque[Future[list[list[Any]]]] = collections.deque()
         try:
             for batch in source:
                 pending.append(self._sink.add_blocks(DATA, batch, new))
-                while pending and (len(pending) > FIXED_WINDOW or pending[0].done()):
+                del batch  # the pool holds it now; not kept alive while waiting below
+                while pending and (len(pending) >= CDC_WINDOW or pending[0].done()):
                     yield from pending.popleft().result()
             while pending:
                 yield from pending.popleft().result()
