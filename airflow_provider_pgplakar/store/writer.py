@@ -25,7 +25,7 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -63,7 +63,6 @@ CHUNKLIST_CUT_MOD = 64
 CHUNKLIST_REFS = 4096
 FIXED_BATCH = 4 << 20  # bytes of fixed-size blocks per pool task (fewer hand-offs: 4 % faster than 1 MiB in an A/B)
 FIXED_WINDOW = 8  # pending batches per record (the sink's semaphore bounds the total)
-CDC_WINDOW = 3  # content-defined batches per record in the encode pool at once (see _cdc_refs)
 # Manifest leaves are cut after a record whose keyed hash is divisible by LEAF_CUT_MOD (~24 records per leaf): a
 # snapshot that changes a few records re-stores a few small leaves (a base backup after a 1 % change touched 3 of
 # 4 leaves of ~320 records, 27 KiB stored; ~8 leaves of ~48, 24 KiB; ~12 of ~24, ~14 KiB).
@@ -301,8 +300,16 @@ class SnapshotWriter:
                   new: NewBytes) -> Generator[list[Any], None, None]:
         """Content-defined chunks: cut and record digest on helper threads (see readahead), a batch of ~4 MiB of chunks
         per encode-pool task for BLAKE3, dedup and compression (:meth:`BlobSink.add_blocks`, as for fixed blocks:
-        the caller only hands batches on, so the GIL changes hands per batch instead of several times per chunk);
-        at most ``FIXED_WINDOW`` batches pending, so memory stays bounded."""
+        the caller only hands batches on, so the GIL changes hands per batch instead of several times per chunk).
+
+        Memory: every batch keeps its whole buffer (``Chunker.batches``: 4 MiB by default, ``2 × max`` for a larger
+        maximum chunk size) alive until its task is done. A record gives the pool one batch per encode worker
+        (``BlobSink.workers``, ``min(4, cores)``; the caller waits for the oldest task, then hands on the next batch
+        at once) and the read-ahead holds ``2 × DEPTH + 2`` more (:mod:`.readahead`): at most ``workers + 4``
+        buffers per record, 6 (24 MiB) on 2 cores, 8 (32 MiB) on 4 or more, whatever the record's size. It was 12
+        on 2 cores before: the sink's ``2 × workers + 2`` slots, a deeper read-ahead, the first two batches pinned
+        for the whole record and loop variables that kept the previous batch alive in every thread (README
+        "The store": memory)."""
         assert self._sink is not None
         batches = self.store.chunker.batches(stream)
         head = list(itertools.islice(batches, 2))
@@ -311,14 +318,15 @@ class SnapshotWriter:
                 digest.update(chunk)
                 yield [self._sink.add(DATA, chunk, new), len(chunk)]
             return
-        source = Readahead(itertools.chain(head, batches), digest)
-        del head  # else the first two batch buffers stay pinned for the whole record
+        source = Readahead(_pop_then(head, batches), digest)
+        del head
+        window = self._sink.workers
         pending: collections.deque[Future[list[list[Any]]]] = collections.deque()
         try:
             for batch in source:
                 pending.append(self._sink.add_blocks(DATA, batch, new))
-                del batch  # the pool holds it now; not kept alive while waiting below
-                while pending and (len(pending) >= CDC_WINDOW or pending[0].done()):
+                del batch  # the pool holds it now: not kept alive while waiting below
+                while pending and (len(pending) >= window or pending[0].done()):  # a done task holds no batch
                     yield from pending.popleft().result()
             while pending:
                 yield from pending.popleft().result()
@@ -523,6 +531,14 @@ class SnapshotWriter:
                 f"deduplicates against, is missing from {st.location} or not its indexed size (an index segment "
                 "that outlived its packs, or lost data): run `pgplakar check`, then `repair index`, and retry"
             )
+
+
+def _pop_then(head: list[Any], rest: Iterator[Any]) -> Iterator[Any]:
+    """``head``'s items (taken out of it), then ``rest``'s. Not ``itertools.chain(head, rest)``: its argument tuple
+    keeps ``head``, and so the first batch buffers, alive until the very end of the record."""
+    while head:
+        yield head.pop(0)
+    yield from rest
 
 
 def _user() -> str:
