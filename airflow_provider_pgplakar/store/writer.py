@@ -63,6 +63,7 @@ CHUNKLIST_CUT_MOD = 64
 CHUNKLIST_REFS = 4096
 FIXED_BATCH = 4 << 20  # bytes of fixed-size blocks per pool task (fewer hand-offs: 4 % faster than 1 MiB in an A/B)
 FIXED_WINDOW = 8  # pending batches per record (the sink's semaphore bounds the total)
+CDC_QUEUED = 1  # content-defined batches per record waiting in the pool beyond one per worker (see _cdc_refs)
 # Manifest leaves are cut after a record whose keyed hash is divisible by LEAF_CUT_MOD (~24 records per leaf): a
 # snapshot that changes a few records re-stores a few small leaves (a base backup after a 1 % change touched 3 of
 # 4 leaves of ~320 records, 27 KiB stored; ~8 leaves of ~48, 24 KiB; ~12 of ~24, ~14 KiB).
@@ -304,12 +305,13 @@ class SnapshotWriter:
 
         Memory: every batch keeps its whole buffer (``Chunker.batches``: 4 MiB by default, ``2 × max`` for a larger
         maximum chunk size) alive until its task is done. A record gives the pool one batch per encode worker
-        (``BlobSink.workers``, ``min(4, cores)``; the caller waits for the oldest task, then hands on the next batch
-        at once) and the read-ahead holds ``2 × DEPTH + 2`` more (:mod:`.readahead`): at most ``workers + 4``
-        buffers per record, 6 (24 MiB) on 2 cores, 8 (32 MiB) on 4 or more, whatever the record's size. It was 12
-        on 2 cores before: the sink's ``2 × workers + 2`` slots, a deeper read-ahead, the first two batches pinned
-        for the whole record and loop variables that kept the previous batch alive in every thread (README
-        "The store": memory)."""
+        (``BlobSink.workers``, ``min(4, cores)``) plus ``CDC_QUEUED`` waiting, so a worker that finishes never
+        waits for the caller to wake up (the caller waits for the oldest task, then hands on the next batch), and
+        the read-ahead holds ``2 × DEPTH + 2`` more (:mod:`.readahead`): at most ``workers + 5`` buffers per
+        record, 7 (28 MiB) on 2 cores, 9 (36 MiB) on 4 or more, whatever the record's size. It was 12 on 2 cores
+        before: the sink's ``2 × workers + 2`` slots, a deeper read-ahead, the first two batches pinned for the
+        whole record and loop variables that kept the previous batch alive in every thread (README "The store",
+        memory)."""
         assert self._sink is not None
         batches = self.store.chunker.batches(stream)
         head = list(itertools.islice(batches, 2))
@@ -320,7 +322,7 @@ class SnapshotWriter:
             return
         source = Readahead(_pop_then(head, batches), digest)
         del head
-        window = self._sink.workers
+        window = self._sink.workers + CDC_QUEUED
         pending: collections.deque[Future[list[list[Any]]]] = collections.deque()
         try:
             for batch in source:
