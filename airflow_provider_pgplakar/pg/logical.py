@@ -496,6 +496,9 @@ def _stream(w: _LazyWriter, s: Session, path: str, argv: list[str], meta: dict[s
     return stored
 
 
+_WRITER_POLL = 0.01  # seconds: how soon a tool's exit or full pipe is seen while the store opens
+
+
 def _wait_for_writer(w: _LazyWriter, tool: Tool, reader: PipeReader) -> float:
     """Wait for the snapshot writer (the store may still be opening) while watching ``tool``; return how long the
     tool was held up by the wait: from when its pipe was full or it exited until the writer was ready (0 when it was
@@ -508,9 +511,6 @@ def _wait_for_writer(w: _LazyWriter, tool: Tool, reader: PipeReader) -> float:
         if since is None and (tool.proc.returncode is not None or reader.held()):
             since = time.monotonic()
     return 0.0 if since is None else time.monotonic() - since
-
-
-_WRITER_POLL = 0.01  # seconds: how soon a tool's exit or full pipe is seen while the store opens
 
 
 def _option_summary(opts: LogicalSourceOptions) -> dict[str, Any]:

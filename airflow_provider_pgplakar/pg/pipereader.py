@@ -28,8 +28,8 @@ PIPE_SIZE = 256 << 10
 WANT = 256 << 10  # a read waits for this much, the whole request, or half the pipe, whichever is least
 NAP = 0.001  # seconds
 NAPS = 4  # naps per read at most (a slow stream is then read as it comes)
-# A writer blocks once every page of the pipe is taken: with 4 KiB stdio writes after a few short ones that is a
-# few pages short of the byte capacity. A tool this close to it is held, bar its last few writes.
+# A writer blocks once every page of the pipe is taken: at the byte capacity with pg_dump's 4 KiB writes (measured),
+# a little short of it when some writes left a page part-filled. A tool this close to it counts as held.
 FULL_SLACK = 16 << 10
 
 
