@@ -161,9 +161,10 @@ def _committed(st: Store, key: str) -> PhysicalBackupResult | None:
     log.info("snapshot %s was already committed by an earlier try of this task: reusing it", sid)
     header = st.load_snapshot(sid).header
     meta = header["meta"]
-    return PhysicalBackupResult(sid, meta["server_version_num"], meta["start_lsn"], meta["end_lsn"],
-                                int(meta.get("timeline") or 0), list(meta.get("tablespaces") or []),
-                                int(meta.get("files") or 0), header["stats"]["bytes"], 0, [], True)
+    return PhysicalBackupResult(sid, int(meta.get("server_version_num") or 0), str(meta.get("start_lsn") or ""),
+                                str(meta.get("end_lsn") or ""), int(meta.get("timeline") or 0),
+                                list(meta.get("tablespaces") or []), int(meta.get("files") or 0),
+                                header["stats"]["bytes"], 0, [], True)
 
 
 def _physical_backup(store: Store | OpeningStore, opts: PhysicalSourceOptions, labels: dict[str, str],
