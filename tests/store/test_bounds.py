@@ -18,6 +18,7 @@ from airflow_provider_pgplakar.store import errors
 from airflow_provider_pgplakar.store.index import read_segment, write_segment
 from airflow_provider_pgplakar.store.objects import MAGIC, OBJECT_RAW_MAX, open_object
 from airflow_provider_pgplakar.store.pack import (
+    CHUNKLIST,
     CODEC_RAW,
     CODEC_ZSTD,
     DATA,
@@ -28,8 +29,9 @@ from airflow_provider_pgplakar.store.pack import (
     pack_object_name,
     parse_pack,
 )
-from airflow_provider_pgplakar.store.reader import read_blob
+from airflow_provider_pgplakar.store.reader import CHUNKLIST_RAW_MAX, read_blob
 from airflow_provider_pgplakar.store.repo import Store
+from airflow_provider_pgplakar.store.writer import CHUNKLIST_REFS
 
 MiB = 1024 * 1024
 
@@ -189,3 +191,29 @@ def test_a_blob_is_never_expanded_beyond_its_indexed_size(store: Store, raw_len:
 
     assert traced_peak(read) < 32 * MiB
     assert re.fullmatch(f"blob {blob_id.hex()[:16]} in packs/[0-9a-f/]+: bad compressed data (.*)", failed[0])
+
+
+def test_the_biggest_chunk_list_a_writer_makes_is_within_the_readers_bound() -> None:
+    refs = [[b"\xff" * 32, 8 * MiB] for _ in range(CHUNKLIST_REFS)]
+    assert len(msgpack.packb(refs, use_bin_type=True)) <= CHUNKLIST_RAW_MAX
+
+
+def test_an_oversized_chunk_list_is_refused_before_it_is_unpacked(store: Store) -> None:
+    """A key holder's chunk list of 4 MiB of empty lists (``[[], [], ...]``, 64 bytes of Python objects per byte)
+    is refused by its size, not unpacked into 300 MiB of objects; the record is named."""
+    n = 4 * MiB
+    blob = b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n
+    with store.writer() as w:
+        assert w._sink is not None and w._manifest is not None
+        cl_id = w._sink.add(CHUNKLIST, blob)
+        w._manifest.add({"p": "/evil", "k": "f", "s": 0, "cl": [cl_id]})
+    record = store.find_record(w.snapshot_id, "/evil")
+    failed: list[str] = []
+
+    def read() -> None:
+        with pytest.raises(errors.IntegrityError) as ei, store.open_record(record) as f:
+            f.read()
+        failed.append(str(ei.value))
+
+    assert traced_peak(read) < 64 * MiB
+    assert failed[0].startswith(f"record '/evil': chunk list {cl_id.hex()[:16]} is {len(blob)} bytes")
