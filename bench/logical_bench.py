@@ -38,6 +38,11 @@ the 4 (``exclude_databases`` = every other database) with ``jobs=1`` and with ea
 into a fresh store; wall time, CPU (ours, the tools' and the benchmark server's) and peak RSS. ``--case both``
 runs both cases on one server.
 
+Every step also measures the benchmark server's CPU (bench/server_cpu.py), and each target gets its CPU floor: the
+CPU seconds of ours, the tools and the server divided by the cores, the least wall time any schedule of that work
+allows. When the floor is above the target's time, better overlap or more parallelism cannot meet it; only less
+CPU can.
+
 ``--case fixed`` (issue 13: the fixed cost of a run, ≤ 0.3 s with a raw key) times the ``pgplakar`` CLI itself, a
 fresh interpreter each time as a user or a cron job runs it: ``pgplakar backup`` of an almost empty database
 (``database=...``, one table of 100 rows) with a raw key next to raw ``pg_dump`` of the same database; the difference
@@ -76,6 +81,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.server_cpu import descendants, server_cpu  # noqa: E402 (after the sys.path line)
+
 PASS = "bench passphrase: correct horse battery staple"
 DB = "bench"
 TARGET = 1.2  # from the issue: backup <= 1.2x raw pg_dump, restore <= 1.2x local pg_restore
@@ -107,25 +114,6 @@ def _hwm_kib(pid: int | str = "self") -> int:
     return 0
 
 
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{parent}/task/{tid}/children") as f:
-                    kids = [int(x) for x in f.read().split()]
-            except OSError:
-                continue
-            found += kids
-            todo += kids
-    return found
-
-
 class ToolPeak(threading.Thread):
     """Samples VmHWM of the PostgreSQL client tools below this process (every 20 ms, so a tool that lives less
     than that, e.g. pg_dumpall --globals-only, may be missed; the big ones are not)."""
@@ -138,7 +126,7 @@ class ToolPeak(threading.Thread):
     def run(self) -> None:
         me = os.getpid()
         while not self._stop_event.wait(0.02):
-            for pid in _descendants(me):
+            for pid in descendants(me):
                 try:
                     with open(f"/proc/{pid}/comm") as f:
                         comm = f.read().strip()
@@ -418,21 +406,7 @@ class Bench:
 
     def server_cpu(self) -> float:
         """CPU seconds of the benchmark server so far: the postmaster, the backends it reaped, the live ones."""
-        tick = os.sysconf("SC_CLK_TCK")
-        postmaster = int((self.server.datadir / "postmaster.pid").read_text().split()[0])
-
-        def fields(pid: int) -> list[str]:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
-
-        f = fields(postmaster)  # utime stime cutime cstime are fields 14-17, i.e. [11:15] after the name
-        total = sum(int(x) for x in f[11:15])
-        for pid in _descendants(postmaster):
-            try:
-                total += sum(int(x) for x in fields(pid)[11:13])
-            except OSError:
-                pass
-        return total / tick
+        return server_cpu(self.server.datadir)
 
     def timed(self, step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """``step`` with the benchmark server's CPU over it (its pg_dump/restore backends, the fingerprint scans)."""
