@@ -38,6 +38,11 @@ the 4 (``exclude_databases`` = every other database) with ``jobs=1`` and with ea
 into a fresh store; wall time, CPU (ours, the tools' and the benchmark server's) and peak RSS. ``--case both``
 runs both cases on one server.
 
+Every step also measures the benchmark server's CPU (bench/server_cpu.py), and each target gets its CPU floor: the
+CPU seconds of ours, the tools and the server divided by the cores, the least wall time any schedule of that work
+allows. When the floor is above the target's time, better overlap or more parallelism cannot meet it; only less
+CPU can.
+
 ``--case fixed`` (issue 13: the fixed cost of a run, ≤ 0.3 s with a raw key) times the ``pgplakar`` CLI itself, a
 fresh interpreter each time as a user or a cron job runs it: ``pgplakar backup`` of an almost empty database
 (``database=...``, one table of 100 rows) with a raw key next to raw ``pg_dump`` of the same database; the difference
@@ -76,6 +81,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.server_cpu import descendants, server_cpu  # noqa: E402 (after the sys.path line)
+
 PASS = "bench passphrase: correct horse battery staple"
 DB = "bench"
 TARGET = 1.2  # from the issue: backup <= 1.2x raw pg_dump, restore <= 1.2x local pg_restore
@@ -107,25 +114,6 @@ def _hwm_kib(pid: int | str = "self") -> int:
     return 0
 
 
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{parent}/task/{tid}/children") as f:
-                    kids = [int(x) for x in f.read().split()]
-            except OSError:
-                continue
-            found += kids
-            todo += kids
-    return found
-
-
 class ToolPeak(threading.Thread):
     """Samples VmHWM of the PostgreSQL client tools below this process (every 20 ms, so a tool that lives less
     than that, e.g. pg_dumpall --globals-only, may be missed; the big ones are not)."""
@@ -138,7 +126,7 @@ class ToolPeak(threading.Thread):
     def run(self) -> None:
         me = os.getpid()
         while not self._stop_event.wait(0.02):
-            for pid in _descendants(me):
+            for pid in descendants(me):
                 try:
                     with open(f"/proc/{pid}/comm") as f:
                         comm = f.read().strip()
@@ -418,21 +406,7 @@ class Bench:
 
     def server_cpu(self) -> float:
         """CPU seconds of the benchmark server so far: the postmaster, the backends it reaped, the live ones."""
-        tick = os.sysconf("SC_CLK_TCK")
-        postmaster = int((self.server.datadir / "postmaster.pid").read_text().split()[0])
-
-        def fields(pid: int) -> list[str]:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
-
-        f = fields(postmaster)  # utime stime cutime cstime are fields 14-17, i.e. [11:15] after the name
-        total = sum(int(x) for x in f[11:15])
-        for pid in _descendants(postmaster):
-            try:
-                total += sum(int(x) for x in fields(pid)[11:13])
-            except OSError:
-                pass
-        return total / tick
+        return server_cpu(self.server.datadir)
 
     def timed(self, step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """``step`` with the benchmark server's CPU over it (its pg_dump/restore backends, the fingerprint scans)."""
@@ -446,27 +420,28 @@ class Bench:
         from airflow_provider_pgplakar.pg import commands
 
         self.checkpoint()
-        return run_child({"op": "tool", "argv": commands.pg_dump(self.pg_dump, DB), "env": self.tool_env,
-                          "stdout": str(stdout) if stdout else None})
+        return self.timed(lambda: run_child({"op": "tool", "argv": commands.pg_dump(self.pg_dump, DB),
+                                             "env": self.tool_env, "stdout": str(stdout) if stdout else None}))
 
     def backup(self, store: Path, cache: Path, extra: dict[str, str] | None = None) -> dict[str, Any]:
         self.checkpoint()
-        return run_child({"op": "backup", "store": str(store), "cache": str(cache),
-                          "options": {**self.conn_opts, "database": DB, **(extra or {})}})
+        return self.timed(lambda: run_child({"op": "backup", "store": str(store), "cache": str(cache),
+                                             "options": {**self.conn_opts, "database": DB, **(extra or {})}}))
 
     def raw_restore(self, archive: Path, target: str) -> dict[str, Any]:
         from airflow_provider_pgplakar.pg import commands
 
         self.create_db(target)
+        argv = commands.pg_restore(self.pg_restore, target, archive=str(archive))
         self.checkpoint()
-        return run_child({"op": "tool", "argv": commands.pg_restore(self.pg_restore, target, archive=str(archive)),
-                          "env": self.tool_env})
+        return self.timed(lambda: run_child({"op": "tool", "env": self.tool_env, "argv": argv}))
 
     def restore(self, store: Path, cache: Path, snapshot: str, target: str) -> dict[str, Any]:
         self.create_db(target)
         self.checkpoint()
-        return run_child({"op": "restore", "store": str(store), "cache": str(cache), "snapshot": snapshot,
-                          "options": {**self.conn_opts, "database": target, "databases": DB}})
+        return self.timed(lambda: run_child({"op": "restore", "store": str(store), "cache": str(cache),
+                                             "snapshot": snapshot,
+                                             "options": {**self.conn_opts, "database": target, "databases": DB}}))
 
     # -- the whole run ---------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -631,6 +606,9 @@ def report_multi(r: dict[str, Any], a: argparse.Namespace, server: Any, load0: t
                else f"– / {d['tool_rss_mib']:.0f}")
         print(f"| {name} | {d['seconds']:.2f} | {x:.2f}× | {d['seconds'] / seq:.2f}× | {tgt} | {ok} | {cpu} | {rss} |")
     print()
+    for j in r["variants"]:
+        if j == 2:
+            print(f"- {cpu_floor(f'jobs={j}', runs[f'jobs{j}'], runs['par'], MULTI_TARGET, 'raw all at once')}")
     print("- ours: a whole-cluster backup minus every other database (manifest, globals, the 4 dumps, fingerprints "
           "at the default `catalog` level) into a fresh encrypted store, including the Argon2id unlock; raw: the "
           "same `pg_dump` argv to /dev/null. CPU: user+sys of the step, ours / its tools / the benchmark server "
@@ -747,7 +725,7 @@ class FingerprintBench(Bench):
         shutil.rmtree(store, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
         Store.create(str(store), PASS, cache_dir=cache).close()
-        res = self.timed(lambda: self.backup(store, cache, {"fingerprint": level}))
+        res = self.backup(store, cache, {"fingerprint": level})
         if keep:
             return res, (store, cache)
         shutil.rmtree(store, ignore_errors=True)
@@ -769,7 +747,7 @@ class FingerprintBench(Bench):
         full: tuple[Path, Path] | None = None
         for i in range(self.repeat):  # interleaved, baseline first
             progress(f"[{i + 1}/{self.repeat}] fingerprint: raw pg_dump > /dev/null ...")
-            runs["raw"].append(self.timed(self.raw_dump))
+            runs["raw"].append(self.raw_dump())
             for level in FINGERPRINT_LEVELS:
                 progress(f"[{i + 1}/{self.repeat}] fingerprint: our backup, fingerprint={level} ...")
                 res, kept = self.ours(level, keep=level == "full" and i == self.repeat - 1)
@@ -783,7 +761,7 @@ class FingerprintBench(Bench):
         for i in range(self.repeat):
             target = f"fp_restore_{i}"
             progress(f"[{i + 1}/{self.repeat}] fingerprint: plain logical_restore of the full snapshot ...")
-            restores.append(self.timed(lambda t=target: self.restore(*full, snapshot, t)))
+            restores.append(self.restore(*full, snapshot, target))
             got = self.fingerprint(target)
             if got != source:
                 raise SystemExit(f"{target} differs from the source: {got} != {source}")
@@ -847,6 +825,22 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def cpu_floor(label: str, ours: dict[str, Any], raw: dict[str, Any], target: float, raw_name: str = "raw") -> str:
+    """The least wall time a step's measured CPU allows on this machine's cores, next to its target.
+
+    Ours, its tools and the benchmark server's backends share the cores, so no schedule finishes the step sooner
+    than their CPU seconds divided by the cores. When that floor is above the target's time, the target cannot be
+    met by better overlap or parallelism, only by less CPU."""
+    cores = os.cpu_count() or 1
+    total = ours["cpu_s"] + ours["tool_cpu_s"] + ours["server_cpu_s"]
+    floor = total / cores
+    allowed = target * raw["seconds"]
+    verdict = ("above the target's time: less CPU is the only way to meet it" if floor > allowed
+               else "below the target's time")
+    return (f"CPU floor of the {label}: {total:.2f} CPU s (ours + tools + server) / {cores} cores = {floor:.2f} s = "
+            f"{floor / raw['seconds']:.2f}× {raw_name}; the target ≤ {target:.1f}× allows {allowed:.2f} s: {verdict}")
+
+
 def report(r: dict[str, Any], a: argparse.Namespace, server: Any, work: Path, load0: tuple[float, ...],
            conf: dict[str, str]) -> None:
     d1, f1, d2, f2 = r["dump1"], r["first"], r["dump2"], r["second"]
@@ -867,7 +861,7 @@ def report(r: dict[str, Any], a: argparse.Namespace, server: Any, work: Path, lo
         return f"{d['rss_mib']:.0f} ({d['rss_after_unlock_mib']:.0f}) / {d['tool_rss_mib']:.0f}"
 
     def cpu(d: dict[str, Any], ours: bool) -> str:
-        return f"{d['cpu_s']:.2f} / {d['tool_cpu_s']:.2f}" if ours else f"– / {d['tool_cpu_s']:.2f}"
+        return (f"{d['cpu_s']:.2f}" if ours else "–") + f" / {d['tool_cpu_s']:.2f} / {d['server_cpu_s']:.2f}"
 
     rows = [
         ("1", "raw `pg_dump -Fc -Z0 > /dev/null`", d1, None, f"dump {_mib(dump1_bytes)}", False),
@@ -898,7 +892,7 @@ def report(r: dict[str, Any], a: argparse.Namespace, server: Any, work: Path, lo
           f"{_mib(r['db_bytes_2'])} after.")
     print()
     print("| step | operation | seconds | process s | vs raw | target | met | data | "
-          "peak RSS MiB: ours (after unlock) / tool | CPU s (ours / tools) |")
+          "peak RSS MiB: ours (after unlock) / tool | CPU s (ours / tools / server) |")
     print("|---|---|---:|---:|---:|---|---|---|---:|---:|")
     for step, name, d, x, data, ours in rows:
         vs = f"{x:.2f}×" if x is not None else "1.00×"
@@ -913,7 +907,9 @@ def report(r: dict[str, Any], a: argparse.Namespace, server: Any, work: Path, lo
           "time of that child as seen by the parent (adds interpreter start-up, and imports for ours).")
     print("- peak RSS (VmHWM): ours = the Python process, whole step and, in parentheses, from after the unlock "
           "(Argon2id takes 64 MiB); tool = the largest client tool (pg_dump, pg_restore, psql), sampled every 20 ms. "
-          "CPU: user+sys of the step, ours / its tools.")
+          "CPU: user+sys of the step, ours / its tools / the benchmark server (postmaster and backends).")
+    for label, ours_d, raw_d in (("first backup", f1, d1), ("second backup", f2, d2), ("restore", ro, rr)):
+        print(f"- {cpu_floor(label, ours_d, raw_d, TARGET)}")
     print(f"- restores verified: accounts count/sum, history, tellers and branches match the source "
           f"{tuple(r['fingerprint'])}.")
     if a.repeat > 1:

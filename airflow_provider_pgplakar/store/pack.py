@@ -131,6 +131,12 @@ def decompress(payload: bytes | bytearray | memoryview, max_output_size: int = 0
     return decompressor().decompress(payload)
 
 
+def _check_declared(payload: memoryview, raw_len: int) -> None:
+    declared = zstandard.frame_content_size(payload)
+    if declared != raw_len:
+        raise zstandard.ZstdError(f"frame declares {declared} bytes, the index {raw_len}")
+
+
 def _open_blob(okey: ObjectKey, blob_type: int, blob_id: bytes, sealed: bytes | memoryview,
                where: str) -> tuple[int, memoryview]:
     """Authenticate one sealed blob; its codec (raw or zstd, anything else refused) and payload."""
@@ -147,10 +153,14 @@ def _open_blob(okey: ObjectKey, blob_type: int, blob_id: bytes, sealed: bytes | 
 def decode_blob(
     okey: ObjectKey, blob_type: int, blob_id: bytes, sealed: bytes | memoryview, raw_len: int, keys: Keys, where: str
 ) -> bytes:
-    """Open, decompress and verify one blob; any mismatch raises IntegrityError naming ``where``."""
+    """Open, decompress and verify one blob; any mismatch raises IntegrityError naming ``where``.
+
+    The zstd frame must declare exactly ``raw_len`` bytes before it is decompressed (``decompress``'s cap alone
+    read an index's ``raw_len`` 0 as "no limit": a few KiB of frame expanded to gigabytes)."""
     codec, payload = _open_blob(okey, blob_type, blob_id, sealed, where)
     if codec == CODEC_ZSTD:
         try:
+            _check_declared(payload, raw_len)
             raw = decompress(payload, raw_len)
         except zstandard.ZstdError as e:
             raise IntegrityError(f"blob {blob_id.hex()[:16]} in {where}: bad compressed data ({e})") from None
@@ -179,9 +189,7 @@ def decode_blob_into(
         raise ValueError(f"output buffer of {len(out)} bytes for a {raw_len}-byte blob")
     if codec == CODEC_ZSTD:
         try:
-            declared = zstandard.frame_content_size(payload)
-            if declared != raw_len:
-                raise zstandard.ZstdError(f"frame declares {declared} bytes, the index {raw_len}")
+            _check_declared(payload, raw_len)
             reader = decompressor().stream_reader(payload, read_size=max(1, len(payload)))
             got = 0
             while got < raw_len:

@@ -36,6 +36,10 @@ MAX_GAP = 64 * 1024
 PREFETCH = 6
 LOOKUP_BATCH = 256  # chunk IDs per index query
 OKEY_CACHE = 64  # pack keys kept per open record
+# A chunk-list blob holds at most writer.CHUNKLIST_REFS (4096) refs of at most 41 bytes each (~164 KiB). Anything
+# bigger is refused before it is unpacked: msgpack turns each byte of ``[[], [], ...]`` into a 64-byte list object,
+# so a 16 MiB blob (BLOB_RAW_MAX) would have become 1.2 GiB of Python objects.
+CHUNKLIST_RAW_MAX = 256 * 1024
 
 
 def read_blob(store: Store, blob_id: bytes, blob_type: int, where: str = "") -> bytes:
@@ -87,6 +91,9 @@ def chunk_refs(store: Store, record: Record) -> Iterator[tuple[bytes, int]]:
         return
     for cl_id in record.chunk_list_ids():
         data = read_blob(store, cl_id, CHUNKLIST, f" (chunk list of {record.path!r})")
+        if len(data) > CHUNKLIST_RAW_MAX:
+            raise IntegrityError(f"record {record.path!r}: chunk list {cl_id.hex()[:16]} is {len(data)} bytes, more "
+                                 f"than a writer makes ({CHUNKLIST_RAW_MAX}): the store is corrupt or tampered with")
         refs = msgpack.unpackb(data, raw=False)
         if type(refs) is not list:
             raise IntegrityError(f"record {record.path!r}: a chunk list is not a list")

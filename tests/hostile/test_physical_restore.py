@@ -224,3 +224,32 @@ def test_postmaster_pid_is_always_refused(store, sandbox) -> None:
         physical_restore(store, sid, sandbox.target, verify=False, overwrite=True)
     sandbox.assert_outside_unchanged(before)
     assert listing(sandbox.target) == ["postmaster.pid"]
+
+
+@pytest.mark.parametrize("digest", [True, False])
+def test_a_compression_bomb_is_never_expanded(store, sandbox, digest) -> None:
+    """A key holder's blob whose zstd frame expands to 256 MiB, indexed (and referenced) as 0 bytes: refused before
+    it is decompressed, on both of the batched restore's decoders (records with a digest decode each chunk into
+    its own bytes, the others into the worker's run buffer); the restore fails and removes what it made."""
+    import blake3
+
+    from tests.store.test_bounds import MiB, plant_bomb, traced_peak
+
+    bomb = plant_bomb(store)
+    record = {"p": "/data/base/1/2", "k": "f", "s": 0, "m": 0o600, "c": [[bomb, 0]]}
+    if digest:
+        record["b"] = blake3.blake3(b"").digest()
+    sid = phys_snapshot(store, lambda w: w._manifest.add(record))
+    before = sandbox.before()
+
+    failed: list[str] = []
+
+    def restore() -> None:
+        with pytest.raises(IntegrityError) as ei:
+            physical_restore(store, sid, sandbox.target, verify=False)
+        failed.append(str(ei.value))
+
+    assert traced_peak(restore) < 32 * MiB
+    assert f"blob {bomb.hex()[:16]} in packs/" in failed[0] and "bad compressed data" in failed[0]
+    sandbox.assert_outside_unchanged(before)
+    assert not sandbox.target.exists()

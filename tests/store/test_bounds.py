@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
+import tracemalloc
 
 import msgpack
 import pytest
@@ -16,14 +18,20 @@ from airflow_provider_pgplakar.store import errors
 from airflow_provider_pgplakar.store.index import read_segment, write_segment
 from airflow_provider_pgplakar.store.objects import MAGIC, OBJECT_RAW_MAX, open_object
 from airflow_provider_pgplakar.store.pack import (
+    CHUNKLIST,
     CODEC_RAW,
+    CODEC_ZSTD,
     DATA,
     PACK_HARD_MAX,
+    Entry,
     PackBuilder,
+    blob_aad,
     pack_object_name,
     parse_pack,
 )
+from airflow_provider_pgplakar.store.reader import CHUNKLIST_RAW_MAX, read_blob
 from airflow_provider_pgplakar.store.repo import Store
+from airflow_provider_pgplakar.store.writer import CHUNKLIST_REFS
 
 MiB = 1024 * 1024
 
@@ -124,3 +132,88 @@ def test_a_planted_snapshot_name_is_reported_not_a_crash(store: Store) -> None:
     errs: list[str] = []
     assert [s.id for s in store.snapshots(errors=errs)] == [w.snapshot_id]
     assert len(errs) == 1 and "snapshots/evil" in errs[0] and "not a snapshot name" in errs[0]
+
+
+BOMB_RAW = 256 * MiB
+
+
+def zstd_bomb(size: int = BOMB_RAW) -> bytes:
+    """A valid zstd frame that declares and decodes to ``size`` zero bytes in a few KiB (RLE blocks of 128 KiB)."""
+    block = 128 * 1024
+    frame = b"\x28\xb5\x2f\xfd" + bytes([0xC0, (27 - 10) << 3]) + size.to_bytes(8, "little")  # 8-byte size
+    count = size // block
+    for i in range(count):
+        frame += (int(i == count - 1) | 1 << 1 | block << 3).to_bytes(3, "little") + b"\0"
+    return frame
+
+
+def plant_bomb(store: Store, raw_len: int = 0) -> bytes:
+    """As a key holder would (a compromised server that wrote the backups): a pack holding one validly sealed blob
+    whose zstd frame expands to BOMB_RAW bytes, indexed with ``raw_len``. Returns the blob's ID."""
+    blob_id = hashlib.sha256(b"bomb").digest()
+    pb = PackBuilder(store.keys, "data")
+    frame = zstd_bomb()
+    pb.entries.append(Entry(DATA, blob_id, len(pb.buf), 0, raw_len))  # what add() would do, without its bounds
+    sealed = pb.okey.seal(bytes([CODEC_ZSTD]) + frame, blob_aad(DATA, blob_id))
+    pb.entries[-1] = Entry(DATA, blob_id, len(pb.buf), len(sealed), raw_len)
+    pb.buf += sealed
+    pack_id, data = pb.finish()
+    store.backend.put(pack_object_name(pack_id), bytes(data))
+    write_segment(store.backend, store.keys, [{"id": pack_id, "size": len(data), "kind": "data", "salt": pb.salt,
+                                               "blobs": [[DATA, blob_id, e.offset, e.length, e.raw_len]
+                                                         for e in pb.entries]}])
+    store.sync_index()
+    return blob_id
+
+
+def traced_peak(fn) -> int:  # type: ignore[no-untyped-def]
+    """Peak bytes Python allocated (on any thread) while ``fn`` ran: zstd's output buffers are counted too."""
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("raw_len", [0, 100])
+def test_a_blob_is_never_expanded_beyond_its_indexed_size(store: Store, raw_len: int) -> None:
+    """A zstd frame declaring more than the index's raw_len is refused before it is decompressed: ``raw_len`` 0
+    used to mean "no limit" (pack.decompress), so a 16 KiB frame made a reader allocate and fill 256 MiB."""
+    blob_id = plant_bomb(store, raw_len)
+    failed: list[str] = []
+
+    def read() -> None:
+        with pytest.raises(errors.IntegrityError) as ei:
+            read_blob(store, blob_id, DATA)
+        failed.append(str(ei.value))
+
+    assert traced_peak(read) < 32 * MiB
+    assert re.fullmatch(f"blob {blob_id.hex()[:16]} in packs/[0-9a-f/]+: bad compressed data (.*)", failed[0])
+
+
+def test_the_biggest_chunk_list_a_writer_makes_is_within_the_readers_bound() -> None:
+    refs = [[b"\xff" * 32, 8 * MiB] for _ in range(CHUNKLIST_REFS)]
+    assert len(msgpack.packb(refs, use_bin_type=True)) <= CHUNKLIST_RAW_MAX
+
+
+def test_an_oversized_chunk_list_is_refused_before_it_is_unpacked(store: Store) -> None:
+    """A key holder's chunk list of 4 MiB of empty lists (``[[], [], ...]``, 64 bytes of Python objects per byte)
+    is refused by its size, not unpacked into 300 MiB of objects; the record is named."""
+    n = 4 * MiB
+    blob = b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n
+    with store.writer() as w:
+        assert w._sink is not None and w._manifest is not None
+        cl_id = w._sink.add(CHUNKLIST, blob)
+        w._manifest.add({"p": "/evil", "k": "f", "s": 0, "cl": [cl_id]})
+    record = store.find_record(w.snapshot_id, "/evil")
+    failed: list[str] = []
+
+    def read() -> None:
+        with pytest.raises(errors.IntegrityError) as ei, store.open_record(record) as f:
+            f.read()
+        failed.append(str(ei.value))
+
+    assert traced_peak(read) < 64 * MiB
+    assert failed[0].startswith(f"record '/evil': chunk list {cl_id.hex()[:16]} is {len(blob)} bytes")
