@@ -32,7 +32,8 @@ SHAPES = {
     b"INTN": Shape(64 << 10, {("packs",): HEX64, ("segments",): HEX64}),
 }
 _FIX = {b"SNAP": "restore another snapshot, or forget this one", b"INDX": "run `pgplakar repair index`",
-        b"LEAS": "a lease that cannot be read is ignored", b"INTN": "run `pgplakar check`"}
+        b"LEAS": "a lease that cannot be read is ignored",
+        b"INTN": "if no prune is running, delete it and run `pgplakar check`"}
 
 
 def seal_object(keys: Keys, kind: bytes, payload: Any, context: bytes = b"") -> bytes:
@@ -41,8 +42,9 @@ def seal_object(keys: Keys, kind: bytes, payload: Any, context: bytes = b"") -> 
     packed = msgpack.packb(payload, use_bin_type=True)
     shape = SHAPES[kind]
     if outside_bytes(packed, shape) is None:  # readers would refuse it
-        raise StoreError(f"{kind.decode()} object too big: more than {shape.budget} bytes outside its entry lists "
-                         "(e.g. a snapshot's meta, tags and labels)")
+        what = " (its meta, tags and labels)" if kind == b"SNAP" else ""
+        raise StoreError(f"{kind.decode()} object too big: more than {shape.budget} bytes outside its entry "
+                         f"lists{what}")
     body = zstandard.ZstdCompressor(level=3).compress(packed)
     head = MAGIC + kind + salt
     return head + keys.object_key(salt, kind).seal(body, head + context)

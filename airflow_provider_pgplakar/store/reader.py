@@ -79,8 +79,8 @@ def iter_records(store: Store, snap: Snapshot, prefix: str | None = None) -> Ite
         leaf = read_blob(store, leaf_id, TREE, f" (manifest of {where})")
         try:
             fits = outside_bytes(leaf, LEAF_SHAPE, sequence=True) is not None
-        except ValueError:
-            fits = True  # undecodable: the unpacker below says so
+        except ValueError as e:
+            raise IntegrityError(f"{where}: manifest leaf {leaf_id.hex()[:16]} is undecodable ({e})") from None
         if not fits:
             raise IntegrityError(f"{where}: manifest leaf {leaf_id.hex()[:16]} holds more than {LEAF_SHAPE.budget} "
                                  "bytes outside its chunk-list IDs, more than a writer makes (the store is corrupt or "
