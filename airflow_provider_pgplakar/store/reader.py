@@ -247,14 +247,22 @@ class RecordReader(io.RawIOBase):
             if chunk is None:
                 self._finish()
                 return 0
-            for h, _want, _name in self._digests:
-                h.update(chunk)
-            self._size += len(chunk)
+            self._count(chunk)
             self._buf = memoryview(chunk)
         n = min(len(b), len(self._buf))
         b[:n] = self._buf[:n]
         self._buf = self._buf[n:]
         return n
+
+    def _count(self, chunk: bytes) -> None:
+        """Hash a verified chunk and count it; more bytes than the record's size stop the read at once (a key
+        holder's record may point many times at one chunk list: at its end would be after all of them)."""
+        for h, _want, _name in self._digests:
+            h.update(chunk)
+        self._size += len(chunk)
+        if self._size > (self.record.size or 0):
+            raise IntegrityError(f"record {self.record.path!r}: its chunks hold more than the {self.record.size} "
+                                 "bytes the manifest says (the manifest is corrupt or was tampered with)")
 
     def _finish(self) -> None:
         self._eof = True
@@ -276,9 +284,7 @@ class RecordReader(io.RawIOBase):
             if chunk is None:
                 self._finish()
                 return
-            for h, _want, _name in self._digests:
-                h.update(chunk)
-            self._size += len(chunk)
+            self._count(chunk)
             yield chunk
 
     def close(self) -> None:

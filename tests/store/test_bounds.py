@@ -439,3 +439,18 @@ def test_what_writers_make_matches_the_shapes_readers_check(local_store: Store, 
     rec = local_store.find_record(sids[1], "/f299")
     with local_store.open_record(rec) as f:
         assert len(f.read()) == 399
+
+
+def test_a_stream_stops_once_its_chunks_exceed_the_records_size(local_store: Store) -> None:
+    """Refs of 1 byte, many times over, under a record of 10 bytes: the stream (logical restores, ``cat``) fails
+    after the 10th byte instead of returning every referenced byte before its end-of-record check."""
+    with local_store.writer() as w:
+        assert w._sink is not None and w._manifest is not None
+        one = w._sink.add(DATA, b"a")
+        w._manifest.add({"p": "/ten", "k": "f", "s": 10, "c": [[one, 1]] * 200})
+    got = 0
+    with pytest.raises(errors.IntegrityError, match="chunks hold more than the 10 bytes the manifest says"), \
+            local_store.open_record(local_store.find_record(w.snapshot_id, "/ten")) as f:
+        for piece in f.iter_chunks():
+            got += len(piece)
+    assert got == 10
