@@ -1,9 +1,10 @@
-"""What every operator shares: run labels, the idempotency key, reuse of an earlier try's snapshot, cancellation
-(``on_kill``), and :class:`PgPlakarOperator`, the base of the operators that reach a PostgreSQL server.
+"""What every operator shares: run labels, the idempotency key, cancellation (``on_kill``), and
+:class:`PgPlakarOperator`, the base of the operators that reach a PostgreSQL server.
 
 Every snapshot is labelled with dag_id, run_id, task_id, map_index and try_number, and written with an
 idempotency key of dag/task/run/map_index: a retried task that already committed returns the same snapshot ID
-instead of leaving a second snapshot for the run. ``on_kill`` cancels the task (:func:`..pg.process.cancel`): every
+instead of leaving a second snapshot for the run (the backups' ``reuse_committed``, once the store is open).
+``on_kill`` cancels the task (:func:`..pg.process.cancel`): every
 tool's process group is killed, running queries are cancelled, nothing further starts and nothing is committed
 (the uncommitted snapshot is simply absent; its packs are orphans for prune); the task fails with "the task was
 cancelled". Airflow's task runner calls ``on_kill`` from its SIGTERM handler and then returns to ``execute``, which
@@ -27,10 +28,7 @@ from .outcome import BACKUPS_ALIAS
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from ..store.repo import Store
-
-__all__ = ["PgPlakarOperator", "cancellable_execute", "committed_by_earlier_try", "idempotency_key",
-           "masked_option_names", "run_labels"]
+__all__ = ["PgPlakarOperator", "cancellable_execute", "idempotency_key", "masked_option_names", "run_labels"]
 
 _T = TypeVar("_T")
 
@@ -46,16 +44,6 @@ def run_labels(context: Context) -> dict[str, str]:
 
 def idempotency_key(labels: Mapping[str, str]) -> str:
     return "/".join(labels[k] for k in ("dag_id", "task_id", "run_id", "map_index"))
-
-
-def committed_by_earlier_try(store: Store, key: str, task_log: Any) -> str | None:
-    """The snapshot an earlier try of this task already committed under ``key``, if any (a retry then reuses it
-    instead of dumping again)."""
-    existing = store.idempotent_id(key)
-    if existing in store.snapshot_ids():
-        task_log.info("snapshot %s was already committed by an earlier try of this task: reusing it", existing)
-        return existing
-    return None
 
 
 def cancellable_execute(execute: Callable[[Any, Context], _T]) -> Callable[[Any, Context], _T]:

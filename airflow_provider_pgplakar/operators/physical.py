@@ -21,7 +21,7 @@ from airflow.sdk import BaseOperator
 from ..hooks.store import PgPlakarStoreHook
 from ..pg import OptionError
 from ..pg.process import cancel
-from .base import PgPlakarOperator, cancellable_execute, committed_by_earlier_try, idempotency_key, run_labels
+from .base import PgPlakarOperator, cancellable_execute, idempotency_key, run_labels
 from .outcome import PHYSICAL_SCHEME, backup_stats, report, source_uri
 
 if TYPE_CHECKING:
@@ -87,16 +87,18 @@ class PgPlakarBaseBackupOperator(PgPlakarOperator):
         opts = self._pg_hook().physical_source_options(overrides, self.log)
         labels = {**self.labels, **run_labels(context)}
         key = idempotency_key(labels) + "/physical"
-        with PgPlakarStoreHook(self.store_conn_id).get_store() as store:
-            sid = committed_by_earlier_try(store, key, self.log)
-            if sid is None:
-                result = physical_backup(store, opts, labels=labels, tags=self.tags, idempotency_key=key)
-                for w in result.warnings:
-                    self.log.warning("%s", w)
+        # as the CLI: the store is unlocked while the replication connection, its slot and the manifest are set up;
+        # a retry finds what an earlier try committed under ``key`` once it is open, and reuses it
+        with PgPlakarStoreHook(self.store_conn_id).opening() as opening:
+            result = physical_backup(opening, opts, labels=labels, tags=self.tags, idempotency_key=key,
+                                     reuse_committed=True)
+            for w in result.warnings:
+                self.log.warning("%s", w)
+            if not result.already_existed:
                 self.log.info("base backup of PostgreSQL %d: %d files, WAL %s..%s", result.major, result.files,
                               result.start_lsn, result.end_lsn)
-                sid = result.snapshot_id
-            stats = backup_stats(store, sid)
+            sid = result.snapshot_id
+            stats = backup_stats(opening.result(), sid)
         report(context, self.log, stats,
                [source_uri(PHYSICAL_SCHEME, opts.conn.host, opts.conn.port)] if self.emit_assets else [])
         return sid

@@ -51,7 +51,7 @@ from .iam import password_source
 from .jobs import Beside, Finished, Stopper, run_ordered
 from .options import AWS_DEFAULT_EXCLUDES, LogicalSourceOptions
 from .pipereader import PipeReader
-from .process import TaskCancelled, ToolFailed, cancelled, check_cancelled, run_tool
+from .process import TaskCancelled, Tool, ToolFailed, cancelled, check_cancelled, run_tool
 from .secrets import ssl_files
 from .session import GLOBALS_PATH, LOGICAL_KIND, MANIFEST_KIND, MANIFEST_PATH, PasswordSource, Session, dump_path
 
@@ -117,11 +117,12 @@ def logical_backup(
     source = {"kind": MANIFEST_KIND if manifest_only else LOGICAL_KIND,
               "origin": opts.conn.redacted_uri(opts.scheme, opts.database)}
     # started: the header's time_start is now, before any tool takes its snapshot, not when the writer is entered
+    stopper = Stopper()
     lazy = _LazyWriter(store, dict(source=source, tags=tags, labels=dict(labels or {}),
                                    idempotency_key=idempotency_key, started=datetime.now(UTC)),
-                       reuse_committed=reuse_committed)
+                       reuse_committed=reuse_committed, stopper=stopper)
     try:
-        return _logical_backup(lazy, opts, password, labels, manifest_only, extra_dirs)
+        return _logical_backup(lazy, opts, password, labels, manifest_only, extra_dirs, stopper)
     except Exception as e:
         # the earlier try's snapshot is the result whatever stopped this one (a source down on the retry, its
         # tools stopped): the operator used to look for it before touching PostgreSQL. A cancel is not a success.
@@ -152,11 +153,13 @@ class _LazyWriter:
 
     :meth:`get` waits for it and raises what opening the store or the writer raised (a wrong passphrase, a lease
     conflict), the same error to every caller. :meth:`finish` commits (no error) or aborts it; :meth:`close` waits
-    for the thread, so none outlives the backup, and a backup that failed before the store was open takes no lease
-    (it still looks for an earlier try's snapshot: :attr:`committed`)."""
+    for the thread, so none outlives the backup, and a backup that failed before the store was open (``stopper``
+    stopped, or closed) takes no lease (it still looks for an earlier try's snapshot: :attr:`committed`)."""
 
-    def __init__(self, store: Store | OpeningStore, writer_kwargs: dict[str, Any], *, reuse_committed: bool) -> None:
+    def __init__(self, store: Store | OpeningStore, writer_kwargs: dict[str, Any], *, reuse_committed: bool,
+                 stopper: Stopper) -> None:
         self._source = store
+        self._stopper = stopper
         self._kwargs = writer_kwargs
         self._reuse = reuse_committed and bool(writer_kwargs.get("idempotency_key"))
         self._store: Store | None = None
@@ -178,12 +181,12 @@ class _LazyWriter:
                 if sid in st.snapshot_ids():
                     self.committed = sid
                     raise _Committed(sid)
-            if self._closing.is_set():
+            if self._closing.is_set() or self._stopper.stopped:  # it failed: nothing is written to the store
                 raise PgError("the backup ended before its store was open")  # seen by nobody: close() waits
             check_cancelled()  # a task cancelled meanwhile takes no lease
             w = st.writer(**self._kwargs)
             w.__enter__()
-            if self._closing.is_set() or cancelled():  # while the lease was taken: give it back at once
+            if self._closing.is_set() or self._stopper.stopped or cancelled():  # while the lease was taken
                 w.abort()
                 check_cancelled()
                 raise PgError("the backup ended before its store was open")
@@ -198,6 +201,11 @@ class _LazyWriter:
             assert self._error is not None
             raise self._error
         return self._store
+
+    def ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s; whether :meth:`get` now returns (or raises) at once."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def get(self) -> SnapshotWriter:
         self._thread.join()
@@ -226,13 +234,12 @@ class _LazyWriter:
 
 
 def _logical_backup(lazy: _LazyWriter, opts: LogicalSourceOptions, password: PasswordSource | None,
-                    labels: Mapping[str, str] | None, manifest_only: bool,
-                    extra_dirs: tuple[str, ...]) -> BackupResult:
+                    labels: Mapping[str, str] | None, manifest_only: bool, extra_dirs: tuple[str, ...],
+                    stopper: Stopper) -> BackupResult:
     from .connect import can_read_pg_authid, list_databases, server_version_num
 
     # postgres+aws: a fresh IAM token per connection and tool run (made one at a time: dumps run on threads)
     pw = _one_at_a_time(password_source(opts.conn, password))
-    stopper = Stopper()
     with ssl_files(opts.conn) as ssl, Session(opts.conn, ssl, pw, opts.pg_bin_dir, extra_dirs,
                                               stopper=stopper).lending() as s:
         if not manifest_only:
@@ -459,9 +466,11 @@ def _stream(w: _LazyWriter, s: Session, path: str, argv: list[str], meta: dict[s
             expected_size: int | None = None) -> StoredRecord | None:
     """Store a tool's stdout as the content of ``path``; the caller adds the returned record to the snapshot
     (``add_stored``). The tool starts before the writer is waited for (it may still be opening: the tool then
-    blocks on its pipe). None (nothing stored) when the tool failed before writing a byte and ``skip_if`` accepts
-    its failure. The time the tool ran goes to ``s.seconds[path]`` (the header's ``meta.seconds``; not the record,
-    whose metadata must not change from run to run for manifest leaves to dedup)."""
+    blocks on its pipe; one that fails meanwhile fails the backup at once, before the store is open). None (nothing
+    stored) when the tool failed before writing a byte and ``skip_if`` accepts its failure. The time the tool ran,
+    less the time it was held up waiting for the store (:func:`_wait_for_writer`), goes to ``s.seconds[path]`` (the
+    header's ``meta.seconds``; not the record, whose metadata must not change from run to run for manifest leaves
+    to dedup)."""
     log.info("%s: running %s", path, argv[0].rsplit("/", 1)[-1])
     started = time.monotonic()
     if s.stopper is not None:
@@ -475,14 +484,33 @@ def _stream(w: _LazyWriter, s: Session, path: str, argv: list[str], meta: dict[s
                     log.warning("%s: %s", path, e)
                     return None
                 raise
-        pipe = cast(BinaryIO, PipeReader(tool.stdout))  # the pipe enlarged before the writer is waited for
-        stored = w.get().store_stream(path, pipe, mode=0o444, meta=meta, expected_size=expected_size)
+        reader = PipeReader(tool.stdout)  # the pipe enlarged before the writer is waited for
+        held = _wait_for_writer(w, tool, reader)
+        stored = w.get().store_stream(path, cast(BinaryIO, reader), mode=0o444, meta=meta,
+                                      expected_size=expected_size)
         warnings = tool.finish()
-    s.seconds[path] = took = round(time.monotonic() - started, 3)
+    s.seconds[path] = took = round(time.monotonic() - started - held, 3)
     if warnings.strip():
         log.info("%s: %s", tool.name, warnings.strip())
     log.info("%s: %s in %.1f s", path, human_bytes(stored.info.size), took)
     return stored
+
+
+_WRITER_POLL = 0.01  # seconds: how soon a tool's exit or full pipe is seen while the store opens
+
+
+def _wait_for_writer(w: _LazyWriter, tool: Tool, reader: PipeReader) -> float:
+    """Wait for the snapshot writer (the store may still be opening) while watching ``tool``; return how long the
+    tool was held up by the wait: from when its pipe was full or it exited until the writer was ready (0 when it was
+    ready). A tool that fails meanwhile raises its error at once: the backup then ends before its store is open and
+    writes nothing to it (:class:`_LazyWriter`)."""
+    since: float | None = None
+    while not w.ready(_WRITER_POLL):
+        if tool.proc.poll() not in (None, 0):
+            tool.finish()  # raises its ToolFailed (or TaskCancelled)
+        if since is None and (tool.proc.returncode is not None or reader.held()):
+            since = time.monotonic()
+    return 0.0 if since is None else time.monotonic() - since
 
 
 def _option_summary(opts: LogicalSourceOptions) -> dict[str, Any]:

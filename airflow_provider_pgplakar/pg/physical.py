@@ -53,7 +53,7 @@ from .basebackup import Archive, BaseBackupStream, CompressionUnsupported, Repli
 from .connect import PgConnectError
 from .manifest import ManifestError
 from .options import OptionError, PhysicalSourceOptions
-from .process import check_cancelled
+from .process import TaskCancelled, cancelled, check_cancelled
 from .secrets import ssl_files
 from .session import MANIFEST_PATH, PHYSICAL_KIND, Session
 from .tarstream import Member, TarFormatError, TarReader
@@ -124,12 +124,52 @@ def physical_backup(
     tags: list[str] | tuple[str, ...] = (),
     idempotency_key: str | None = None,
     relation_block_size: int = RELATION_BLOCK_SIZE,
+    reuse_committed: bool = False,
 ) -> PhysicalBackupResult:
     """Back up the whole cluster per ``opts`` into ``store``. Any failure raises and commits nothing.
 
     ``store`` may still be opening (:meth:`Store.opening <..store.repo.Store.opening>`): the replication connection,
     its temporary slot and the manifest's catalog queries run while its passphrase is stretched; the base backup
-    starts once it is open (its label names the snapshot, whose ID the store's keys make)."""
+    starts once it is open (its label names the snapshot, whose ID the store's keys make). ``reuse_committed`` (a
+    retried Airflow task): when a snapshot was already committed under ``idempotency_key``, return it instead of
+    backing up again, found once the store is open, also when this try failed first (the server is down by then),
+    unless it was cancelled."""
+    from ..store.opening import resolve
+
+    reuse = reuse_committed and bool(idempotency_key)
+    try:
+        return _physical_backup(store, opts, dict(labels or {}), tags, idempotency_key, relation_block_size,
+                                reuse)
+    except Exception as e:
+        if not reuse or isinstance(e, TaskCancelled) or cancelled():
+            raise
+        try:
+            earlier = _committed(resolve(store), idempotency_key or "")
+        except Exception:  # noqa: BLE001 - the store did not open either: this try's error is the one to report
+            earlier = None
+        if earlier is None:
+            raise
+        log.debug("this try stopped with: %s", e)
+        return earlier
+
+
+def _committed(st: Store, key: str) -> PhysicalBackupResult | None:
+    """The snapshot an earlier try committed under ``key``, as a result (``already_existed``), or None."""
+    sid = st.idempotent_id(key)
+    if sid not in st.snapshot_ids():
+        return None
+    log.info("snapshot %s was already committed by an earlier try of this task: reusing it", sid)
+    header = st.load_snapshot(sid).header
+    meta = header["meta"]
+    return PhysicalBackupResult(sid, int(meta.get("server_version_num") or 0), str(meta.get("start_lsn") or ""),
+                                str(meta.get("end_lsn") or ""), int(meta.get("timeline") or 0),
+                                list(meta.get("tablespaces") or []), int(meta.get("files") or 0),
+                                header["stats"]["bytes"], 0, [], True)
+
+
+def _physical_backup(store: Store | OpeningStore, opts: PhysicalSourceOptions, labels: dict[str, str],
+                     tags: list[str] | tuple[str, ...], idempotency_key: str | None, relation_block_size: int,
+                     reuse: bool) -> PhysicalBackupResult:
     from ..store.chunker import Chunking
     from ..store.opening import resolve
 
@@ -150,7 +190,10 @@ def physical_backup(
                 "relation_block_size": relation_block_size, "options": _option_summary(opts), "warnings": warnings,
             }
             opened = resolve(store)
-            with opened.writer(source=source, tags=tags, labels=dict(labels or {}), meta=meta,
+            if reuse and (earlier := _committed(opened, idempotency_key or "")) is not None:
+                check_cancelled()
+                return earlier
+            with opened.writer(source=source, tags=tags, labels=labels, meta=meta,
                                idempotency_key=idempotency_key) as w:
                 w.add_bytes(MANIFEST_PATH, json.dumps(manifest, indent=2).encode(), mode=0o444,
                             meta={"type": "manifest"})

@@ -28,6 +28,9 @@ PIPE_SIZE = 256 << 10
 WANT = 256 << 10  # a read waits for this much, the whole request, or half the pipe, whichever is least
 NAP = 0.001  # seconds
 NAPS = 4  # naps per read at most (a slow stream is then read as it comes)
+# A writer blocks once every page of the pipe is taken: at the byte capacity with pg_dump's 4 KiB writes (measured),
+# a little short of it when some writes left a page part-filled. A tool this close to it counts as held.
+FULL_SLACK = 16 << 10
 
 
 class PipeReader(io.RawIOBase):
@@ -46,6 +49,7 @@ class PipeReader(io.RawIOBase):
             size = fcntl.fcntl(self._fd, F_GETPIPE_SZ)
         except OSError:
             size = 0
+        self._size = size
         self._want = min(WANT, size // 2)
         self._poll = select.poll()
         self._poll.register(self._fd, select.POLLIN)
@@ -61,6 +65,11 @@ class PipeReader(io.RawIOBase):
 
     def _closed_by_writer(self) -> bool:
         return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in self._poll.poll(0))
+
+    def held(self) -> bool:
+        """The tool cannot write more until we read (its pipe is full, within ``FULL_SLACK``) or it closed its end
+        (it exited). Never true without ``F_GETPIPE_SZ`` unless the end is closed."""
+        return self._closed_by_writer() or (self._size > 0 and self._queued() >= self._size - FULL_SLACK)
 
     def _wait(self, n: int) -> None:
         target = min(n, self._want)

@@ -415,3 +415,145 @@ def test_an_opening_store_keeps_no_passphrase_once_open(tmp_path: Path) -> None:
             reachable.append(value)
             reachable.extend(cell.cell_contents for cell in getattr(value, "__closure__", None) or ())
         assert not any(x == secret for x in reachable)
+
+
+# How long each tool ran (``meta.seconds``) and what a backup failing during the unlock leaves in the store
+
+DELAY = 2.0  # how much longer than needed the held open keeps the store closed
+
+
+def _open_once(monkeypatch: pytest.MonkeyPatch, ready: Callable[[], bool]) -> dict[str, Any]:
+    """``Store.open`` waits (up to ``WAIT``) until ``ready()``, then ``DELAY`` s more; ``seen["ready"]`` says
+    whether it came."""
+    seen: dict[str, Any] = {}
+    real_open: Callable[..., Store] = Store.open.__func__  # type: ignore[attr-defined]
+
+    def held(cls: type[Store], *args: Any, **kwargs: Any) -> Store:
+        deadline = time.monotonic() + WAIT
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["ready"] = ready()
+        time.sleep(DELAY)
+        return real_open(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "open", classmethod(held))
+    return seen
+
+
+def _blocked_writing(pid: int) -> bool:
+    """The process sleeps in the kernel writing to a pipe (its pipe is full: it waits for its reader)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return "pipe_write" in f.read()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("output", ["fits", "fills"])
+def test_a_tool_is_not_timed_for_the_unlock_it_waited_for(pg15: PgServer, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, output: str) -> None:
+    """``meta.seconds`` is how long each tool ran. The store opens ``DELAY`` s after the first pg_dump exited (its
+    output fits its pipe: "fits") or after it blocked on its full pipe ("fills"): that wait is not its run time."""
+    from tests.helpers import need
+
+    db = "postgres"
+    if output == "fills":
+        need(Path("/proc/self/wchan").exists(), "/proc/PID/wchan (to see pg_dump blocked on its pipe)")
+        db = "opening_fills"
+        with pg15.connect() as c:
+            c.execute(f"DROP DATABASE IF EXISTS {db}")
+            c.execute(f"CREATE DATABASE {db}")
+        with pg15.connect(db) as c:  # ~4 MB of custom-format dump: far more than a pipe holds
+            c.execute("CREATE TABLE t AS SELECT g, md5(g::text) AS h FROM generate_series(1, 100000) g")
+    Store.create(str(tmp_path / "store"), "pw").close()
+    bin_dir, started = _wrapped_bin(tmp_path, pg15.bin_dir)
+
+    def held_up() -> bool:  # every pg_dump started is blocked on its pipe ("fills") or has exited ("fits")
+        pids = _pids(started)
+        return bool(pids) and all(_blocked_writing(p) if output == "fills" else not _alive(p) for p in pids)
+
+    seen = _open_once(monkeypatch, held_up)
+    loc, raw = src_opts(pg15, database=db, pg_bin_dir=str(bin_dir), compress="false")
+    try:
+        with Store.opening(str(tmp_path / "store"), "pw") as opening:
+            res = logical_backup(opening, parse_source_options(loc, raw))
+            header = opening.result().load_snapshot(res.snapshot_id).header
+            with opening.result().open_record(opening.result().find_record(res.snapshot_id,
+                                                                            f"/00001-{db}.dump")) as f:
+                dump = f.read()
+    finally:
+        if output == "fills":
+            with pg15.connect() as c:
+                c.execute(f"DROP DATABASE IF EXISTS {db}")
+    assert seen["ready"]
+    assert dump.startswith(b"PGDMP") and (output == "fits" or len(dump) > 1 << 20)
+    seconds, duration = header["meta"]["seconds"], header["duration_s"]
+    assert set(seconds) == {"/00000-globals.sql", f"/00001-{db}.dump"}
+    assert duration >= DELAY
+    # the tool waited at least DELAY of the backup's duration for the store: its own run is shorter than the rest
+    took = seconds[f"/00001-{db}.dump"]
+    assert 0 < took < duration - DELAY / 2, (took, duration)
+    if output == "fits":
+        assert 0 < seconds["/00000-globals.sql"] < duration - DELAY / 2, (seconds, duration)
+
+
+def _tree(root: Path) -> dict[str, tuple[bool, int, int]]:
+    """Every path below ``root``: is it a directory, its size and its mtime (a directory's changes when an entry is
+    created or removed in it)."""
+    out = {}
+    for p in [root, *root.rglob("*")]:
+        st = p.lstat()
+        out[p.relative_to(root).as_posix()] = (p.is_dir(), 0 if p.is_dir() else st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_a_tool_failing_while_the_store_opens_writes_nothing_to_it(pg15: PgServer, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single database: pg_dump fails (a real error: no table matches its ``--table`` with ``--strict-names``)
+    while the store is still opening. The backup fails with that error then, not once the store is open: nothing is
+    written to the store, not even a lease taken and given back."""
+    from airflow_provider_pgplakar.pg.jobs import Stopper
+    from airflow_provider_pgplakar.pg.process import ToolFailed
+    from airflow_provider_pgplakar.store.localfs import LocalBackend
+
+    store = tmp_path / "store"
+    Store.create(str(store), "pw").close()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pg_dumpall").symlink_to(pg15.bin_dir / "pg_dumpall")
+    script = bin_dir / "pg_dump"
+    script.write_text(f'#!/bin/sh\nif [ "$1" = "--version" ]; then exec "{pg15.bin_dir}/pg_dump" --version; fi\n'
+                      f'exec "{pg15.bin_dir}/pg_dump" "$@" --strict-names --table=no_such_table_opening\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+    failed = threading.Event()  # the backup stopped its other tools: it has failed
+    real_stop = Stopper.stop
+
+    def stop(self: Stopper, why: BaseException | None = None) -> None:
+        real_stop(self, why)
+        failed.set()
+
+    writes: list[tuple[str, str]] = []
+    real_put, real_delete = LocalBackend.put, LocalBackend.delete
+
+    def put(self: LocalBackend, key: str, data: Any, **kwargs: Any) -> None:
+        writes.append(("put", key))
+        real_put(self, key, data, **kwargs)
+
+    def delete(self: LocalBackend, key: str) -> None:
+        writes.append(("delete", key))
+        real_delete(self, key)
+
+    monkeypatch.setattr(Stopper, "stop", stop)
+    monkeypatch.setattr(LocalBackend, "put", put)
+    monkeypatch.setattr(LocalBackend, "delete", delete)
+    _open_after(monkeypatch, failed)
+    before = _tree(store)
+    loc, raw = src_opts(pg15, database="postgres", pg_bin_dir=str(bin_dir))
+    with pytest.raises(ToolFailed, match="no matching tables were found") as err:
+        with Store.opening(str(store), "pw") as opening:
+            logical_backup(opening, parse_source_options(loc, raw))
+    assert err.value.tool == "pg_dump"
+    assert writes == []  # no lease written (and removed again), nothing at all
+    assert _tree(store) == before
+    assert _pgplakar_threads() == []

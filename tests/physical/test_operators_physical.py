@@ -216,3 +216,69 @@ def test_on_kill_cancels_the_base_backup_and_commits_nothing(pg_factory, tmp_pat
     assert "the task was cancelled" in str(outcome["error"]), outcome["error"]
     with Store.open(str(store_dir), PASSPHRASE) as store:
         assert store.snapshot_ids() == []
+
+
+def _unused_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_base_backup_operator_unlocks_the_store_while_it_connects(pg_factory, tmp_path, monkeypatch,
+                                                                 caplog) -> None:
+    """As the CLI (store/opening.py): the store's open waits until the task's replication connection holds its
+    temporary slot, on the unlock thread, and the backup still completes. A retry finds the earlier try's snapshot
+    once the store is open, also with the server unreachable by then; no secret reaches the log or XCom."""
+    import logging
+    import threading
+    import time
+    from collections.abc import Callable
+
+    from tests.physical.conftest import scalar
+
+    src = pg_factory(15)
+    store_dir = tmp_path / "store"
+    Store.create(str(store_dir), PASSPHRASE).close()
+    set_conns(monkeypatch, src, store_dir)
+    seen: dict[str, Any] = {}
+    real_open: Callable[..., Store] = Store.open.__func__  # type: ignore[attr-defined]
+
+    def held(cls: type[Store], *args: Any, **kwargs: Any) -> Store:  # the first try's open only
+        if seen:
+            return real_open(cls, *args, **kwargs)
+        seen["thread"] = threading.current_thread().name
+        deadline = time.monotonic() + 30
+        slot = "SELECT count(*) FROM pg_replication_slots WHERE temporary"
+        # on the task's own thread nobody else would connect meanwhile: do not wait in vain
+        while threading.current_thread() is not threading.main_thread() and time.monotonic() < deadline:
+            if scalar(src, slot):
+                break
+            time.sleep(0.02)
+        seen["slot_first"] = bool(scalar(src, slot))
+        return real_open(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "open", classmethod(held))
+    op = PgPlakarBaseBackupOperator(task_id="base_backup", checkpoint="fast")
+    ti = phys_ti()
+    with caplog.at_level(logging.INFO):
+        sid = op.execute(context(ti))
+        assert seen == {"thread": "pgplakar-unlock", "slot_first": True}
+        set_conns(monkeypatch, SimpleNamespace(host="127.0.0.1", port=_unused_port(), superuser=src.superuser,
+                                               password=src.password, bin_dir=src.bin_dir), store_dir)
+        ti.try_number = 2
+        assert op.execute(context(ti)) == sid  # the server is down: the earlier try's snapshot is the result
+    assert [t.name for t in threading.enumerate() if t.name.startswith("pgplakar-")] == []
+    assert "already committed by an earlier try" in caplog.text
+    for secret in (PASSPHRASE, src.password):
+        assert secret not in caplog.text and secret not in json.dumps(ti.pushed, default=repr)
+    monkeypatch.undo()
+    with Store.open(str(store_dir), PASSPHRASE) as store:
+        assert store.snapshot_ids() == [sid] and list(store.backend.list("locks/")) == []
+        header = store.load_snapshot(sid).header
+        with store.open_record(store.find_record(sid, "/data/PG_VERSION")) as f:
+            assert f.read() == b"15\n"
+    assert header["meta"]["system_identifier"] == str(scalar(src, "SELECT system_identifier FROM "
+                                                                  "pg_control_system()"))
+    assert header["labels"]["try_number"] == "1" and ti.pushed["stats"]["snapshot_id"] == sid
