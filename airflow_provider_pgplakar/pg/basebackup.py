@@ -507,6 +507,9 @@ QUEUE_ITEMS = 3
 # decompression step, so steps give their whole ~1 MiB instead of ~270 KiB each.
 JOIN_COMPRESSED = 256 << 10
 STOP_TIMEOUT = 30.0  # seconds close() waits for the reader thread
+# The backup_manifest is collected in memory (it is stored as one record); PostgreSQL writes ~150-250 bytes per file,
+# so 1 GiB is over 4 million files. A server sending more is broken or hostile: the backup fails (nothing committed).
+MANIFEST_MAX = 1 << 30
 
 
 class _Stopped(Exception):
@@ -580,10 +583,16 @@ class _Receiver:
                     self._post(("data", batch, size))
             elif msg.kind == b"m":
                 parts: list[bytes] = []
+                size = 0
                 while (part := reader.next()) is not None:
                     if part.kind != b"d":
                         reader.push_back(part)
                         break
+                    size += len(part.data)
+                    if size > MANIFEST_MAX:
+                        raise BaseBackupError(
+                            f"the server's backup_manifest is over {MANIFEST_MAX} bytes (PostgreSQL writes ~200 per "
+                            "file): the server or the connection is broken or hostile; check it and retry the backup")
                     parts.append(bytes(part.data))
                 self._post(("manifest", b"".join(parts)))
             elif msg.kind != b"p":

@@ -28,6 +28,7 @@ import zstandard
 
 from .crypto import SALT_LEN, AuthError, Keys, ObjectKey
 from .errors import IntegrityError
+from .msgshape import PACK_HEADER
 
 MAGIC = b"PGPPACK1"
 END = b"PGPE"
@@ -240,9 +241,14 @@ def parse_pack(keys: Keys, data: bytes, name: str) -> tuple[bytes, list[Entry]]:
     if start < PREFIX_LEN:
         raise IntegrityError(f"{name}: header length out of range")
     try:
-        table = msgpack.unpackb(pack_key(keys, salt).open(data[start:-TRAILER_LEN], b"PGPH" + salt))
+        plain = pack_key(keys, salt).open(data[start:-TRAILER_LEN], b"PGPH" + salt)
     except AuthError:
         raise IntegrityError(f"{name}: pack header authentication failed") from None
+    if not PACK_HEADER.fullmatch(plain):  # before msgpack makes ~64 bytes of objects of each byte of [[], [], ...]
+        raise IntegrityError(f"{name}: the pack header is not a list of blob entries as writers encode them (the "
+                             "store is corrupt or tampered with): run `pgplakar check --read-data`")
+    try:
+        table = msgpack.unpackb(plain)
     except (ValueError, msgpack.UnpackException) as e:
         raise IntegrityError(f"{name}: undecodable pack header ({e})") from None
     if not isinstance(table, list):

@@ -22,6 +22,7 @@ import msgpack
 from .crypto import ObjectKey
 from .errors import IntegrityError, ObjectNotFound, StoreError
 from .index import Location
+from .msgshape import BIN32, Shape, outside_bytes
 from .pack import CHUNKLIST, DATA, TREE, decode_blob, pack_key, pack_object_name
 from .record import Record, RecordKind, decode_record
 
@@ -40,6 +41,11 @@ OKEY_CACHE = 64  # pack keys kept per open record
 # bigger is refused before it is unpacked: msgpack turns each byte of ``[[], [], ...]`` into a 64-byte list object,
 # so a 16 MiB blob (BLOB_RAW_MAX) would have become 1.2 GiB of Python objects.
 CHUNKLIST_RAW_MAX = 256 * 1024
+# A manifest leaf is cut once it holds 1 MiB (writer.LEAF_MAX_BYTES), and a writer refuses a record of more than
+# 1 MiB outside its ``cl`` list (writer.RECORD_OTHER_MAX); so a leaf holds at most 2 MiB outside its records' ``cl``
+# lists, and those are lists of 32-byte IDs (a 1 TiB file's is ~3.5 MB). A leaf beyond that is refused before it is
+# unpacked (a key holder's 16 MiB of ``[[], [], ...]`` in a record's meta would have become 1.2 GiB of objects).
+LEAF_SHAPE = Shape(2 << 20, {("cl",): BIN32})
 
 
 def read_blob(store: Store, blob_id: bytes, blob_type: int, where: str = "") -> bytes:
@@ -71,6 +77,14 @@ def iter_records(store: Store, snap: Snapshot, prefix: str | None = None) -> Ite
     where = f"snapshot {snap.short_id}"
     for leaf_id, _count in snap.header["manifest"]["leaves"]:
         leaf = read_blob(store, leaf_id, TREE, f" (manifest of {where})")
+        try:
+            fits = outside_bytes(leaf, LEAF_SHAPE, sequence=True) is not None
+        except ValueError as e:
+            raise IntegrityError(f"{where}: manifest leaf {leaf_id.hex()[:16]} is undecodable ({e})") from None
+        if not fits:
+            raise IntegrityError(f"{where}: manifest leaf {leaf_id.hex()[:16]} holds more than {LEAF_SHAPE.budget} "
+                                 "bytes outside its chunk-list IDs, more than a writer makes (the store is corrupt or "
+                                 "tampered with): restore another snapshot, or forget this one")
         for raw in msgpack.Unpacker(io.BytesIO(leaf), raw=False):
             rec = decode_record(raw, where)
             if prefix is None or _under(rec.path, prefix):
@@ -103,6 +117,9 @@ def chunk_refs(store: Store, record: Record) -> Iterator[tuple[bytes, int]]:
 
 def _ref(ref: object, record: Record) -> tuple[bytes, int]:
     if type(ref) is list and len(ref) == 2 and type(ref[0]) is bytes and type(ref[1]) is int:
+        if ref[1] < 1:  # writers never make an empty chunk; refs to one would let a restore spin writing nothing
+            raise IntegrityError(f"record {record.path!r}: a chunk reference of {ref[1]} bytes, which no writer makes "
+                                 "(the manifest is corrupt or was tampered with): restore another snapshot")
         return ref[0], ref[1]
     raise IntegrityError(f"record {record.path!r}: a chunk reference is not [blob ID, length] (the manifest is "
                          "corrupt or was tampered with)")
@@ -230,14 +247,22 @@ class RecordReader(io.RawIOBase):
             if chunk is None:
                 self._finish()
                 return 0
-            for h, _want, _name in self._digests:
-                h.update(chunk)
-            self._size += len(chunk)
+            self._count(chunk)
             self._buf = memoryview(chunk)
         n = min(len(b), len(self._buf))
         b[:n] = self._buf[:n]
         self._buf = self._buf[n:]
         return n
+
+    def _count(self, chunk: bytes) -> None:
+        """Hash a verified chunk and count it; more bytes than the record's size stop the read at once (a key
+        holder's record may point many times at one chunk list: at its end would be after all of them)."""
+        for h, _want, _name in self._digests:
+            h.update(chunk)
+        self._size += len(chunk)
+        if self._size > (self.record.size or 0):
+            raise IntegrityError(f"record {self.record.path!r}: its chunks hold more than the {self.record.size} "
+                                 "bytes the manifest says (the manifest is corrupt or was tampered with)")
 
     def _finish(self) -> None:
         self._eof = True
@@ -259,9 +284,7 @@ class RecordReader(io.RawIOBase):
             if chunk is None:
                 self._finish()
                 return
-            for h, _want, _name in self._digests:
-                h.update(chunk)
-            self._size += len(chunk)
+            self._count(chunk)
             yield chunk
 
     def close(self) -> None:

@@ -41,6 +41,7 @@ from .failpoints import failpoint
 from .index import write_segments
 from .intents import doomed_packs
 from .locks import Lease, acquire
+from .msgshape import BIN32, Shape, outside_bytes
 from .objects import seal_object
 from .pack import CHUNKLIST, DATA, TREE, pack_object_name
 from .progress import Progress
@@ -69,6 +70,10 @@ CDC_QUEUED = 1  # content-defined batches per record waiting in the pool beyond 
 # 4 leaves of ~320 records, 27 KiB stored; ~8 leaves of ~48, 24 KiB; ~12 of ~24, ~14 KiB).
 LEAF_MIN, LEAF_MAX, LEAF_MAX_BYTES = 8, 8192, 1 << 20
 LEAF_CUT_MOD = 16
+# A record may hold at most 1 MiB outside its ``cl`` list (paths, meta, inline refs: a few KiB in practice), so a
+# leaf holds at most 2 MiB outside those lists: what readers accept (reader.LEAF_SHAPE, docs/format.md §6.2).
+RECORD_OTHER_MAX = 1 << 20
+RECORD_SHAPE = Shape(RECORD_OTHER_MAX, {("cl",): BIN32})
 DEPENDENCY_STAT_MAX = 64  # up to this many referenced packs are checked one HEAD/stat each, more by listing packs/
 
 
@@ -116,6 +121,9 @@ class _Manifest:
 
     def add(self, record: dict[str, Any]) -> None:
         packed = msgpack.packb(record, use_bin_type=True)
+        if outside_bytes(packed, RECORD_SHAPE) is None:
+            raise StoreError(f"record {record['p'][:200]!r}: more than {RECORD_OTHER_MAX} bytes of path, attributes "
+                             "and meta: readers would refuse it")
         self.buf += packed
         self.count += 1
         self.total += 1

@@ -228,17 +228,18 @@ def test_postmaster_pid_is_always_refused(store, sandbox) -> None:
 
 @pytest.mark.parametrize("digest", [True, False])
 def test_a_compression_bomb_is_never_expanded(store, sandbox, digest) -> None:
-    """A key holder's blob whose zstd frame expands to 256 MiB, indexed (and referenced) as 0 bytes: refused before
-    it is decompressed, on both of the batched restore's decoders (records with a digest decode each chunk into
-    its own bytes, the others into the worker's run buffer); the restore fails and removes what it made."""
+    """A key holder's blob whose zstd frame expands to 256 MiB, indexed (and referenced) as 100 bytes: refused
+    before it is decompressed, on both of the batched restore's decoders (records with a digest decode each chunk
+    into its own bytes, the others into the worker's run buffer); the restore fails and removes what it made.
+    (Indexed and referenced as 0 bytes, the reference itself is refused first: tests/store/test_bounds.py.)"""
     import blake3
 
     from tests.store.test_bounds import MiB, plant_bomb, traced_peak
 
-    bomb = plant_bomb(store)
-    record = {"p": "/data/base/1/2", "k": "f", "s": 0, "m": 0o600, "c": [[bomb, 0]]}
+    bomb = plant_bomb(store, 100)
+    record = {"p": "/data/base/1/2", "k": "f", "s": 100, "m": 0o600, "c": [[bomb, 100]]}
     if digest:
-        record["b"] = blake3.blake3(b"").digest()
+        record["b"] = blake3.blake3(bytes(100)).digest()
     sid = phys_snapshot(store, lambda w: w._manifest.add(record))
     before = sandbox.before()
 

@@ -197,3 +197,26 @@ def test_tar_blocks_are_views_of_the_received_buffers() -> None:
     finally:
         rx.close()
         conn.close()
+
+
+def test_a_backup_manifest_over_the_bound_fails_the_backup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest is collected in memory: a (broken or hostile) server sending more than MANIFEST_MAX (1 GiB; here
+    1 MiB) fails the backup with one line, and the reader stops reading there instead of growing without end."""
+    from airflow_provider_pgplakar.pg import basebackup
+
+    monkeypatch.setattr(basebackup, "MANIFEST_MAX", 1 << 20)
+    manifest = [b"d" + bytes(65536)] * 100  # 6.4 MiB
+    conn = ScriptedConn([archive_header("base.tar"), b"d" + tar_member("PG_VERSION", b"15\n"), b"m", *manifest])
+    rx = _Receiver(conn, None)  # type: ignore[arg-type]
+    try:
+        assert rx.next_event()[:2] == ("archive", "base.tar")
+        assert rx.next_event()[0] == "data"
+        with pytest.raises(BaseBackupError) as ei:
+            rx.next_event()
+        assert str(ei.value).startswith("the server's backup_manifest is over 1048576 bytes") and "\n" not in str(
+            ei.value)
+        assert conn.sent < (1 << 20) + 2 * 65537 + 1024
+        assert not rx.thread.is_alive()
+    finally:
+        rx.close()
+        conn.close()

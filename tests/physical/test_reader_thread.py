@@ -100,3 +100,17 @@ def test_cancel_mid_stream_stops_the_reader_thread(pg_factory, store) -> None:
         physical_backup(store, phys_opts(src, max_rate="32"))  # 32 kB/s: still streaming when cancelled
     killer.join(timeout=30)
     assert_nothing_left(src, store)
+
+
+def test_a_backup_manifest_over_the_bound_fails_the_backup_and_commits_nothing(pg_factory, store,
+                                                                               monkeypatch) -> None:
+    """The server's backup_manifest is collected in memory up to MANIFEST_MAX (1 GiB): past it, the backup fails with
+    one line and commits nothing. Here the bound is 4 KiB, less than any real server's manifest."""
+    from airflow_provider_pgplakar.pg import basebackup
+
+    src = pg_factory(15)
+    monkeypatch.setattr(basebackup, "MANIFEST_MAX", 4096)
+    with pytest.raises(BaseBackupError, match=r"^the server's backup_manifest is over 4096 bytes \(PostgreSQL writes "
+                                              r"~200 per file\): .*retry the backup$"):
+        physical_backup(store, phys_opts(src))
+    assert_nothing_left(src, store)

@@ -23,6 +23,7 @@ from airflow_provider_pgplakar.store.pack import (
     CODEC_ZSTD,
     DATA,
     PACK_HARD_MAX,
+    TREE,
     Entry,
     PackBuilder,
     blob_aad,
@@ -217,3 +218,239 @@ def test_an_oversized_chunk_list_is_refused_before_it_is_unpacked(store: Store) 
 
     assert traced_peak(read) < 64 * MiB
     assert failed[0].startswith(f"record '/evil': chunk list {cl_id.hex()[:16]} is {len(blob)} bytes")
+
+
+# -- msgpack decoded only within what writers make (store/msgshape.py): pack headers, sealed objects, leaves -------
+
+@pytest.fixture
+def local_store(tmp_path):  # type: ignore[no-untyped-def]
+    from tests.store.conftest import PASSPHRASE
+
+    st = Store.create(str(tmp_path / "store"), PASSPHRASE, cache_dir=tmp_path / "c")
+    yield st
+    st.close()
+
+
+def _pack_with_header(store: Store, plain_header: bytes) -> tuple[str, bytes]:
+    import struct
+
+    from airflow_provider_pgplakar.store.pack import END
+
+    pb = PackBuilder(store.keys, "data")
+    blob_id, data = _blob(b"some blob content" * 100, store)
+    pb.add(DATA, blob_id, CODEC_RAW, data, len(data))
+    header = pb.okey.seal(plain_header, b"PGPH" + pb.salt)
+    packed = bytes(pb.buf) + header + struct.pack("<I", len(header)) + END
+    return hashlib.sha256(packed).hexdigest(), packed
+
+
+def test_a_pack_header_of_empty_lists_is_refused_before_it_is_unpacked(local_store: Store) -> None:
+    """A key holder's pack header of 4 MiB of ``[[], [], ...]`` (a pack may be 32 MiB) is refused by its shape, not
+    unpacked into 270 MB of list objects (check --read-data, repair index and prune's repack parse headers)."""
+    n = 4 * MiB
+    pack_id, packed = _pack_with_header(local_store, b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n)
+    failed: list[str] = []
+
+    def parse() -> None:
+        with pytest.raises(errors.IntegrityError) as ei:
+            parse_pack(local_store.keys, packed, pack_object_name(pack_id))
+        failed.append(str(ei.value))
+
+    assert traced_peak(parse) < 48 * MiB
+    assert "\n" not in failed[0] and failed[0].startswith(f"{pack_object_name(pack_id)}: the pack header is not")
+    assert "check --read-data" in failed[0]
+
+
+def test_pack_headers_with_every_integer_width_parse(local_store: Store) -> None:
+    """The header check accepts every encoding msgpack gives the writer's integers (fixint, uint8 .. uint32)."""
+    pb = PackBuilder(local_store.keys, "tree")
+    sizes = [1, 200, 70_000, 300_000]
+    for i, size in enumerate(sizes):
+        blob_id, data = _blob(os.urandom(size), local_store)
+        pb.add(TREE if i % 2 else CHUNKLIST, blob_id, CODEC_RAW, data, size)
+    pack_id, packed = pb.finish()
+    _salt, entries = parse_pack(local_store.keys, bytes(packed), pack_object_name(pack_id))
+    assert [e.raw_len for e in entries] == sizes and entries[0].offset == 44
+
+
+def _raw_object(store: Store, kind: bytes, raw: bytes, context: bytes = b"") -> bytes:
+    """A validly sealed object of ``kind`` whose payload is ``raw`` (what only a key holder can make)."""
+    salt = secrets.token_bytes(32)
+    head = MAGIC + kind + salt
+    return head + store.keys.object_key(salt, kind).seal(zstandard.ZstdCompressor(level=1).compress(raw),
+                                                         head + context)
+
+
+def _empty_lists_under(key: str, n: int) -> bytes:
+    return b"\x81" + msgpack.packb(key) + b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n
+
+
+@pytest.mark.parametrize(("kind", "budget", "fix"), [
+    (b"SNAP", 8 * MiB, "restore another snapshot, or forget this one"),
+    (b"INDX", MiB, "repair index"),
+    (b"LEAS", 64 * 1024, "ignored"),
+    (b"INTN", 64 * 1024, "delete it and run `pgplakar check`"),
+])
+def test_sealed_objects_beyond_what_writers_make_are_refused_before_they_are_unpacked(
+        local_store: Store, kind: bytes, budget: int, fix: str) -> None:
+    """Outside their entry lists, a snapshot file holds at most 8 MiB, a segment 1 MiB, a lease or an intent 64 KiB:
+    one byte more of ``[[], ...]`` is refused unread (the snapshot's 8 MiB used to become 600 MB of objects, and
+    OBJECT_RAW_MAX's 64 MiB 4.6 GB)."""
+    data = _raw_object(local_store, kind, _empty_lists_under("meta", budget + 1))
+    failed: list[str] = []
+
+    def read() -> None:
+        with pytest.raises(errors.IntegrityError) as ei:
+            open_object(local_store.keys, kind, data, "x/name")
+        failed.append(str(ei.value))
+
+    assert traced_peak(read) < 48 * MiB
+    assert "\n" not in failed[0] and failed[0].startswith(f"x/name: more than {budget} bytes outside its entry lists")
+    assert failed[0].rstrip("`").endswith(fix.rstrip("`"))
+
+
+def test_a_snapshot_with_many_leaves_and_a_large_meta_opens(local_store: Store) -> None:
+    """The leaf list is bounded by OBJECT_RAW_MAX only (300 000 leaves: ~7 million records), meta by 8 MiB."""
+    leaves = [[os.urandom(32), i % 9000] for i in range(300_000)]
+    meta = {"new_raw_bytes": {f"/db{i}.dump": i for i in range(100_000)}}
+    header = {"v": 1, "manifest": {"leaves": leaves}, "meta": meta, "index_segments": ["ab" * 32] * 20}
+    from airflow_provider_pgplakar.store.objects import seal_object
+
+    data = seal_object(local_store.keys, b"SNAP", header, b"ctx")
+    assert len(msgpack.packb(header)) > 10 * MiB
+    assert open_object(local_store.keys, b"SNAP", data, "s", b"ctx") == header
+    with pytest.raises(errors.StoreError, match="SNAP object too big: more than 8388608 bytes outside"):
+        seal_object(local_store.keys, b"SNAP", {**header, "meta": {"x": "y" * (8 * MiB)}}, b"ctx")
+
+
+def test_a_segment_with_a_pack_of_many_blobs_is_read(local_store: Store) -> None:
+    """A pack of the smallest blobs can have ~400 000 entries, and a segment never splits a pack."""
+    blobs = [[0, os.urandom(32), 44 + 80 * i, 80, 50 + i % 300] for i in range(200_000)]
+    pack = {"id": "ab" * 32, "size": 44 + 80 * 200_000 + 8, "kind": "data", "salt": os.urandom(32), "blobs": blobs}
+    seg = write_segment(local_store.backend, local_store.keys, [pack], ["cd" * 32] * 3)
+    assert read_segment(local_store.backend, local_store.keys, seg)["packs"][0]["blobs"] == blobs
+
+
+def _plant_leaf(w, leaf: bytes, count: int) -> bytes:  # type: ignore[no-untyped-def]
+    leaf_id = w._sink.add(TREE, leaf)
+    w._manifest.leaves.append([leaf_id, count])
+    w._manifest.total += count
+    return leaf_id  # type: ignore[no-any-return]
+
+
+def test_an_oversized_manifest_leaf_is_refused_before_it_is_unpacked(local_store: Store) -> None:
+    """A leaf holds at most 2 MiB outside its records' chunk-list IDs: a key holder's record whose meta is 3 MiB of
+    empty lists is refused unread (200 MB of objects before; a 16 MiB leaf made 1.2 GB), naming the snapshot."""
+    n = 3 * MiB
+    evil = b"\x84\xa1p\xa5/evil\xa1k\xa1d\xa1x" + _empty_lists_under("junk", n)
+    with local_store.writer() as w:
+        w.add_entry("/ok", "d")
+        leaf_id = _plant_leaf(w, evil, 1)
+    failed: list[str] = []
+
+    def read() -> None:
+        with pytest.raises(errors.IntegrityError) as ei:
+            list(local_store.records(w.snapshot_id))
+        failed.append(str(ei.value))
+
+    assert traced_peak(read) < 48 * MiB
+    assert "\n" not in failed[0] and failed[0].startswith(
+        f"snapshot {w.snapshot_id[:8]}: manifest leaf {leaf_id.hex()[:16]} holds more than 2097152 bytes")
+
+
+def test_a_big_truncated_leaf_is_an_integrity_error(local_store: Store) -> None:
+    ids = msgpack.packb({"p": "/huge", "k": "f", "s": 0, "cl": [os.urandom(32) for _ in range(100_000)]})
+    with local_store.writer() as w:
+        leaf_id = _plant_leaf(w, ids[:-10], 1)
+    with pytest.raises(errors.IntegrityError, match=f"manifest leaf {leaf_id.hex()[:16]} is undecodable"):
+        list(local_store.records(w.snapshot_id))
+
+
+def test_a_record_of_a_huge_file_with_many_chunk_lists_is_read_and_big_meta_is_refused(local_store: Store) -> None:
+    """A 3 TiB file's record has ~300 000 chunk-list IDs (10 MiB): its leaf is over 2 MiB but nearly all of it is
+    IDs, which readers accept; a record with more than 1 MiB of anything else is refused by the writer."""
+    from airflow_provider_pgplakar.store.writer import RECORD_OTHER_MAX
+
+    ids = [os.urandom(32) for _ in range(300_000)]
+    with local_store.writer() as w:
+        assert w._manifest is not None
+        w._manifest.add({"p": "/huge", "k": "f", "s": 0, "cl": ids, "x": {"note": "n" * (RECORD_OTHER_MAX // 2)}})
+    (rec,) = local_store.records(w.snapshot_id)
+    assert list(rec.chunk_list_ids()) == ids
+    with pytest.raises(errors.StoreError, match="record '/f': more than 1048576 bytes of path, attributes and meta"), \
+            local_store.writer() as w2:
+        w2.add_bytes("/f", b"x", meta={"note": "n" * RECORD_OTHER_MAX})
+    assert [s.id for s in local_store.snapshots()] == [w.snapshot_id]
+
+
+# -- zero-length chunk references -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_zero_length_chunk_references_are_refused(local_store: Store, as_list: bool) -> None:
+    """A record may point any number of times at one chunk list; refs of 0 bytes (which no writer makes) would let
+    a restore spin through them writing nothing. Both restore paths take refs from reader.chunk_refs."""
+    from airflow_provider_pgplakar.store.reader import chunk_refs
+
+    with local_store.writer() as w:
+        assert w._sink is not None and w._manifest is not None
+        empty = w._sink.add(DATA, b"")
+        refs = [[empty, 0]] * 100
+        if as_list:
+            cl = w._sink.add(CHUNKLIST, msgpack.packb(refs, use_bin_type=True))
+            w._manifest.add({"p": "/zero", "k": "f", "s": 0, "cl": [cl] * 1000})
+        else:
+            w._manifest.add({"p": "/zero", "k": "f", "s": 0, "c": refs})
+    record = local_store.find_record(w.snapshot_id, "/zero")
+    with pytest.raises(errors.IntegrityError) as ei:
+        next(chunk_refs(local_store, record))
+    assert str(ei.value).startswith("record '/zero': a chunk reference of 0 bytes, which no writer makes")
+    with pytest.raises(errors.IntegrityError, match="a chunk reference of 0 bytes"), \
+            local_store.open_record(record) as f:
+        f.read()
+
+
+def test_what_writers_make_matches_the_shapes_readers_check(local_store: Store, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Snapshot files, segments (a backup's, prune's, repair index's) and intents as the writers make them: with the
+    budgets cut to a few hundred bytes, every entry list must have the exact encoding the readers match, or this
+    fails (at the budgets in use, a writer's object is rarely big enough to be walked at all)."""
+    from airflow_provider_pgplakar.store import intents, prune
+    from airflow_provider_pgplakar.store.check import check
+    from airflow_provider_pgplakar.store.objects import SHAPES
+
+    monkeypatch.setenv("PGPLAKAR_PRUNE_SETTLE", "0")
+    monkeypatch.setenv("PGPLAKAR_PRUNE_GRACE", "0")
+    for kind, budget in ((b"SNAP", 2048), (b"INDX", 64), (b"INTN", 64)):
+        monkeypatch.setattr(SHAPES[kind], "budget", budget)
+    sids = []
+    for run in range(2):
+        with local_store.writer(meta={"run": run}) as w:
+            for i in range(300):
+                w.add_bytes(f"/f{i}", os.urandom(100 + i) if run or i % 2 else b"same %d" % i)
+        sids.append(w.snapshot_id)
+    assert len(local_store.load_snapshot(sids[1]).header["manifest"]["leaves"]) > 3
+    local_store.forget([sids[0]])
+    report = prune.prune(local_store)
+    assert report.packs_deleted + report.packs_repacked > 0
+    assert prune.repair_index(local_store) > 0
+    intent = intents.write_intent(local_store, {"ab" * 32, "cd" * 32}, {"ef" * 32})
+    assert [i.packs for i in intents.list_intents(local_store)] == [intent.packs]
+    intents.delete_intent(local_store, intent)
+    assert not check(local_store, read_data=True).problems
+    rec = local_store.find_record(sids[1], "/f299")
+    with local_store.open_record(rec) as f:
+        assert len(f.read()) == 399
+
+
+def test_a_stream_stops_once_its_chunks_exceed_the_records_size(local_store: Store) -> None:
+    """Refs of 1 byte, many times over, under a record of 10 bytes: the stream (logical restores, ``cat``) fails
+    after the 10th byte instead of returning every referenced byte before its end-of-record check."""
+    with local_store.writer() as w:
+        assert w._sink is not None and w._manifest is not None
+        one = w._sink.add(DATA, b"a")
+        w._manifest.add({"p": "/ten", "k": "f", "s": 10, "c": [[one, 1]] * 200})
+    got = 0
+    with pytest.raises(errors.IntegrityError, match="chunks hold more than the 10 bytes the manifest says"), \
+            local_store.open_record(local_store.find_record(w.snapshot_id, "/ten")) as f:
+        for piece in f.iter_chunks():
+            got += len(piece)
+    assert got == 10
