@@ -21,10 +21,15 @@ import time
 
 F_SETPIPE_SZ = 1031  # Linux fcntl commands
 F_GETPIPE_SZ = 1032
-# Not the 1 MiB an unprivileged process may ask for (fs.pipe-max-size): a user's pipes beyond
-# fs.pipe-user-pages-soft (64 MiB) get one page each, so big pipes in many parallel dumps would shrink the pipes of
-# every other process of that user. 256 KiB is 256 such dumps at once, and reads of 128 KiB.
-PIPE_SIZE = 256 << 10
+# 1 MiB, the most an unprivileged process may ask for (fs.pipe-max-size). A read naps ~1 ms at a time (``NAP``),
+# and pg_dump fills 256 KiB in less than that (~300 MB/s): with a 256 KiB pipe it blocked in every nap, and its
+# backend with it. On a quiet 2-core machine (2026-12-03 21:08, bench/logical_bench.py --scale 30 --repeat 3, same
+# window, only this constant changed) our first backup took 1.51x raw pg_dump with 256 KiB and 1.10x with 1 MiB,
+# the second 1.32x and 1.12x. The price: pipes are kernel memory counted per OS user, and past
+# fs.pipe-user-pages-soft (64 MiB by default, i.e. ~60 dumps of one user running at once) the kernel refuses to
+# enlarge a pipe (this reader then keeps the default 64 KiB and still coalesces) and gives that user's new pipes a
+# page or two each, also other processes' (README, "Many databases").
+PIPE_SIZE = 1 << 20
 WANT = 256 << 10  # a read waits for this much, the whole request, or half the pipe, whichever is least
 NAP = 0.001  # seconds
 NAPS = 4  # naps per read at most (a slow stream is then read as it comes)
