@@ -51,6 +51,31 @@ def test_pipe_is_enlarged() -> None:
         assert fcntl.fcntl(src.fileno(), F_GETPIPE_SZ) >= min(pipereader.PIPE_SIZE, limit)
 
 
+def test_a_pipe_the_kernel_will_not_enlarge_is_still_read_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the OS user's pipe quota (fs.pipe-user-pages-soft, e.g. many dumps of one user at once) F_SETPIPE_SZ
+    fails with EPERM: the reader keeps the kernel's pipe, coalesces within it, and loses nothing."""
+    import errno
+    import types
+
+    def refusing(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd == pipereader.F_SETPIPE_SZ:
+            raise OSError(errno.EPERM, "Operation not permitted")
+        return fcntl.fcntl(fd, cmd, arg)
+
+    monkeypatch.setattr(pipereader, "fcntl", types.SimpleNamespace(fcntl=refusing, ioctl=fcntl.ioctl))
+    data = os.urandom(3 << 20)
+    with pipe() as (src, w):
+        default = fcntl.fcntl(src.fileno(), F_GETPIPE_SZ)
+        reader = PipeReader(src)
+        assert fcntl.fcntl(src.fileno(), F_GETPIPE_SZ) == default < pipereader.PIPE_SIZE
+        writer = threading.Thread(target=_write, args=(w, data))
+        writer.start()
+        buf = bytearray(len(data) + 1)
+        n = read_full(reader, buf)
+        writer.join()
+    assert n == len(data) and buf[:n] == data
+
+
 def test_a_trickle_of_small_writes_is_read_in_large_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """32 writes of 4 KiB, a little apart: one read takes them all (a plain read returns each write alone)."""
     monkeypatch.setattr(pipereader, "NAPS", 2000)  # up to 2 s: the writer's pace cannot make the test flaky
