@@ -34,6 +34,7 @@ import psycopg
 from psycopg import sql
 
 from . import PgError
+from .jobs import Stopped
 from .options import FINGERPRINT_LEVELS
 from .process import check_cancelled
 
@@ -228,6 +229,8 @@ def dump_snapshot(connect: Callable[[str], Any], database: str, level: str,
             snap = conn.execute("SELECT pg_catalog.pg_export_snapshot()").fetchone()[0]
             _probe_import(connect, database, snap)
             out.snapshot = snap
+        except Stopped:  # the backup is ending (another dump failed, or an earlier try's snapshot is reused)
+            raise  # not the server's refusal: no fallback, no warning
         except Exception as e:  # noqa: BLE001 - any refusal means: no shared snapshot
             conn.execute("ROLLBACK")
             out.level = "catalog"

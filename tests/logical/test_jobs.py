@@ -322,3 +322,28 @@ def test_stopper_kills_a_tool_started_after_the_stop() -> None:
         with run_tool(["sleep", "30"], dict(os.environ)) as tool, stopper.tool(tool):
             pass
     assert tool.proc.returncode == -9
+
+
+def test_a_dump_stopped_while_its_snapshot_is_probed_is_not_reported_as_refused(src, caplog) -> None:
+    """The backup is ending (another dump failed, or an earlier try's snapshot is reused) while a dump's exported
+    snapshot is probed: the dump stops; it does not fall back to a dump without --snapshot with a warning that
+    the server refused the snapshot (seen in CI with jobs=2 and a reused snapshot)."""
+    from airflow_provider_pgplakar.pg.fingerprint import dump_snapshot
+    from airflow_provider_pgplakar.pg.jobs import Stopped
+
+    stopper = Stopper()
+    calls: list[str] = []
+
+    def connect(db: str) -> Any:
+        calls.append(db)
+        if len(calls) > 1:  # the probe: the stop came in between, as Session.connect reports it
+            stopper.stop()
+            stopper.check()
+        return src.connect(db)
+
+    with caplog.at_level(logging.WARNING, logger="airflow_provider_pgplakar"):
+        with pytest.raises(Stopped):
+            with dump_snapshot(connect, "postgres", "catalog"):
+                pytest.fail("the block must not run once the backup is stopped")
+    assert calls == ["postgres", "postgres"]
+    assert "refused" not in caplog.text
