@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -40,6 +41,16 @@ def airflow_db() -> Iterator[None]:
 
     db.initdb()
     yield
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers() -> Iterator[None]:
+    """A task run in-process (``dag.test()``) leaves Airflow's SIGTERM and SIGALRM handlers installed: the pytest
+    process would then shrug off the SIGTERM that stops a hung run. Each test ends with the handlers it began with."""
+    kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)}
+    yield
+    for sig, handler in kept.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(autouse=True)

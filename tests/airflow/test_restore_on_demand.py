@@ -85,26 +85,31 @@ def _dag() -> Any:
 
 
 class Responder(threading.Thread):
-    """Answers the first ``approve`` task waiting for input, as ``PATCH .../hitlDetails`` would. If it cannot (an
-    error, or no request within ``timeout``), it fails the waiting task so that ``dag.test()`` returns."""
+    """Answers the ``approve`` task waiting for input, as ``PATCH .../hitlDetails`` would, until the run ends. If it
+    cannot (an error, or no request within ``timeout``), it fails the waiting task so that ``dag.test()`` returns.
+
+    ``dag.test()`` (Airflow 3.3, ``_run_task``) writes the state the task reported (AWAITING_INPUT) back to the database
+    after the in-process run returns, and the execution API has already committed that state a moment before: an
+    answer given in between is overwritten and the run waits forever (a CI run hung 80 minutes on it). So a request
+    that is still waiting after it was answered gets the same answer submitted again."""
 
     def __init__(self, option: str, timeout: float = 300.0) -> None:
         super().__init__(daemon=True)
         self.option = option
         self.timeout = timeout
         self.answered: dict[str, Any] = {}
+        self.resubmitted = 0
         self.error: BaseException | None = None
         self.stop = threading.Event()
 
     def run(self) -> None:
         deadline = time.monotonic() + self.timeout
-        while not self.stop.wait(0.5):
+        while not self.stop.wait(0.2):
             try:
-                if self._answer():
-                    return
+                self._answer()
             except Exception as e:  # noqa: BLE001 - reported by the test
                 self.error = e
-            if self.error is not None or time.monotonic() > deadline:
+            if self.error is not None or (not self.answered and time.monotonic() > deadline):
                 self.error = self.error or TimeoutError("no approval request appeared")
                 self._fail_waiting_task()
                 return
@@ -120,7 +125,7 @@ class Responder(threading.Thread):
             TaskInstance.dag_id == "pgplakar_restore_on_demand", TaskInstance.task_id == "approve",
             TaskInstance.state == TaskInstanceState.AWAITING_INPUT).options(joinedload(TaskInstance.hitl_detail)))
 
-    def _answer(self) -> bool:
+    def _answer(self) -> None:
         from airflow.models.trigger import handle_event_submit
         from airflow.triggers.base import TriggerEvent
         from airflow.utils.session import create_session
@@ -128,16 +133,18 @@ class Responder(threading.Thread):
         with create_session() as session:
             ti = self._waiting(session)
             if ti is None or ti.hitl_detail is None:
-                return False
+                return
             detail = ti.hitl_detail
-            self.answered = {"subject": detail.subject, "body": detail.body, "options": list(detail.options),
-                             "defaults": detail.defaults}
-            detail.responded_by = {"id": "tester", "name": "tester"}
-            detail.responded_at = datetime.now(UTC)
-            detail.chosen_options = [self.option]
-            detail.params_input = {}
+            if detail.responded_at is None:
+                self.answered = {"subject": detail.subject, "body": detail.body, "options": list(detail.options),
+                                 "defaults": detail.defaults}
+                detail.responded_by = {"id": "tester", "name": "tester"}
+                detail.responded_at = datetime.now(UTC)
+                detail.chosen_options = [self.option]
+                detail.params_input = {}
+            else:  # answered, then put back to waiting by dag.test() (see the class docstring)
+                self.resubmitted += 1
             handle_event_submit(TriggerEvent(detail.as_resume_event_payload()), task_instance=ti, session=session)
-            return True
 
     def _fail_waiting_task(self) -> None:
         from airflow.utils.session import create_session
@@ -218,6 +225,27 @@ def test_rejected_restore_skips_the_restore(pg15: PgServer, backed_up: tuple[str
     assert states["approve"] == "success" and states["route"] == "skipped", states
     assert states["restore_logical"] == "skipped" and states["restore_physical"] == "skipped"
     assert _state(pg15, name) == (305, True)
+
+
+def test_an_answer_dag_test_overwrites_is_given_again(pg15: PgServer, backed_up: tuple[str, str],
+                                                     monkeypatch: pytest.MonkeyPatch, airflow_db: None) -> None:
+    """The window in which ``dag.test()`` overwrites an answer (see ``Responder``), widened to 2 s: the answer is
+    given inside it, lost, and given again. With a responder that answers once this run never ends."""
+    from airflow.sdk.execution_time import supervisor
+
+    in_process = supervisor.run_task_in_process
+
+    def slow_to_return(*, ti: Any, task: Any) -> Any:
+        result = in_process(ti=ti, task=task)
+        if ti.task_id == "approve":
+            time.sleep(2)
+        return result
+
+    monkeypatch.setattr(supervisor, "run_task_in_process", slow_to_return)
+    name, _ = backed_up
+    dr, responder = _run(_dag(), {"databases": [name], "clean": True, "confirm": name}, answer="Reject")
+    assert responder is not None and responder.resubmitted >= 1
+    assert _states(dr)["approve"] == "success" and _state(pg15, name) == (305, True)
 
 
 def test_planning_refusals(pg15: PgServer, store: Store, backed_up: tuple[str, str], tmp_path: Path) -> None:
