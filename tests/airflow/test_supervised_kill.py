@@ -255,7 +255,8 @@ def test_version_probes_are_not_counted_as_tool_runs(tmp_path: Path) -> None:
     fake = tmp_path / "pg_dump"
     fake.write_text("#!/bin/sh\nsleep 30\n")
     fake.chmod(0o755)
-    procs = {args: subprocess.Popen([str(fake), *args]) for args in (("-Fc", "db"), ("--version",), ("-V",))}
+    procs = {args: subprocess.Popen([str(fake), *args], start_new_session=True)
+             for args in (("-Fc", "db"), ("--version",), ("-V",))}
     try:
         _until("the fake tools to start", lambda: all(
             _procs().get(p.pid, (0, ""))[1] == "pg_dump" and str(fake) in _cmdline(p.pid)
@@ -263,5 +264,5 @@ def test_version_probes_are_not_counted_as_tool_runs(tmp_path: Path) -> None:
         assert _descendants(os.getpid(), "pg_dump") == [procs[("-Fc", "db")].pid]
     finally:
         for p in procs.values():
-            p.kill()
+            os.killpg(p.pid, signal.SIGKILL)  # its sleep too
             p.wait()
