@@ -83,20 +83,22 @@ def _probe(pid: int) -> bool:
     second pg_dump, failing the catalog phase once in CI). A process whose command line reads empty is exiting (its
     memory is gone before it turns zombie): a probe that ended between reading its ``stat`` and its ``cmdline`` used
     to count as a pg_dump run (a tool run lives on, waiting on the test's lock, and is seen again)."""
+    argv = _argv(pid)
+    return argv is None or argv == [b""] or b"--version" in argv or b"-V" in argv
+
+
+def _argv(pid: int) -> list[bytes] | None:
+    """A process's argv (``[b""]`` while it exits); None once it is gone."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
+            return f.read().split(b"\0")
     except OSError:
-        return True
-    return argv == [b""] or b"--version" in argv or b"-V" in argv
+        return None
 
 
 def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip() or "(exiting)"
-    except OSError:
-        return "(gone)"
+    argv = _argv(pid)
+    return "(gone)" if argv is None else b" ".join(argv).decode(errors="replace").strip() or "(exiting)"
 
 
 def _backends(watcher: Any, db: str, *, waiting: bool = False, manifest: bool = False) -> list[int]:
